@@ -1,0 +1,3 @@
+from quantum_trader.cli.main import run
+
+run()

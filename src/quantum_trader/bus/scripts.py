@@ -1,0 +1,171 @@
+"""The two steps that must be atomic, as Lua scripts (one round trip each, nothing can interleave).
+
+consume_permits: both permits are exactly the ones Apply verified, the plan was never executed → delete
+    both permits, set the executed marker, audit two ``consumed`` entries. Any other state → nothing changes.
+issue_permit: the first decision per issuer and plan wins (claim key, SET NX); the winner's permit, its audit
+    entry and an optional marker (P3.3's order-in-flight key) are written and the plan entry acknowledged
+    together. A later decision only acknowledges.
+publish_result: the plan has no result yet → publish it, set the result marker, free the symbol; always
+    acknowledge the proposal. A second publisher (a redelivery, a racing Apply) changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from quantum_trader.bus import keys
+
+CONSUME_PERMITS = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 'already_executed' end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'governor_permit_changed' end
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 'p33_permit_changed' end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+for _, issuer in ipairs({'governor', 'p33'}) do
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'plan_id', ARGV[5], 'issuer', 'apply',
+             'decision', 'consumed', 'reason', issuer, 'at', ARGV[6], 'latency_ms', ARGV[9],
+             'symbol', ARGV[7])
+end
+return 'ok'
+"""
+
+PUBLISH_RESULT = """
+local published = false
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  published = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 6))
+  redis.call('SET', KEYS[1], published, 'EX', ARGV[2])
+  if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+end
+if ARGV[5] ~= '' then redis.call('XACK', KEYS[4], ARGV[4], ARGV[5]) end
+return published
+"""
+
+
+ISSUE_PERMIT = """
+local claimed = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
+if not claimed then
+  local owner = redis.call('GET', KEYS[1])
+  if owner ~= ARGV[1] then
+    if ARGV[6] ~= '' then redis.call('XACK', KEYS[4], ARGV[5], ARGV[6]) end
+    return {0, owner or ''}
+  end
+end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[7])
+if ARGV[8] ~= '' then redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[9]) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 10))
+if ARGV[6] ~= '' then redis.call('XACK', KEYS[4], ARGV[5], ARGV[6]) end
+return {1, ARGV[1]}
+"""
+
+
+def flatten(fields: dict[str, str]) -> list[str]:
+    flat: list[str] = []
+    for name, value in fields.items():
+        flat += [name, value]
+    return flat
+
+
+class Scripts:
+    """The scripts registered on one client (redis-py reloads them after a store restart: NOSCRIPT)."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._consume = redis.register_script(CONSUME_PERMITS)
+        self._publish = redis.register_script(PUBLISH_RESULT)
+        self._issue = redis.register_script(ISSUE_PERMIT)
+
+    async def issue_permit(
+        self,
+        *,
+        claim_key: str,
+        claim_value: str,
+        permit_key: str,
+        permit_json: str,
+        permit_ttl_s: int,
+        audit_fields: dict[str, str],
+        audit_maxlen: int,
+        group: str = "",
+        entry_id: str = "",
+        mark_key: str = "",
+        mark_value: str = "",
+        mark_ttl_s: int = 0,
+    ) -> tuple[bool, str]:
+        """Write the permit if this issuer's claim on the plan is ours. Returns (written, claim owner)."""
+        reply: Any = await self._issue(
+            keys=[claim_key, permit_key, keys.AUDIT_STREAM, keys.PLAN_STREAM, mark_key or claim_key],
+            args=[
+                claim_value,
+                keys.PLAN_BOOKKEEPING_TTL_S,
+                permit_json,
+                audit_maxlen,
+                group,
+                entry_id,
+                permit_ttl_s,
+                mark_value if mark_key else "",
+                max(mark_ttl_s, 1),
+                *flatten(audit_fields),
+            ],
+        )
+        return bool(int(reply[0])), str(reply[1])
+
+    async def consume_permits(
+        self,
+        *,
+        plan_id: str,
+        symbol: str,
+        governor_raw: str,
+        p33_raw: str,
+        marker: str,
+        now: float,
+        latency_ms: float,
+        audit_maxlen: int,
+    ) -> str:
+        result: Any = await self._consume(
+            keys=[
+                keys.governor_permit(plan_id),
+                keys.p33_permit(plan_id),
+                keys.executed_marker(plan_id),
+                keys.AUDIT_STREAM,
+            ],
+            args=[
+                governor_raw,
+                p33_raw,
+                marker,
+                keys.PLAN_BOOKKEEPING_TTL_S,
+                plan_id,
+                repr(now),
+                symbol,
+                audit_maxlen,
+                f"{latency_ms:.3f}",
+            ],
+        )
+        return str(result)
+
+    async def publish_result(
+        self,
+        *,
+        plan_id: str,
+        symbol: str,
+        fields: dict[str, str],
+        proposal_entry_id: str,
+        result_maxlen: int,
+    ) -> str | None:
+        flat = flatten(fields)
+        published: Any = await self._publish(
+            keys=[
+                keys.result_marker(plan_id),
+                keys.RESULT_STREAM,
+                keys.symbol_in_flight(symbol),
+                keys.PROPOSAL_STREAM,
+            ],
+            args=[
+                plan_id,
+                keys.PLAN_BOOKKEEPING_TTL_S,
+                result_maxlen,
+                keys.APPLY_GROUP,
+                proposal_entry_id,
+                *flat,
+            ],
+        )
+        return str(published) if published else None

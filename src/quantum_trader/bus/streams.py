@@ -1,0 +1,86 @@
+"""Consumer-group plumbing shared by the services: create groups, read batches, ack, dead-letter."""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from quantum_trader.bus import keys
+
+Entry = tuple[str, dict[str, str]]
+
+# Every group the system uses, created together by whichever service starts first, so that no producer can
+# publish into a stream before the consumers' groups exist (an entry before a group's creation is never seen).
+TOPOLOGY: tuple[tuple[str, str], ...] = (
+    (keys.PROPOSAL_STREAM, keys.APPLY_GROUP),
+    (keys.PLAN_STREAM, keys.GOVERNOR_GROUP),
+    (keys.PLAN_STREAM, keys.P33_GROUP),
+    (keys.RESULT_STREAM, keys.LEDGER_GROUP),
+)
+
+DLQ_MAXLEN = 100_000  # dead letters are for humans to read; a hundred thousand is weeks of a broken producer
+STREAM_MAXLEN = 1_000_000  # ~ a few hundred MB at most; plans older than that are in the audit trail
+
+
+async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> None:
+    """Create ``group`` reading from the start of ``stream`` (MKSTREAM). An existing group is kept as is."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def ensure_topology(redis: aioredis.Redis) -> None:
+    for stream, group in TOPOLOGY:
+        await ensure_group(redis, stream, group)
+
+
+async def read_group(
+    redis: aioredis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    *,
+    count: int,
+    block_ms: int | None,
+    pending: bool = False,
+) -> list[Entry]:
+    """Entries for ``consumer``: new ones (``>``), or with ``pending`` its own unacknowledged ones."""
+    reply = await redis.xreadgroup(
+        group, consumer, {stream: "0" if pending else ">"}, count=count, block=None if pending else block_ms
+    )
+    if not reply:
+        return []
+    _, entries = reply[0]
+    # A pending entry deleted from the stream (trimmed) comes back with no fields; there is nothing to redo.
+    return [(entry_id, fields or {}) for entry_id, fields in entries]
+
+
+async def dead_letter(
+    redis: aioredis.Redis,
+    dlq: str,
+    stream: str,
+    group: str,
+    entry_id: str,
+    fields: dict[str, str],
+    error: str,
+    service: str,
+) -> None:
+    """Move an unprocessable entry to ``dlq`` with why and where it came from, and ack it, in one step."""
+    letter = {f"orig.{k}"[:128]: v[:4096] for k, v in fields.items()}
+    letter.update(
+        {
+            "error": error[:1024],
+            "source_stream": stream,
+            "source_id": entry_id,
+            "service": service,
+            "at": repr(time.time()),
+        }
+    )
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xadd(dlq, letter, maxlen=DLQ_MAXLEN, approximate=True)
+        pipe.xack(stream, group, entry_id)
+        await pipe.execute()

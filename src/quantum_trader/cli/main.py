@@ -1,0 +1,396 @@
+"""``qt``: run the services, operate the chain, and see it work.
+
+Exit codes: 0 success; 1 the action failed (store or exchange unreachable, plan not executed); 2 misuse
+(bad option, bad configuration); 3 no result within the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import click
+import typer
+
+from quantum_trader import __version__, logs
+from quantum_trader.bus.connection import StoreUnavailable, connect, resolve_redis_url
+from quantum_trader.domain.reasons import REGISTRY, explain
+from quantum_trader.exchange.base import ExchangeError
+from quantum_trader.ops import OperatorError
+from quantum_trader.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    name="qt",
+    help="Quantum Trader permit chain: Apply (P3), Governor (P3.2), P3.3 Position State Brain.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=False,
+)
+governor_app = typer.Typer(help="Run the Governor (P3.2), or change its kill switch and mode.", no_args_is_help=False)
+permit_app = typer.Typer(help="Grant or deny the Governor permit of a plan by hand (manual mode).")
+brain_app = typer.Typer(help="Run the P3.3 Position State Brain, or ask it to reconcile.")
+app.add_typer(governor_app, name="governor")
+app.add_typer(permit_app, name="permit")
+app.add_typer(brain_app, name="brain")
+
+T = TypeVar("T")
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_RESULT = 3
+
+
+class Action(StrEnum):
+    FULL_CLOSE = "FULL_CLOSE"
+    PARTIAL_CLOSE = "PARTIAL_CLOSE"
+
+
+class Switch(StrEnum):
+    on = "on"
+    off = "off"
+
+
+class Mode(StrEnum):
+    auto = "auto"
+    manual = "manual"
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    print(f"qt: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def configure_logging(settings: Settings, service: str = "") -> None:
+    logs.configure(json=settings.log_json, level=settings.log_level, service=service)
+
+
+def with_store(settings: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``action(redis)`` against the running system's store; a clear one-line error when there is none."""
+
+    async def main() -> T:
+        redis = await connect(resolve_redis_url(settings))
+        try:
+            return await action(redis)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def operator_name() -> str:
+    try:
+        return os.environ.get("QT_OPERATOR") or getpass.getuser()
+    except (KeyError, OSError):
+        return "operator"
+
+
+# --- services ---------------------------------------------------------------------------------------------
+
+
+def _run_service(kind: Any) -> None:
+    settings = settings_or_exit()
+    configure_logging(settings, kind)
+    from quantum_trader.services import runner
+
+    runner.run(kind, settings)
+
+
+@app.command("apply")
+def apply_cmd() -> None:
+    """Run Apply (P3): proposals → plans → permits → one reduce-only order → result. Metrics on :8043."""
+    _run_service("apply")
+
+
+@governor_app.callback(invoke_without_command=True)
+def governor_cmd(ctx: typer.Context) -> None:
+    """Run the Governor (P3.2) when no subcommand is given. Metrics on :8044."""
+    if ctx.invoked_subcommand is None:
+        _run_service("governor")
+
+
+@governor_app.command("kill-switch")
+def kill_switch_cmd(state: Annotated[Switch, typer.Argument(help="on: deny every plan; off: back to policy")]) -> None:
+    """Flip the kill switch for every running Governor instance (takes effect on the next plan)."""
+    from quantum_trader import ops
+
+    settings = settings_or_exit()
+    with_store(settings, lambda r: ops.set_kill_switch(r, state is Switch.on, operator_name()))
+    print(f"kill switch {state.value}")
+
+
+@governor_app.command("mode")
+def governor_mode_cmd(mode: Annotated[Mode, typer.Argument(help="auto: policy decides; manual: an operator")]) -> None:
+    """Switch every running Governor between auto (policy) and manual (qt permit grant|deny)."""
+    from quantum_trader import ops
+
+    settings = settings_or_exit()
+    with_store(settings, lambda r: ops.set_governor_mode(r, mode.value, operator_name()))
+    print(f"governor mode {mode.value}")
+
+
+@brain_app.callback(invoke_without_command=True)
+def brain_cmd(ctx: typer.Context) -> None:
+    """Run the P3.3 Position State Brain when no subcommand is given. Metrics on :8045 (p33_*)."""
+    if ctx.invoked_subcommand is None:
+        _run_service("brain")
+
+
+@brain_app.command("reconcile")
+def brain_reconcile_cmd() -> None:
+    """Ask the running brain to set its ledger to the exchange's positions at its next poll (audited)."""
+    from quantum_trader import ops
+
+    settings = settings_or_exit()
+    with_store(settings, lambda r: ops.request_reconcile(r, operator_name()))
+    print("reconcile requested; the brain reconciles at its next snapshot poll")
+
+
+@app.command("sim-exchange")
+def sim_exchange_cmd(
+    port: Annotated[int, typer.Option(help="port to listen on (127.0.0.1)")] = 8041,
+    admin: Annotated[bool, typer.Option(help="enable the /_sim admin API (token in the state dir)")] = False,
+) -> None:
+    """Run the Binance-USD-M-compatible simulator (REST, HMAC-signed, Binance's error codes)."""
+    from quantum_trader.exchange.sim.server import SimConfig, serve
+    from quantum_trader.secrets import ensure_local_secrets, exchange_credentials, key_dir, read_secret_file
+
+    settings = settings_or_exit()
+    if settings.exchange.mode != "sim":
+        fail("sim-exchange serves the simulator; unset QT_EXCHANGE__MODE or set it to sim", EXIT_USAGE)
+    ensure_local_secrets(settings)
+    key, secret = exchange_credentials(settings)
+    token = read_secret_file(key_dir(settings) / "sim-admin.token") if admin else None
+    print(f"simulator on http://127.0.0.1:{port} (admin API {'on' if admin else 'off'})", flush=True)
+    serve(SimConfig(port=port, api_key=key, api_secret=secret, admin_token=token))
+
+
+# --- the whole system -------------------------------------------------------------------------------------
+
+
+@app.command("up")
+def up_cmd(
+    open_positions: Annotated[
+        bool, typer.Option(help="open the demo positions on a fresh simulator so closes have something to do")
+    ] = True,
+) -> None:
+    """Start store, simulator and the three services; print where everything is; Ctrl-C stops it all."""
+    from quantum_trader.cli.scenarios import DEMO_POSITIONS
+    from quantum_trader.runtime import read_runtime
+    from quantum_trader.system import LocalSystem, StartupError
+
+    settings = settings_or_exit()
+    running = read_runtime(settings)
+    if running is not None:
+        fail(f"a system is already running (pid {running.pid}, store {running.redis_url}); stop it first")
+    system = LocalSystem(settings)
+    stop = False
+
+    def on_signal(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        system.start_infra()
+        if open_positions:
+            admin = system.admin()
+            for symbol, amt in DEMO_POSITIONS.items():
+                admin.set_position(symbol, amt)
+            admin.close()
+        system.start_services()
+        print(_where(system), flush=True)
+        while not stop:
+            time.sleep(0.5)
+            for name, process in system.processes.items():
+                if process.poll() is not None:
+                    print(f"qt: {name} exited with code {process.returncode}; stopping", file=sys.stderr)
+                    stop = True
+    except KeyboardInterrupt:
+        pass
+    except (StartupError, StoreUnavailable, ConfigError) as exc:
+        system.stop()
+        fail(str(exc))
+    print("stopping…", flush=True)
+    system.stop()
+    print("stopped")
+
+
+def _where(system: Any) -> str:
+    p = system.ports
+    return "\n".join(
+        [
+            f"quantum-trader {__version__} is up",
+            f"  store       {system.redis_url}",
+            f"  simulator   {system.sim_url}",
+            f"  apply       metrics http://127.0.0.1:{p.apply}/metrics",
+            f"  governor    metrics http://127.0.0.1:{p.governor}/metrics",
+            f"  p33 brain   metrics http://127.0.0.1:{p.brain}/metrics",
+            f"  state dir   {system.settings.state_dir}",
+            "try (in another terminal):  qt propose BTCUSDT --action FULL_CLOSE --wait",
+            "Ctrl-C stops everything.",
+        ]
+    )
+
+
+@app.command("demo")
+def demo_cmd() -> None:
+    """Start a private system, replay the seed's cases and more, print a table, stop."""
+    from quantum_trader.cli.scenarios import run_demo
+
+    settings = settings_or_exit()
+    raise typer.Exit(run_demo(settings))
+
+
+@app.command("proof")
+def proof_cmd(
+    json_out: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+    private: Annotated[bool, typer.Option(help="always start a private system, even if one is running")] = False,
+) -> None:
+    """Run the demo's cases against the running system (or a private one); exit 1 if any misbehaves."""
+    from quantum_trader.cli.scenarios import run_proof
+
+    settings = settings_or_exit()
+    raise typer.Exit(run_proof(settings, json_out=json_out, private=private))
+
+
+# --- operating it -----------------------------------------------------------------------------------------
+
+
+def _decimal_option(value: str | None, name: str) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        fail(f"{name} must be a number, not {value!r}", EXIT_USAGE)
+    if not number.is_finite() or number < 0:
+        fail(f"{name} must be a finite number >= 0, not {value!r}", EXIT_USAGE)
+    return number
+
+
+@app.command("propose")
+def propose_cmd(
+    symbol: Annotated[str, typer.Argument(help="e.g. BTCUSDT")],
+    action: Annotated[Action, typer.Option(help="FULL_CLOSE or PARTIAL_CLOSE")],
+    qty: Annotated[str | None, typer.Option(help="quantity to close (PARTIAL_CLOSE)")] = None,
+    pct: Annotated[str | None, typer.Option(help="percent of the position to close (PARTIAL_CLOSE)")] = None,
+    wait: Annotated[bool, typer.Option(help="wait for the plan's result and print it")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the result with --wait")] = 15.0,
+) -> None:
+    """Publish a close proposal; with --wait print its result (exit 0 executed, 1 not executed, 3 none)."""
+    from quantum_trader import ops
+
+    settings = settings_or_exit()
+    symbol = symbol.upper()
+    qty_d, pct_d = _decimal_option(qty, "--qty"), _decimal_option(pct, "--pct")
+    if action is Action.PARTIAL_CLOSE and (qty_d is None) == (pct_d is None):
+        fail("PARTIAL_CLOSE needs exactly one of --qty or --pct", EXIT_USAGE)
+    if action is Action.FULL_CLOSE and (qty_d is not None or pct_d is not None):
+        fail("FULL_CLOSE closes the whole position; drop --qty/--pct", EXIT_USAGE)
+
+    async def go(redis: Any) -> Any:
+        submitted = await ops.propose(redis, symbol, action.value, qty=qty_d, close_pct=pct_d)
+        print(f"proposal {submitted.proposal_id} → plan {submitted.plan_id}", flush=True)
+        if not wait:
+            return None
+        return await ops.wait_result(redis, submitted.plan_id, timeout, submitted.result_cursor)
+
+    result = with_store(settings, go)
+    if not wait:
+        return
+    if result is None:
+        fail(f"no result within {timeout:.0f} s (is Apply running?)", EXIT_NO_RESULT)
+    from quantum_trader.cli.render import print_result
+
+    print_result(result)
+    raise typer.Exit(0 if result.executed else EXIT_FAILED)
+
+
+@permit_app.command("grant")
+def permit_grant_cmd(
+    plan_id: Annotated[str, typer.Argument(help="the 16-hex plan id")],
+    reason: Annotated[str, typer.Option(help="why (kept in the audit trail)")] = "",
+) -> None:
+    """Grant the Governor permit of a waiting plan (within its permit window)."""
+    _manual(plan_id, True, reason)
+
+
+@permit_app.command("deny")
+def permit_deny_cmd(
+    plan_id: Annotated[str, typer.Argument(help="the 16-hex plan id")],
+    reason: Annotated[str, typer.Option(help="why (required; kept in the audit trail)")],
+) -> None:
+    """Deny the Governor permit of a waiting plan: Apply fails it at once with permit_denied."""
+    _manual(plan_id, False, reason)
+
+
+def _manual(plan_id: str, grant: bool, reason: str) -> None:
+    from quantum_trader import ops
+
+    if not (len(plan_id) == 16 and all(c in "0123456789abcdef" for c in plan_id)):
+        fail(f"plan id must be 16 lowercase hex characters, not {plan_id!r}", EXIT_USAGE)
+    if not grant and not reason.strip():
+        fail("deny needs --reason", EXIT_USAGE)
+    settings = settings_or_exit()
+    done = with_store(
+        settings,
+        lambda r: ops.decide_manually(r, settings, plan_id, grant=grant, reason=reason, operator=operator_name()),
+    )
+    print(done)
+
+
+@app.command("explain")
+def explain_cmd(code: Annotated[str, typer.Argument(help="a reason or error code, e.g. qty_mismatch")]) -> None:
+    """What a reason or error code means, its likely cause, and what to do."""
+    entry = explain(code)
+    if entry is None:
+        known = ", ".join(sorted(REGISTRY))
+        fail(f"unknown code {code!r}; known codes: {known}", EXIT_USAGE)
+    print(f"{entry.code}  ({entry.kind}; issued by {', '.join(entry.issuers)})")
+    print(f"  meaning: {entry.meaning}")
+    print(f"  cause:   {entry.cause}")
+    print(f"  action:  {entry.action}")
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def run() -> None:
+    """Entry point: one-line errors for everything an operator can cause, exit codes as documented."""
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
+        print(f"qt: {exc.format_message()}{hint}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (StoreUnavailable, ExchangeError, OperatorError) as exc:
+        print(f"qt: {exc}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    except ConfigError as exc:
+        print(f"qt: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""The functional core: plain data and pure decisions, no I/O."""

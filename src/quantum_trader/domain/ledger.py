@@ -1,0 +1,76 @@
+"""P3.3's ledger: how executed results move it, and how it is reconciled to the exchange."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from quantum_trader.domain.models import Ledger, Result
+
+
+def stream_id_key(entry_id: str) -> tuple[int, int]:
+    """Order of Redis stream ids ("1700000000000-3")."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def apply_result(ledger: Ledger | None, result: Result, result_id: str, now: float) -> Ledger | None:
+    """The ledger after an executed close, or None when the result changes nothing or was applied already.
+
+    A close reduces the position towards zero: a LONG shrinks by the filled quantity, a SHORT grows towards
+    zero by it. Applying is idempotent through ``last_result_id``.
+    """
+    if not result.executed or result.filled_qty <= 0 or result.side == "NONE":
+        return None
+    if (
+        ledger is not None
+        and ledger.last_result_id
+        and (stream_id_key(result_id) <= stream_id_key(ledger.last_result_id))
+    ):
+        return None
+    before = ledger.last_known_amt if ledger else Decimal(0)
+    delta = -result.filled_qty if result.side == "LONG" else result.filled_qty
+    return Ledger(
+        last_known_amt=before + delta,
+        updated_at=now,
+        source="result",
+        last_plan_id=result.plan_id,
+        last_result_id=result_id,
+        last_exec_at=now,
+    )
+
+
+def reconcile(ledger: Ledger | None, exchange_amt: Decimal, now: float) -> Ledger | None:
+    """The ledger set to the exchange's position, or None when they already agree exactly."""
+    if ledger is not None and ledger.last_known_amt == exchange_amt:
+        return None
+    return Ledger(
+        last_known_amt=exchange_amt,
+        updated_at=now,
+        source="reconcile",
+        last_plan_id=ledger.last_plan_id if ledger else "",
+        last_result_id=ledger.last_result_id if ledger else "",
+        last_exec_at=ledger.last_exec_at if ledger else 0.0,
+    )
+
+
+def adopt_outside_growth(ledger: Ledger | None, exchange_amt: Decimal, now: float) -> Ledger | None:
+    """The ledger after a position was opened or increased outside the permit chain, or None.
+
+    This chain only ever closes, so entries come from elsewhere (the trading bot) and are adopted: from flat,
+    or growing on the same side. A reduction or a flip that no result explains is drift, and stays visible
+    as a ``qty_mismatch`` / ``side_mismatch`` until an operator reconciles (``qt brain reconcile``).
+    """
+    if ledger is None:
+        return None  # no ledger at all: reconcile's job, not adoption's
+    before = ledger.last_known_amt
+    grew = (before == 0 and exchange_amt != 0) or (before * exchange_amt > 0 and abs(exchange_amt) > abs(before))
+    if not grew:
+        return None
+    return Ledger(
+        last_known_amt=exchange_amt,
+        updated_at=now,
+        source="reconcile",
+        last_plan_id=ledger.last_plan_id,
+        last_result_id=ledger.last_result_id,
+        last_exec_at=ledger.last_exec_at,
+    )

@@ -1,0 +1,246 @@
+"""Wire schemas: one msgspec Struct per thing that crosses a process boundary.
+
+Stream entries are flat string maps; ``to_fields`` / ``from_fields`` convert between them and the structs so
+every producer writes and every consumer validates the same shape. Validation failures raise
+``MalformedEntry`` with the field that is wrong, ready to be dead-lettered.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+Symbol = Annotated[str, Meta(pattern=r"^[A-Z0-9]{5,20}$")]
+PlanId = Annotated[str, Meta(pattern=r"^[0-9a-f]{16}$")]
+ShortText = Annotated[str, Meta(max_length=256)]
+Action = Literal["FULL_CLOSE", "PARTIAL_CLOSE"]
+Side = Literal["LONG", "SHORT", "NONE"]  # NONE only on SKIP plans for a symbol with no position
+PlanDecision = Literal["EXECUTE", "SKIP"]
+Issuer = Literal["governor", "operator", "p33", "apply"]
+
+# The names the seed uses in its logs and `missing` field, per permit slot.
+GOVERNOR_NAME = "Governor"
+P33_NAME = "P3.3"
+
+T = TypeVar("T", bound=Struct)
+
+
+class MalformedEntry(ValueError):
+    """An entry that does not match its schema. The message says which field and why."""
+
+
+def _finite(name: str, value: Decimal | float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    elif not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+class Proposal(Struct, frozen=True, kw_only=True):
+    """A close proposal from a strategy (``quantum:stream:harvest.proposal``)."""
+
+    proposal_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    symbol: Symbol
+    action: Action
+    qty: Decimal | None = None
+    close_pct: Decimal | None = None
+    kill_score: float | None = None
+    source: ShortText = "unknown"
+    created_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("qty", "close_pct", "kill_score", "created_at"):
+            _finite(name, getattr(self, name))
+        if self.qty is not None and self.qty < 0:
+            raise ValueError(f"qty must be >= 0, got {self.qty}")
+        if self.close_pct is not None and not 0 <= self.close_pct <= 100:
+            raise ValueError(f"close_pct must be within 0..100, got {self.close_pct}")
+        if self.action == "PARTIAL_CLOSE" and (self.qty is None) == (self.close_pct is None):
+            raise ValueError("PARTIAL_CLOSE needs exactly one of qty or close_pct")
+
+
+class Plan(Struct, frozen=True, kw_only=True):
+    """A plan as Apply publishes it on ``quantum:stream:apply.plan``."""
+
+    plan_id: PlanId
+    proposal_id: Annotated[str, Meta(max_length=128)]
+    symbol: Symbol
+    side: Side
+    action: Action
+    qty: Decimal
+    decision: PlanDecision
+    reason: ShortText
+    steps: Annotated[str, Meta(max_length=4096)]
+    plan_hash: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    created_at: float
+
+    def __post_init__(self) -> None:
+        _finite("qty", self.qty)
+        _finite("created_at", self.created_at)
+        if self.qty < 0:
+            raise ValueError(f"qty must be >= 0, got {self.qty}")
+        if self.decision == "EXECUTE" and (self.side == "NONE" or self.qty <= 0):
+            raise ValueError("an EXECUTE plan needs a side and a positive qty")
+
+
+class GovernorPermit(Struct, frozen=True, kw_only=True):
+    """Permit one, ``quantum:permit:<plan_id>``: from the Governor's policy, or an operator."""
+
+    granted: bool
+    plan_id: PlanId
+    plan_hash: str
+    issuer: Issuer
+    reason: ShortText
+    created_at: float
+    sig: str = ""
+
+
+class P33Permit(Struct, frozen=True, kw_only=True):
+    """Permit two, ``quantum:permit:p33:<plan_id>``: from the Position State Brain."""
+
+    allow: bool
+    symbol: Symbol
+    safe_close_qty: float
+    exchange_position_amt: float
+    ledger_amt: float | None
+    created_at: float
+    reason: ShortText
+    plan_id: PlanId
+    plan_hash: str
+    issuer: Issuer
+    sig: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("safe_close_qty", "exchange_position_amt", "ledger_amt", "created_at"):
+            _finite(name, getattr(self, name))
+        if self.safe_close_qty < 0:
+            raise ValueError("safe_close_qty must be >= 0")
+
+
+Permit = GovernorPermit | P33Permit
+
+AuditDecision = Literal["allow", "deny", "consumed", "rejected"]
+
+
+class AuditEntry(Struct, frozen=True, kw_only=True):
+    """One line of ``quantum:stream:permit.audit``: who decided what about which plan, when and why."""
+
+    plan_id: str
+    issuer: str
+    decision: AuditDecision
+    reason: str
+    at: float
+    latency_ms: float = 0.0
+    symbol: str = ""
+    subject: str = ""  # for Apply's entries: which permit slot ("governor" / "p33") it is about
+
+
+class Result(Struct, frozen=True, kw_only=True):
+    """The one result of a plan, ``quantum:stream:apply.result``."""
+
+    plan_id: PlanId
+    symbol: Symbol
+    side: Side
+    executed: bool
+    error: str = ""  # permit_timeout | permit_denied | exchange_rejected | skipped | ... ("" when executed)
+    reason: ShortText = ""  # the SKIP reason, the deny reason, or the exchange's message
+    denied_by: str = ""  # seed names of the issuers that denied ("Governor", "P3.3")
+    missing: str = ""  # seed names of the issuers that did not answer in time, comma-separated
+    order_id: str = ""
+    client_order_id: str = ""
+    filled_qty: Decimal = Decimal(0)
+    avg_price: Decimal = Decimal(0)
+    exchange_code: int = 0
+    latency_ms: float = 0.0
+    at: float = 0.0
+
+
+class Snapshot(Struct, frozen=True, kw_only=True):
+    """``quantum:position:snapshot:<SYMBOL>``: the exchange's position as last polled."""
+
+    position_amt: Decimal
+    entry_price: Decimal
+    mark_price: Decimal
+    ts: float
+
+
+class Ledger(Struct, frozen=True, kw_only=True):
+    """``quantum:position:ledger:<SYMBOL>``: P3.3's own idea of the position."""
+
+    last_known_amt: Decimal
+    updated_at: float
+    source: Literal["result", "reconcile"]
+    last_plan_id: str = ""
+    last_result_id: str = ""  # stream id of the last result applied: makes the follower idempotent
+    last_exec_at: float = 0.0  # when an executed close last changed it (P3.3 cooldown)
+
+
+# --- stream field conversion ------------------------------------------------------------------------------
+
+
+def _field_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if value is None:
+        return ""
+    return str(value)
+
+
+def to_fields(obj: Struct) -> dict[str, str]:
+    """A struct as a flat string map for XADD / HSET."""
+    return {name: _field_text(getattr(obj, name)) for name in obj.__struct_fields__}
+
+
+_BOOL_TEXT = {"true": True, "false": False, "1": True, "0": False}
+
+
+def from_fields(cls: type[T], fields: dict[str, str]) -> T:
+    """Validate a flat string map (a stream entry or hash) against ``cls``.
+
+    Empty strings mean "absent" so optional fields fall back to their defaults. Raises MalformedEntry.
+    """
+    data: dict[str, Any] = {}
+    bool_fields = {f.name for f in msgspec.structs.fields(cls) if f.type is bool}
+    for key, value in fields.items():
+        if value == "":
+            continue
+        if key in bool_fields:
+            if value.lower() not in _BOOL_TEXT:
+                raise MalformedEntry(f"{key}: expected true/false, got {value[:40]!r}")
+            data[key] = _BOOL_TEXT[value.lower()]
+        else:
+            data[key] = value
+    try:
+        return msgspec.convert(data, cls, strict=False)
+    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise MalformedEntry(_describe(exc)) from None
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc)
+    # msgspec says "Expected `int`, got `str` - at `$.qty`"; lead with the field name instead.
+    if " - at `$." in text:
+        message, _, where = text.rpartition(" - at `$.")
+        return f"{where.rstrip('`')}: {message}"
+    return text
+
+
+def decode_json(cls: type[T], raw: bytes | str) -> T:
+    """Validate a JSON document (a permit) against ``cls``. Raises MalformedEntry."""
+    try:
+        return msgspec.json.decode(raw, type=cls)
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, TypeError) as exc:
+        raise MalformedEntry(_describe(exc)) from None
+
+
+def encode_json(obj: Any) -> bytes:
+    return msgspec.json.encode(obj)

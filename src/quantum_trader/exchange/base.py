@@ -1,0 +1,72 @@
+"""What the services need from an exchange, as plain data and three kinds of failure.
+
+The kinds matter more than the messages: a *rejection* is definitive (no order exists), an *unknown outcome*
+means the order may or may not exist and must be resolved by querying, never by resending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol
+
+from quantum_trader.domain.filters import SymbolFilters
+
+
+@dataclass(frozen=True, slots=True)
+class PositionInfo:
+    symbol: str
+    amt: Decimal  # signed: negative is short
+    entry_price: Decimal
+    mark_price: Decimal
+    update_time_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OrderReport:
+    order_id: str
+    client_order_id: str
+    status: str  # Binance order status: NEW, PARTIALLY_FILLED, FILLED, CANCELED, EXPIRED, ...
+    executed_qty: Decimal
+    avg_price: Decimal
+
+    @property
+    def filled(self) -> bool:
+        return self.executed_qty > 0
+
+
+class ExchangeError(Exception):
+    """Base of every exchange failure. ``code`` is Binance's (0 when there is none)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ExchangeRejected(ExchangeError):
+    """The exchange definitively refused the request; nothing was done."""
+
+
+class OutcomeUnknown(ExchangeError):
+    """The request may or may not have taken effect (timeout, 5xx, -1007, -1001, unreadable reply)."""
+
+
+class ExchangeUnavailable(ExchangeError):
+    """A read failed; nothing was changed by it. Retry later."""
+
+
+class Exchange(Protocol):
+    """The exchange as the services use it. ``binance.BinanceFutures`` is the implementation for every mode."""
+
+    async def positions(self, symbols: list[str]) -> dict[str, PositionInfo]: ...
+
+    async def filters(self) -> dict[str, SymbolFilters]: ...
+
+    async def place_reduce_only_market(
+        self, symbol: str, side: str, qty: Decimal, client_order_id: str
+    ) -> OrderReport: ...
+
+    async def query_order(self, symbol: str, client_order_id: str) -> OrderReport | None: ...
+
+    async def close(self) -> None: ...

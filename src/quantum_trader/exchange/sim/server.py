@@ -1,0 +1,188 @@
+"""Running the simulated Binance USD-M futures exchange: ``SimConfig``, ``serve`` (the CLI) and ``SimServer``.
+
+``SimServer`` runs the app with uvicorn in a background thread for tests and the demo::
+
+    with SimServer(SimConfig(admin_token="t")) as sim:
+        sim.url        # "http://127.0.0.1:54321" (port 0 picks a free port: the socket is bound first)
+        sim.engine     # the Engine, for direct assertions and set-up
+
+Admin API (only when ``admin_token`` is set; otherwise 404; a wrong ``X-Sim-Admin-Token`` is 401):
+
+==========================  ===============================================================================
+GET    /_sim/state          {"serverTime", "dualSidePosition", "wallet": {"asset", "balance",
+                            "unrealizedProfit", "availableBalance"}, "positions": [{"symbol", "positionSide",
+                            "positionAmt", "entryPrice", "markPrice", "unRealizedProfit", "updateTime"}]
+                            (non-zero only), "prices": {symbol: price}, "orders": {"total", "open"},
+                            "rateLimits": {"usedWeight1m", "orderCount10s", "orderCount1m", "bannedUntil"},
+                            "faults": [rule...]}
+GET    /_sim/orders         [order...] every order, oldest first, shaped like GET /fapi/v1/order
+                            (``?symbol=`` filters)
+POST   /_sim/reset          {} -> {"ok": true}: wallet, positions, orders, prices, position mode, rate limits
+                            and faults back to the start (order ids keep increasing)
+POST   /_sim/position       {"symbol", "amt": "0.5", "entry_price"?: "…", "position_side"?: "LONG"} -> the
+                            position row; a change made outside the trading system (no wallet effect)
+POST   /_sim/price          {"symbol", "price"} -> {"symbol", "markPrice"}
+POST   /_sim/position-mode  {"dual": true|false} -> {"dualSidePosition"}
+POST   /_sim/wallet         {"balance": "…"} -> {"asset", "balance"}
+POST   /_sim/faults         a rule (see ``faults.py``) -> the rule;  GET lists them;  DELETE clears them
+==========================  ===============================================================================
+
+Errors of the admin API are ``{"error": "..."}`` with HTTP 400.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+from quantum_trader.exchange.sim.app import SimState, build_engine, create_app
+from quantum_trader.exchange.sim.engine import DEFAULT_SYMBOLS, Engine, SymbolSpec
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How the simulator listens, authenticates, limits and moves prices.
+
+    api_key / api_secret: the only accepted ``X-MBX-APIKEY`` and its HMAC secret.
+    admin_token: enables ``/_sim/...`` (header ``X-Sim-Admin-Token``); None answers 404 there.
+    weight_limit_1m, orders_limit_10s, orders_limit_1m: Binance's REQUEST_WEIGHT and ORDERS limits.
+    ban_after_429s: requests answered 429 in one minute before the client is banned (HTTP 418) for
+        ``ban_seconds``.
+    price_step_ms / price_sigma: the mark price walk's step and per-step log-return deviation (0 freezes prices).
+    symbols, wallet_usdt, leverage, fee_rate: the markets, the starting USDT wallet, the default leverage
+        and the taker fee charged on each fill's notional.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str = "sim-api-key"
+    api_secret: str = "sim-api-secret"
+    admin_token: str | None = None
+    seed: int = 7
+    weight_limit_1m: int = 2400
+    orders_limit_10s: int = 300
+    orders_limit_1m: int = 1200
+    ban_after_429s: int = 10
+    ban_seconds: int = 120
+    price_step_ms: int = 100
+    price_sigma: float = 0.0002
+    symbols: tuple[SymbolSpec, ...] = DEFAULT_SYMBOLS
+    wallet_usdt: Decimal = Decimal("100000")
+    leverage: int = 20
+    fee_rate: Decimal = Decimal(0)
+
+
+def _bind(config: SimConfig) -> socket.socket:
+    """Bind (and listen) before uvicorn starts, so port 0 is resolved and connections queue from now on."""
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _url(config: SimConfig, sock: socket.socket) -> str:
+    port = sock.getsockname()[1]
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return f"http://{host}:{port}"
+
+
+def _uvicorn_config(app: Any, *, log_config: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        log_level="warning",
+        log_config=log_config,
+        access_log=False,
+        http="h11",
+        lifespan="off",
+        timeout_graceful_shutdown=1,
+        timeout_keep_alive=30,
+    )
+
+
+def serve(config: SimConfig, *, engine: Engine | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until interrupted (``qt sim-exchange``). ``on_ready`` gets the URL once the port is bound."""
+    sock = _bind(config)
+    app = create_app(config, engine)
+    server = uvicorn.Server(_uvicorn_config(app, log_config=uvicorn.config.LOGGING_CONFIG))
+    if on_ready is not None:
+        on_ready(_url(config, sock))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+class SimServer:
+    """The simulator on a background thread; ``start()`` returns once it accepts connections."""
+
+    def __init__(self, config: SimConfig | None = None, engine: Engine | None = None) -> None:
+        self.config = config if config is not None else SimConfig()
+        self.engine = engine if engine is not None else build_engine(self.config)
+        self.app = create_app(self.config, self.engine)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._url: str | None = None
+
+    @property
+    def state(self) -> SimState:
+        state: SimState = self.app.state.sim
+        return state
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("SimServer is not started")
+        return self._url
+
+    def start(self, timeout: float = 10.0) -> SimServer:
+        if self._thread is not None:
+            raise RuntimeError("SimServer already started")
+        sock = _bind(self.config)
+        # log_config=None: leave the host process's logging configuration alone.
+        server = uvicorn.Server(_uvicorn_config(self.app, log_config=None))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="sim-exchange", daemon=True)
+        self._sock, self._server, self._thread = sock, server, thread
+        self._url = _url(self.config, sock)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the simulated exchange did not start")
+            time.sleep(0.005)
+        return self
+
+    def stop(self) -> None:
+        server, thread, sock = self._server, self._thread, self._sock
+        self._server = self._thread = self._sock = None
+        if server is not None:
+            server.should_exit = True
+        if thread is not None:
+            thread.join(timeout=10)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def __enter__(self) -> SimServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

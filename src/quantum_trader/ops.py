@@ -1,0 +1,183 @@
+"""Operator and client actions on a running chain: propose, wait for a result, grant or deny a permit, flip
+the kill switch, switch the Governor's mode, ask P3.3 to reconcile. Used by the CLI, the demo and the tests.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+
+import redis.asyncio as aioredis
+
+from quantum_trader.bus import keys
+from quantum_trader.bus.scripts import Scripts
+from quantum_trader.bus.streams import STREAM_MAXLEN
+from quantum_trader.domain import reasons
+from quantum_trader.domain.models import AuditEntry, MalformedEntry, Plan, Result, from_fields
+from quantum_trader.domain.planning import plan_id_for
+from quantum_trader.domain.verdict import Verdict
+from quantum_trader.secrets import permit_key
+from quantum_trader.services.governor import issue_governor_permit
+from quantum_trader.settings import Settings
+
+
+class OperatorError(Exception):
+    """The action cannot be done; the message says why (shown to the operator as one line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    entry_id: str
+    proposal_id: str
+    plan_id: str
+    result_cursor: str  # result stream position before the proposal: where to look for its result
+
+
+async def propose(
+    redis: aioredis.Redis,
+    symbol: str,
+    action: str,
+    *,
+    qty: Decimal | None = None,
+    close_pct: Decimal | None = None,
+    kill_score: float | None = None,
+    source: str = "cli",
+    proposal_id: str = "",
+    extra: dict[str, str] | None = None,
+) -> Submitted:
+    """Publish a proposal on ``quantum:stream:harvest.proposal``; returns the plan id Apply will give it."""
+    proposal_id = proposal_id or uuid.uuid4().hex[:16]
+    fields = {
+        "proposal_id": proposal_id,
+        "symbol": symbol,
+        "action": action,
+        "source": source,
+        "created_at": repr(time.time()),
+    }
+    if qty is not None:
+        fields["qty"] = format(qty, "f")
+    if close_pct is not None:
+        fields["close_pct"] = format(close_pct, "f")
+    if kill_score is not None:
+        fields["kill_score"] = repr(kill_score)
+    fields.update(extra or {})
+    cursor = await last_id(redis, keys.RESULT_STREAM)
+    entry_id = await redis.xadd(keys.PROPOSAL_STREAM, fields, maxlen=STREAM_MAXLEN, approximate=True)
+    return Submitted(entry_id, proposal_id, plan_id_for(entry_id, proposal_id), cursor)
+
+
+async def last_id(redis: aioredis.Redis, stream: str) -> str:
+    last = await redis.xrevrange(stream, count=1)
+    return str(last[0][0]) if last else "0-0"
+
+
+async def wait_result(redis: aioredis.Redis, plan_id: str, timeout_s: float, cursor: str = "0-0") -> Result | None:
+    """The plan's result, waiting up to ``timeout_s`` (blocking reads on the result stream, no polling)."""
+    deadline = time.monotonic() + timeout_s
+    found = await result_of(redis, plan_id)
+    if found is not None:
+        return found
+    while (left := deadline - time.monotonic()) > 0:
+        reply = await redis.xread({keys.RESULT_STREAM: cursor}, count=500, block=max(1, int(min(left, 1.0) * 1000)))
+        for _, entries in reply or ():
+            for entry_id, fields in entries:
+                cursor = entry_id
+                if fields.get("plan_id") == plan_id:
+                    return from_fields(Result, fields)
+    return await result_of(redis, plan_id)
+
+
+async def result_of(redis: aioredis.Redis, plan_id: str) -> Result | None:
+    entry_id = await redis.get(keys.result_marker(plan_id))
+    if not entry_id:
+        return None
+    entries = await redis.xrange(keys.RESULT_STREAM, entry_id, entry_id)
+    return from_fields(Result, entries[0][1]) if entries else None
+
+
+async def load_plan(redis: aioredis.Redis, plan_id: str) -> Plan:
+    record = await redis.hgetall(keys.plan_record(plan_id))
+    if not record:
+        raise OperatorError(f"no plan {plan_id} (unknown, or older than a day)")
+    try:
+        return from_fields(Plan, record)
+    except MalformedEntry as exc:
+        raise OperatorError(f"plan {plan_id} record is unreadable: {exc}") from None
+
+
+async def decide_manually(
+    redis: aioredis.Redis, settings: Settings, plan_id: str, *, grant: bool, reason: str, operator: str
+) -> str:
+    """``qt permit grant|deny``: write the Governor-slot permit as an operator. Returns what was done."""
+    plan = await load_plan(redis, plan_id)
+    if plan.decision != "EXECUTE":
+        raise OperatorError(f"plan {plan_id} is {plan.decision} ({plan.reason}); nothing to permit")
+    if await redis.exists(keys.result_marker(plan_id)):
+        result = await result_of(redis, plan_id)
+        outcome = "executed" if result and result.executed else (result.error if result else "done")
+        raise OperatorError(f"plan {plan_id} already has its result ({outcome}); a permit would change nothing")
+    if grant and await redis.get(keys.KILL_SWITCH) == "1":
+        raise OperatorError("the kill switch is on: turn it off (qt governor kill-switch off) before granting")
+    verdict = Verdict(grant, reason or (reasons.OPERATOR_GRANT if grant else reasons.OPERATOR_DENY))
+    written, owner = await issue_governor_permit(
+        redis,
+        Scripts(redis),
+        settings,
+        permit_key(settings, "governor"),
+        plan,
+        verdict,
+        issuer="operator",
+        claim_owner=f"operator:{operator}",
+        now=time.time(),
+    )
+    if not written:
+        raise OperatorError(f"plan {plan_id} was already decided for the Governor slot by {owner}")
+    return f"{'granted' if grant else 'denied'} plan {plan_id} ({plan.symbol} {plan.action} {plan.qty})"
+
+
+async def _ops_audit(redis: aioredis.Redis, action: str, value: str, who: str) -> None:
+    await redis.xadd(
+        keys.OPS_AUDIT_STREAM,
+        {"action": action, "value": value, "who": who, "at": repr(time.time())},
+        maxlen=100_000,
+        approximate=True,
+    )
+
+
+async def set_kill_switch(redis: aioredis.Redis, on: bool, who: str) -> None:
+    if on:
+        await redis.set(keys.KILL_SWITCH, "1")
+    else:
+        await redis.delete(keys.KILL_SWITCH)
+    await _ops_audit(redis, "kill_switch", "on" if on else "off", who)
+
+
+async def kill_switch_on(redis: aioredis.Redis) -> bool:
+    return bool(await redis.get(keys.KILL_SWITCH) == "1")
+
+
+async def set_governor_mode(redis: aioredis.Redis, mode: str, who: str) -> None:
+    if mode not in ("auto", "manual"):
+        raise OperatorError(f"mode must be auto or manual, not {mode!r}")
+    await redis.set(keys.GOVERNOR_MODE, mode)
+    await _ops_audit(redis, "governor_mode", mode, who)
+
+
+async def request_reconcile(redis: aioredis.Redis, who: str) -> None:
+    await redis.set(keys.RECONCILE_REQUEST, who)
+    await _ops_audit(redis, "reconcile_request", "all", who)
+
+
+async def plan_audit(redis: aioredis.Redis, plan_id: str, since: str = "-") -> list[AuditEntry]:
+    """Audit entries of one plan (a scan of the audit stream from ``since``; fine for demos and tests)."""
+    entries = await redis.xrange(keys.AUDIT_STREAM, since, "+")
+    found = []
+    for _, fields in entries:
+        if fields.get("plan_id") == plan_id:
+            try:
+                found.append(from_fields(AuditEntry, fields))
+            except MalformedEntry:
+                continue
+    return found

@@ -1,0 +1,460 @@
+"""Apply (P3): proposals become plans; a plan with both permits becomes exactly one reduce-only order.
+
+Per proposal (each in its own task, at most ``max_in_flight`` at once):
+1. validate it (bad → dead letter), derive the plan id from the stream entry (a redelivery finds its plan);
+2. plan it against the exchange position and publish the plan;
+3. wait for both permits, woken by the shared audit reader, bounded by ``permit_wait_ms``;
+4. verify both, consume both and mark the plan executed in one atomic step, send one order;
+5. publish the one result and acknowledge the proposal in one atomic step.
+A restart at any point resumes from the markers of steps 2, 4 and 5 and never repeats an order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from quantum_trader import logs
+from quantum_trader.bus import keys
+from quantum_trader.bus.scripts import Scripts
+from quantum_trader.bus.streams import STREAM_MAXLEN, dead_letter, ensure_topology
+from quantum_trader.domain import reasons
+from quantum_trader.domain.models import (
+    AuditEntry,
+    MalformedEntry,
+    P33Permit,
+    Plan,
+    Proposal,
+    Result,
+    from_fields,
+    to_fields,
+)
+from quantum_trader.domain.numbers import to_decimal
+from quantum_trader.domain.permits import SlotCheck, WaitOutcome, check_slot, combine
+from quantum_trader.domain.planning import (
+    PlanningContext,
+    client_order_id,
+    make_plan,
+    order_side,
+    plan_id_for,
+    static_skip_reason,
+)
+from quantum_trader.exchange.base import (
+    Exchange,
+    ExchangeError,
+    ExchangeRejected,
+    OrderReport,
+    OutcomeUnknown,
+)
+from quantum_trader.secrets import permit_key
+from quantum_trader.services.base import STORE_ERRORS, Backoff, cancel_and_wait, consume_group, consumer_name
+from quantum_trader.services.metrics import ApplyMetrics
+from quantum_trader.services.permit_waiter import PermitWaiter
+from quantum_trader.settings import Settings
+
+# After an unclear send, how often and how far apart to ask the exchange what became of the order. The
+# spacing lets a request that was still travelling land before we conclude it never arrived.
+RESOLVE_ATTEMPTS = 3
+RESOLVE_SPACING_S = 0.3
+
+
+class ApplyService:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        exchange: Exchange,
+        *,
+        consumer: str = "",
+        registry: CollectorRegistry | None = None,
+        clock: Any = time.time,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.exchange = exchange
+        self.consumer = consumer or consumer_name(settings.consumer_name, "apply")
+        self.metrics = ApplyMetrics(registry or CollectorRegistry())
+        self.log = logs.get("apply")
+        self.waiter = PermitWaiter(redis, self.log)
+        self._scripts = Scripts(redis)
+        self._keys = {"governor": permit_key(settings, "governor"), "p33": permit_key(settings, "p33")}
+        self._allowlist = frozenset(settings.symbols)
+        self._wait_s = settings.apply.permit_wait_ms / 1000
+        self._slots = asyncio.Semaphore(settings.apply.max_in_flight)
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._clock = clock
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await ensure_topology(self.redis)
+        reader = asyncio.create_task(self.waiter.run(), name="apply-audit-reader")
+        try:
+            await self.waiter.ready.wait()
+            self.log.info("Apply started", consumer=self.consumer, permit_wait_ms=self.settings.apply.permit_wait_ms)
+            await consume_group(
+                self.redis,
+                stream=keys.PROPOSAL_STREAM,
+                group=keys.APPLY_GROUP,
+                consumer=self.consumer,
+                handle=self._dispatch,
+                log=self.log,
+                store_up=lambda up: self.metrics.store_up.set(1 if up else 0),
+                count=64,
+            )
+        finally:
+            await cancel_and_wait([reader, *self._active.values()])
+
+    async def _dispatch(self, entry_id: str, fields: dict[str, str]) -> None:
+        """Start handling one proposal concurrently; wait for a free slot first (backpressure)."""
+        if entry_id in self._active:  # re-read after a reconnect while still being handled
+            return
+        await self._slots.acquire()
+        task = asyncio.create_task(self._handle_retrying(entry_id, fields), name=f"proposal-{entry_id}")
+        self._active[entry_id] = task
+        self.metrics.in_flight.set(len(self._active))
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._active.pop(entry_id, None)
+            self._slots.release()
+            self.metrics.in_flight.set(len(self._active))
+
+        task.add_done_callback(done)
+
+    async def _handle_retrying(self, entry_id: str, fields: dict[str, str]) -> None:
+        """Handling is idempotent (every step checks its marker), so a store outage just means: again."""
+        backoff = Backoff()
+        while True:
+            try:
+                await self.handle_proposal(entry_id, fields)
+                return
+            except STORE_ERRORS as exc:
+                self.log.warning("store unavailable mid-plan, retrying", entry_id=entry_id, error=str(exc))
+                await backoff.wait()
+            except Exception:
+                self.log.exception("unexpected error; proposal left pending", entry_id=entry_id)
+                return
+
+    # --- one proposal -----------------------------------------------------------------------------------
+
+    async def handle_proposal(self, entry_id: str, fields: dict[str, str]) -> None:
+        try:
+            proposal = from_fields(Proposal, fields)
+        except MalformedEntry as exc:
+            await dead_letter(
+                self.redis,
+                keys.PROPOSAL_DLQ,
+                keys.PROPOSAL_STREAM,
+                keys.APPLY_GROUP,
+                entry_id,
+                fields,
+                f"{reasons.MALFORMED_ENTRY}: {exc}",
+                "apply",
+            )
+            self.metrics.dead_letters.inc()
+            self.log.warning("malformed proposal dead-lettered", entry_id=entry_id, error=str(exc))
+            return
+        plan_id = plan_id_for(entry_id, proposal.proposal_id)
+        log = self.log.bind(plan_id=plan_id, symbol=proposal.symbol)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.result_marker(plan_id))
+            pipe.hgetall(keys.plan_record(plan_id))
+            pipe.get(keys.executed_marker(plan_id))
+            has_result, record, executed = await pipe.execute()
+        if has_result:
+            await self.redis.xack(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, entry_id)
+            return
+        if record:
+            plan = from_fields(Plan, record)
+            if executed:
+                log.warning(f"{plan.symbol}: recovering plan {plan_id}: executed, no result yet")
+                await self._finish(plan, entry_id, await self._resolve(plan, json.loads(executed)), log)
+            else:
+                await self._resume(plan, entry_id, log)
+            return
+        await self._plan_and_run(proposal, plan_id, entry_id, log)
+
+    async def _plan_and_run(self, proposal: Proposal, plan_id: str, entry_id: str, log: Any) -> None:
+        started = time.monotonic()
+        min_score = self.settings.apply.min_kill_score
+        position = None
+        if static_skip_reason(proposal, self._allowlist, min_score) is None:
+            try:
+                position = (await self.exchange.positions([proposal.symbol]))[proposal.symbol].amt
+            except ExchangeError as exc:
+                log.warning(f"{proposal.symbol}: position unavailable", error=exc.message)
+        ctx = PlanningContext(self._allowlist, position, False, min_score)
+        plan = make_plan(proposal, ctx, plan_id, self._clock())
+        if plan.decision == "EXECUTE" and not await self._hold_symbol(plan):
+            plan = make_plan(proposal, replace(ctx, symbol_busy=True), plan_id, plan.created_at)
+        executing = plan.decision == "EXECUTE"
+        if executing:
+            self.waiter.register(plan_id)  # before publishing: no decision can slip past unseen
+        try:
+            await self._publish_plan(plan, entry_id)
+            self.metrics.plans.labels(plan.decision, plan.reason).inc()
+            steps = len(json.loads(plan.steps))
+            log.info(
+                f"{plan.symbol}: Plan {plan_id} published (decision={plan.decision}, steps={steps})",
+                reason=plan.reason,
+                side=plan.side,
+                qty=str(plan.qty),
+            )
+            if not executing:
+                await self._finish(plan, entry_id, self._result(plan, reasons.SKIPPED, reason=plan.reason), log)
+                return
+            await self._await_and_execute(plan, entry_id, started + self._wait_s, log)
+        finally:
+            self.waiter.release(plan_id)
+
+    async def _resume(self, plan: Plan, entry_id: str, log: Any) -> None:
+        """A plan published before a restart: wait out what is left of its window, never longer."""
+        if plan.decision != "EXECUTE":
+            await self._finish(plan, entry_id, self._result(plan, reasons.SKIPPED, reason=plan.reason), log)
+            return
+        left_s = plan.created_at + self._wait_s - self._clock()
+        log.info(f"{plan.symbol}: resuming plan {plan.plan_id}", window_left_ms=round(left_s * 1000))
+        self.waiter.register(plan.plan_id)
+        try:
+            await self._await_and_execute(plan, entry_id, time.monotonic() + left_s, log, resumed=True)
+        finally:
+            self.waiter.release(plan.plan_id)
+
+    async def _hold_symbol(self, plan: Plan) -> bool:
+        """Take the symbol for this plan (or find it already ours, after a restart)."""
+        key = keys.symbol_in_flight(plan.symbol)
+        hold_ms = self.settings.apply.permit_wait_ms + 3 * self.settings.exchange.timeout_ms + 5000
+        if await self.redis.set(key, plan.plan_id, nx=True, px=hold_ms):
+            return True
+        return bool(await self.redis.get(key) == plan.plan_id)
+
+    async def _publish_plan(self, plan: Plan, entry_id: str) -> None:
+        fields = to_fields(plan)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(keys.PLAN_STREAM, fields, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.hset(keys.plan_record(plan.plan_id), mapping={**fields, "proposal_entry_id": entry_id})
+            pipe.expire(keys.plan_record(plan.plan_id), keys.PLAN_BOOKKEEPING_TTL_S)
+            await pipe.execute()
+
+    # --- waiting for permits ----------------------------------------------------------------------------
+
+    async def _await_and_execute(
+        self, plan: Plan, entry_id: str, deadline: float, log: Any, *, resumed: bool = False
+    ) -> None:
+        published = time.monotonic()
+        window_open = deadline > published
+        kind, outcome, checks = await self._wait(plan, deadline, log, check_first=resumed, consume=window_open)
+        waited_ms = (time.monotonic() - published) * 1000
+        if not resumed:
+            self.metrics.permit_wait.labels(kind).observe(waited_ms / 1000)
+        if kind == "consumed":
+            await self._execute(plan, entry_id, checks[1], log)
+            return
+        if kind == "already_executed":
+            marker = await self.redis.get(keys.executed_marker(plan.plan_id))
+            detail = json.loads(marker) if marker else {"client_order_id": client_order_id(plan.plan_id)}
+            await self._finish(plan, entry_id, await self._resolve(plan, detail), log)
+            return
+        if kind == "denied":
+            who = ", ".join(outcome.denied_by)
+            log.warning(f"{plan.symbol}: Permit denied by {who} ({outcome.deny_reason})")
+            result = self._result(plan, reasons.PERMIT_DENIED, reason=outcome.deny_reason, denied_by=who)
+        elif kind == "ready":  # both permits valid, but only after the window had closed (Apply was down)
+            log.warning(f"{plan.symbol}: permits found after the window closed; not executing")
+            result = self._result(plan, reasons.WINDOW_EXPIRED)
+        else:
+            missing = ", ".join(outcome.missing)
+            log.warning(f"{plan.symbol}: Permit timeout after {waited_ms:.0f}ms (missing: {missing})")
+            for name in outcome.missing:
+                self.metrics.timeouts.labels(name).inc()
+            result = self._result(plan, reasons.PERMIT_TIMEOUT, missing=missing)
+        await self._finish(plan, entry_id, result, log)
+
+    async def _wait(
+        self, plan: Plan, deadline: float, log: Any, *, check_first: bool, consume: bool
+    ) -> tuple[str, WaitOutcome, tuple[SlotCheck, SlotCheck]]:
+        """Wait until both issuers decided, one denied, or the deadline passed (then look one last time).
+
+        Returns ("consumed" | "denied" | "timeout" | "ready" | "already_executed", outcome, slot checks).
+        """
+        event = self.waiter.register(plan.plan_id)
+        audited: set[bytes] = set()
+        check_now, final = check_first, False
+        while True:
+            if check_now:
+                event.clear()  # cleared before reading: a decision landing after the read sets it again
+                checks = await self._read_slots(plan, audited)
+                outcome = combine(*checks)
+                if outcome.kind == "denied":
+                    return "denied", outcome, checks
+                if outcome.kind == "ready":
+                    if not consume:
+                        return "ready", outcome, checks
+                    status = await self._consume(plan, checks)
+                    if status in ("consumed", "already_executed"):
+                        return status, outcome, checks
+                    log.warning("permit changed between check and consume; re-reading", status=status)
+                    continue
+                if final:
+                    return "timeout", outcome, checks
+            left = deadline - time.monotonic()
+            if left <= 0:
+                check_now, final = True, True
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), left)
+            check_now = True
+
+    async def _read_slots(self, plan: Plan, audited: set[bytes]) -> tuple[SlotCheck, SlotCheck]:
+        raw_gov, raw_p33 = await self.redis.mget(keys.governor_permit(plan.plan_id), keys.p33_permit(plan.plan_id))
+        now = self._clock()
+        ttl = self.settings.permit_ttl_s
+        checks = (
+            check_slot("governor", _raw(raw_gov), plan, self._keys["governor"], now, ttl),
+            check_slot("p33", _raw(raw_p33), plan, self._keys["p33"], now, ttl),
+        )
+        for check in checks:
+            if check.state == "rejected" and check.raw is not None and check.raw not in audited:
+                audited.add(check.raw)
+                await self._audit_rejection(plan, check)
+        return checks
+
+    async def _audit_rejection(self, plan: Plan, check: SlotCheck) -> None:
+        self.metrics.rejected_permits.labels(check.reason).inc()
+        self.log.warning(f"{plan.symbol}: {check.name} permit rejected ({check.reason})", plan_id=plan.plan_id)
+        entry = AuditEntry(
+            plan_id=plan.plan_id,
+            issuer="apply",
+            decision="rejected",
+            reason=check.reason,
+            at=self._clock(),
+            symbol=plan.symbol,
+            subject=check.slot,
+        )
+        await self.redis.xadd(
+            keys.AUDIT_STREAM,
+            to_fields(entry),
+            maxlen=self.settings.audit_maxlen,
+            approximate=True,
+        )
+
+    async def _consume(self, plan: Plan, checks: tuple[SlotCheck, SlotCheck]) -> str:
+        governor, p33 = checks
+        assert governor.raw is not None and isinstance(p33.permit, P33Permit) and p33.raw is not None
+        for check in checks:
+            self.metrics.permit_decisions.labels(check.name, check.state, check.reason).inc()
+        marker = json.dumps(
+            {
+                "client_order_id": client_order_id(plan.plan_id),
+                "qty": repr(p33.permit.safe_close_qty),
+                "side": plan.side,
+                "at": self._clock(),
+            }
+        )
+        status = await self._scripts.consume_permits(
+            plan_id=plan.plan_id,
+            symbol=plan.symbol,
+            governor_raw=governor.raw.decode(),
+            p33_raw=p33.raw.decode(),
+            marker=marker,
+            now=self._clock(),
+            latency_ms=(self._clock() - plan.created_at) * 1000,
+            audit_maxlen=self.settings.audit_maxlen,
+        )
+        return "consumed" if status == "ok" else status
+
+    # --- the order --------------------------------------------------------------------------------------
+
+    async def _execute(self, plan: Plan, entry_id: str, p33: SlotCheck, log: Any) -> None:
+        assert isinstance(p33.permit, P33Permit)
+        qty = to_decimal(p33.permit.safe_close_qty)
+        coid = client_order_id(plan.plan_id)
+        try:
+            report = await self.exchange.place_reduce_only_market(plan.symbol, order_side(plan.side), qty, coid)
+        except ExchangeRejected as exc:
+            self.metrics.orders.labels("rejected").inc()
+            log.warning(f"{plan.symbol}: order rejected by the exchange", code=exc.code, msg=exc.message)
+            result = self._result(
+                plan,
+                reasons.EXCHANGE_REJECTED,
+                reason=exc.message,
+                client_order_id=coid,
+                exchange_code=exc.code,
+            )
+        except OutcomeUnknown as exc:
+            self.metrics.orders.labels("unknown").inc()
+            log.warning(f"{plan.symbol}: order outcome unknown; querying by client order id", error=exc.message)
+            result = await self._resolve(plan, {"client_order_id": coid})
+        else:
+            self.metrics.orders.labels("filled" if report.filled else "not_filled").inc()
+            result = self._from_report(plan, report)
+        await self._finish(plan, entry_id, result, log)
+
+    async def _resolve(self, plan: Plan, marker: dict[str, Any]) -> Result:
+        """The true outcome of a send whose reply was lost: ask the exchange by client order id.
+
+        Never resends: a filled market order's client id is free again, so a resend would be a second order.
+        """
+        coid = str(marker.get("client_order_id") or client_order_id(plan.plan_id))
+        last_error = ""
+        for attempt in range(RESOLVE_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(RESOLVE_SPACING_S * attempt)
+            try:
+                report = await self.exchange.query_order(plan.symbol, coid)
+            except ExchangeError as exc:
+                last_error = exc.message
+                continue
+            if report is not None:
+                return self._from_report(plan, report)
+            if attempt == RESOLVE_ATTEMPTS - 1:
+                return self._result(plan, reasons.ORDER_NOT_PLACED, client_order_id=coid)
+        return self._result(plan, reasons.ORDER_UNKNOWN, reason=last_error[:200], client_order_id=coid)
+
+    def _from_report(self, plan: Plan, report: OrderReport) -> Result:
+        return Result(
+            plan_id=plan.plan_id,
+            symbol=plan.symbol,
+            side=plan.side,
+            executed=report.filled,
+            error="" if report.filled else reasons.ORDER_NOT_FILLED,
+            reason=report.status,
+            order_id=report.order_id,
+            client_order_id=report.client_order_id,
+            filled_qty=report.executed_qty,
+            avg_price=report.avg_price,
+        )
+
+    def _result(self, plan: Plan, error: str, **fields: Any) -> Result:
+        return Result(plan_id=plan.plan_id, symbol=plan.symbol, side=plan.side, executed=False, error=error, **fields)
+
+    async def _finish(self, plan: Plan, entry_id: str, result: Result, log: Any) -> None:
+        now = self._clock()
+        result = msgspec.structs.replace(result, at=now, latency_ms=round((now - plan.created_at) * 1000, 3))
+        published = await self._scripts.publish_result(
+            plan_id=plan.plan_id,
+            symbol=plan.symbol,
+            fields=to_fields(result),
+            proposal_entry_id=entry_id,
+            result_maxlen=STREAM_MAXLEN,
+        )
+        if published:
+            self.metrics.results.labels("executed" if result.executed else result.error).inc()
+            log.info(
+                f"{plan.symbol}: Result published (executed={result.executed}, error={result.error or 'none'})",
+                filled_qty=str(result.filled_qty),
+                order_id=result.order_id,
+                latency_ms=result.latency_ms,
+            )
+
+
+def _raw(value: str | None) -> bytes | None:
+    return value.encode() if value is not None else None

@@ -1,0 +1,133 @@
+"""What every service loop shares: read a consumer group forever, survive store outages, report health."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from quantum_trader.bus.streams import ensure_topology, read_group
+
+STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+Handler = Callable[[str, dict[str, str]], Awaitable[None]]
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout_s: float = 10.0) -> None:
+    """Cancel ``tasks`` and wait until they are done, cancelling again while they are not.
+
+    redis-py can absorb a cancellation that lands while it tears down a blocking read's connection, leaving
+    the loop to start its next read; one more cancel then lands in that read. Shutdown must not hang on it.
+    """
+    pending = {t for t in tasks if not t.done()}
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while pending and asyncio.get_running_loop().time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+
+
+def consumer_name(configured: str, service: str) -> str:
+    """This instance's name in its consumer groups: stable across restarts, so it finds its pending entries."""
+    return configured or f"{socket.gethostname()}-{service}"
+
+
+class Backoff:
+    """Exponential backoff for store reconnects: 0.1 s doubling to 5 s, reset on success."""
+
+    def __init__(self) -> None:
+        self.delay = BACKOFF_START_S
+
+    def reset(self) -> None:
+        self.delay = BACKOFF_START_S
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, BACKOFF_MAX_S)
+
+
+async def consume_group(
+    redis: aioredis.Redis,
+    *,
+    stream: str,
+    group: str,
+    consumer: str,
+    handle: Handler,
+    log: Any,
+    store_up: Callable[[bool], None],
+    count: int = 128,
+    block_ms: int = 1000,
+) -> None:
+    """Feed ``handle`` this consumer's pending entries, then new ones, forever.
+
+    ``handle`` acks what it finishes. While the store is away the loop backs off (nothing is decided, so
+    nothing is permitted: fail closed) and on return it re-reads its pending entries first, so an entry
+    read just before the outage is not forgotten.
+    """
+    backoff = Backoff()
+    recover = True
+    while True:
+        try:
+            if recover:
+                await _drain_pending(redis, stream, group, consumer, handle, log, count)
+                recover = False
+            entries = await read_group(redis, stream, group, consumer, count=count, block_ms=block_ms)
+            store_up(True)
+            backoff.reset()
+            for entry_id, fields in entries:
+                await _handle_one(handle, entry_id, fields, log)
+        except STORE_ERRORS as exc:
+            store_up(False)
+            log.warning("store unavailable, retrying", error=str(exc), retry_in_s=backoff.delay)
+            await backoff.wait()
+            recover = True
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group vanished (store restarted without its data, or flushed): recreate them.
+            log.warning("consumer group missing, recreating", stream=stream, group=group)
+            await ensure_topology(redis)
+
+
+async def _drain_pending(
+    redis: aioredis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    handle: Handler,
+    log: Any,
+    count: int,
+) -> None:
+    start = "0"
+    while True:
+        reply = await redis.xreadgroup(group, consumer, {stream: start}, count=count)
+        entries = reply[0][1] if reply else []
+        if not entries:
+            return
+        for entry_id, fields in entries:
+            start = entry_id
+            if not fields:  # trimmed from the stream while pending: nothing left to process
+                await redis.xack(stream, group, entry_id)
+                continue
+            await _handle_one(handle, entry_id, fields, log)
+
+
+async def _handle_one(handle: Handler, entry_id: str, fields: dict[str, str], log: Any) -> None:
+    try:
+        await handle(entry_id, fields)
+    except STORE_ERRORS:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        # A bug, not bad input (bad input is dead-lettered by the handler). Keep the entry pending so it is
+        # retried after the next restart or reconnect, and keep serving the others.
+        log.exception("unexpected error handling entry; left pending", entry_id=entry_id)

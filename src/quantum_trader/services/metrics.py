@@ -1,0 +1,129 @@
+"""Prometheus metrics, one registry per service instance (so tests can run several services in one process).
+
+Names: Apply ``qt_apply_*`` on :8043, Governor ``qt_governor_*`` on :8044, P3.3 ``p33_*`` on :8045 (the seed's
+operators grep for ``p33``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Permit waits range from ~1 ms (both issuers up) to the 1.2 s window; decisions from 0.1 ms to seconds.
+WAIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.5, 5.0)
+DECISION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class ApplyMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.plans = Counter(
+            "qt_apply_plans",
+            "Plans published, by decision and reason",
+            ["decision", "reason"],
+            registry=registry,
+        )
+        self.results = Counter(
+            "qt_apply_results",
+            "Results published, by outcome (executed or the error)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.permit_decisions = Counter(
+            "qt_apply_permit_decisions",
+            "Permit decisions seen by Apply, by issuer, allow/deny and reason",
+            ["issuer", "decision", "reason"],
+            registry=registry,
+        )
+        self.permit_wait = Histogram(
+            "qt_apply_permit_wait_seconds",
+            "From plan publication until Apply knows both decisions (or gives up)",
+            ["outcome"],
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.timeouts = Counter(
+            "qt_apply_permit_timeouts",
+            "permit_timeout results, by missing issuer",
+            ["missing"],
+            registry=registry,
+        )
+        self.rejected_permits = Counter(
+            "qt_apply_rejected_permits", "Permits rejected by Apply, by reason", ["reason"], registry=registry
+        )
+        self.orders = Counter("qt_apply_orders", "Orders sent, by outcome", ["outcome"], registry=registry)
+        self.dead_letters = Counter(
+            "qt_apply_dead_letters", "Proposals moved to the dead-letter stream", registry=registry
+        )
+        self.in_flight = Gauge("qt_apply_plans_in_flight", "Plans waiting or executing", registry=registry)
+        self.store_up = Gauge("qt_apply_store_up", "1 while the store answers", registry=registry)
+
+
+class GovernorMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.permits = Counter(
+            "qt_governor_permits",
+            "Governor decisions, by allow/deny and reason",
+            ["decision", "reason"],
+            registry=registry,
+        )
+        self.decision_seconds = Histogram(
+            "qt_governor_decision_seconds",
+            "From reading a plan to its permit written",
+            buckets=DECISION_BUCKETS,
+            registry=registry,
+        )
+        self.awaiting_operator = Counter(
+            "qt_governor_awaiting_operator", "Plans left to an operator (manual mode)", registry=registry
+        )
+        self.duplicates = Counter(
+            "qt_governor_duplicate_decisions", "Plans already decided by another instance", registry=registry
+        )
+        self.dead_letters = Counter(
+            "qt_governor_dead_letters", "Plan entries moved to the dead-letter stream", registry=registry
+        )
+        self.store_up = Gauge("qt_governor_store_up", "1 while the store answers", registry=registry)
+
+
+class BrainMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.permits = Counter(
+            "p33_permits",
+            "P3.3 decisions, by allow/deny and reason",
+            ["decision", "reason"],
+            registry=registry,
+        )
+        self.decision_seconds = Histogram(
+            "p33_decision_seconds",
+            "From reading a plan to its permit written",
+            buckets=DECISION_BUCKETS,
+            registry=registry,
+        )
+        self.snapshot_age = Gauge(
+            "p33_snapshot_age_seconds",
+            "Age of the position snapshot at the last poll",
+            ["symbol"],
+            registry=registry,
+        )
+        self.snapshot_errors = Counter("p33_snapshot_errors", "Snapshot polls that failed", registry=registry)
+        self.ledger_updates = Counter(
+            "p33_ledger_updates",
+            "Ledger changes, by source (result or reconcile)",
+            ["source"],
+            registry=registry,
+        )
+        self.ready = Gauge("p33_ready", "1 once the ledger is reconciled and permits are issued", registry=registry)
+        self.duplicates = Counter(
+            "p33_duplicate_decisions", "Plans already decided by another instance", registry=registry
+        )
+        self.dead_letters = Counter(
+            "p33_dead_letters", "Entries moved to a dead-letter stream", ["stream"], registry=registry
+        )
+        self.store_up = Gauge("p33_store_up", "1 while the store answers", registry=registry)
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> None:
+    """Expose ``registry`` on ``host:port``/metrics; port 0 disables the endpoint."""
+    if port:
+        start_http_server(port, addr=host, registry=registry)

@@ -1,0 +1,67 @@
+"""One reader of ``quantum:stream:permit.audit`` that wakes every plan Apply is waiting on.
+
+Each waiting plan registers an Event before its plan is published; the reader sets it when an issuer's
+allow or deny for that plan appears. No per-plan polling: one blocking XREAD serves all waiting plans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from quantum_trader.bus import keys
+from quantum_trader.services.base import STORE_ERRORS, Backoff
+
+WAKING_DECISIONS = frozenset({"allow", "deny"})
+
+
+class PermitWaiter:
+    def __init__(self, redis: aioredis.Redis, log: Any, block_ms: int = 1000, count: int = 1000) -> None:
+        self._redis = redis
+        self._log = log
+        self._block_ms = block_ms
+        self._count = count
+        self._events: dict[str, asyncio.Event] = {}
+        self._last_id: str | None = None
+        self.ready = asyncio.Event()
+
+    def register(self, plan_id: str) -> asyncio.Event:
+        event = self._events.get(plan_id)
+        if event is None:
+            event = self._events[plan_id] = asyncio.Event()
+        return event
+
+    def release(self, plan_id: str) -> None:
+        self._events.pop(plan_id, None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._events)
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                if self._last_id is None:
+                    # Start at the stream's current end: every plan registers before it is published, so
+                    # every decision that matters comes after this point.
+                    last = await self._redis.xrevrange(keys.AUDIT_STREAM, count=1)
+                    self._last_id = last[0][0] if last else "0-0"
+                    self.ready.set()
+                reply = await self._redis.xread(
+                    {keys.AUDIT_STREAM: self._last_id}, count=self._count, block=self._block_ms
+                )
+                backoff.reset()
+            except STORE_ERRORS as exc:
+                self._log.warning("audit reader: store unavailable", error=str(exc), retry_in_s=backoff.delay)
+                await backoff.wait()
+                continue
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    self._last_id = entry_id
+                    if fields.get("decision") in WAKING_DECISIONS:
+                        event = self._events.get(fields.get("plan_id", ""))
+                        if event is not None:
+                            event.set()

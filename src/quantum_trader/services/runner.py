@@ -1,0 +1,116 @@
+"""Run one service as a process: settings, logging, store, exchange, metrics, heartbeat, signals.
+
+The service classes stay free of process concerns so tests can run several of them in one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+
+from quantum_trader import __version__, logs
+from quantum_trader.bus import keys
+from quantum_trader.bus.connection import connect, redact, resolve_redis_url
+from quantum_trader.exchange import open_exchange, sim_url_for
+from quantum_trader.exchange.base import ExchangeError
+from quantum_trader.services.base import STORE_ERRORS, cancel_and_wait, consumer_name
+from quantum_trader.services.metrics import serve_metrics
+from quantum_trader.settings import Settings
+
+ServiceKind = Literal["apply", "governor", "brain"]
+
+
+async def heartbeat(redis: aioredis.Redis, service: str, consumer: str, ready: asyncio.Event) -> None:
+    """Keep ``quantum:health:<service>:<consumer>`` alive while the process runs; ``ready`` once serving."""
+    key = keys.health(service, consumer)
+    started = time.time()
+    while True:
+        try:
+            await redis.hset(
+                key,
+                mapping={
+                    "pid": os.getpid(),
+                    "ready": "1" if ready.is_set() else "0",
+                    "started_at": repr(started),
+                    "updated_at": repr(time.time()),
+                    "version": __version__,
+                },
+            )
+            await redis.expire(key, keys.HEARTBEAT_TTL_S)
+        except STORE_ERRORS:
+            pass  # the service's own loops report the outage
+        await asyncio.sleep(keys.HEARTBEAT_INTERVAL_S)
+
+
+async def serve(kind: ServiceKind, settings: Settings) -> None:
+    log = logs.get(kind)
+    url = resolve_redis_url(settings)
+    redis = await connect(url)
+    exchange = None
+    try:
+        if kind in ("apply", "brain"):
+            exchange = open_exchange(settings)
+            try:
+                await exchange.server_time_ms()
+            except ExchangeError as exc:
+                where = sim_url_for(settings) if settings.exchange.mode == "sim" else settings.exchange.mode
+                raise ExchangeError(f"cannot reach the exchange ({where}): {exc.message}", exc.code) from None
+        service = _build(kind, settings, redis, exchange)
+        port = getattr(settings, kind).metrics_port
+        serve_metrics(service.metrics.registry, port)
+        consumer = consumer_name(settings.consumer_name, "p33" if kind == "brain" else kind)
+        ready = getattr(service, "ready", None) or asyncio.Event()
+        if kind != "brain":
+            ready.set()
+        log.info(f"{kind} connected", store=redact(url), metrics_port=port or "off", mode=settings.exchange.mode)
+        beat = asyncio.create_task(heartbeat(redis, kind, consumer, ready))
+        try:
+            await service.run()
+        finally:
+            beat.cancel()
+            await redis.delete(keys.health(kind, consumer))
+    finally:
+        if exchange is not None:
+            await exchange.close()
+        await redis.aclose()
+
+
+def _build(kind: ServiceKind, settings: Settings, redis: aioredis.Redis, exchange: Any) -> Any:
+    if kind == "apply":
+        from quantum_trader.services.apply import ApplyService
+
+        return ApplyService(settings, redis, exchange)
+    if kind == "governor":
+        from quantum_trader.services.governor import GovernorService
+
+        return GovernorService(settings, redis)
+    from quantum_trader.services.brain import BrainService
+
+    return BrainService(settings, redis, exchange)
+
+
+def run(kind: ServiceKind, settings: Settings) -> None:
+    """Run until SIGTERM or Ctrl-C; both stop the service cleanly (pending work stays in its group)."""
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        stopper: list[asyncio.Task[None]] = []  # keeps a reference to the stopping task
+
+        def stop() -> None:
+            stopper.append(loop.create_task(cancel_and_wait([task])))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        try:
+            await serve(kind, settings)
+        except asyncio.CancelledError:
+            logs.get(kind).info(f"{kind} stopped")
+
+    asyncio.run(main())

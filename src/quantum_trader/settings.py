@@ -1,0 +1,230 @@
+"""One typed settings object for every service, read from ``QT_*`` environment variables and an optional TOML file.
+
+Nested sections use ``__``: ``QT_APPLY__PERMIT_WAIT_MS=1500``, ``QT_GOVERNOR__MODE=manual``. A TOML file named by
+``QT_CONFIG_FILE`` supplies the same fields (``[apply] permit_wait_ms = 1500``); the environment wins over it.
+Every default is visible here, next to what it means.
+"""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ExchangeMode = Literal["sim", "testnet", "demo", "live"]
+GovernorMode = Literal["auto", "manual"]
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "quantum-trader"
+
+
+def _split_symbols(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip().upper() for part in value.split(",") if part.strip()]
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ApplySettings(_Section):
+    """Apply (P3).
+
+    permit_wait_ms: how long an EXECUTE plan waits for both permits before ``permit_timeout`` (seed: 1200).
+    max_in_flight: plans waiting or executing at once; further proposals stay in the stream until a slot frees.
+    min_kill_score: proposals carrying a kill_score below this are SKIPped ``below_threshold``; None disables.
+    metrics_port: Prometheus endpoint (DESIGN.md: 8043). 0 disables it.
+    """
+
+    permit_wait_ms: int = Field(1200, ge=50, le=60_000)
+    max_in_flight: int = Field(256, ge=1, le=10_000)
+    min_kill_score: float | None = None
+    metrics_port: int = Field(8043, ge=0, le=65535)
+
+
+class GovernorSettings(_Section):
+    """Governor (P3.2).
+
+    mode: ``auto`` decides from policy; ``manual`` issues nothing and waits for ``qt permit grant|deny``.
+        ``qt governor mode`` overrides it at run time for all instances.
+    allowlist: symbols the Governor will permit; empty means the system-wide ``symbols``.
+    cooldown_s: minimum time between two grants for the same symbol.
+    max_per_symbol / max_total: grants allowed per ``rate_window_s`` for one symbol / for all symbols.
+        Over the limit the plan is denied, never queued.
+    max_notional_usdt: largest |qty| x mark price one close may have.
+    price_max_age_s: a mark price older than this is not trusted for the notional check (deny).
+    metrics_port: Prometheus endpoint (DESIGN.md: 8044). 0 disables it.
+    """
+
+    mode: GovernorMode = "auto"
+    allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cooldown_s: float = Field(30.0, ge=0)
+    rate_window_s: float = Field(60.0, gt=0)
+    max_per_symbol: int = Field(6, ge=1)
+    max_total: int = Field(60, ge=1)
+    max_notional_usdt: Decimal = Field(Decimal("250000"), gt=0)
+    price_max_age_s: float = Field(30.0, gt=0)
+    metrics_port: int = Field(8044, ge=0, le=65535)
+
+    _split = field_validator("allowlist", mode="before")(_split_symbols)
+
+
+class BrainSettings(_Section):
+    """P3.3 Position State Brain.
+
+    snapshot_interval_s: how often the poller refreshes ``quantum:position:snapshot:<SYMBOL>`` (seed: 5).
+    snapshot_max_age_s: an older snapshot is stale and every plan on the symbol is denied (DESIGN: 10).
+    qty_tolerance_pct: ledger vs exchange size difference tolerated before ``qty_mismatch`` (DESIGN: 1 %).
+    cooldown_s: after an allow, no other allow for the symbol until its result arrives or this passes, and
+        none within this time after an executed close (DESIGN: 15).
+    metrics_port: Prometheus endpoint (DESIGN.md: 8045). 0 disables it.
+    """
+
+    snapshot_interval_s: float = Field(5.0, gt=0)
+    snapshot_max_age_s: float = Field(10.0, gt=0)
+    qty_tolerance_pct: Decimal = Field(Decimal("1"), ge=0)
+    cooldown_s: float = Field(15.0, ge=0)
+    metrics_port: int = Field(8045, ge=0, le=65535)
+
+
+class ExchangeSettings(_Section):
+    """Exchange access.
+
+    mode: ``sim`` (the bundled simulator, default), ``testnet``, ``demo`` or ``live``.
+    sim_url: base URL of ``qt sim-exchange`` when mode is sim; empty means the one ``qt up`` started.
+    api_key / api_secret: credentials; or ``api_key_file`` / ``api_secret_file`` (file must be mode 0600).
+    live_confirm: must be exactly ``I-UNDERSTAND-THIS-TRADES-REAL-MONEY`` for mode live.
+    recv_window_ms: Binance recvWindow sent with signed requests.
+    timeout_ms: HTTP timeout for one exchange request.
+    """
+
+    mode: ExchangeMode = "sim"
+    sim_url: str = ""
+    api_key: SecretStr | None = None
+    api_secret: SecretStr | None = None
+    api_key_file: Path | None = None
+    api_secret_file: Path | None = None
+    live_confirm: str = ""
+    recv_window_ms: int = Field(5000, ge=1, le=60_000)
+    timeout_ms: int = Field(5000, ge=100, le=120_000)
+
+
+class KeySettings(_Section):
+    """Permit signing keys (HMAC-SHA256), one per issuer. From the environment, or a 0600 file.
+
+    Without either, the key files ``qt up`` generates under the state directory are used.
+    """
+
+    governor: SecretStr | None = None
+    p33: SecretStr | None = None
+    governor_file: Path | None = None
+    p33_file: Path | None = None
+
+
+class Settings(BaseSettings):
+    """Everything a service reads.
+
+    redis_url: an external Redis >= 7 / Valkey; empty means the embedded Valkey of the running ``qt up``.
+    state_dir: where the embedded store keeps its data, generated keys live and ``qt up`` records itself.
+    symbols: the managed symbols: Apply's allowlist, P3.3's snapshot set, the Governor's default allowlist.
+    permit_ttl_s: lifetime of a permit key, and the age after which Apply rejects a permit as expired.
+    audit_maxlen: approximate number of entries the audit stream keeps (older ones are trimmed).
+    consumer_name: this instance's consumer name in its groups; empty means "<hostname>-<service>". Give
+        each instance of a service its own name when several run.
+    log_json: structured JSON logs instead of console lines.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="QT_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+        toml_file=None,
+    )
+
+    redis_url: str = ""
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    symbols: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT"]
+    )
+    permit_ttl_s: int = Field(60, ge=5, le=3600)
+    audit_maxlen: int = Field(1_000_000, ge=1000)
+    consumer_name: str = ""
+    log_json: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    apply: ApplySettings = Field(default_factory=ApplySettings)
+    governor: GovernorSettings = Field(default_factory=GovernorSettings)
+    brain: BrainSettings = Field(default_factory=BrainSettings)
+    exchange: ExchangeSettings = Field(default_factory=ExchangeSettings)
+    keys: KeySettings = Field(default_factory=KeySettings)
+
+    _split = field_validator("symbols", mode="before")(_split_symbols)
+
+    @field_validator("symbols")
+    @classmethod
+    def _check_symbols(cls, value: list[str]) -> list[str]:
+        bad = [s for s in value if not s.isalnum() or not 5 <= len(s) <= 20]
+        if bad:
+            raise ValueError(f"not a USD-M symbol: {', '.join(bad)}")
+        return value
+
+    @property
+    def governor_allowlist(self) -> frozenset[str]:
+        return frozenset(self.governor.allowlist or self.symbols)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("QT_CONFIG_FILE")
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"QT_CONFIG_FILE={config_file}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; the message names it."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per bad field, named the way the operator set it (``QT_APPLY__PERMIT_WAIT_MS``)."""
+    lines = []
+    for item in error.errors():
+        path = "__".join(str(p) for p in item["loc"]).upper()
+        given = item.get("input")
+        # Never echo anything that could be a credential back into a log or terminal.
+        secret = any(word in path for word in ("KEY", "SECRET", "TOKEN", "PASSWORD"))
+        shown = "" if isinstance(given, dict) or secret else f" (got {given!r})"
+        lines.append(f"QT_{path}: {item['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning validation failures into a ConfigError that names each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {describe_validation_error(exc)}") from None

@@ -1,0 +1,237 @@
+"""A whole chain on one machine: embedded store, simulator, and each service in its own process.
+
+``qt up`` runs one in the foreground; ``qt demo``, ``qt proof`` and the end-to-end tests run private ones.
+Services start brain first, then Governor, then Apply (the seed's order: permits are ready before plans flow).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import redis
+
+from quantum_trader import __version__
+from quantum_trader.bus import keys
+from quantum_trader.bus.embedded import EmbeddedStore
+from quantum_trader.runtime import Runtime, clear_runtime, write_runtime
+from quantum_trader.secrets import ensure_local_secrets, key_dir, read_secret_file
+from quantum_trader.settings import Settings
+
+SERVICES = ("brain", "governor", "apply")
+START_TIMEOUT_S = 60.0
+
+
+class StartupError(Exception):
+    """A part of the local system did not start; the message says which and where its log is."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Ports:
+    sim: int = 8041
+    apply: int = 8043
+    governor: int = 8044
+    brain: int = 8045
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(free_port(), free_port(), free_port(), free_port())
+
+
+class SimAdmin:
+    """The simulator's admin API (``/_sim``), used to open positions and inject changes in demos and tests."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self._client = httpx.Client(base_url=url, headers={"X-Sim-Admin-Token": token}, timeout=5.0)
+
+    def set_position(self, symbol: str, amt: Decimal | str, entry_price: str | None = None) -> None:
+        body: dict[str, str] = {"symbol": symbol, "amt": str(amt)}
+        if entry_price:
+            body["entry_price"] = entry_price
+        self._client.post("/_sim/position", json=body).raise_for_status()
+
+    def state(self) -> dict[str, Any]:
+        reply = self._client.get("/_sim/state")
+        reply.raise_for_status()
+        data: dict[str, Any] = reply.json()
+        return data
+
+    def position(self, symbol: str) -> Decimal:
+        """The exchange's signed position (the state lists non-zero positions only)."""
+        for row in self.state()["positions"]:
+            if row["symbol"] == symbol:
+                return Decimal(str(row["positionAmt"]))
+        return Decimal(0)
+
+    def orders(self, symbol: str | None = None) -> list[dict[str, Any]]:
+        reply = self._client.get("/_sim/orders", params={"symbol": symbol} if symbol else None)
+        reply.raise_for_status()
+        data = reply.json()
+        return list(data["orders"] if isinstance(data, dict) else data)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+@dataclass
+class LocalSystem:
+    settings: Settings
+    ports: Ports = field(default_factory=Ports)
+    log_dir: Path | None = None  # None: children log to this terminal
+    env: dict[str, str] = field(default_factory=dict)
+    persist_store: bool = True
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    store: EmbeddedStore | None = None
+    redis_url: str = ""
+    sim_url: str = ""
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    def start_infra(self) -> None:
+        """Keys, store and simulator: everything the services need, and nothing that decides yet."""
+        ensure_local_secrets(self.settings)
+        if self.settings.redis_url:
+            self.redis_url = self.settings.redis_url
+        else:
+            self.store = EmbeddedStore(self.settings.state_dir / "valkey", persist=self.persist_store)
+            self.redis_url = self.store.start()
+        self.sim_url = f"http://127.0.0.1:{self.ports.sim}"
+        self._spawn("sim", ["sim-exchange", "--port", str(self.ports.sim), "--admin"])
+        self._wait_http(f"{self.sim_url}/fapi/v1/ping", "sim")
+        write_runtime(
+            self.settings,
+            Runtime(
+                redis_url=self.redis_url,
+                sim_url=self.sim_url,
+                pid=os.getpid(),
+                started_at=time.time(),
+                version=__version__,
+            ),
+        )
+
+    def start_services(self, services: tuple[str, ...] = SERVICES) -> None:
+        for service in services:
+            self.start_service(service)
+
+    def start_service(self, service: str) -> None:
+        self._spawn(service, [service])
+        self._wait_ready(service)
+
+    def stop_service(self, service: str, *, kill: bool = False) -> None:
+        process = self.processes.pop(service, None)
+        if process is None:
+            return
+        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        for service in (*reversed(SERVICES), "sim"):
+            self.stop_service(service)
+        if self.store is not None:
+            self.store.stop()
+        clear_runtime(self.settings, os.getpid())
+        for handle in self._logs:
+            handle.close()
+
+    def __enter__(self) -> LocalSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- helpers ----------------------------------------------------------------------------------------
+
+    def admin(self) -> SimAdmin:
+        token = read_secret_file(key_dir(self.settings) / "sim-admin.token")
+        return SimAdmin(self.sim_url, token)
+
+    def child_env(self, service: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
+        env.update(
+            {
+                "QT_REDIS_URL": self.redis_url,
+                "QT_STATE_DIR": str(self.settings.state_dir),
+                "QT_SYMBOLS": ",".join(self.settings.symbols),
+                "QT_EXCHANGE__MODE": "sim",
+                "QT_EXCHANGE__SIM_URL": self.sim_url,
+                "QT_CONSUMER_NAME": f"{service}-1",
+                "QT_APPLY__METRICS_PORT": str(self.ports.apply),
+                "QT_GOVERNOR__METRICS_PORT": str(self.ports.governor),
+                "QT_BRAIN__METRICS_PORT": str(self.ports.brain),
+                "QT_LOG_JSON": "1" if self.settings.log_json else "0",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.env)
+        return env
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        out: Any = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+            self._logs.append(handle)
+            out = handle
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "quantum_trader", *args],
+            env=self.child_env(name),
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            start_new_session=True,  # Ctrl-C reaches `qt up`, which stops the children in order
+        )
+
+    def _check_alive(self, name: str) -> None:
+        process = self.processes.get(name)
+        if process is not None and process.poll() is not None:
+            where = f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""
+            raise StartupError(f"{name} exited with code {process.returncode} while starting{where}")
+
+    def _wait_http(self, url: str, name: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self._check_alive(name)
+            try:
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise StartupError(f"{name} did not answer at {url} within {START_TIMEOUT_S:.0f} s")
+
+    def _wait_ready(self, service: str) -> None:
+        """Ready = the child's heartbeat says so (the brain only after it has reconciled the ledger)."""
+        process = self.processes[service]
+        consumer = self.child_env(service)["QT_CONSUMER_NAME"]
+        key = keys.health(service, consumer)
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                self._check_alive(service)
+                beat = client.hgetall(key)
+                if beat.get("pid") == str(process.pid) and beat.get("ready") == "1":
+                    return
+                time.sleep(0.05)
+        finally:
+            client.close()
+        raise StartupError(f"{service} did not become ready within {START_TIMEOUT_S:.0f} s")

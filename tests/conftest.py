@@ -1,0 +1,219 @@
+"""Shared fixtures: real stores (embedded Valkey always, the machine's Redis when it answers), the simulator
+over HTTP, and the three services running in the test's event loop against them.
+
+Integration tests take the ``store_url`` fixture, parametrized over both stores; the Redis run is skipped
+with a visible reason when no Redis answers at QT_TEST_REDIS_URL (default redis://127.0.0.1:6379/15).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from quantum_trader.bus.embedded import EmbeddedStore
+from quantum_trader.exchange.binance import BinanceFutures, build_ccxt
+from quantum_trader.exchange.sim.server import SimConfig, SimServer
+from quantum_trader.services.apply import ApplyService
+from quantum_trader.services.base import cancel_and_wait
+from quantum_trader.services.brain import BrainService
+from quantum_trader.services.governor import GovernorService
+from quantum_trader.settings import Settings
+
+TEST_REDIS_URL = os.environ.get("QT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+SIM_KEY, SIM_SECRET, SIM_ADMIN = "test-api-key", "test-api-secret", "test-admin-token"
+GOVERNOR_KEY, P33_KEY = "governor-test-key-0123456789", "p33-test-key-0123456789"
+
+
+# --- stores -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def embedded_store() -> Iterator[str]:
+    data = Path(tempfile.mkdtemp(prefix="qt-test-valkey-"))
+    store = EmbeddedStore(data, persist=False)
+    url = store.start()
+    yield url
+    store.stop()
+
+
+def _redis_reason() -> str | None:
+    try:
+        client = redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=0.5)
+        client.ping()
+        version = str(client.info("server").get("redis_version", "0"))
+        client.close()
+    except (redis.RedisError, OSError) as exc:
+        return f"no Redis answers at {TEST_REDIS_URL} ({exc}); set QT_TEST_REDIS_URL to run this store too"
+    if int(version.split(".", maxsplit=1)[0]) < 7:
+        return f"Redis at {TEST_REDIS_URL} is {version}; >= 7 needed"
+    return None
+
+
+@pytest.fixture(params=["valkey", "redis"])
+def store_url(request: pytest.FixtureRequest, embedded_store: str) -> str:
+    """A flushed store: the embedded Valkey, then (second run) the external Redis."""
+    if request.param == "valkey":
+        url = embedded_store
+    else:
+        reason = _redis_reason()
+        if reason:
+            pytest.skip(reason)
+        url = TEST_REDIS_URL
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+@pytest.fixture
+async def rds(store_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(store_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+# --- simulator --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sim_server() -> Iterator[SimServer]:
+    config = SimConfig(api_key=SIM_KEY, api_secret=SIM_SECRET, admin_token=SIM_ADMIN, price_sigma=0.0)
+    with SimServer(config) as server:
+        yield server
+
+
+@pytest.fixture
+def sim(sim_server: SimServer) -> SimServer:
+    """The simulator, reset to a fresh account (no positions, no orders, no faults)."""
+    import httpx
+
+    httpx.post(f"{sim_server.url}/_sim/reset", headers={"X-Sim-Admin-Token": SIM_ADMIN}).raise_for_status()
+    return sim_server
+
+
+def set_position(sim: SimServer, symbol: str, amt: str) -> None:
+    import httpx
+
+    reply = httpx.post(
+        f"{sim.url}/_sim/position", json={"symbol": symbol, "amt": amt}, headers={"X-Sim-Admin-Token": SIM_ADMIN}
+    )
+    reply.raise_for_status()
+
+
+def sim_orders(sim: SimServer, symbol: str | None = None) -> list[dict[str, Any]]:
+    import httpx
+
+    reply = httpx.get(
+        f"{sim.url}/_sim/orders",
+        params={"symbol": symbol} if symbol else None,
+        headers={"X-Sim-Admin-Token": SIM_ADMIN},
+    )
+    reply.raise_for_status()
+    return list(reply.json())
+
+
+def sim_position(sim: SimServer, symbol: str) -> Decimal:
+    import httpx
+
+    reply = httpx.get(f"{sim.url}/_sim/state", headers={"X-Sim-Admin-Token": SIM_ADMIN})
+    for row in reply.json()["positions"]:
+        if row["symbol"] == symbol:
+            return Decimal(str(row["positionAmt"]))
+    return Decimal(0)
+
+
+# --- settings and the chain -------------------------------------------------------------------------------
+
+
+def make_settings(tmp: Path, store_url: str, sim_url: str, **overrides: Any) -> Settings:
+    sections: dict[str, dict[str, Any]] = {
+        "apply": {"permit_wait_ms": 800, "metrics_port": 0},
+        "governor": {"metrics_port": 0, "cooldown_s": 0},
+        "brain": {"metrics_port": 0, "snapshot_interval_s": 0.5, "cooldown_s": 0},
+        "exchange": {"mode": "sim", "sim_url": sim_url, "api_key": SIM_KEY, "api_secret": SIM_SECRET},
+        "keys": {"governor": GOVERNOR_KEY, "p33": P33_KEY},
+    }
+    for name, values in list(overrides.items()):
+        if name in sections:
+            sections[name].update(values)
+            overrides.pop(name)
+    return Settings(redis_url=store_url, state_dir=tmp, **sections, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, store_url: str, sim: SimServer) -> Settings:
+    return make_settings(tmp_path, store_url, sim.url)
+
+
+@dataclass
+class Chain:
+    """Apply, Governor and P3.3 running as tasks in the test loop, each with its own connections."""
+
+    settings: Settings
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    services: dict[str, Any] = field(default_factory=dict)
+    _clients: list[Any] = field(default_factory=list)
+
+    async def start(self, *names: str) -> None:
+        for name in names or ("brain", "governor", "apply"):
+            await self.start_one(name)
+
+    async def start_one(self, name: str) -> Any:
+        client = aioredis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        self._clients.append(client)
+        consumer = f"{name}-test"
+        if name == "governor":
+            service: Any = GovernorService(self.settings, client, consumer=consumer)
+        else:
+            exchange = BinanceFutures(
+                build_ccxt(self.settings.exchange, SIM_KEY, SIM_SECRET, self.settings.exchange.sim_url)
+            )
+            self._clients.append(exchange)
+            cls = ApplyService if name == "apply" else BrainService
+            service = cls(self.settings, client, exchange, consumer=consumer)
+        self.services[name] = service
+        self.tasks[name] = asyncio.create_task(service.run(), name=f"test-{name}")
+        if name == "brain":
+            await asyncio.wait_for(service.ready.wait(), 10)
+        elif name == "apply":
+            await asyncio.wait_for(service.waiter.ready.wait(), 10)
+        await asyncio.sleep(0.05)  # let it reach its blocking read
+        return service
+
+    async def crash(self, name: str) -> None:
+        """Stop a service abruptly (its task is cancelled wherever it is; pending entries stay pending)."""
+        task = self.tasks.pop(name)
+        await cancel_and_wait([task])
+        if not task.done():  # a service that ignores cancellation is a bug: show where it is stuck
+            for other in asyncio.all_tasks():
+                other.print_stack()
+            raise AssertionError(f"{name} did not stop within 10 s of cancellation")
+
+    async def restart(self, name: str) -> Any:
+        await self.crash(name)
+        return await self.start_one(name)
+
+    async def stop(self) -> None:
+        for name in list(self.tasks):
+            await self.crash(name)
+        for client in self._clients:
+            with suppress(Exception):
+                await (client.close() if isinstance(client, BinanceFutures) else client.aclose())
+
+
+@pytest.fixture
+async def chain(settings: Settings) -> AsyncIterator[Chain]:
+    running = Chain(settings)
+    yield running
+    await running.stop()
