@@ -105,6 +105,7 @@ class ExchangeSettings(_Section):
 
     mode: ``sim`` (the bundled simulator, default), ``testnet``, ``demo`` or ``live``.
     sim_url: base URL of ``qt sim-exchange`` when mode is sim; empty means the one ``qt up`` started.
+    sim_port: the port ``qt up`` starts the simulator on.
     api_key / api_secret: credentials; or ``api_key_file`` / ``api_secret_file`` (file must be mode 0600).
     live_confirm: must be exactly ``I-UNDERSTAND-THIS-TRADES-REAL-MONEY`` for mode live.
     recv_window_ms: Binance recvWindow sent with signed requests.
@@ -113,6 +114,7 @@ class ExchangeSettings(_Section):
 
     mode: ExchangeMode = "sim"
     sim_url: str = ""
+    sim_port: int = Field(8041, ge=1, le=65535)
     api_key: SecretStr | None = None
     api_secret: SecretStr | None = None
     api_key_file: Path | None = None

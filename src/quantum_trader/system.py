@@ -49,6 +49,15 @@ class Ports:
     brain: int = 8045
 
     @classmethod
+    def from_settings(cls, settings: Settings) -> Ports:
+        return cls(
+            settings.exchange.sim_port,
+            settings.apply.metrics_port,
+            settings.governor.metrics_port,
+            settings.brain.metrics_port,
+        )
+
+    @classmethod
     def free(cls) -> Ports:
         return cls(free_port(), free_port(), free_port(), free_port())
 

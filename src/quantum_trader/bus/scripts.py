@@ -1,5 +1,7 @@
-"""The two steps that must be atomic, as Lua scripts (one round trip each, nothing can interleave).
+"""The steps that must be atomic, as Lua scripts (one round trip each, nothing can interleave).
 
+publish_plan: a plan is published once: its record and its stream entry together, or nothing if the record
+    exists (a second handler of the same proposal resumes the plan instead of publishing it again).
 consume_permits: both permits are exactly the ones Apply verified, the plan was never executed → delete
     both permits, set the executed marker, audit two ``consumed`` entries. Any other state → nothing changes.
 issue_permit: the first decision per issuer and plan wins (claim key, SET NX); the winner's permit, its audit
@@ -16,6 +18,14 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from quantum_trader.bus import keys
+
+PUBLISH_PLAN = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
+redis.call('HSET', KEYS[2], 'proposal_entry_id', ARGV[3], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
 
 CONSUME_PERMITS = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'already_executed' end
@@ -74,6 +84,15 @@ class Scripts:
         self._consume = redis.register_script(CONSUME_PERMITS)
         self._publish = redis.register_script(PUBLISH_RESULT)
         self._issue = redis.register_script(ISSUE_PERMIT)
+        self._plan = redis.register_script(PUBLISH_PLAN)
+
+    async def publish_plan(self, *, plan_id: str, fields: dict[str, str], proposal_entry_id: str, maxlen: int) -> bool:
+        """Publish the plan unless it already was. True when this call published it."""
+        reply: Any = await self._plan(
+            keys=[keys.PLAN_STREAM, keys.plan_record(plan_id)],
+            args=[maxlen, keys.PLAN_BOOKKEEPING_TTL_S, proposal_entry_id, *flatten(fields)],
+        )
+        return bool(int(reply))
 
     async def issue_permit(
         self,

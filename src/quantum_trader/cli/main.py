@@ -163,7 +163,7 @@ def brain_reconcile_cmd() -> None:
 
 @app.command("sim-exchange")
 def sim_exchange_cmd(
-    port: Annotated[int, typer.Option(help="port to listen on (127.0.0.1)")] = 8041,
+    port: Annotated[int | None, typer.Option(help="port on 127.0.0.1 (default QT_EXCHANGE__SIM_PORT, 8041)")] = None,
     admin: Annotated[bool, typer.Option(help="enable the /_sim admin API (token in the state dir)")] = False,
 ) -> None:
     """Run the Binance-USD-M-compatible simulator (REST, HMAC-signed, Binance's error codes)."""
@@ -176,6 +176,7 @@ def sim_exchange_cmd(
     ensure_local_secrets(settings)
     key, secret = exchange_credentials(settings)
     token = read_secret_file(key_dir(settings) / "sim-admin.token") if admin else None
+    port = port or settings.exchange.sim_port
     print(f"simulator on http://127.0.0.1:{port} (admin API {'on' if admin else 'off'})", flush=True)
     serve(SimConfig(port=port, api_key=key, api_secret=secret, admin_token=token))
 
@@ -192,13 +193,13 @@ def up_cmd(
     """Start store, simulator and the three services; print where everything is; Ctrl-C stops it all."""
     from quantum_trader.cli.scenarios import DEMO_POSITIONS
     from quantum_trader.runtime import read_runtime
-    from quantum_trader.system import LocalSystem, StartupError
+    from quantum_trader.system import LocalSystem, Ports, StartupError
 
     settings = settings_or_exit()
     running = read_runtime(settings)
     if running is not None:
         fail(f"a system is already running (pid {running.pid}, store {running.redis_url}); stop it first")
-    system = LocalSystem(settings)
+    system = LocalSystem(settings, ports=Ports.from_settings(settings))
     stop = False
 
     def on_signal(*_: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +11,8 @@ from rich.table import Table
 
 from quantum_trader.domain.models import Result
 
-console = Console(highlight=False)
+# A table piped to a file or CI log would otherwise be folded to 80 columns and unreadable.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 180)
 
 
 def print_result(result: Result) -> None:
@@ -56,7 +58,7 @@ def print_cases(title: str, rows: Sequence[Any]) -> None:
         ("result ms", "right"),
         ("ok", "center"),
     ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        table.add_column(column, justify=justify, no_wrap=column in ("plan", "symbol", "ok"))  # type: ignore[arg-type]
     for row in rows:
         table.add_row(
             row.title,

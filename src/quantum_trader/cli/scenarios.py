@@ -127,7 +127,7 @@ async def describe(ctx: Ctx, row: CaseRow, result: Result | None) -> None:
     for entry in await ops.plan_audit(ctx.redis, row.plan_id):
         if entry.decision not in ("allow", "deny"):
             continue
-        text = f"{entry.decision} {entry.reason}"
+        text = f"{'✓' if entry.decision == 'allow' else '✗'} {entry.reason}"
         if entry.issuer == "p33":
             row.p33 = text
         else:
@@ -220,7 +220,7 @@ async def partial_clamped(ctx: Ctx) -> None:
 
 
 async def manual_timeout_and_duplicate(ctx: Ctx) -> None:
-    timeout = CaseRow("manual_timeout", "Governor manual, nobody", "ETHUSDT", "permit_timeout (missing: Governor)")
+    timeout = CaseRow("manual_timeout", "Governor manual, no operator", "ETHUSDT", "permit_timeout (missing: Governor)")
     duplicate = CaseRow("duplicate", "same proposal again", "ETHUSDT", "SKIP duplicate_in_flight")
     ctx.rows += [timeout, duplicate]
     await wait_cooldowns(ctx, timeout.symbol)

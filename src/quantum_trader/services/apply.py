@@ -199,7 +199,13 @@ class ApplyService:
         if executing:
             self.waiter.register(plan_id)  # before publishing: no decision can slip past unseen
         try:
-            await self._publish_plan(plan, entry_id)
+            fields = to_fields(plan)
+            if not await self._scripts.publish_plan(
+                plan_id=plan_id, fields=fields, proposal_entry_id=entry_id, maxlen=STREAM_MAXLEN
+            ):  # another handler of this very proposal published it first: follow that plan instead
+                record = await self.redis.hgetall(keys.plan_record(plan_id))
+                await self._resume(from_fields(Plan, record), entry_id, log)
+                return
             self.metrics.plans.labels(plan.decision, plan.reason).inc()
             steps = len(json.loads(plan.steps))
             log.info(
@@ -235,14 +241,6 @@ class ApplyService:
         if await self.redis.set(key, plan.plan_id, nx=True, px=hold_ms):
             return True
         return bool(await self.redis.get(key) == plan.plan_id)
-
-    async def _publish_plan(self, plan: Plan, entry_id: str) -> None:
-        fields = to_fields(plan)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(keys.PLAN_STREAM, fields, maxlen=STREAM_MAXLEN, approximate=True)
-            pipe.hset(keys.plan_record(plan.plan_id), mapping={**fields, "proposal_entry_id": entry_id})
-            pipe.expire(keys.plan_record(plan.plan_id), keys.PLAN_BOOKKEEPING_TTL_S)
-            await pipe.execute()
 
     # --- waiting for permits ----------------------------------------------------------------------------
 

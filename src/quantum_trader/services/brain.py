@@ -383,7 +383,7 @@ class BrainService:
         )
         return await self._scripts.issue_permit(
             claim_key=keys.decision_claim("p33", plan.plan_id),
-            claim_value=f"p33:{self.consumer}",
+            claim_value=f"p33:{self.consumer}:{entry_id}",
             permit_key=keys.p33_permit(plan.plan_id),
             permit_json=encode_permit(permit).decode(),
             permit_ttl_s=self.settings.permit_ttl_s,

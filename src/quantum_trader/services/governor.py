@@ -180,7 +180,7 @@ class GovernorService:
             plan,
             verdict,
             issuer="governor",
-            claim_owner=f"governor:{self.consumer}",
+            claim_owner=f"governor:{self.consumer}:{entry_id}",
             now=self._clock(),
             entry_id=entry_id,
         )
