@@ -8,6 +8,8 @@ Every default is visible here, next to what it means.
 from __future__ import annotations
 
 import os
+import re
+import tomllib
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +20,7 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -230,3 +233,12 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {describe_validation_error(exc)}") from None
+    except SettingsError as exc:  # e.g. QT_APPLY='not json'
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = f"QT_{found.group(1).upper()}" if found else "a QT_* variable"
+        raise ConfigError(
+            f"invalid configuration: {name} could not be parsed (a section takes JSON; "
+            f"or set one field, e.g. {name}__FIELD=value)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"QT_CONFIG_FILE={os.environ.get('QT_CONFIG_FILE')}: not valid TOML: {exc}") from None

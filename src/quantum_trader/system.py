@@ -104,6 +104,7 @@ class LocalSystem:
     log_dir: Path | None = None  # None: children log to this terminal
     env: dict[str, str] = field(default_factory=dict)
     persist_store: bool = True
+    inherit_config: bool = True  # pass this process's QT_* settings to the children (qt up); not for private ones
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     store: EmbeddedStore | None = None
     redis_url: str = ""
@@ -175,7 +176,7 @@ class LocalSystem:
         return SimAdmin(self.sim_url, token)
 
     def child_env(self, service: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
+        env = {k: v for k, v in os.environ.items() if self.inherit_config or not k.startswith("QT_")}
         env.update(
             {
                 "QT_REDIS_URL": self.redis_url,

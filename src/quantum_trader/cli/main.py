@@ -378,7 +378,9 @@ def version_cmd() -> None:
 def run() -> None:
     """Entry point: one-line errors for everything an operator can cause, exit codes as documented."""
     try:
-        app(standalone_mode=False)
+        # With standalone_mode off, click returns a typer.Exit's code instead of exiting: pass it on.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except click.exceptions.UsageError as exc:
         hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
         print(f"qt: {exc.format_message()}{hint}", file=sys.stderr)

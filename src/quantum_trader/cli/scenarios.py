@@ -25,7 +25,7 @@ from quantum_trader.bus import keys
 from quantum_trader.bus.connection import connect
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import Result
-from quantum_trader.settings import Settings, load_settings
+from quantum_trader.settings import Settings
 
 # Positions `qt up` and the demo open on a fresh simulator (signed: negative is short).
 DEMO_POSITIONS: dict[str, str] = {
@@ -362,7 +362,8 @@ async def run_cases(redis_url: str, settings: Settings, admin: Any) -> list[Case
 def _private_system(settings: Settings, state_dir: Path) -> Any:
     from quantum_trader.system import LocalSystem, Ports
 
-    private = load_settings(state_dir=state_dir, symbols=settings.symbols, redis_url="")
+    # A private system runs on defaults (plus DEMO_ENV), whatever QT_* this shell has: the cases expect them.
+    private = Settings(state_dir=state_dir, redis_url="", _env_prefix="QT_IGNORED_")
     return LocalSystem(private, ports=Ports.free(), log_dir=state_dir / "logs", env=dict(DEMO_ENV), persist_store=False)
 
 

@@ -14,8 +14,9 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
-Symbol = Annotated[str, Meta(pattern=r"^[A-Z0-9]{5,20}$")]
-PlanId = Annotated[str, Meta(pattern=r"^[0-9a-f]{16}$")]
+# \Z, not $: "$" also matches before a trailing newline, and "BTCUSDT\n" is not a symbol.
+Symbol = Annotated[str, Meta(pattern=r"^[A-Z0-9]{5,20}\Z")]
+PlanId = Annotated[str, Meta(pattern=r"^[0-9a-f]{16}\Z")]
 ShortText = Annotated[str, Meta(max_length=256)]
 Action = Literal["FULL_CLOSE", "PARTIAL_CLOSE"]
 Side = Literal["LONG", "SHORT", "NONE"]  # NONE only on SKIP plans for a symbol with no position
@@ -78,7 +79,7 @@ class Plan(Struct, frozen=True, kw_only=True):
     decision: PlanDecision
     reason: ShortText
     steps: Annotated[str, Meta(max_length=4096)]
-    plan_hash: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    plan_hash: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
     created_at: float
 
     def __post_init__(self) -> None:
@@ -109,7 +110,7 @@ class P33Permit(Struct, frozen=True, kw_only=True):
     symbol: Symbol
     safe_close_qty: float
     exchange_position_amt: float
-    ledger_amt: float | None
+    ledger_amt: float | None = None
     created_at: float
     reason: ShortText
     plan_id: PlanId
@@ -225,8 +226,14 @@ def from_fields(cls: type[T], fields: dict[str, str]) -> T:
         raise MalformedEntry(_describe(exc)) from None
 
 
+MAX_ERROR_TEXT = 300  # an error quotes the bad value; a megabyte of it helps nobody and bloats the DLQ
+
+
 def _describe(exc: Exception) -> str:
     text = str(exc)
+    if len(text) > MAX_ERROR_TEXT:
+        head, sep, where = text.rpartition(" - at `$.")
+        text = (head[: MAX_ERROR_TEXT - 20] + "…" + sep + where) if sep else text[:MAX_ERROR_TEXT] + "…"
     # msgspec says "Expected `int`, got `str` - at `$.qty`"; lead with the field name instead.
     if " - at `$." in text:
         message, _, where = text.rpartition(" - at `$.")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal, InvalidOperation, localcontext
 
 
 def to_decimal(value: float | int | str | Decimal) -> Decimal:
     """Exact decimal of a wire number. Floats go through repr so 0.002 stays 0.002, not 0.00200000000000000004."""
     if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"not a finite number: {value!r}")
         return value
     try:
         result = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
@@ -24,8 +26,13 @@ def round_down_to_step(qty: Decimal, step: Decimal) -> Decimal:
         raise ValueError(f"step must be positive, got {step}")
     if qty <= 0:
         return Decimal(0)
-    steps = (qty / step).to_integral_value(rounding=ROUND_DOWN)
-    return (steps * step).quantize(step)
+    with localcontext() as ctx:
+        ctx.prec = 120  # exact for any realistic quantity: the default 28 digits can round the quotient up
+        steps = (qty / step).to_integral_value(rounding=ROUND_DOWN)
+        result = steps * step
+        if result > qty:  # belt and braces: never above what was asked
+            result -= step
+        return result.quantize(step) if result.adjusted() < 60 else result
 
 
 def format_qty(qty: Decimal, step: Decimal) -> str:

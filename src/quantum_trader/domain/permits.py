@@ -82,7 +82,7 @@ def check_slot(slot: Slot, raw: bytes | None, plan: Plan, secret: bytes, now: fl
         return SlotCheck(slot, "rejected", reasons.MALFORMED_PERMIT, raw)
     if permit.issuer not in _SLOT_ISSUERS[slot]:
         return SlotCheck(slot, "rejected", reasons.WRONG_ISSUER, raw, permit)
-    if not hmac.compare_digest(permit.sig, _mac(secret, doc)):
+    if not hmac.compare_digest(permit.sig.encode(), _mac(secret, doc).encode()):
         return SlotCheck(slot, "rejected", reasons.BAD_SIGNATURE, raw, permit)
     if permit.plan_id != plan.plan_id or permit.plan_hash != plan.plan_hash:
         return SlotCheck(slot, "rejected", reasons.PLAN_MISMATCH, raw, permit)

@@ -110,28 +110,47 @@ def parse_order(reply: Any) -> OrderReport:
     )
 
 
-def parse_filters(info: Any) -> dict[str, SymbolFilters]:
-    result: dict[str, SymbolFilters] = {}
-    for entry in info.get("symbols", []) if isinstance(info, dict) else []:
-        by_type = {f.get("filterType"): f for f in entry.get("filters", []) if isinstance(f, dict)}
-        lot = by_type.get("MARKET_LOT_SIZE") or by_type.get("LOT_SIZE")
-        if not lot:
+def _lot(by_type: dict[Any, Any]) -> tuple[Decimal, Decimal, Decimal] | None:
+    """(step, min, max) of MARKET_LOT_SIZE, or of LOT_SIZE where the market filter is absent or has step 0
+    (Binance sends that for some symbols). None when neither is usable."""
+    for name in ("MARKET_LOT_SIZE", "LOT_SIZE"):
+        lot = by_type.get(name)
+        if not isinstance(lot, dict):
             continue
         try:
-            step = Decimal(str(lot["stepSize"]))
-            if step <= 0:  # Binance sends stepSize 0 in MARKET_LOT_SIZE for some symbols: fall back
-                lot = by_type.get("LOT_SIZE") or lot
-                step = Decimal(str(lot["stepSize"]))
-            notional = by_type.get("MIN_NOTIONAL", {}).get("notional", "0")
-            result[entry["symbol"]] = SymbolFilters(
-                symbol=entry["symbol"],
-                step_size=step.normalize(),
-                min_qty=Decimal(str(lot["minQty"])),
-                max_qty=Decimal(str(lot["maxQty"])),
-                min_notional=Decimal(str(notional)),
-            )
+            step, low, high = (Decimal(str(lot[k])) for k in ("stepSize", "minQty", "maxQty"))
         except (KeyError, InvalidOperation):
             continue
+        if all(v.is_finite() for v in (step, low, high)) and step > 0 and low >= 0 and high > 0:
+            return step, low, high
+    return None
+
+
+def parse_filters(info: Any) -> dict[str, SymbolFilters]:
+    """Lot-size filters per symbol from exchangeInfo. Entries that are not usable are left out (P3.3 then
+    denies that symbol with ``no_symbol_filters``) rather than failing the whole load."""
+    result: dict[str, SymbolFilters] = {}
+    symbols = info.get("symbols") if isinstance(info, dict) else None
+    for entry in symbols if isinstance(symbols, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("symbol"), str):
+            continue
+        filters = entry.get("filters")
+        by_type = {f.get("filterType"): f for f in filters if isinstance(f, dict)} if isinstance(filters, list) else {}
+        lot = _lot(by_type)
+        if lot is None:
+            continue
+        try:
+            notional = Decimal(str(by_type.get("MIN_NOTIONAL", {}).get("notional", "0")))
+        except InvalidOperation:
+            notional = Decimal(0)
+        step, low, high = lot
+        result[entry["symbol"]] = SymbolFilters(
+            symbol=entry["symbol"],
+            step_size=step.normalize(),
+            min_qty=low,
+            max_qty=high,
+            min_notional=notional if notional.is_finite() else Decimal(0),
+        )
     return result
 
 

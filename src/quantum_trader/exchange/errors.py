@@ -21,6 +21,10 @@ REJECTION_CODES = frozenset(
     {-1013, -1100, -1102, -1106, -1111, -1116, -1117, -2010, -2019, -2022, -4003, -4004, -4005, -4061, -4164}
 )
 
+# Not listed on purpose, so they count as unknown and are resolved by a query: -4116 (duplicate client order id)
+# says an order with our id EXISTS; -1021 (timestamp outside recvWindow) and -1003 (rate limit) are refusals in
+# principle, but a query costs little and proves it.
+
 MAX_RAW_IN_LOG = 300
 
 

@@ -183,7 +183,6 @@ class ApplyService:
         await self._plan_and_run(proposal, plan_id, entry_id, log)
 
     async def _plan_and_run(self, proposal: Proposal, plan_id: str, entry_id: str, log: Any) -> None:
-        started = time.monotonic()
         min_score = self.settings.apply.min_kill_score
         position = None
         if static_skip_reason(proposal, self._allowlist, min_score) is None:
@@ -192,6 +191,7 @@ class ApplyService:
             except ExchangeError as exc:
                 log.warning(f"{proposal.symbol}: position unavailable", error=exc.message)
         ctx = PlanningContext(self._allowlist, position, False, min_score)
+        started = time.monotonic()  # the permit window runs from the plan's creation, as the seed measures it
         plan = make_plan(proposal, ctx, plan_id, self._clock())
         if plan.decision == "EXECUTE" and not await self._hold_symbol(plan):
             plan = make_plan(proposal, replace(ctx, symbol_busy=True), plan_id, plan.created_at)

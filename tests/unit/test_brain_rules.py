@@ -1,0 +1,333 @@
+"""P3.3 Position State Brain: each rule with its reason code, the order they run in, and the safe close quantity."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantum_trader.domain import reasons
+from quantum_trader.domain.brain import RULES, BrainInputs, BrainPolicy, BrainVerdict, decide
+from quantum_trader.domain.brain.close_qty import safe_close_qty
+from quantum_trader.domain.filters import SymbolFilters
+from quantum_trader.domain.models import Ledger, Plan, Snapshot
+
+D = Decimal
+NOW = 1_700_000_000.0
+PLAN_ID = "0123456789abcdef"
+OTHER_PLAN = "fedcba9876543210"
+
+POLICY = BrainPolicy(
+    managed=frozenset({"BTCUSDT", "ETHUSDT"}),
+    snapshot_max_age_s=10.0,
+    qty_tolerance_pct=D("1"),
+    cooldown_s=15.0,
+)
+FILTERS = SymbolFilters(symbol="BTCUSDT", step_size=D("0.001"), min_qty=D("0.001"), max_qty=D("120"))
+
+
+def plan(**changes: Any) -> Plan:
+    values: dict[str, Any] = {
+        "plan_id": PLAN_ID,
+        "proposal_id": "prop-1",
+        "symbol": "BTCUSDT",
+        "side": "LONG",
+        "action": "FULL_CLOSE",
+        "qty": D("1"),
+        "decision": "EXECUTE",
+        "reason": "ready",
+        "steps": "[]",
+        "plan_hash": "0" * 64,
+        "created_at": NOW,
+    }
+    values.update(changes)
+    return Plan(**values)
+
+
+def snapshot(amt: str = "1", ts: float = NOW - 1) -> Snapshot:
+    return Snapshot(position_amt=D(amt), entry_price=D("60000"), mark_price=D("60100"), ts=ts)
+
+
+def ledger(amt: str = "1", last_exec_at: float = 0.0) -> Ledger:
+    return Ledger(last_known_amt=D(amt), updated_at=NOW - 100, source="reconcile", last_exec_at=last_exec_at)
+
+
+def inputs(**changes: Any) -> BrainInputs:
+    values: dict[str, Any] = {
+        "snapshot": snapshot(),
+        "ledger": ledger(),
+        "in_flight_plan": None,
+        "filters": FILTERS,
+    }
+    values.update(changes)
+    return BrainInputs(**values)
+
+
+def reason(p: Plan | None = None, i: BrainInputs | None = None, policy: BrainPolicy = POLICY) -> str:
+    return decide(p or plan(), i or inputs(), policy, NOW).reason
+
+
+def test_allow_with_sanity_checks_passed() -> None:
+    verdict = decide(plan(), inputs(), POLICY, NOW)
+    assert verdict == BrainVerdict(True, "sanity_checks_passed", D("1.000"), D("1"), D("1"))
+
+
+def test_allow_short() -> None:
+    verdict = decide(plan(side="SHORT"), inputs(snapshot=snapshot("-2.5"), ledger=ledger("-2.5")), POLICY, NOW)
+    assert verdict.allow
+    assert verdict.reason == reasons.SANITY_CHECKS_PASSED
+    assert verdict.safe_close_qty == D("2.5")
+    assert verdict.exchange_position_amt == D("-2.5")
+    assert verdict.ledger_amt == D("-2.5")
+
+
+def test_deny_carries_amounts_and_zero_qty() -> None:
+    verdict = decide(plan(), inputs(snapshot=snapshot("2"), ledger=ledger("1")), POLICY, NOW)
+    assert verdict == BrainVerdict(False, reasons.QTY_MISMATCH, D(0), D("2"), D("1"))
+    no_snap = decide(plan(), inputs(snapshot=None, ledger=None), POLICY, NOW)
+    assert no_snap == BrainVerdict(False, reasons.STALE_SNAPSHOT, D(0), D(0), None)
+
+
+# --- each rule --------------------------------------------------------------------------------------------
+
+
+def test_symbol_not_managed() -> None:
+    assert reason(plan(symbol="SOLUSDT")) == "symbol_not_managed"
+
+
+@pytest.mark.parametrize(
+    ("age", "expected"),
+    [
+        (0.0, "sanity_checks_passed"),
+        (9.999, "sanity_checks_passed"),
+        (10.0, "sanity_checks_passed"),  # exactly at the boundary is still fresh
+        (10.001, "stale_snapshot"),
+        (3600.0, "stale_snapshot"),
+        (-5.0, "sanity_checks_passed"),  # a snapshot stamped slightly in the future is not stale
+    ],
+)
+def test_stale_snapshot_boundary(age: float, expected: str) -> None:
+    assert reason(i=inputs(snapshot=snapshot(ts=NOW - age))) == expected
+
+
+def test_missing_snapshot_is_stale() -> None:
+    assert reason(i=inputs(snapshot=None)) == "stale_snapshot"
+
+
+def test_no_position() -> None:
+    assert reason(i=inputs(snapshot=snapshot("0"), ledger=ledger("0"))) == "no_position"
+    assert reason(plan(side="SHORT"), inputs(snapshot=snapshot("0.000"), ledger=ledger("0"))) == "no_position"
+
+
+@pytest.mark.parametrize(("side", "amt"), [("LONG", "-1"), ("SHORT", "1")])
+def test_plan_side_mismatch(side: str, amt: str) -> None:
+    assert reason(plan(side=side), inputs(snapshot=snapshot(amt), ledger=ledger(amt))) == "plan_side_mismatch"
+
+
+def test_ledger_missing() -> None:
+    assert reason(i=inputs(ledger=None)) == "ledger_missing"
+
+
+@pytest.mark.parametrize(("ledger_amt", "exchange_amt"), [("-1", "1"), ("1", "-1"), ("-0.001", "5")])
+def test_side_mismatch(ledger_amt: str, exchange_amt: str) -> None:
+    side = "LONG" if D(exchange_amt) > 0 else "SHORT"
+    verdict = decide(plan(side=side), inputs(snapshot=snapshot(exchange_amt), ledger=ledger(ledger_amt)), POLICY, NOW)
+    assert verdict.reason == "side_mismatch"
+
+
+@pytest.mark.parametrize(
+    ("ledger_amt", "exchange_amt", "expected"),
+    [
+        ("100", "100", "sanity_checks_passed"),
+        ("100", "99", "sanity_checks_passed"),  # exactly 1 % of the larger
+        ("99", "100", "sanity_checks_passed"),
+        ("100", "99.01", "sanity_checks_passed"),  # just under 1 %
+        ("100", "98.99", "qty_mismatch"),  # just over 1 %
+        ("98.99", "100", "qty_mismatch"),
+        ("-100", "-98.99", "qty_mismatch"),
+        ("-100", "-99.5", "sanity_checks_passed"),
+        ("0", "1", "qty_mismatch"),  # a ledger at zero against an open position is 100 % off
+    ],
+)
+def test_qty_mismatch_around_one_percent(ledger_amt: str, exchange_amt: str, expected: str) -> None:
+    side = "LONG" if D(exchange_amt) > 0 else "SHORT"
+    i = inputs(snapshot=snapshot(exchange_amt), ledger=ledger(ledger_amt))
+    assert reason(plan(side=side), i) == expected
+
+
+def test_qty_tolerance_is_the_policy_value() -> None:
+    i = inputs(snapshot=snapshot("95"), ledger=ledger("100"))
+    assert reason(i=i) == "qty_mismatch"
+    assert reason(i=i, policy=replace(POLICY, qty_tolerance_pct=D("5"))) == "sanity_checks_passed"
+    strict = replace(POLICY, qty_tolerance_pct=D("0"))
+    assert reason(i=inputs(snapshot=snapshot("1.001"), ledger=ledger("1"))) == "sanity_checks_passed"
+    assert reason(i=inputs(snapshot=snapshot("1.001"), ledger=ledger("1")), policy=strict) == "qty_mismatch"
+
+
+def test_order_in_flight_for_another_plan() -> None:
+    assert reason(i=inputs(in_flight_plan=OTHER_PLAN)) == "order_in_flight"
+
+
+def test_in_flight_for_the_same_plan_is_allowed() -> None:
+    # P3.3 deciding the same plan again (redelivery) finds its own hold: not a conflict.
+    assert reason(i=inputs(in_flight_plan=PLAN_ID)) == "sanity_checks_passed"
+
+
+@pytest.mark.parametrize(
+    ("since_exec", "expected"),
+    [
+        (0.0, "cooldown_active"),
+        (14.999, "cooldown_active"),
+        (15.0, "sanity_checks_passed"),
+        (60.0, "sanity_checks_passed"),
+    ],
+)
+def test_cooldown_active(since_exec: float, expected: str) -> None:
+    assert reason(i=inputs(ledger=ledger(last_exec_at=NOW - since_exec))) == expected
+
+
+def test_no_cooldown_without_an_executed_close() -> None:
+    assert reason(i=inputs(ledger=ledger(last_exec_at=0.0))) == "sanity_checks_passed"
+
+
+def test_no_symbol_filters() -> None:
+    assert reason(i=inputs(filters=None)) == "no_symbol_filters"
+
+
+def test_qty_zero_after_rounding() -> None:
+    i = inputs(snapshot=snapshot("0.0009"), ledger=ledger("0.0009"))
+    assert reason(i=i) == "qty_zero_after_rounding"
+    partial = plan(action="PARTIAL_CLOSE", qty=D("0.0005"))
+    assert reason(partial) == "qty_zero_after_rounding"
+
+
+def test_below_min_qty() -> None:
+    filters = replace(FILTERS, min_qty=D("0.01"))
+    partial = plan(action="PARTIAL_CLOSE", qty=D("0.005"))
+    assert reason(partial, inputs(filters=filters)) == "below_min_qty"
+    exactly_min = plan(action="PARTIAL_CLOSE", qty=D("0.01"))
+    assert decide(exactly_min, inputs(filters=filters), POLICY, NOW).safe_close_qty == D("0.01")
+
+
+def test_rule_order() -> None:
+    """Break every rule, then fix them one at a time: the reason follows the documented order."""
+    p = plan(symbol="SOLUSDT", action="PARTIAL_CLOSE", qty=D("0.0001"))
+    i = inputs(snapshot=None, ledger=None, in_flight_plan=OTHER_PLAN, filters=None)
+    seen = [reason(p, i)]
+    p = replace_plan(p, symbol="BTCUSDT")
+    seen.append(reason(p, i))
+    i = replace(i, snapshot=snapshot("0"))
+    seen.append(reason(p, i))
+    i = replace(i, snapshot=snapshot("-1"))
+    seen.append(reason(p, i))
+    i = replace(i, snapshot=snapshot("1"))
+    seen.append(reason(p, i))
+    i = replace(i, ledger=ledger("-1", last_exec_at=NOW))
+    seen.append(reason(p, i))
+    i = replace(i, ledger=ledger("2", last_exec_at=NOW))
+    seen.append(reason(p, i))
+    i = replace(i, ledger=ledger("1", last_exec_at=NOW))
+    seen.append(reason(p, i))
+    i = replace(i, in_flight_plan=None)
+    seen.append(reason(p, i))
+    i = replace(i, ledger=ledger("1"))
+    seen.append(reason(p, i))
+    i = replace(i, filters=replace(FILTERS, min_qty=D("0.01")))
+    seen.append(reason(p, i))
+    p = replace_plan(p, qty=D("0.005"))
+    seen.append(reason(p, i))
+    p = replace_plan(p, qty=D("0.5"))
+    seen.append(reason(p, i))
+    assert seen == [
+        "symbol_not_managed",
+        "stale_snapshot",
+        "no_position",
+        "plan_side_mismatch",
+        "ledger_missing",
+        "side_mismatch",
+        "qty_mismatch",
+        "order_in_flight",
+        "cooldown_active",
+        "no_symbol_filters",
+        "qty_zero_after_rounding",
+        "below_min_qty",
+        "sanity_checks_passed",
+    ]
+    assert len(RULES) == 5
+
+
+def replace_plan(p: Plan, **changes: Any) -> Plan:
+    return msgspec.structs.replace(p, **changes)
+
+
+# --- safe close quantity ----------------------------------------------------------------------------------
+
+
+def test_safe_close_qty_examples() -> None:
+    assert safe_close_qty(plan(), D("0.0567"), FILTERS) == D("0.056")
+    assert safe_close_qty(plan(), D("-0.0567"), FILTERS) == D("0.056")
+    assert safe_close_qty(plan(action="PARTIAL_CLOSE", qty=D("0.02")), D("0.0567"), FILTERS) == D("0.020")
+    assert safe_close_qty(plan(action="PARTIAL_CLOSE", qty=D("5")), D("0.0567"), FILTERS) == D("0.056")
+    assert safe_close_qty(plan(), D("500"), FILTERS) == D("120")  # clamped to the market order maximum
+    assert safe_close_qty(plan(), D("1"), None) == reasons.NO_SYMBOL_FILTERS
+
+
+def test_full_close_ignores_plan_qty() -> None:
+    # The plan's qty was Apply's view of the position; P3.3 sizes a FULL_CLOSE from the snapshot.
+    assert safe_close_qty(plan(qty=D("9")), D("0.5"), FILTERS) == D("0.5")
+    assert safe_close_qty(plan(qty=D("0.1")), D("0.5"), FILTERS) == D("0.5")
+
+
+_steps = st.sampled_from([D("1"), D("0.1"), D("0.01"), D("0.001"), D("0.0001"), D("0.5"), D("0.25"), D("5"), D("10")])
+# Quantities with up to 6 decimals and magnitudes spread evenly from 1e-6 to 1e6 (decimals() favours tiny values).
+_positive = st.builds(lambda m, e: D(m).scaleb(e), st.integers(1, 999_999), st.sampled_from(range(-6, 1)))
+_amounts = st.builds(lambda q, negative: -q if negative else q, _positive, st.booleans())
+
+
+@settings(max_examples=200)
+@given(
+    action=st.sampled_from(["FULL_CLOSE", "PARTIAL_CLOSE"]),
+    plan_qty=_positive,
+    exchange_amt=_amounts,
+    step=_steps,
+    max_qty=_positive,
+    min_qty=st.sampled_from([D(0), D("0.001"), D("0.1"), D("1"), D("10")]),
+)
+def test_safe_close_qty_properties(
+    action: str, plan_qty: Decimal, exchange_amt: Decimal, step: Decimal, max_qty: Decimal, min_qty: Decimal
+) -> None:
+    filters = SymbolFilters(symbol="BTCUSDT", step_size=step, min_qty=min_qty, max_qty=max_qty)
+    got = safe_close_qty(plan(action=action, qty=plan_qty), exchange_amt, filters)
+
+    wanted = abs(exchange_amt) if action == "FULL_CLOSE" else min(plan_qty, abs(exchange_amt))
+    bound = Fraction(min(wanted, max_qty))
+    largest = (bound // Fraction(step)) * Fraction(step)  # largest multiple of step not above the bound
+
+    if largest <= 0:
+        assert got == reasons.QTY_ZERO_AFTER_ROUNDING
+        return
+    if largest < min_qty:
+        assert got == reasons.BELOW_MIN_QTY
+        return
+    assert isinstance(got, Decimal)
+    assert got > 0
+    assert got <= abs(exchange_amt)
+    if action == "PARTIAL_CLOSE":
+        assert got <= plan_qty
+    assert got <= max_qty
+    assert got % step == 0
+    assert Fraction(got) == largest
+    assert got >= min_qty
+
+
+def test_safe_close_qty_never_above_requested_with_long_decimals() -> None:
+    requested = D("9.999999999999999999999999999")
+    filters = SymbolFilters(symbol="BTCUSDT", step_size=D("5"), min_qty=D("5"), max_qty=D("1000"))
+    got = safe_close_qty(plan(action="PARTIAL_CLOSE", qty=requested), D("20"), filters)
+    assert isinstance(got, str) or got <= requested
