@@ -17,8 +17,8 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from quantum_trader import __version__, logs
 from quantum_trader.bus.connection import StoreUnavailable, connect, resolve_redis_url
@@ -381,14 +381,17 @@ def run() -> None:
         # With standalone_mode off, click returns a typer.Exit's code instead of exiting: pass it on.
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except click.exceptions.UsageError as exc:
-        hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
-        print(f"qt: {exc.format_message()}{hint}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except TyperException as exc:  # typer's own (vendored click) usage errors: bad option, missing argument
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: qt {' '.join(ctx.command_path.split()[1:])} --help)".replace("  ", " ") if ctx else ""
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        message = " ".join(message.split())  # click lays choices out on several lines: keep it to one
+        print(f"qt: {message}{hint}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     except (StoreUnavailable, ExchangeError, OperatorError) as exc:
         print(f"qt: {exc}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
