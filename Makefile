@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint up clean lock
+.PHONY: demo test test-fast lint up clean lock docs
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: lint
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -x -q tests/unit
+
+# Regenerate docs that are derived from code (a test fails when they drift).
+docs: $(STAMP)
+	$(BIN)/python -c "from quantum_trader.domain.reasons import markdown; open('docs/deny-reasons.md','w').write(markdown())"
 
 # Re-pin every transitive dependency after changing pyproject.toml.
 lock: $(STAMP)

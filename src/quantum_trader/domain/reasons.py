@@ -402,3 +402,30 @@ PLAN_HASH_MISMATCH = _r(
 
 def explain(code: str) -> Reason | None:
     return REGISTRY.get(code)
+
+
+def markdown() -> str:
+    """docs/deny-reasons.md, generated from the registry (``make docs``; a test keeps them equal)."""
+    lines = [
+        "# Reason and error codes",
+        "",
+        "Generated from `src/quantum_trader/domain/reasons.py` by `make docs`; do not edit by hand.",
+        "`qt explain CODE` prints one entry.",
+        "",
+    ]
+    titles = {
+        "allow": "Allow reasons",
+        "skip": "SKIP reasons (Apply publishes the plan as SKIP; no permit is awaited)",
+        "deny": "Deny reasons (a permit with allow/granted false)",
+        "error": "Result errors (`error` in quantum:stream:apply.result)",
+        "reject": "Permit rejections (Apply audits `rejected` and treats the permit as absent)",
+        "dead-letter": "Dead-letter reasons",
+    }
+    for kind, title in titles.items():
+        lines += [f"## {title}", "", "| code | issued by | meaning | likely cause | what to do |", "|---|---|---|---|---|"]
+        for entry in REGISTRY.values():
+            if entry.kind == kind:
+                issuers = ", ".join(entry.issuers)
+                lines.append(f"| `{entry.code}` | {issuers} | {entry.meaning} | {entry.cause} | {entry.action} |")
+        lines.append("")
+    return "\n".join(lines)
