@@ -12,4 +12,3 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_deny_reasons_doc_is_generated_from_the_registry() -> None:
     doc = (ROOT / "docs" / "deny-reasons.md").read_text(encoding="utf-8")
     assert doc == reasons.markdown(), "docs/deny-reasons.md is stale: run `make docs`"
-

@@ -422,7 +422,8 @@ def markdown() -> str:
         "dead-letter": "Dead-letter reasons",
     }
     for kind, title in titles.items():
-        lines += [f"## {title}", "", "| code | issued by | meaning | likely cause | what to do |", "|---|---|---|---|---|"]
+        header = "| code | issued by | meaning | likely cause | what to do |"
+        lines += [f"## {title}", "", header, "|---|---|---|---|---|"]
         for entry in REGISTRY.values():
             if entry.kind == kind:
                 issuers = ", ".join(entry.issuers)
