@@ -133,6 +133,27 @@ def sim_position(sim: SimServer, symbol: str) -> Decimal:
     return Decimal(0)
 
 
+async def until(condition: Any, timeout: float = 15.0, interval: float = 0.01) -> None:
+    """Poll ``condition`` (an async callable) until it is true; fail the test after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+async def wait_key(rds: aioredis.Redis, key: str) -> None:
+    """Wait until ``key`` exists (a plan record, an executed marker, ...)."""
+
+    async def exists() -> bool:
+        return bool(await rds.exists(key))
+
+    await until(exists)
+
+
 # --- settings and the chain -------------------------------------------------------------------------------
 
 

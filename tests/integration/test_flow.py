@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from conftest import Chain, set_position, sim_orders, sim_position
+from conftest import Chain, set_position, sim_orders, sim_position, wait_key
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.domain import reasons
@@ -152,8 +152,7 @@ async def test_duplicate_proposal_while_one_is_in_flight_is_skipped(sim, rds, ch
     await ops.set_governor_mode(rds, "manual", "test")
     await chain.start()
     first = await ops.propose(rds, "ETHUSDT", "FULL_CLOSE")
-    while not await rds.exists(keys.plan_record(first.plan_id)):
-        await asyncio.sleep(0.005)
+    await wait_key(rds, keys.plan_record(first.plan_id))
     second = await ops.propose(rds, "ETHUSDT", "FULL_CLOSE")
     r2 = await ops.wait_result(rds, second.plan_id, WAIT, second.result_cursor)
     assert r2 is not None and r2.error == reasons.SKIPPED and r2.reason == reasons.DUPLICATE_IN_FLIGHT
@@ -168,8 +167,7 @@ async def test_operator_deny_fails_the_plan_at_once(sim, rds, chain: Chain) -> N
     await ops.set_governor_mode(rds, "manual", "test")
     await chain.start()
     sub = await ops.propose(rds, "ETHUSDT", "FULL_CLOSE")
-    while not await rds.exists(keys.plan_record(sub.plan_id)):
-        await asyncio.sleep(0.005)
+    await wait_key(rds, keys.plan_record(sub.plan_id))
     await ops.decide_manually(rds, chain.settings, sub.plan_id, grant=False, reason="not today", operator="t")
     result = await ops.wait_result(rds, sub.plan_id, WAIT, sub.result_cursor)
     assert result is not None and result.error == reasons.PERMIT_DENIED and result.reason == "not today"
@@ -183,8 +181,7 @@ async def test_raw_setex_permit_no_longer_authorises_an_order(sim, rds, chain: C
     await ops.set_governor_mode(rds, "manual", "test")
     await chain.start()
     sub = await ops.propose(rds, "ETHUSDT", "FULL_CLOSE")
-    while not await rds.exists(keys.plan_record(sub.plan_id)):
-        await asyncio.sleep(0.005)
+    await wait_key(rds, keys.plan_record(sub.plan_id))
     await rds.set(keys.governor_permit(sub.plan_id), '{"granted":true}', ex=60)
     await rds.xadd(keys.AUDIT_STREAM, {"plan_id": sub.plan_id, "issuer": "governor", "decision": "allow"})
     result = await ops.wait_result(rds, sub.plan_id, WAIT, sub.result_cursor)

@@ -4,14 +4,13 @@ exactly one result per plan."""
 from __future__ import annotations
 
 import asyncio
-import time
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import SIM_ADMIN, Chain, make_settings, set_position, sim_orders, sim_position
+from conftest import SIM_ADMIN, Chain, make_settings, set_position, sim_orders, sim_position, wait_key
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.domain import reasons
@@ -25,15 +24,6 @@ WAIT = 15.0
 def settings(tmp_path: Path, store_url: str, sim):
     # A longer window so a restart fits inside it.
     return make_settings(tmp_path, store_url, sim.url, apply={"permit_wait_ms": 4000, "metrics_port": 0})
-
-
-async def until(condition, timeout: float = WAIT, interval: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await condition():
-            return
-        await asyncio.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 async def results_for(rds, plan_id: str) -> list[dict[str, str]]:
@@ -50,10 +40,7 @@ async def test_apply_restarted_while_waiting_resumes_the_window_and_executes_onc
     await chain.start()
     sub = await ops.propose(rds, "ETHUSDT", "FULL_CLOSE")
 
-    async def published() -> bool:
-        return bool(await rds.exists(keys.plan_record(sub.plan_id)))
-
-    await until(published)
+    await wait_key(rds, keys.plan_record(sub.plan_id))
     await chain.crash("apply")
     await ops.decide_manually(rds, chain.settings, sub.plan_id, grant=True, reason="", operator="t")
     await chain.start_one("apply")
@@ -72,10 +59,7 @@ async def test_apply_restarted_after_its_window_closed_publishes_a_timeout_not_a
     await chain.start()
     sub = await ops.propose(rds, "ETHUSDT", "FULL_CLOSE")
 
-    async def published() -> bool:
-        return bool(await rds.exists(keys.plan_record(sub.plan_id)))
-
-    await until(published)
+    await wait_key(rds, keys.plan_record(sub.plan_id))
     await chain.crash("apply")
     await asyncio.sleep(chain.settings.apply.permit_wait_ms / 1000 + 0.2)  # Apply stays down past the window
     await chain.start_one("apply")
@@ -91,10 +75,7 @@ async def test_apply_killed_mid_order_recovers_the_true_outcome_without_resendin
     await chain.start()
     sub = await ops.propose(rds, "BTCUSDT", "FULL_CLOSE")
 
-    async def consumed() -> bool:
-        return bool(await rds.exists(keys.executed_marker(sub.plan_id)))
-
-    await until(consumed)
+    await wait_key(rds, keys.executed_marker(sub.plan_id))
     await chain.crash("apply")
     await asyncio.sleep(1.8)  # the held order lands on the exchange meanwhile
     assert len(sim_orders(sim, "BTCUSDT")) == 1
@@ -111,10 +92,7 @@ async def test_apply_killed_before_the_exchange_took_the_order_reports_not_place
     await chain.start()
     sub = await ops.propose(rds, "BTCUSDT", "FULL_CLOSE")
 
-    async def consumed() -> bool:
-        return bool(await rds.exists(keys.executed_marker(sub.plan_id)))
-
-    await until(consumed)
+    await wait_key(rds, keys.executed_marker(sub.plan_id))
     await chain.crash("apply")
     await chain.start_one("apply")
     result = await ops.wait_result(rds, sub.plan_id, WAIT, sub.result_cursor)
@@ -129,10 +107,7 @@ async def test_governor_down_when_the_plan_is_published_decides_it_after_restart
     await chain.crash("governor")
     sub = await ops.propose(rds, "SOLUSDT", "FULL_CLOSE")
 
-    async def published() -> bool:
-        return bool(await rds.exists(keys.plan_record(sub.plan_id)))
-
-    await until(published)
+    await wait_key(rds, keys.plan_record(sub.plan_id))
     await chain.start_one("governor")
     result = await ops.wait_result(rds, sub.plan_id, WAIT, sub.result_cursor)
     assert result is not None and result.executed
@@ -144,10 +119,7 @@ async def test_governor_crashed_holding_a_pending_plan_decides_it_on_restart(sim
     await chain.start("brain", "apply")
     sub = await ops.propose(rds, "SOLUSDT", "FULL_CLOSE")
 
-    async def published() -> bool:
-        return bool(await rds.exists(keys.plan_record(sub.plan_id)))
-
-    await until(published)
+    await wait_key(rds, keys.plan_record(sub.plan_id))
     # The Governor read the plan (it is now pending for its consumer) and died before deciding.
     read = await rds.xreadgroup(keys.GOVERNOR_GROUP, "governor-test", {keys.PLAN_STREAM: ">"}, count=10)
     assert read and read[0][1]
@@ -164,10 +136,7 @@ async def test_brain_restarted_mid_flow_reconciles_then_decides(sim, rds, chain:
     await chain.crash("brain")
     sub = await ops.propose(rds, "BNBUSDT", "FULL_CLOSE")
 
-    async def published() -> bool:
-        return bool(await rds.exists(keys.plan_record(sub.plan_id)))
-
-    await until(published)
+    await wait_key(rds, keys.plan_record(sub.plan_id))
     await chain.start_one("brain")
     result = await ops.wait_result(rds, sub.plan_id, WAIT, sub.result_cursor)
     assert result is not None and result.executed

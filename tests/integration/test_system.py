@@ -113,7 +113,7 @@ def test_up_then_propose_from_another_process_closes_the_position(env: dict[str,
         failed = [
             (c["name"], c["outcome"], c["governor"], c["p33"], c["detail"]) for c in report["cases"] if not c["ok"]
         ]
-        assert proof.returncode == 0 and not failed, failed
+        assert proof.returncode == 0 and not failed, f"{failed}\n" + "\n".join(up.lines[-150:])
         assert report["system"].startswith("running")
     finally:
         code = up.stop()

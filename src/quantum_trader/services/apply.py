@@ -22,9 +22,7 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from quantum_trader import logs
 from quantum_trader.bus import keys
-from quantum_trader.bus.scripts import Scripts
 from quantum_trader.bus.streams import STREAM_MAXLEN, dead_letter, ensure_topology
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import (
@@ -55,7 +53,7 @@ from quantum_trader.exchange.base import (
     OutcomeUnknown,
 )
 from quantum_trader.secrets import permit_key
-from quantum_trader.services.base import STORE_ERRORS, Backoff, cancel_and_wait, consume_group, consumer_name
+from quantum_trader.services.base import STORE_ERRORS, Backoff, Service, cancel_and_wait, consume_group
 from quantum_trader.services.metrics import ApplyMetrics
 from quantum_trader.services.permit_waiter import PermitWaiter
 from quantum_trader.settings import Settings
@@ -66,7 +64,9 @@ RESOLVE_ATTEMPTS = 3
 RESOLVE_SPACING_S = 0.3
 
 
-class ApplyService:
+class ApplyService(Service):
+    name = "apply"
+
     def __init__(
         self,
         settings: Settings,
@@ -77,20 +77,15 @@ class ApplyService:
         registry: CollectorRegistry | None = None,
         clock: Any = time.time,
     ) -> None:
-        self.settings = settings
-        self.redis = redis
+        super().__init__(settings, redis, consumer=consumer, clock=clock)
         self.exchange = exchange
-        self.consumer = consumer or consumer_name(settings.consumer_name, "apply")
         self.metrics = ApplyMetrics(registry or CollectorRegistry())
-        self.log = logs.get("apply")
         self.waiter = PermitWaiter(redis, self.log)
-        self._scripts = Scripts(redis)
         self._keys = {"governor": permit_key(settings, "governor"), "p33": permit_key(settings, "p33")}
         self._allowlist = frozenset(settings.symbols)
         self._wait_s = settings.apply.permit_wait_ms / 1000
         self._slots = asyncio.Semaphore(settings.apply.max_in_flight)
         self._active: dict[str, asyncio.Task[None]] = {}
-        self._clock = clock
 
     # --- the loop ---------------------------------------------------------------------------------------
 

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from quantum_trader.bus.streams import ensure_topology, read_group
+from quantum_trader import logs
+from quantum_trader.bus import keys
+from quantum_trader.bus.scripts import Scripts
+from quantum_trader.bus.streams import dead_letter, ensure_topology, read_group
+from quantum_trader.domain import reasons
+from quantum_trader.domain.models import MalformedEntry, Plan, from_fields
+from quantum_trader.domain.planning import plan_hash_ok
+from quantum_trader.settings import Settings
 
 STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 BACKOFF_START_S = 0.1
@@ -90,10 +98,11 @@ async def consume_group(
             await backoff.wait()
             recover = True
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            # The stream or its group vanished (a store restarted without its data, a FLUSHALL, a DEL while we
+            # were blocked on it: "UNBLOCKED the stream key no longer exists"): recreate them and carry on.
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
-            # The stream or group vanished (store restarted without its data, or flushed): recreate them.
-            log.warning("consumer group missing, recreating", stream=stream, group=group)
+            log.warning("stream or consumer group missing, recreating", stream=stream, group=group, error=str(exc))
             await ensure_topology(redis)
 
 
@@ -131,3 +140,29 @@ async def _handle_one(handle: Handler, entry_id: str, fields: dict[str, str], lo
         # A bug, not bad input (bad input is dead-lettered by the handler). Keep the entry pending so it is
         # retried after the next restart or reconnect, and keep serving the others.
         log.exception("unexpected error handling entry; left pending", entry_id=entry_id)
+
+
+class Service:
+    """What every service instance holds: its settings, store client, consumer name, logger, scripts, clock."""
+
+    name: ClassVar[str]
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, *, consumer: str = "", clock: Any = time.time):
+        self.settings = settings
+        self.redis = redis
+        self.consumer = consumer or consumer_name(settings.consumer_name, self.name)
+        self.log = logs.get(self.name)
+        self._scripts = Scripts(redis)
+        self._clock = clock
+
+    async def accept_plan(self, entry_id: str, fields: dict[str, str], group: str) -> Plan | None:
+        """The plan in a plan-stream entry; None after dead-lettering it (malformed, or plan_hash mismatch)."""
+        try:
+            plan = from_fields(Plan, fields)
+            if not plan_hash_ok(plan):
+                raise MalformedEntry(f"{reasons.PLAN_HASH_MISMATCH}: plan_hash does not match the plan's fields")
+        except MalformedEntry as exc:
+            await dead_letter(self.redis, keys.PLAN_DLQ, keys.PLAN_STREAM, group, entry_id, fields, str(exc), self.name)
+            self.log.warning("malformed plan dead-lettered", entry_id=entry_id, error=str(exc))
+            return None
+        return plan

@@ -20,9 +20,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from redis.exceptions import WatchError
 
-from quantum_trader import logs
 from quantum_trader.bus import keys
-from quantum_trader.bus.scripts import Scripts
 from quantum_trader.bus.streams import dead_letter, ensure_topology
 from quantum_trader.domain import reasons
 from quantum_trader.domain.brain import BrainInputs, BrainPolicy, BrainVerdict, decide
@@ -40,10 +38,9 @@ from quantum_trader.domain.models import (
     to_fields,
 )
 from quantum_trader.domain.permits import encode_permit, sign
-from quantum_trader.domain.planning import plan_hash_ok
 from quantum_trader.exchange.base import Exchange, ExchangeError, PositionInfo
 from quantum_trader.secrets import permit_key
-from quantum_trader.services.base import STORE_ERRORS, Backoff, cancel_and_wait, consume_group, consumer_name
+from quantum_trader.services.base import STORE_ERRORS, Backoff, Service, cancel_and_wait, consume_group
 from quantum_trader.services.metrics import BrainMetrics
 from quantum_trader.settings import Settings
 
@@ -72,7 +69,9 @@ def _parse_or_none(cls: Any, fields: dict[str, str]) -> Any:
         return None  # an unreadable snapshot is as good as none (stale); an unreadable ledger as missing
 
 
-class BrainService:
+class BrainService(Service):
+    name = "p33"
+
     def __init__(
         self,
         settings: Settings,
@@ -83,21 +82,16 @@ class BrainService:
         registry: CollectorRegistry | None = None,
         clock: Any = time.time,
     ) -> None:
-        self.settings = settings
-        self.redis = redis
+        super().__init__(settings, redis, consumer=consumer, clock=clock)
         self.exchange = exchange
-        self.consumer = consumer or consumer_name(settings.consumer_name, "p33")
         self.metrics = BrainMetrics(registry or CollectorRegistry())
-        self.log = logs.get("p33")
         self.policy = policy_from(settings)
         self.symbols = list(settings.symbols)
         self.ready = asyncio.Event()
-        self._scripts = Scripts(redis)
         self._release = redis.register_script(RELEASE_IN_FLIGHT)
         self._secret = permit_key(settings, "p33")
         self._filters: dict[str, SymbolFilters] = {}
         self._refresh = asyncio.Event()
-        self._clock = clock
         self._snapshot_at: dict[str, float] = {}
         for symbol in self.symbols:
             self.metrics.snapshot_age.labels(symbol).set_function(functools.partial(self.snapshot_age, symbol))
@@ -313,16 +307,9 @@ class BrainService:
 
     async def handle_plan(self, entry_id: str, fields: dict[str, str]) -> None:
         started = time.perf_counter()
-        try:
-            plan = from_fields(Plan, fields)
-            if not plan_hash_ok(plan):
-                raise MalformedEntry(f"{reasons.PLAN_HASH_MISMATCH}: plan_hash does not match the plan's fields")
-        except MalformedEntry as exc:
-            await dead_letter(
-                self.redis, keys.PLAN_DLQ, keys.PLAN_STREAM, keys.P33_GROUP, entry_id, fields, str(exc), "p33"
-            )
+        plan = await self.accept_plan(entry_id, fields, keys.P33_GROUP)
+        if plan is None:
             self.metrics.dead_letters.labels("plan").inc()
-            self.log.warning("malformed plan dead-lettered", entry_id=entry_id, error=str(exc))
             return
         if plan.decision != "EXECUTE":
             await self.redis.xack(keys.PLAN_STREAM, keys.P33_GROUP, entry_id)

@@ -13,18 +13,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from quantum_trader import logs
 from quantum_trader.bus import keys
 from quantum_trader.bus.scripts import Scripts
-from quantum_trader.bus.streams import dead_letter, ensure_topology
-from quantum_trader.domain import reasons
+from quantum_trader.bus.streams import ensure_topology
 from quantum_trader.domain.governor import GovernorPolicy, GovernorState, decide
-from quantum_trader.domain.models import AuditEntry, GovernorPermit, MalformedEntry, Plan, from_fields, to_fields
+from quantum_trader.domain.models import AuditEntry, GovernorPermit, Plan, to_fields
 from quantum_trader.domain.permits import encode_permit, sign
-from quantum_trader.domain.planning import plan_hash_ok
 from quantum_trader.domain.verdict import Verdict
 from quantum_trader.secrets import permit_key
-from quantum_trader.services.base import consume_group, consumer_name
+from quantum_trader.services.base import Service, consume_group
 from quantum_trader.services.metrics import GovernorMetrics
 from quantum_trader.settings import Settings
 
@@ -114,7 +111,9 @@ async def issue_governor_permit(
     return written, owner
 
 
-class GovernorService:
+class GovernorService(Service):
+    name = "governor"
+
     def __init__(
         self,
         settings: Settings,
@@ -124,15 +123,10 @@ class GovernorService:
         registry: CollectorRegistry | None = None,
         clock: Any = time.time,
     ) -> None:
-        self.settings = settings
-        self.redis = redis
-        self.consumer = consumer or consumer_name(settings.consumer_name, "governor")
+        super().__init__(settings, redis, consumer=consumer, clock=clock)
         self.metrics = GovernorMetrics(registry or CollectorRegistry())
-        self.log = logs.get("governor")
         self.policy = policy_from(settings)
-        self._scripts = Scripts(redis)
         self._secret = permit_key(settings, "governor")
-        self._clock = clock
 
     async def run(self) -> None:
         await ensure_topology(self.redis)
@@ -149,16 +143,9 @@ class GovernorService:
 
     async def handle_plan(self, entry_id: str, fields: dict[str, str]) -> None:
         started = time.perf_counter()
-        try:
-            plan = from_fields(Plan, fields)
-            if not plan_hash_ok(plan):
-                raise MalformedEntry(f"{reasons.PLAN_HASH_MISMATCH}: plan_hash does not match the plan's fields")
-        except MalformedEntry as exc:
-            await dead_letter(
-                self.redis, keys.PLAN_DLQ, keys.PLAN_STREAM, keys.GOVERNOR_GROUP, entry_id, fields, str(exc), "governor"
-            )
+        plan = await self.accept_plan(entry_id, fields, keys.GOVERNOR_GROUP)
+        if plan is None:
             self.metrics.dead_letters.inc()
-            self.log.warning("malformed plan dead-lettered", entry_id=entry_id, error=str(exc))
             return
         if plan.decision != "EXECUTE":
             await self.redis.xack(keys.PLAN_STREAM, keys.GOVERNOR_GROUP, entry_id)
