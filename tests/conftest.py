@@ -22,7 +22,7 @@ import redis
 import redis.asyncio as aioredis
 
 from quantum_trader.bus.embedded import EmbeddedStore
-from quantum_trader.exchange.binance import BinanceFutures, build_ccxt
+from quantum_trader.exchange.binance import BinanceFutures, make_exchange
 from quantum_trader.exchange.sim.server import SimConfig, SimServer
 from quantum_trader.services.apply import ApplyService
 from quantum_trader.services.base import cancel_and_wait
@@ -197,9 +197,7 @@ class Chain:
         if name == "governor":
             service: Any = GovernorService(self.settings, client, consumer=consumer)
         else:
-            exchange = BinanceFutures(
-                build_ccxt(self.settings.exchange, SIM_KEY, SIM_SECRET, self.settings.exchange.sim_url)
-            )
+            exchange = make_exchange(self.settings.exchange, SIM_KEY, SIM_SECRET, self.settings.exchange.sim_url)
             self._clients.append(exchange)
             cls = ApplyService if name == "apply" else BrainService
             service = cls(self.settings, client, exchange, consumer=consumer)

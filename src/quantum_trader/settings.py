@@ -112,6 +112,9 @@ class ExchangeSettings(_Section):
     api_key / api_secret: credentials; or ``api_key_file`` / ``api_secret_file`` (file must be mode 0600).
     live_confirm: must be exactly ``I-UNDERSTAND-THIS-TRADES-REAL-MONEY`` for mode live.
     recv_window_ms: Binance recvWindow sent with signed requests.
+    order_recv_window_ms: the recvWindow of order requests. It bounds how late a lost order request could still
+        be accepted; only after it has passed (plus a margin) may an order proven absent be sent once more, and
+        only inside the permit window. Shorter allows that resend sooner; the clock is synced to the exchange.
     timeout_ms: HTTP timeout for one exchange request.
     """
 
@@ -124,6 +127,7 @@ class ExchangeSettings(_Section):
     api_secret_file: Path | None = None
     live_confirm: str = ""
     recv_window_ms: int = Field(5000, ge=1, le=60_000)
+    order_recv_window_ms: int = Field(1000, ge=100, le=60_000)
     timeout_ms: int = Field(5000, ge=100, le=120_000)
 
 

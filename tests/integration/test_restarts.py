@@ -70,14 +70,15 @@ async def test_apply_restarted_after_its_window_closed_publishes_a_timeout_not_a
 
 async def test_apply_killed_mid_order_recovers_the_true_outcome_without_resending(sim, rds, chain: Chain) -> None:
     set_position(sim, "BTCUSDT", "0.010")
-    # The order request is held 1.5 s by the exchange, then executed; Apply dies while waiting for the reply.
-    add_fault(sim, kind="latency", ms=1500, path="/fapi/v1/order", method="POST", count=1)
+    # The order request is held 0.7 s by the exchange (inside its 1 s recvWindow), then executed; Apply dies
+    # while waiting for the reply.
+    add_fault(sim, kind="latency", ms=700, path="/fapi/v1/order", method="POST", count=1)
     await chain.start()
     sub = await ops.propose(rds, "BTCUSDT", "FULL_CLOSE")
 
     await wait_key(rds, keys.executed_marker(sub.plan_id))
     await chain.crash("apply")
-    await asyncio.sleep(1.8)  # the held order lands on the exchange meanwhile
+    await asyncio.sleep(1.2)  # the held order lands on the exchange meanwhile
     assert len(sim_orders(sim, "BTCUSDT")) == 1
     await chain.start_one("apply")
     result = await ops.wait_result(rds, sub.plan_id, WAIT, sub.result_cursor)

@@ -24,7 +24,6 @@ from quantum_trader.exchange.base import (
     OutcomeUnknown,
     PositionInfo,
 )
-from quantum_trader.exchange.binance import parse_filters, parse_order, parse_position
 from quantum_trader.exchange.errors import (
     MAX_RAW_IN_LOG,
     REJECTION_CODES,
@@ -34,6 +33,7 @@ from quantum_trader.exchange.errors import (
     classify_read_error,
     truncate,
 )
+from quantum_trader.exchange.replies import parse_filters, parse_order, parse_position
 
 D = Decimal
 

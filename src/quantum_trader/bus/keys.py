@@ -78,6 +78,11 @@ def executed_marker(plan_id: str) -> str:
     return f"quantum:apply:executed:{plan_id}"
 
 
+# zset plan_id -> time its permits were consumed; removed with its result. An entry left behind is an order
+# whose outcome is not yet established: Apply resolves it (at start, and every few seconds) by client order id.
+APPLY_INTENTS = "quantum:apply:intents"
+
+
 def result_marker(plan_id: str) -> str:
     """Set in the same transaction that publishes the plan's result: exactly one result per plan."""
     return f"quantum:apply:result:{plan_id}"

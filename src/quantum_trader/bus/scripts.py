@@ -3,12 +3,14 @@
 publish_plan: a plan is published once: its record and its stream entry together, or nothing if the record
     exists (a second handler of the same proposal resumes the plan instead of publishing it again).
 consume_permits: both permits are exactly the ones Apply verified, the plan was never executed → delete
-    both permits, set the executed marker, audit two ``consumed`` entries. Any other state → nothing changes.
+    both permits, set the executed marker, record the order intent, audit two ``consumed`` entries. Any other
+    state → nothing changes.
 issue_permit: the first decision per issuer and plan wins (claim key, SET NX); the winner's permit, its audit
     entry and an optional marker (P3.3's order-in-flight key) are written and the plan entry acknowledged
     together. A later decision only acknowledges.
 publish_result: the plan has no result yet → publish it, set the result marker, free the symbol; always
-    acknowledge the proposal. A second publisher (a redelivery, a racing Apply) changes nothing.
+    close the order intent and acknowledge the proposal. A second publisher (a redelivery, a racing Apply)
+    changes nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'governor_permit_changed' e
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 'p33_permit_changed' end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
 for _, issuer in ipairs({'governor', 'p33'}) do
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'plan_id', ARGV[5], 'issuer', 'apply',
              'decision', 'consumed', 'reason', issuer, 'at', ARGV[6], 'latency_ms', ARGV[9],
@@ -48,6 +51,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SET', KEYS[1], published, 'EX', ARGV[2])
   if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 end
+redis.call('ZREM', KEYS[5], ARGV[1])
 if ARGV[5] ~= '' then redis.call('XACK', KEYS[4], ARGV[4], ARGV[5]) end
 return published
 """
@@ -146,6 +150,7 @@ class Scripts:
                 keys.p33_permit(plan_id),
                 keys.executed_marker(plan_id),
                 keys.AUDIT_STREAM,
+                keys.APPLY_INTENTS,
             ],
             args=[
                 governor_raw,
@@ -177,6 +182,7 @@ class Scripts:
                 keys.RESULT_STREAM,
                 keys.symbol_in_flight(symbol),
                 keys.PROPOSAL_STREAM,
+                keys.APPLY_INTENTS,
             ],
             args=[
                 plan_id,

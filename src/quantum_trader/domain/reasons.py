@@ -300,10 +300,30 @@ ORDER_UNKNOWN = _r(
     "order_unknown",
     "error",
     "apply",
-    "The order's outcome could not be established (the exchange did not answer, and the query by client "
-    "order id failed too). The executed marker stays, so the plan is never sent again.",
+    "Not a result but a state: the order was sent and its outcome is not established yet (the exchange did "
+    "not answer and lookups by client order id failed). The plan keeps no result until it is; Apply looks it "
+    "up again every few seconds and after every restart, and holds the symbol meanwhile. Never resent.",
     "Exchange outage or network failure at the moment of sending.",
-    "Check the exchange for the client order id in the result; the brain's ledger reconciles on restart.",
+    "Watch qt_apply_unresolved_orders; check the exchange's status. It resolves by itself when the exchange "
+    "answers again.",
+)
+EXCHANGE_BANNED = _r(
+    "exchange_banned",
+    "error",
+    "apply",
+    "The exchange banned this IP (HTTP 418) after too many requests; the order was NOT sent, and no order is "
+    "sent until the ban ends.",
+    "Requests beyond Binance's limits kept coming after 429s (another client on the same IP or key?).",
+    "ALERT: find what hammers the API; the ban lasts minutes to days. `qt exchange check` shows it.",
+)
+RATE_LIMITED = _r(
+    "rate_limited",
+    "error",
+    "apply",
+    "The exchange's rate limits (request weight, orders per 10 s / minute, a 429's Retry-After) left no room "
+    "to send the order inside the permit window; it was NOT sent.",
+    "A burst of orders or requests on this account or IP.",
+    "Nothing for one; for many, lower the Governor's rate limits below the exchange's.",
 )
 ORDER_NOT_FILLED = _r(
     "order_not_filled",
@@ -317,9 +337,10 @@ ORDER_NOT_PLACED = _r(
     "order_not_placed",
     "error",
     "apply",
-    "Apply crashed after consuming the permits and before the exchange took the order; the exchange has "
-    "no order with the plan's client order id. Nothing was traded.",
-    "A restart of Apply in the middle of an execution.",
+    "The exchange has no order with the plan's client order id, and the request can no longer land (its "
+    "recvWindow has passed): nothing was traded. Typical after a crash of Apply before the exchange took the "
+    "order, or a send that failed without reaching the exchange, when no resend was possible inside the window.",
+    "A restart of Apply in the middle of an execution; an exchange or network failure at the moment of sending.",
     "Nothing; the strategy may propose again.",
 )
 WINDOW_EXPIRED = _r(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantum_trader.exchange.binance import BinanceFutures, build_ccxt
+from quantum_trader.exchange.binance import BinanceFutures, make_exchange
 from quantum_trader.runtime import read_runtime
 from quantum_trader.secrets import exchange_credentials
 from quantum_trader.settings import Settings
@@ -18,4 +18,4 @@ def sim_url_for(settings: Settings) -> str:
 def open_exchange(settings: Settings) -> BinanceFutures:
     """The configured exchange. Raises ConfigError (credentials) or ExchangeError (mode) with a clear message."""
     key, secret = exchange_credentials(settings)
-    return BinanceFutures(build_ccxt(settings.exchange, key, secret, sim_url_for(settings)))
+    return make_exchange(settings.exchange, key, secret, sim_url_for(settings))

@@ -56,6 +56,14 @@ class ExchangeUnavailable(ExchangeError):
     """A read failed; nothing was changed by it. Retry later."""
 
 
+class Throttled(ExchangeError):
+    """Not sent: the exchange's rate limits leave no room before the caller's deadline."""
+
+
+class ExchangeBanned(ExchangeError):
+    """Not sent: the exchange banned this IP (HTTP 418). Trading stops until the ban ends."""
+
+
 class Exchange(Protocol):
     """The exchange as the services use it. ``binance.BinanceFutures`` is the implementation for every mode."""
 
@@ -64,9 +72,14 @@ class Exchange(Protocol):
     async def filters(self) -> dict[str, SymbolFilters]: ...
 
     async def place_reduce_only_market(
-        self, symbol: str, side: str, qty: Decimal, client_order_id: str
+        self, symbol: str, side: str, qty: Decimal, client_order_id: str, deadline_ms: float | None = None
     ) -> OrderReport: ...
 
     async def query_order(self, symbol: str, client_order_id: str) -> OrderReport | None: ...
+
+    def now_ms(self) -> float: ...
+
+    @property
+    def order_recv_window_ms(self) -> int: ...
 
     async def close(self) -> None: ...

@@ -1,31 +1,59 @@
 """Binance USD-M futures through ccxt ``binanceusdm``: the one adapter for sim, testnet, demo and live.
 
 It uses ccxt's implicit endpoints (``fapiPrivatePostOrder`` …) so that requests and replies are Binance's own
-documented shapes, signed and routed by ccxt exactly as against the real exchange. Only the base URLs differ
-between modes. ccxt is imported lazily: it is heavy and only the processes that trade need it.
+documented shapes, signed and routed by ccxt exactly as against the real exchange; only the base URLs differ
+between modes. On top of ccxt it keeps:
+
+- the exchange's clock: the offset is measured at start (midpoint of a ``/time`` round trip), every
+  ``TIME_RESYNC_S``, and at once after a -1021; signed requests carry exchange time;
+- the exchange's limits: every request waits on a ``RateGuard`` fed by Binance's own counters; a 418 stops
+  all traffic until the ban ends;
+- exchangeInfo filters, cached for an hour and reloaded after a precision or quantity rejection.
+
+ccxt is imported lazily: it is heavy (~1 s, ~70 MB) and only the processes that trade need it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from quantum_trader.domain.filters import SymbolFilters
 from quantum_trader.domain.numbers import format_qty
 from quantum_trader.exchange.base import (
+    ExchangeBanned,
+    ExchangeError,
     ExchangeRejected,
     ExchangeUnavailable,
     OrderReport,
     OutcomeUnknown,
     PositionInfo,
+    Throttled,
 )
 from quantum_trader.exchange.errors import binance_code, classify_order_error, classify_read_error, truncate
+from quantum_trader.exchange.replies import parse_filters, parse_order, parse_position
+from quantum_trader.exchange.throttle import Banned, RateGuard
 from quantum_trader.settings import ExchangeSettings
 
 LIVE_CONFIRMATION = "I-UNDERSTAND-THIS-TRADES-REAL-MONEY"
 ORDER_NOT_FOUND = -2013
+TIMESTAMP_OUTSIDE_WINDOW = -1021
+FILTER_CODES = frozenset({-1111, -4003, -4004, -4005})  # a rejection that says our filters may be out of date
 FILTERS_MAX_AGE_S = 3600.0  # exchangeInfo changes rarely; an hour keeps step sizes current without cost
+TIME_RESYNC_S = 600.0  # clocks drift by milliseconds per hour; ten minutes keeps well inside recvWindow
+
+# Request weights (Binance USD-M documentation).
+WEIGHTS = {
+    "time": 1,
+    "exchangeInfo": 1,
+    "positionRisk": 5,
+    "order": 1,
+    "queryOrder": 1,
+    "positionSide": 30,
+    "balance": 5,
+}
 
 _SIM_SECTIONS = {
     "fapiPublic": "v1",
@@ -44,20 +72,42 @@ def build_ccxt(settings: ExchangeSettings, api_key: str, api_secret: str, sim_ur
     mode = settings.mode
     if mode == "live" and settings.live_confirm != LIVE_CONFIRMATION:
         raise ExchangeRejected(f"mode live needs QT_EXCHANGE__LIVE_CONFIRM={LIVE_CONFIRMATION}: it trades real money")
-    client = ccxt.binanceusdm(
+
+    class Client(ccxt.binanceusdm):  # type: ignore[misc]
+        """binanceusdm that shows every reply's status and headers (rate counters, Retry-After) to us."""
+
+        observer: Any = None
+
+        def on_rest_response(
+            self,
+            code: Any,
+            reason: Any,
+            url: Any,
+            method: Any,
+            headers: Any,
+            body: Any,
+            request_headers: Any,
+            request_body: Any,
+        ) -> Any:
+            if self.observer is not None and code is not None:
+                self.observer(int(code), headers or {})
+            return super().on_rest_response(code, reason, url, method, headers, body, request_headers, request_body)
+
+    client = Client(
         {
             "apiKey": api_key,
             "secret": api_secret,
             "timeout": settings.timeout_ms,
-            # ccxt's throttle spaces every call by 50 ms; against the local simulator that is pure latency.
-            # Against Binance it stays on until our own weight-aware throttle replaces it.
-            "enableRateLimit": mode != "sim",
+            # ccxt's own throttle spaces calls by a fixed 50 ms whatever the weight; ours follows Binance's
+            # counters instead, so ccxt's is off in every mode.
+            "enableRateLimit": False,
             "options": {
                 "defaultType": "future",
                 "fetchCurrencies": False,
                 "fetchMarkets": {"types": ["linear"]},
                 "recvWindow": settings.recv_window_ms,
                 "disableFuturesSandboxWarning": True,
+                "timeDifference": 0,
             },
         }
     )
@@ -73,154 +123,168 @@ def build_ccxt(settings: ExchangeSettings, api_key: str, api_secret: str, sim_ur
     return client
 
 
-def _dec(row: dict[str, Any], name: str) -> Decimal:
-    try:
-        value = Decimal(str(row[name]))
-    except (KeyError, InvalidOperation):
-        raise ValueError(f"field {name!r} missing or not a number") from None
-    if not value.is_finite():
-        raise ValueError(f"field {name!r} is not finite")
-    return value
-
-
-def parse_position(row: dict[str, Any]) -> PositionInfo:
-    return PositionInfo(
-        symbol=str(row["symbol"]),
-        amt=_dec(row, "positionAmt"),
-        entry_price=_dec(row, "entryPrice"),
-        mark_price=_dec(row, "markPrice"),
-        update_time_ms=int(row.get("updateTime") or 0),
+def make_exchange(settings: ExchangeSettings, api_key: str, api_secret: str, sim_url: str) -> BinanceFutures:
+    return BinanceFutures(
+        build_ccxt(settings, api_key, api_secret, sim_url), order_recv_window_ms=settings.order_recv_window_ms
     )
-
-
-def parse_order(reply: Any) -> OrderReport:
-    if not isinstance(reply, dict):
-        raise ValueError("order reply is not an object")
-    executed = _dec(reply, "executedQty")
-    avg = _dec(reply, "avgPrice") if reply.get("avgPrice") not in (None, "") else Decimal(0)
-    status = reply.get("status")
-    if not isinstance(status, str) or "orderId" not in reply:
-        raise ValueError("order reply lacks status or orderId")
-    return OrderReport(
-        order_id=str(reply["orderId"]),
-        client_order_id=str(reply.get("clientOrderId", "")),
-        status=status,
-        executed_qty=executed,
-        avg_price=avg,
-    )
-
-
-def _lot(by_type: dict[Any, Any]) -> tuple[Decimal, Decimal, Decimal] | None:
-    """(step, min, max) of MARKET_LOT_SIZE, or of LOT_SIZE where the market filter is absent or has step 0
-    (Binance sends that for some symbols). None when neither is usable."""
-    for name in ("MARKET_LOT_SIZE", "LOT_SIZE"):
-        lot = by_type.get(name)
-        if not isinstance(lot, dict):
-            continue
-        try:
-            step, low, high = (Decimal(str(lot[k])) for k in ("stepSize", "minQty", "maxQty"))
-        except (KeyError, InvalidOperation):
-            continue
-        if all(v.is_finite() for v in (step, low, high)) and step > 0 and low >= 0 and high > 0:
-            return step, low, high
-    return None
-
-
-def parse_filters(info: Any) -> dict[str, SymbolFilters]:
-    """Lot-size filters per symbol from exchangeInfo. Entries that are not usable are left out (P3.3 then
-    denies that symbol with ``no_symbol_filters``) rather than failing the whole load."""
-    result: dict[str, SymbolFilters] = {}
-    symbols = info.get("symbols") if isinstance(info, dict) else None
-    for entry in symbols if isinstance(symbols, list) else []:
-        if not isinstance(entry, dict) or not isinstance(entry.get("symbol"), str):
-            continue
-        filters = entry.get("filters")
-        by_type = {f.get("filterType"): f for f in filters if isinstance(f, dict)} if isinstance(filters, list) else {}
-        lot = _lot(by_type)
-        if lot is None:
-            continue
-        try:
-            notional = Decimal(str(by_type.get("MIN_NOTIONAL", {}).get("notional", "0")))
-        except InvalidOperation:
-            notional = Decimal(0)
-        step, low, high = lot
-        result[entry["symbol"]] = SymbolFilters(
-            symbol=entry["symbol"],
-            step_size=step.normalize(),
-            min_qty=low,
-            max_qty=high,
-            min_notional=notional if notional.is_finite() else Decimal(0),
-        )
-    return result
 
 
 class BinanceFutures:
     """The ``Exchange`` for every mode. One instance per process; it holds ccxt's HTTP session."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, order_recv_window_ms: int = 1000, guard: RateGuard | None = None) -> None:
         self._client = client
+        self.guard = guard or RateGuard()
+        self.order_recv_window_ms = order_recv_window_ms
+        self.skew_ms = 0.0  # local clock minus exchange clock, as last measured
+        self._synced_at = 0.0
         self._filters: dict[str, SymbolFilters] = {}
         self._filters_at = 0.0
+        client.observer = self._observe
 
     async def close(self) -> None:
         await self._client.close()
 
-    async def server_time_ms(self) -> int:
+    # --- clock ------------------------------------------------------------------------------------------
+
+    def now_ms(self) -> float:
+        """The exchange's clock, estimated from ours and the last measured offset."""
+        return time.time() * 1000 - self.skew_ms
+
+    async def sync_time(self) -> float:
+        """Measure the offset to the exchange clock (midpoint of a round trip); returns it in ms."""
+        before = time.time() * 1000
+        reply = await self._read("fapiPublicGetTime", {}, WEIGHTS["time"])
+        after = time.time() * 1000
         try:
-            reply = await self._client.fapiPublicGetTime()
-            return int(reply["serverTime"])
-        except Exception as exc:
-            raise classify_read_error(exc) from None
+            server = float(reply["serverTime"])
+        except (KeyError, TypeError, ValueError):
+            raise ExchangeUnavailable(f"unexpected /time reply: {truncate(str(reply))}") from None
+        self.skew_ms = (before + after) / 2 - server
+        self._client.options["timeDifference"] = round(self.skew_ms)
+        self._synced_at = time.monotonic()
+        return self.skew_ms
+
+    async def _ensure_time(self) -> None:
+        if not self._synced_at or time.monotonic() - self._synced_at > TIME_RESYNC_S:
+            await self.sync_time()
+
+    # --- guarded requests -------------------------------------------------------------------------------
+
+    def _observe(self, status: int, headers: dict[str, str]) -> None:
+        self.guard.observe(self.now_ms(), status, headers)
+
+    async def _call(
+        self, method: str, params: dict[str, Any], weight: int, orders: int = 0, deadline_ms: float | None = None
+    ) -> Any:
+        """Wait for room under the exchange's limits (not past ``deadline_ms``), then send."""
+        while True:
+            try:
+                wait = self.guard.wait_ms(self.now_ms(), weight, orders)
+            except Banned as exc:
+                raise ExchangeBanned(str(exc), 418) from None
+            if wait <= 0:
+                break
+            if deadline_ms is not None and self.now_ms() + wait > deadline_ms:
+                raise Throttled(f"the exchange's rate limits leave no room before the deadline ({wait:.0f} ms)")
+            await asyncio.sleep(wait / 1000)
+        self.guard.sent(self.now_ms(), weight, orders)
+        return await getattr(self._client, method)(params)
+
+    async def _read(self, method: str, params: dict[str, Any], weight: int) -> Any:
+        """A read: on -1021 resync the clock and try once more; every failure is ExchangeUnavailable."""
+        for attempt in (1, 2):
+            try:
+                return await self._call(method, params, weight)
+            except ExchangeBanned:
+                raise
+            except Exception as exc:
+                error = classify_read_error(exc)
+                if error.code == TIMESTAMP_OUTSIDE_WINDOW and attempt == 1:
+                    await self.sync_time()
+                    continue
+                raise error from None
+        raise AssertionError("unreachable")
+
+    # --- reads ------------------------------------------------------------------------------------------
+
+    async def server_time_ms(self) -> int:
+        await self.sync_time()
+        return round(self.now_ms())
 
     async def dual_side_position(self) -> bool:
         """True in Hedge Mode, which this system refuses (reduce-only closes are a one-way concept)."""
+        await self._ensure_time()
+        reply = await self._read("fapiPrivateGetPositionSideDual", {}, WEIGHTS["positionSide"])
         try:
-            reply = await self._client.fapiPrivateGetPositionSideDual()
             return bool(reply["dualSidePosition"])
-        except Exception as exc:
-            raise classify_read_error(exc) from None
+        except (KeyError, TypeError):
+            raise ExchangeUnavailable(f"unexpected positionSide/dual reply: {truncate(str(reply))}") from None
+
+    async def balance(self) -> list[dict[str, Any]]:
+        """The account's balances (a signed read: proves the keys work)."""
+        await self._ensure_time()
+        reply = await self._read("fapiPrivateV2GetBalance", {}, WEIGHTS["balance"])
+        if not isinstance(reply, list):
+            raise ExchangeUnavailable(f"unexpected balance reply: {truncate(str(reply))}")
+        return reply
 
     async def positions(self, symbols: list[str]) -> dict[str, PositionInfo]:
         """Positions of ``symbols`` (all with zero amount included). One request, weight 5."""
+        await self._ensure_time()
         params = {"symbol": symbols[0]} if len(symbols) == 1 else {}
-        try:
-            rows = await self._client.fapiPrivateV2GetPositionRisk(params)
-        except Exception as exc:
-            raise classify_read_error(exc) from None
+        rows = await self._read("fapiPrivateV2GetPositionRisk", params, WEIGHTS["positionRisk"])
         wanted = set(symbols)
         try:
             parsed = [parse_position(row) for row in rows if row.get("symbol") in wanted]
+            hedge = [row for row in rows if row.get("symbol") in wanted and row.get("positionSide") != "BOTH"]
         except (ValueError, TypeError, AttributeError) as exc:
             raise ExchangeUnavailable(f"unexpected positionRisk reply ({exc}): {truncate(str(rows))}") from None
+        if hedge:
+            raise ExchangeUnavailable("the account is in Hedge Mode (positionSide LONG/SHORT); one-way mode needed")
         found = {p.symbol: p for p in parsed}
         return {s: found.get(s) or PositionInfo(s, Decimal(0), Decimal(0), Decimal(0)) for s in symbols}
 
     async def filters(self, refresh: bool = False) -> dict[str, SymbolFilters]:
         if refresh or not self._filters or time.monotonic() - self._filters_at > FILTERS_MAX_AGE_S:
-            try:
-                info = await self._client.fapiPublicGetExchangeInfo()
-            except Exception as exc:
-                raise classify_read_error(exc) from None
+            info = await self._read("fapiPublicGetExchangeInfo", {}, WEIGHTS["exchangeInfo"])
             self._filters = parse_filters(info)
             self._filters_at = time.monotonic()
         return self._filters
 
-    async def place_reduce_only_market(self, symbol: str, side: str, qty: Decimal, client_order_id: str) -> OrderReport:
+    # --- orders -----------------------------------------------------------------------------------------
+
+    async def place_reduce_only_market(
+        self, symbol: str, side: str, qty: Decimal, client_order_id: str, deadline_ms: float | None = None
+    ) -> OrderReport:
+        """Send one reduce-only MARKET order. Raises ExchangeRejected (nothing placed), OutcomeUnknown (maybe
+        placed: look it up, never resend blindly), Throttled / ExchangeBanned (not sent)."""
+        await self._ensure_time()
         filters = (await self.filters()).get(symbol)
-        quantity = format_qty(qty, filters.step_size) if filters else format(qty, "f")
         request = {
             "symbol": symbol,
             "side": side,
             "type": "MARKET",
-            "quantity": quantity,
+            "quantity": format_qty(qty, filters.step_size) if filters else format(qty, "f"),
             "reduceOnly": "true",
             "newClientOrderId": client_order_id,
             "newOrderRespType": "RESULT",
+            # A short window bounds how late a lost request could still be accepted (see domain/execution).
+            "recvWindow": self.order_recv_window_ms,
         }
         try:
-            reply = await self._client.fapiPrivatePostOrder(request)
+            reply = await self._call(
+                "fapiPrivatePostOrder", request, WEIGHTS["order"], orders=1, deadline_ms=deadline_ms
+            )
+        except (ExchangeBanned, Throttled):
+            raise
         except Exception as exc:
-            raise classify_order_error(exc) from None
+            error = classify_order_error(exc)
+            if error.code == TIMESTAMP_OUTSIDE_WINDOW:
+                await self.sync_time()
+            elif error.code in FILTER_CODES:
+                await self.filters(refresh=True)
+            raise error from None
         try:
             return parse_order(reply)
         except (ValueError, TypeError) as exc:
@@ -228,14 +292,26 @@ class BinanceFutures:
 
     async def query_order(self, symbol: str, client_order_id: str) -> OrderReport | None:
         """The order with this client id, or None when Binance says it does not exist (-2013)."""
+        await self._ensure_time()
         try:
-            reply = await self._client.fapiPrivateGetOrder({"symbol": symbol, "origClientOrderId": client_order_id})
+            reply = await self._call(
+                "fapiPrivateGetOrder",
+                {"symbol": symbol, "origClientOrderId": client_order_id},
+                WEIGHTS["queryOrder"],
+            )
+        except ExchangeBanned:
+            raise
         except Exception as exc:
             found = binance_code(str(exc))
             if found is not None and found[0] == ORDER_NOT_FOUND:
                 return None
-            raise classify_order_error(exc) from None
+            if found is not None and found[0] == TIMESTAMP_OUTSIDE_WINDOW:
+                await self.sync_time()
+            raise ExchangeUnavailable(classify_read_error(exc).message) from None
         try:
             return parse_order(reply)
         except (ValueError, TypeError) as exc:
-            raise OutcomeUnknown(f"unreadable order reply ({exc}): {truncate(str(reply))}") from None
+            raise ExchangeUnavailable(f"unreadable order query reply ({exc}): {truncate(str(reply))}") from None
+
+
+__all__ = ["LIVE_CONFIRMATION", "BinanceFutures", "ExchangeError", "build_ccxt", "make_exchange"]

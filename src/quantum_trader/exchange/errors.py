@@ -20,10 +20,12 @@ UNKNOWN_OUTCOME_CODES = frozenset({-1000, -1001, -1006, -1007, -1008})
 REJECTION_CODES = frozenset(
     {-1013, -1100, -1102, -1106, -1111, -1116, -1117, -2010, -2019, -2022, -4003, -4004, -4005, -4061, -4164}
 )
+# Refusals at the gateway that say nothing about the order itself: the request was not processed, so the same
+# order may be sent again once the cause is gone (clock resynced, rate window passed) - inside the permit window.
+RETRYABLE_REJECTION_CODES = frozenset({-1021, -1003, -1015})
 
-# Not listed on purpose, so they count as unknown and are resolved by a query: -4116 (duplicate client order id)
-# says an order with our id EXISTS; -1021 (timestamp outside recvWindow) and -1003 (rate limit) are refusals in
-# principle, but a query costs little and proves it.
+# Not listed on purpose, so it counts as unknown and is resolved by a query: -4116 (duplicate client order id)
+# says an order with our id EXISTS.
 
 MAX_RAW_IN_LOG = 300
 
@@ -49,7 +51,7 @@ def classify_order_error(exc: BaseException) -> ExchangeError:
     found = binance_code(text)
     if found is not None:
         code, msg = found
-        if code in REJECTION_CODES:
+        if code in REJECTION_CODES or code in RETRYABLE_REJECTION_CODES:
             return ExchangeRejected(msg, code)
         return OutcomeUnknown(f"{msg} (code {code})", code)
     return OutcomeUnknown(f"{type(exc).__name__}: {truncate(text)}")

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from quantum_trader.bus import keys
 from quantum_trader.bus.streams import STREAM_MAXLEN, dead_letter, ensure_topology
 from quantum_trader.domain import reasons
+from quantum_trader.domain.execution import SendRecord
 from quantum_trader.domain.models import (
     AuditEntry,
     MalformedEntry,
@@ -45,23 +46,15 @@ from quantum_trader.domain.planning import (
     plan_id_for,
     static_skip_reason,
 )
-from quantum_trader.exchange.base import (
-    Exchange,
-    ExchangeError,
-    ExchangeRejected,
-    OrderReport,
-    OutcomeUnknown,
-)
+from quantum_trader.exchange.base import Exchange, ExchangeError, OrderReport
 from quantum_trader.secrets import permit_key
 from quantum_trader.services.base import STORE_ERRORS, Backoff, Service, cancel_and_wait, consume_group
 from quantum_trader.services.metrics import ApplyMetrics
+from quantum_trader.services.orders import OrderExecutor, OrderOutcome
 from quantum_trader.services.permit_waiter import PermitWaiter
 from quantum_trader.settings import Settings
 
-# After an unclear send, how often and how far apart to ask the exchange what became of the order. The
-# spacing lets a request that was still travelling land before we conclude it never arrived.
-RESOLVE_ATTEMPTS = 3
-RESOLVE_SPACING_S = 0.3
+INTENT_SWEEP_S = 5.0  # how often orders with an unestablished outcome are looked up again
 
 
 class ApplyService(Service):
@@ -81,6 +74,8 @@ class ApplyService(Service):
         self.exchange = exchange
         self.metrics = ApplyMetrics(registry or CollectorRegistry())
         self.waiter = PermitWaiter(redis, self.log)
+        self.executor = OrderExecutor(exchange, self.log)
+        self._executing: set[str] = set()  # plans whose order this process is sending or resolving now
         self._keys = {"governor": permit_key(settings, "governor"), "p33": permit_key(settings, "p33")}
         self._allowlist = frozenset(settings.symbols)
         self._wait_s = settings.apply.permit_wait_ms / 1000
@@ -92,6 +87,7 @@ class ApplyService(Service):
     async def run(self) -> None:
         await ensure_topology(self.redis)
         reader = asyncio.create_task(self.waiter.run(), name="apply-audit-reader")
+        sweeper = asyncio.create_task(self._sweep_intents(), name="apply-intent-sweeper")
         try:
             await self.waiter.ready.wait()
             self.log.info("Apply started", consumer=self.consumer, permit_wait_ms=self.settings.apply.permit_wait_ms)
@@ -106,7 +102,7 @@ class ApplyService(Service):
                 count=64,
             )
         finally:
-            await cancel_and_wait([reader, *self._active.values()])
+            await cancel_and_wait([reader, sweeper, *self._active.values()])
 
     async def _dispatch(self, entry_id: str, fields: dict[str, str]) -> None:
         """Start handling one proposal concurrently; wait for a free slot first (backpressure)."""
@@ -171,7 +167,7 @@ class ApplyService(Service):
             plan = from_fields(Plan, record)
             if executed:
                 log.warning(f"{plan.symbol}: recovering plan {plan_id}: executed, no result yet")
-                await self._finish(plan, entry_id, await self._resolve(plan, json.loads(executed)), log)
+                await self._recover(plan, entry_id, executed, log)
             else:
                 await self._resume(plan, entry_id, log)
             return
@@ -249,12 +245,10 @@ class ApplyService(Service):
         if not resumed:
             self.metrics.permit_wait.labels(kind).observe(waited_ms / 1000)
         if kind == "consumed":
-            await self._execute(plan, entry_id, checks[1], log)
+            await self._execute(plan, entry_id, checks[1], deadline, log)
             return
         if kind == "already_executed":
-            marker = await self.redis.get(keys.executed_marker(plan.plan_id))
-            detail = json.loads(marker) if marker else {"client_order_id": client_order_id(plan.plan_id)}
-            await self._finish(plan, entry_id, await self._resolve(plan, detail), log)
+            await self._recover(plan, entry_id, await self.redis.get(keys.executed_marker(plan.plan_id)), log)
             return
         if kind == "denied":
             who = ", ".join(outcome.denied_by)
@@ -366,51 +360,99 @@ class ApplyService(Service):
 
     # --- the order --------------------------------------------------------------------------------------
 
-    async def _execute(self, plan: Plan, entry_id: str, p33: SlotCheck, log: Any) -> None:
+    async def _execute(self, plan: Plan, entry_id: str, p33: SlotCheck, deadline: float, log: Any) -> None:
         assert isinstance(p33.permit, P33Permit)
         qty = to_decimal(p33.permit.safe_close_qty)
         coid = client_order_id(plan.plan_id)
+        window_end_ms = self.exchange.now_ms() + max(0.0, deadline - time.monotonic()) * 1000
+        self._executing.add(plan.plan_id)
         try:
-            report = await self.exchange.place_reduce_only_market(plan.symbol, order_side(plan.side), qty, coid)
-        except ExchangeRejected as exc:
-            self.metrics.orders.labels("rejected").inc()
-            log.warning(f"{plan.symbol}: order rejected by the exchange", code=exc.code, msg=exc.message)
-            result = self._result(
-                plan,
-                reasons.EXCHANGE_REJECTED,
-                reason=exc.message,
-                client_order_id=coid,
-                exchange_code=exc.code,
+            outcome = await self.executor.execute(plan.symbol, order_side(plan.side), qty, coid, window_end_ms)
+            self.metrics.orders.labels(outcome.kind).inc()
+            await self._conclude(plan, entry_id, coid, outcome, log)
+        finally:
+            self._executing.discard(plan.plan_id)
+
+    async def _conclude(self, plan: Plan, entry_id: str, coid: str, outcome: OrderOutcome, log: Any) -> None:
+        """Publish the result an order outcome proves; for an unknown one, publish nothing and hold the symbol."""
+        if outcome.kind == "unknown":
+            # No result until the truth is known: hold the symbol so no other close can stack on this one.
+            await self.redis.set(keys.symbol_in_flight(plan.symbol), plan.plan_id)
+            log.error(
+                f"{plan.symbol}: order {coid} outcome unknown; symbol held, resolving in the background",
+                error=outcome.message,
             )
-        except OutcomeUnknown as exc:
-            self.metrics.orders.labels("unknown").inc()
-            log.warning(f"{plan.symbol}: order outcome unknown; querying by client order id", error=exc.message)
-            result = await self._resolve(plan, {"client_order_id": coid})
+            return
+        if outcome.report is not None:
+            result = self._from_report(plan, outcome.report)
         else:
-            self.metrics.orders.labels("filled" if report.filled else "not_filled").inc()
-            result = self._from_report(plan, report)
+            error = {
+                "rejected": reasons.EXCHANGE_REJECTED,
+                "not_placed": reasons.ORDER_NOT_PLACED,
+                "banned": reasons.EXCHANGE_BANNED,
+                "throttled": reasons.RATE_LIMITED,
+            }[outcome.kind]
+            result = self._result(
+                plan, error, reason=outcome.message[:200], client_order_id=coid, exchange_code=outcome.code
+            )
+            (log.error if outcome.kind == "banned" else log.warning)(
+                f"{plan.symbol}: order not executed ({error})", code=outcome.code, msg=outcome.message
+            )
         await self._finish(plan, entry_id, result, log)
 
-    async def _resolve(self, plan: Plan, marker: dict[str, Any]) -> Result:
-        """The true outcome of a send whose reply was lost: ask the exchange by client order id.
+    async def _recover(self, plan: Plan, entry_id: str, marker: str | None, log: Any) -> None:
+        """An executed plan without a result (a restart, a racing handler): look the order up, never resend."""
+        detail = json.loads(marker) if marker else {}
+        coid = str(detail.get("client_order_id") or client_order_id(plan.plan_id))
+        consumed_at_ms = float(detail.get("at") or plan.created_at) * 1000 - self.exchange_skew_ms()
+        record = SendRecord(
+            attempts=2,
+            last_sent_ms=consumed_at_ms,
+            recv_window_ms=self.exchange.order_recv_window_ms,
+            window_end_ms=0,
+            max_attempts=2,
+        )
+        outcome = await self.executor.resolve(plan.symbol, coid, record)
+        assert outcome != "resend"  # attempts == max_attempts: resolve never asks for one
+        await self._conclude(plan, entry_id, coid, outcome, log)
 
-        Never resends: a filled market order's client id is free again, so a resend would be a second order.
+    def exchange_skew_ms(self) -> float:
+        return time.time() * 1000 - self.exchange.now_ms()
+
+    async def _sweep_intents(self) -> None:
+        """Every few seconds (and at start): orders whose outcome is still unestablished, found by client id.
+
+        Covers what a redelivered proposal does not: an unknown outcome that outlived its plan's handler, and
+        intents of a consumer that no longer exists (renamed host). Never resends.
         """
-        coid = str(marker.get("client_order_id") or client_order_id(plan.plan_id))
-        last_error = ""
-        for attempt in range(RESOLVE_ATTEMPTS):
-            if attempt:
-                await asyncio.sleep(RESOLVE_SPACING_S * attempt)
+        stale_s = self._wait_s + self.executor.resolve_timeout_s + 5
+        while True:
             try:
-                report = await self.exchange.query_order(plan.symbol, coid)
-            except ExchangeError as exc:
-                last_error = exc.message
-                continue
-            if report is not None:
-                return self._from_report(plan, report)
-            if attempt == RESOLVE_ATTEMPTS - 1:
-                return self._result(plan, reasons.ORDER_NOT_PLACED, client_order_id=coid)
-        return self._result(plan, reasons.ORDER_UNKNOWN, reason=last_error[:200], client_order_id=coid)
+                due = await self.redis.zrangebyscore(keys.APPLY_INTENTS, "-inf", self._clock() - stale_s)
+                self.metrics.unresolved.set(await self.redis.zcard(keys.APPLY_INTENTS))
+                for plan_id in due:
+                    if plan_id not in self._executing:
+                        await self._resolve_intent(plan_id)
+            except STORE_ERRORS as exc:
+                self.log.warning("intent sweep: store unavailable", error=str(exc))
+            await asyncio.sleep(INTENT_SWEEP_S)
+
+    async def _resolve_intent(self, plan_id: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.result_marker(plan_id))
+            pipe.hgetall(keys.plan_record(plan_id))
+            pipe.get(keys.executed_marker(plan_id))
+            has_result, record, marker = await pipe.execute()
+        if has_result or not record:
+            await self.redis.zrem(keys.APPLY_INTENTS, plan_id)  # done, or its bookkeeping expired
+            return
+        plan = from_fields(Plan, record)
+        log = self.log.bind(plan_id=plan_id, symbol=plan.symbol)
+        self._executing.add(plan_id)
+        try:
+            await self._recover(plan, record.get("proposal_entry_id", ""), marker, log)
+        finally:
+            self._executing.discard(plan_id)
 
     def _from_report(self, plan: Plan, report: OrderReport) -> Result:
         return Result(

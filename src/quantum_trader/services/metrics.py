@@ -50,11 +50,21 @@ class ApplyMetrics:
         self.rejected_permits = Counter(
             "qt_apply_rejected_permits", "Permits rejected by Apply, by reason", ["reason"], registry=registry
         )
-        self.orders = Counter("qt_apply_orders", "Orders sent, by outcome", ["outcome"], registry=registry)
+        self.orders = Counter(
+            "qt_apply_orders",
+            "Order attempts by outcome: filled, not_filled, rejected, not_placed, unknown, banned, throttled",
+            ["outcome"],
+            registry=registry,
+        )
         self.dead_letters = Counter(
             "qt_apply_dead_letters", "Proposals moved to the dead-letter stream", registry=registry
         )
         self.in_flight = Gauge("qt_apply_plans_in_flight", "Plans waiting or executing", registry=registry)
+        self.unresolved = Gauge(
+            "qt_apply_unresolved_orders",
+            "Orders sent whose outcome is not established yet (no result until it is)",
+            registry=registry,
+        )
         self.store_up = Gauge("qt_apply_store_up", "1 while the store answers", registry=registry)
 
 

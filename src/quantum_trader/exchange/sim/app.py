@@ -577,6 +577,14 @@ def admin_wallet(state: SimState, request: Request, data: Any) -> Json:
     return {"asset": eng.QUOTE_ASSET, "balance": eng.fmt(state.engine.wallet, 8)}
 
 
+def admin_clock(state: SimState, request: Request, data: Any) -> Json:
+    offset = _field(data, "offset_ms")
+    if not isinstance(offset, int) or isinstance(offset, bool) or abs(offset) > 86_400_000:
+        raise AdminError("offset_ms must be an integer number of milliseconds within a day")
+    state.engine.clock_offset_ms = offset
+    return {"offset_ms": offset, "serverTime": state.engine.now_ms()}
+
+
 def admin_add_fault(state: SimState, request: Request, data: Any) -> Json:
     rule = FaultRule.from_json(data)
     state.faults.add(rule)
@@ -601,6 +609,7 @@ ADMIN_ROUTES: Final[dict[tuple[str, str], AdminHandler]] = {
     ("POST", "/_sim/price"): admin_price,
     ("POST", "/_sim/position-mode"): admin_position_mode,
     ("POST", "/_sim/wallet"): admin_wallet,
+    ("POST", "/_sim/clock"): admin_clock,
     ("POST", "/_sim/faults"): admin_add_fault,
     ("GET", "/_sim/faults"): admin_list_faults,
     ("DELETE", "/_sim/faults"): admin_clear_faults,

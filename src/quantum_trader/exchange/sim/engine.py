@@ -332,6 +332,8 @@ class Engine:
         self.specs: dict[str, SymbolSpec] = {spec.symbol: spec for spec in symbols}
         self.seed = seed
         self.clock = clock
+        # The exchange's clock ahead of (+) or behind (-) the host's: lets tests skew time like a drifting NTP.
+        self.clock_offset_ms = 0
         self.price_step_ms = price_step_ms
         self.price_sigma = price_sigma
         self.initial_wallet = wallet
@@ -366,6 +368,7 @@ class Engine:
     def reset(self) -> None:
         """Back to the initial wallet, flat positions, no orders, start prices, one-way mode."""
         with self._lock:
+            self.clock_offset_ms = 0
             self._reset_state()
 
     @property
@@ -374,7 +377,8 @@ class Engine:
         return self._lock
 
     def now_ms(self) -> int:
-        return round(self.clock() * 1000)  # round, not truncate: 0.1 s steps of a float clock stay exact
+        # round, not truncate: 0.1 s steps of a float clock stay exact
+        return round(self.clock() * 1000) + self.clock_offset_ms
 
     def spec(self, symbol: str) -> SymbolSpec:
         spec = self.specs.get(symbol)

@@ -24,6 +24,8 @@ POST   /_sim/position       {"symbol", "amt": "0.5", "entry_price"?: "…", "pos
 POST   /_sim/price          {"symbol", "price"} -> {"symbol", "markPrice"}
 POST   /_sim/position-mode  {"dual": true|false} -> {"dualSidePosition"}
 POST   /_sim/wallet         {"balance": "…"} -> {"asset", "balance"}
+POST   /_sim/clock          {"offset_ms": 5000} -> {"offset_ms", "serverTime"}: the exchange's clock runs
+                            that far ahead of the host's (negative: behind); reset sets it back to 0
 POST   /_sim/faults         a rule (see ``faults.py``) -> the rule;  GET lists them;  DELETE clears them
 ==========================  ===============================================================================
 
