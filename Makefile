@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint up clean lock docs
+.PHONY: demo test test-fast test-long lint up clean lock docs
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# The property suites with many more examples (minutes, not seconds).
+test-long: $(STAMP)
+	QT_PROPERTY_EXAMPLES=50 $(BIN)/pytest tests/integration/test_order_properties.py
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -x -q tests/unit

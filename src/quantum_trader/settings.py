@@ -49,12 +49,15 @@ class ApplySettings(_Section):
     permit_wait_ms: how long an EXECUTE plan waits for both permits before ``permit_timeout`` (seed: 1200).
     max_in_flight: plans waiting or executing at once; further proposals stay in the stream until a slot frees.
     min_kill_score: proposals carrying a kill_score below this are SKIPped ``below_threshold``; None disables.
+    order_resolve_timeout_s: how long lookups of an order with an unclear outcome may keep failing before the
+        plan is left "unknown" (no result, symbol held) for the background resolver.
     metrics_port: Prometheus endpoint (DESIGN.md: 8043). 0 disables it.
     """
 
     permit_wait_ms: int = Field(1200, ge=50, le=60_000)
     max_in_flight: int = Field(256, ge=1, le=10_000)
     min_kill_score: float | None = None
+    order_resolve_timeout_s: float = Field(30.0, gt=0, le=3600)
     metrics_port: int = Field(8043, ge=0, le=65535)
 
 

@@ -90,7 +90,7 @@ def test_unreachable_exchange_is_one_clear_line(env: dict[str, str], store_url: 
     )
     done = qt("brain", env=env)
     assert done.returncode == 1
-    assert "cannot reach the exchange" in one_line_error(done)
+    assert "cannot use the exchange" in one_line_error(done)
 
 
 def test_explain_prints_meaning_cause_and_action(env: dict[str, str]) -> None:

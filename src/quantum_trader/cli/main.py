@@ -41,6 +41,8 @@ brain_app = typer.Typer(help="Run the P3.3 Position State Brain, or ask it to re
 app.add_typer(governor_app, name="governor")
 app.add_typer(permit_app, name="permit")
 app.add_typer(brain_app, name="brain")
+exchange_app = typer.Typer(help="Check the configured exchange.", no_args_is_help=True)
+app.add_typer(exchange_app, name="exchange")
 
 T = TypeVar("T")
 
@@ -179,6 +181,36 @@ def sim_exchange_cmd(
     port = port or settings.exchange.sim_port
     print(f"simulator on http://127.0.0.1:{port} (admin API {'on' if admin else 'off'})", flush=True)
     serve(SimConfig(port=port, api_key=key, api_secret=secret, admin_token=token))
+
+
+@exchange_app.command("check")
+def exchange_check_cmd(
+    json_out: Annotated[bool, typer.Option("--json", help="print the checks as JSON")] = False,
+) -> None:
+    """Connectivity, clock skew, keys, position mode, the symbols' filters, rate limits; exit 1 if any fails."""
+    import json
+
+    from quantum_trader.exchange import open_exchange, sim_url_for
+    from quantum_trader.exchange.check import run_checks
+
+    settings = settings_or_exit()
+    mode = settings.exchange.mode
+    where = sim_url_for(settings) or "(no simulator running)" if mode == "sim" else f"Binance {mode}"
+
+    async def go() -> Any:
+        exchange = open_exchange(settings)
+        try:
+            return await run_checks(exchange, list(settings.symbols), where)
+        finally:
+            await exchange.close()
+
+    checks = asyncio.run(go())
+    if json_out:
+        print(json.dumps([{"check": c.name, "ok": c.ok, "detail": c.detail} for c in checks], indent=2))
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<16} {c.detail}")
+    raise typer.Exit(0 if all(c.ok for c in checks) else EXIT_FAILED)
 
 
 # --- the whole system -------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ class ApplyService(Service):
         self.exchange = exchange
         self.metrics = ApplyMetrics(registry or CollectorRegistry())
         self.waiter = PermitWaiter(redis, self.log)
-        self.executor = OrderExecutor(exchange, self.log)
+        self.executor = OrderExecutor(exchange, self.log, settings.apply.order_resolve_timeout_s)
         self._executing: set[str] = set()  # plans whose order this process is sending or resolving now
         self._keys = {"governor": permit_key(settings, "governor"), "p33": permit_key(settings, "p33")}
         self._allowlist = frozenset(settings.symbols)
@@ -425,7 +425,9 @@ class ApplyService(Service):
         Covers what a redelivered proposal does not: an unknown outcome that outlived its plan's handler, and
         intents of a consumer that no longer exists (renamed host). Never resends.
         """
-        stale_s = self._wait_s + self.executor.resolve_timeout_s + 5
+        # Older than a whole window plus a whole resolution: no live handler is still working on it.
+        stale_s = self._wait_s + self.executor.resolve_timeout_s + 1
+        interval = min(INTENT_SWEEP_S, max(0.5, self.executor.resolve_timeout_s / 2))
         while True:
             try:
                 due = await self.redis.zrangebyscore(keys.APPLY_INTENTS, "-inf", self._clock() - stale_s)
@@ -435,7 +437,7 @@ class ApplyService(Service):
                         await self._resolve_intent(plan_id)
             except STORE_ERRORS as exc:
                 self.log.warning("intent sweep: store unavailable", error=str(exc))
-            await asyncio.sleep(INTENT_SWEEP_S)
+            await asyncio.sleep(interval)
 
     async def _resolve_intent(self, plan_id: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

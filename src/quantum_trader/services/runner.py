@@ -18,6 +18,7 @@ from quantum_trader.bus import keys
 from quantum_trader.bus.connection import connect, redact, resolve_redis_url
 from quantum_trader.exchange import open_exchange, sim_url_for
 from quantum_trader.exchange.base import ExchangeError
+from quantum_trader.exchange.check import HEDGE_HELP, MAX_SKEW_MS
 from quantum_trader.services.base import STORE_ERRORS, cancel_and_wait, consumer_name
 from quantum_trader.services.metrics import serve_metrics
 from quantum_trader.settings import Settings
@@ -55,11 +56,16 @@ async def serve(kind: ServiceKind, settings: Settings) -> None:
     try:
         if kind in ("apply", "brain"):
             exchange = open_exchange(settings)
+            where = sim_url_for(settings) if settings.exchange.mode == "sim" else settings.exchange.mode
             try:
-                await exchange.server_time_ms()
+                skew = await exchange.sync_time()
+                hedge = await exchange.dual_side_position()
             except ExchangeError as exc:
-                where = sim_url_for(settings) if settings.exchange.mode == "sim" else settings.exchange.mode
-                raise ExchangeError(f"cannot reach the exchange ({where}): {exc.message}", exc.code) from None
+                raise ExchangeError(f"cannot use the exchange ({where}): {exc.message}", exc.code) from None
+            if hedge:
+                raise ExchangeError(f"refusing to start on {where}: {HEDGE_HELP}")
+            if abs(skew) > MAX_SKEW_MS:
+                log.warning("clock skew to the exchange is large; compensating, but fix time sync", skew_ms=skew)
         service = _build(kind, settings, redis, exchange)
         port = getattr(settings, kind).metrics_port
         serve_metrics(service.metrics.registry, port)

@@ -78,6 +78,9 @@ ERROR_CODES: Final[dict[int, tuple[int, str]]] = {
     -2015: (401, "Invalid API-key, IP, or permissions for action."),
     -2019: (400, "Margin is insufficient."),
     -2022: (400, "ReduceOnly Order is rejected."),
+    -1111: (400, "Precision is over the maximum defined for this asset."),
+    -4003: (400, "Quantity less than or equal to zero."),
+    -4164: (400, "Order's notional must be no smaller than 5 (unless you choose reduce only)."),
     -4116: (400, "ClientOrderId is duplicated."),
     -4118: (400, "ReduceOnly Order Failed. Please check your existing position and open orders."),
 }

@@ -1,0 +1,143 @@
+"""The pure rules of the order path: when to look again, when one resend is allowed, when it is final; and
+the rate guard that keeps requests inside Binance's limits."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quantum_trader.domain.execution import (
+    CLOCK_MARGIN_MS,
+    LATE_EXECUTION_HORIZON_MS,
+    SendRecord,
+    after_absent,
+    is_final,
+)
+from quantum_trader.exchange.throttle import Banned, RateGuard
+
+T0 = 1_800_000_000_000.0
+
+
+def record(**kw) -> SendRecord:
+    values = {"attempts": 1, "last_sent_ms": T0, "recv_window_ms": 1000, "window_end_ms": T0 + 5000}
+    values.update(kw)
+    return SendRecord(**values)
+
+
+def test_absent_while_the_request_could_still_land_means_look_again_later() -> None:
+    step, when = after_absent(record(), T0 + 200)
+    assert step == "query_later" and when == T0 + 1000 + CLOCK_MARGIN_MS
+
+
+def test_absent_after_the_recv_window_inside_the_permit_window_allows_one_resend() -> None:
+    assert after_absent(record(), T0 + 1000 + CLOCK_MARGIN_MS)[0] == "resend"
+
+
+def test_a_second_resend_is_never_allowed() -> None:
+    second = record().resent(T0 + 1300)
+    assert second.attempts == 2
+    assert after_absent(second, T0 + 1300 + 1000 + CLOCK_MARGIN_MS)[0] == "not_placed"
+
+
+def test_no_resend_after_the_permit_window_closed() -> None:
+    late = record(window_end_ms=T0 + 1100)
+    assert after_absent(late, T0 + 1300)[0] == "not_placed"
+
+
+@pytest.mark.parametrize("code", [-1000, -1006, -1007])
+def test_execution_status_unknown_is_looked_up_longer_and_never_resent(code: int) -> None:
+    unclear = record(window_end_ms=T0 + 60_000).unclear(code)
+    step, when = after_absent(unclear, T0 + 2000)
+    assert step == "query_later" and when == T0 + LATE_EXECUTION_HORIZON_MS
+    assert after_absent(unclear, T0 + LATE_EXECUTION_HORIZON_MS)[0] == "not_placed"
+
+
+def test_other_unclear_outcomes_keep_the_resend_possible() -> None:
+    assert after_absent(record().unclear(0).unclear(-1001), T0 + 1300)[0] == "resend"
+
+
+@given(
+    attempts=st.integers(1, 3),
+    sent=st.floats(0, 10_000),
+    recv=st.integers(100, 60_000),
+    window=st.floats(0, 100_000),
+    now=st.floats(0, 200_000),
+    late=st.booleans(),
+)
+def test_a_resend_only_ever_follows_a_settled_request_inside_the_window(attempts, sent, recv, window, now, late):
+    rec = SendRecord(attempts, T0 + sent, recv, T0 + window, late_execution_possible=late)
+    step, when = after_absent(rec, T0 + now)
+    if step == "resend":
+        assert not late and attempts < rec.max_attempts
+        assert T0 + now >= rec.last_sent_ms + recv + CLOCK_MARGIN_MS
+        assert T0 + now < rec.window_end_ms
+    if step == "query_later":
+        assert when > T0 + now
+
+
+@pytest.mark.parametrize(
+    ("status", "final"),
+    [("FILLED", True), ("EXPIRED", True), ("CANCELED", True), ("NEW", False), ("PARTIALLY_FILLED", False)],
+)
+def test_final_statuses(status: str, final: bool) -> None:
+    assert is_final(status) is final
+
+
+# --- rate guard -------------------------------------------------------------------------------------------
+
+MINUTE = 60_000.0
+
+
+def test_requests_wait_for_the_next_minute_when_the_weight_would_pass_the_safe_limit() -> None:
+    guard = RateGuard(weight_limit=100, safety=0.8)
+    now = 10 * MINUTE + 1000
+    guard.sent(now, 75)
+    assert guard.wait_ms(now, 5) == 0
+    assert guard.wait_ms(now, 6) == MINUTE - 1000
+    assert guard.wait_ms(11 * MINUTE, 6) == 0  # the window rolled over
+
+
+def test_the_exchanges_own_counters_win_over_our_estimate() -> None:
+    guard = RateGuard(weight_limit=2400)
+    now = 5 * MINUTE
+    guard.observe(now, 200, {"X-MBX-USED-WEIGHT-1M": "1919"})
+    assert guard.wait_ms(now, 1) == 0
+    assert guard.wait_ms(now, 2) > 0
+
+
+def test_order_counts_per_10_seconds_are_respected() -> None:
+    guard = RateGuard(orders_10s_limit=10, safety=1.0)
+    now = 100_000.0 + 2500
+    guard.observe(now, 200, {"X-MBX-ORDER-COUNT-10S": "10"})
+    assert guard.wait_ms(now, 1, orders=1) == 7500
+    assert guard.wait_ms(now, 1, orders=0) == 0  # reads are not orders
+
+
+def test_a_429_blocks_everything_for_retry_after() -> None:
+    guard = RateGuard()
+    guard.observe(T0, 429, {"Retry-After": "3"})
+    assert guard.wait_ms(T0 + 1000, 1) == 2000
+    assert guard.wait_ms(T0 + 3000, 1) == 0
+
+
+def test_a_418_is_a_ban_not_a_wait() -> None:
+    guard = RateGuard()
+    guard.observe(T0, 418, {"Retry-After": "120"})
+    with pytest.raises(Banned) as ban:
+        guard.wait_ms(T0 + 60_000, 1)
+    assert ban.value.until_ms == T0 + 120_000
+    assert guard.wait_ms(T0 + 120_000, 1) == 0
+
+
+def test_a_418_without_retry_after_bans_for_two_minutes() -> None:
+    guard = RateGuard()
+    guard.observe(T0, 418, {})
+    with pytest.raises(Banned):
+        guard.wait_ms(T0 + 119_000, 1)
+
+
+def test_garbage_headers_are_ignored() -> None:
+    guard = RateGuard()
+    guard.observe(T0, 200, {"X-MBX-USED-WEIGHT-1M": "lots", "Retry-After": "soon"})
+    assert guard.used_weight == 0 and guard.wait_ms(T0, 1) == 0
