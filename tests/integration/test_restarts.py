@@ -197,3 +197,43 @@ async def test_two_handlers_racing_for_one_fresh_proposal_send_one_order(sim, rd
     assert len(await results_for(rds, plan_id)) == 1
     assert len(sim_orders(sim)) == 1
     assert len([f for _, f in await rds.xrange(keys.PLAN_STREAM) if f["plan_id"] == plan_id]) == 1
+
+
+async def test_an_intent_left_by_a_vanished_consumer_is_resolved_by_another_instance(
+    sim, rds, tmp_path: Path, store_url: str
+) -> None:
+    """Apply dies mid-order and comes back under another consumer name (a renamed host): its old pending
+    proposal is not redelivered to it, but the recorded intent is found and resolved from the exchange."""
+    settings = make_settings(
+        tmp_path,
+        store_url,
+        sim.url,
+        apply={"permit_wait_ms": 1000, "metrics_port": 0, "order_resolve_timeout_s": 1},
+        exchange={"timeout_ms": 500, "order_recv_window_ms": 500},
+    )
+    chain = Chain(settings)
+    set_position(sim, "BTCUSDT", "0.010")
+    add_fault(sim, kind="latency", ms=300, path="/fapi/v1/order", method="POST", count=1)
+    await chain.start()
+    try:
+        sub = await ops.propose(rds, "BTCUSDT", "FULL_CLOSE")
+        await wait_key(rds, keys.executed_marker(sub.plan_id))
+        await chain.crash("apply")
+        await asyncio.sleep(0.6)  # the order lands meanwhile
+        from quantum_trader.exchange.binance import make_exchange
+        from quantum_trader.services.apply import ApplyService
+
+        exchange = make_exchange(settings.exchange, "test-api-key", "test-api-secret", sim.url)
+        other = ApplyService(settings, rds, exchange, consumer="apply-renamed-host")
+        task = asyncio.create_task(other.run())
+        try:
+            result = await ops.wait_result(rds, sub.plan_id, 15, sub.result_cursor)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await exchange.close()
+        assert result is not None and result.executed and result.filled_qty == Decimal("0.010")
+        assert len(sim_orders(sim, "BTCUSDT")) == 1
+        assert await rds.zcard(keys.APPLY_INTENTS) == 0
+    finally:
+        await chain.stop()

@@ -76,6 +76,10 @@ class ApplyService(Service):
         self.waiter = PermitWaiter(redis, self.log)
         self.executor = OrderExecutor(exchange, self.log, settings.apply.order_resolve_timeout_s)
         self._executing: set[str] = set()  # plans whose order this process is sending or resolving now
+        guard = getattr(exchange, "guard", None)
+        if guard is not None:
+            self.metrics.exchange_banned.set_function(lambda: float(guard.banned_until_ms > exchange.now_ms()))
+            self.metrics.exchange_weight.set_function(lambda: float(guard.used_weight))
         self._keys = {"governor": permit_key(settings, "governor"), "p33": permit_key(settings, "p33")}
         self._allowlist = frozenset(settings.symbols)
         self._wait_s = settings.apply.permit_wait_ms / 1000

@@ -66,6 +66,16 @@ class ApplyMetrics:
             registry=registry,
         )
         self.store_up = Gauge("qt_apply_store_up", "1 while the store answers", registry=registry)
+        self.exchange_banned = Gauge(
+            "qt_apply_exchange_banned",
+            "1 while the exchange bans this IP (HTTP 418): no order is sent",
+            registry=registry,
+        )
+        self.exchange_weight = Gauge(
+            "qt_apply_exchange_used_weight",
+            "Request weight used this minute, as the exchange reports it",
+            registry=registry,
+        )
 
 
 class GovernorMetrics:
