@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from quantum_trader.bus import keys
 from quantum_trader.bus.streams import STREAM_MAXLEN, dead_letter, ensure_topology
 from quantum_trader.domain import reasons
-from quantum_trader.domain.execution import SendRecord
+from quantum_trader.domain.execution import LATE_EXECUTION_HORIZON_MS, SendRecord
 from quantum_trader.domain.models import (
     AuditEntry,
     MalformedEntry,
@@ -232,7 +232,15 @@ class ApplyService(Service):
     async def _hold_symbol(self, plan: Plan) -> bool:
         """Take the symbol for this plan (or find it already ours, after a restart)."""
         key = keys.symbol_in_flight(plan.symbol)
-        hold_ms = self.settings.apply.permit_wait_ms + 3 * self.settings.exchange.timeout_ms + 5000
+        # Long enough for the whole order path (window, sends, lookups, the late-execution horizon); the TTL
+        # only frees a symbol whose Apply died, and an unknown outcome makes the hold permanent until resolved.
+        hold_ms = round(
+            self.settings.apply.permit_wait_ms
+            + 2 * self.settings.exchange.timeout_ms
+            + self.settings.apply.order_resolve_timeout_s * 1000
+            + LATE_EXECUTION_HORIZON_MS
+            + 5000
+        )
         if await self.redis.set(key, plan.plan_id, nx=True, px=hold_ms):
             return True
         return bool(await self.redis.get(key) == plan.plan_id)
