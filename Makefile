@@ -29,7 +29,7 @@ test: lint
 
 # The property suites with many more examples (minutes, not seconds).
 test-long: $(STAMP)
-	QT_PROPERTY_EXAMPLES=50 $(BIN)/pytest tests/integration/test_order_properties.py
+	QT_PROPERTY_EXAMPLES=50 $(BIN)/pytest --timeout=3600 tests/integration/test_order_properties.py
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -x -q tests/unit

@@ -20,7 +20,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SIM_ADMIN, Chain, make_settings, set_position, sim_orders, sim_position, wait_key
+from conftest import SIM_ADMIN, Chain, make_settings, set_position, sim_orders, sim_position, until, wait_key
 from quantum_trader import ops
 from quantum_trader.bus import keys
 
@@ -58,6 +58,13 @@ RESTARTS = st.sampled_from([None, "after_publish", "after_consume"])
 STEP = st.tuples(st.sampled_from(sorted(SYMBOLS)), FAULTS, RESTARTS)
 
 
+async def wait_any(rds, *names: str) -> None:
+    async def exists() -> bool:
+        return bool(await rds.exists(*names))
+
+    await until(exists)
+
+
 def add_faults(sim, rules: list[dict]) -> None:
     for rule in rules:
         body = {"count": 1, **rule}
@@ -88,7 +95,7 @@ async def run_scenario(steps, sim, store_url: str, tmp: Path) -> None:
                 await wait_key(rds, keys.plan_record(sub.plan_id))
                 await chain.restart("apply")
             elif restart == "after_consume":
-                await wait_key(rds, keys.executed_marker(sub.plan_id))
+                await wait_any(rds, keys.executed_marker(sub.plan_id), keys.result_marker(sub.plan_id))
                 await chain.restart("apply")
             result = await ops.wait_result(rds, sub.plan_id, 45, sub.result_cursor)
             assert result is not None, f"plan {sub.plan_id} ({symbol}, {faults}, {restart}) got no result"

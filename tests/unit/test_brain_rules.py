@@ -331,3 +331,14 @@ def test_safe_close_qty_never_above_requested_with_long_decimals() -> None:
     filters = SymbolFilters(symbol="BTCUSDT", step_size=D("5"), min_qty=D("5"), max_qty=D("1000"))
     got = safe_close_qty(plan(action="PARTIAL_CLOSE", qty=requested), D("20"), filters)
     assert isinstance(got, str) or got <= requested
+
+
+def test_a_snapshot_taken_before_the_ledgers_last_fill_is_stale() -> None:
+    behind = inputs(snapshot=snapshot(ts=NOW - 2), ledger=replace_ledger(updated_at=NOW - 1))
+    assert reason(i=behind) == reasons.STALE_SNAPSHOT
+    ahead = inputs(snapshot=snapshot(ts=NOW - 1), ledger=replace_ledger(updated_at=NOW - 2))
+    assert reason(i=ahead) == reasons.SANITY_CHECKS_PASSED
+
+
+def replace_ledger(**changes: Any) -> Ledger:
+    return msgspec.structs.replace(ledger(), **changes)

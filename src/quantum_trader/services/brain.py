@@ -24,6 +24,7 @@ from quantum_trader.bus import keys
 from quantum_trader.bus.streams import dead_letter, ensure_topology
 from quantum_trader.domain import reasons
 from quantum_trader.domain.brain import BrainInputs, BrainPolicy, BrainVerdict, decide
+from quantum_trader.domain.brain.snapshot_age import behind_ledger
 from quantum_trader.domain.filters import SymbolFilters
 from quantum_trader.domain.ledger import adopt_outside_growth, apply_result, reconcile
 from quantum_trader.domain.models import (
@@ -315,17 +316,14 @@ class BrainService(Service):
             await self.redis.xack(keys.PLAN_STREAM, keys.P33_GROUP, entry_id)
             return
         log = self.log.bind(plan_id=plan.plan_id, symbol=plan.symbol)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.snapshot(plan.symbol))
-            pipe.hgetall(keys.ledger(plan.symbol))
-            pipe.get(keys.p33_symbol_in_flight(plan.symbol))
-            snap_fields, ledger_fields, in_flight = await pipe.execute()
-        inputs = BrainInputs(
-            snapshot=_parse_or_none(Snapshot, snap_fields),
-            ledger=_parse_or_none(Ledger, ledger_fields),
-            in_flight_plan=in_flight,
-            filters=self._filters.get(plan.symbol),
-        )
+        inputs = await self._inputs(plan.symbol)
+        if behind_ledger(inputs.snapshot, inputs.ledger):
+            # A fill was applied after the last poll: look at the exchange now rather than deny on old data.
+            try:
+                await self.refresh_snapshots()
+                inputs = await self._inputs(plan.symbol)
+            except ExchangeError as exc:
+                log.warning("snapshot refresh failed; deciding on what is known", error=exc.message)
         now = self._clock()
         verdict = decide(plan, inputs, self.policy, now)
         written, owner = await self._issue(plan, verdict, entry_id, now)
@@ -341,6 +339,19 @@ class BrainService(Service):
             reason=verdict.reason,
             safe_close_qty=str(verdict.safe_close_qty),
             exchange_amt=str(verdict.exchange_position_amt),
+        )
+
+    async def _inputs(self, symbol: str) -> BrainInputs:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.snapshot(symbol))
+            pipe.hgetall(keys.ledger(symbol))
+            pipe.get(keys.p33_symbol_in_flight(symbol))
+            snap_fields, ledger_fields, in_flight = await pipe.execute()
+        return BrainInputs(
+            snapshot=_parse_or_none(Snapshot, snap_fields),
+            ledger=_parse_or_none(Ledger, ledger_fields),
+            in_flight_plan=in_flight,
+            filters=self._filters.get(symbol),
         )
 
     async def _issue(self, plan: Plan, verdict: BrainVerdict, entry_id: str, now: float) -> tuple[bool, str]:

@@ -2,12 +2,20 @@ from __future__ import annotations
 
 from quantum_trader.domain import reasons
 from quantum_trader.domain.brain.state import BrainInputs, BrainPolicy
-from quantum_trader.domain.models import Plan
+from quantum_trader.domain.models import Ledger, Plan, Snapshot
+
+
+def behind_ledger(snapshot: Snapshot | None, ledger: Ledger | None) -> bool:
+    """The snapshot was taken before the ledger's last change (a fill just applied): it no longer shows the
+    position the ledger describes, so comparing the two would report a mismatch that is not there."""
+    return snapshot is not None and ledger is not None and snapshot.ts < ledger.updated_at
 
 
 def check(plan: Plan, inputs: BrainInputs, policy: BrainPolicy, now: float) -> str | None:
-    """A snapshot older than ``snapshot_max_age_s`` (or none at all) says nothing about the position now."""
+    """A snapshot older than ``snapshot_max_age_s``, none at all, or one older than the ledger's last change
+    says nothing reliable about the position now. (The service refreshes the snapshot before deciding when it
+    is behind the ledger; this rule is what keeps it safe when that refresh failed.)"""
     snap = inputs.snapshot
-    if snap is None or now - snap.ts > policy.snapshot_max_age_s:
+    if snap is None or now - snap.ts > policy.snapshot_max_age_s or behind_ledger(snap, inputs.ledger):
         return reasons.STALE_SNAPSHOT
     return None
