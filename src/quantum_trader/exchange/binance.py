@@ -189,7 +189,15 @@ class BinanceFutures:
                 raise Throttled(f"the exchange's rate limits leave no room before the deadline ({wait:.0f} ms)")
             await asyncio.sleep(wait / 1000)
         self.guard.sent(self.now_ms(), weight, orders)
-        return await getattr(self._client, method)(params)
+        try:
+            return await getattr(self._client, method)(params)
+        except Exception:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # aiohttp/ccxt can turn our own cancellation into a network error; a stopping handler must stop,
+                # not go on to "resolve" an outcome it was told to abandon.
+                raise asyncio.CancelledError from None
+            raise
 
     async def _read(self, method: str, params: dict[str, Any], weight: int) -> Any:
         """A read: on -1021 resync the clock and try once more; every failure is ExchangeUnavailable."""

@@ -413,15 +413,23 @@ class ApplyService(Service):
         await self._finish(plan, entry_id, result, log)
 
     async def _recover(self, plan: Plan, entry_id: str, marker: str | None, log: Any) -> None:
-        """An executed plan without a result (a restart, a racing handler): look the order up, never resend."""
+        """An executed plan without a result (a restart, a racing handler): look the order up, never resend.
+
+        What the other handler sent is unknown here, but not when: every send of a plan, the one resend
+        included, leaves before the plan's window ends. So "absent" is final only once a request sent at the
+        window's end could no longer land even after an "execution status unknown" answer.
+        """
         detail = json.loads(marker) if marker else {}
         coid = str(detail.get("client_order_id") or client_order_id(plan.plan_id))
-        consumed_at_ms = float(detail.get("at") or plan.created_at) * 1000 - self.exchange_skew_ms()
+        skew = self.exchange_skew_ms()
+        consumed_at_ms = float(detail.get("at") or plan.created_at) * 1000 - skew
+        window_end_ms = (plan.created_at + self._wait_s) * 1000 - skew
         record = SendRecord(
             attempts=2,
-            last_sent_ms=consumed_at_ms,
+            last_sent_ms=max(consumed_at_ms, window_end_ms),
             recv_window_ms=self.exchange.order_recv_window_ms,
             window_end_ms=0,
+            late_execution_possible=True,
             max_attempts=2,
         )
         outcome = await self.executor.resolve(plan.symbol, coid, record)
