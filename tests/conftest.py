@@ -190,10 +190,15 @@ class Chain:
         for name in names or ("brain", "governor", "apply"):
             await self.start_one(name)
 
-    async def start_one(self, name: str) -> Any:
+    async def start_named(self, name: str, consumer: str) -> Any:
+        """Another instance of service ``name`` (its own consumer name), tracked as ``consumer``."""
+        return await self.start_one(name, consumer)
+
+    async def start_one(self, name: str, consumer: str = "") -> Any:
         client = aioredis.Redis.from_url(self.settings.redis_url, decode_responses=True)
         self._clients.append(client)
-        consumer = f"{name}-test"
+        key = consumer or name
+        consumer = consumer or f"{name}-test"
         if name == "governor":
             service: Any = GovernorService(self.settings, client, consumer=consumer)
         else:
@@ -201,8 +206,8 @@ class Chain:
             self._clients.append(exchange)
             cls = ApplyService if name == "apply" else BrainService
             service = cls(self.settings, client, exchange, consumer=consumer)
-        self.services[name] = service
-        self.tasks[name] = asyncio.create_task(service.run(), name=f"test-{name}")
+        self.services[key] = service
+        self.tasks[key] = asyncio.create_task(service.run(), name=f"test-{key}")
         if name == "brain":
             await asyncio.wait_for(service.ready.wait(), 10)
         elif name == "apply":

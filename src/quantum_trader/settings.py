@@ -156,6 +156,9 @@ class Settings(BaseSettings):
     audit_maxlen: approximate number of entries the audit stream keeps (older ones are trimmed).
     consumer_name: this instance's consumer name in its groups; empty means "<hostname>-<service>". Give
         each instance of a service its own name when several run.
+    claim_idle_s: an entry pending this long with another consumer is taken over (the peer is presumed dead).
+        Apply uses at least its window plus the whole order resolution, so it never takes a live peer's plan.
+    max_deliveries: an entry delivered more often than this is dead-lettered with its history.
     log_json: structured JSON logs instead of console lines.
     """
 
@@ -175,6 +178,8 @@ class Settings(BaseSettings):
     permit_ttl_s: int = Field(60, ge=5, le=3600)
     audit_maxlen: int = Field(1_000_000, ge=1000)
     consumer_name: str = ""
+    claim_idle_s: float = Field(30.0, ge=1, le=3600)
+    max_deliveries: int = Field(5, ge=1, le=1000)
     log_json: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

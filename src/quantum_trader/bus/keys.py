@@ -93,6 +93,11 @@ def symbol_in_flight(symbol: str) -> str:
     return f"quantum:apply:inflight:{symbol}"
 
 
+def ledger_applied(symbol: str) -> str:
+    """zset of result stream ids already in the symbol's ledger: each result counts once, in any order."""
+    return f"quantum:p33:applied:{symbol}"
+
+
 def p33_symbol_in_flight(symbol: str) -> str:
     """Held by P3.3 between its allow and the plan's result: no second allow for the symbol meanwhile."""
     return f"quantum:p33:inflight:{symbol}"

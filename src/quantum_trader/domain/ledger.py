@@ -7,25 +7,17 @@ from decimal import Decimal
 from quantum_trader.domain.models import Ledger, Result
 
 
-def stream_id_key(entry_id: str) -> tuple[int, int]:
-    """Order of Redis stream ids ("1700000000000-3")."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def apply_result(ledger: Ledger | None, result: Result, result_id: str, now: float) -> Ledger | None:
+def apply_result(
+    ledger: Ledger | None, result: Result, result_id: str, now: float, applied: frozenset[str] = frozenset()
+) -> Ledger | None:
     """The ledger after an executed close, or None when the result changes nothing or was applied already.
 
     A close reduces the position towards zero: a LONG shrinks by the filled quantity, a SHORT grows towards
-    zero by it. Applying is idempotent through ``last_result_id``.
+    zero by it. ``applied`` holds the ids of results already in the ledger: fills commute, so results may be
+    applied in any order (several brains share the result stream, and a claimed entry comes late), but each
+    only once.
     """
-    if not result.executed or result.filled_qty <= 0 or result.side == "NONE":
-        return None
-    if (
-        ledger is not None
-        and ledger.last_result_id
-        and (stream_id_key(result_id) <= stream_id_key(ledger.last_result_id))
-    ):
+    if not result.executed or result.filled_qty <= 0 or result.side == "NONE" or result_id in applied:
         return None
     before = ledger.last_known_amt if ledger else Decimal(0)
     delta = -result.filled_qty if result.side == "LONG" else result.filled_qty

@@ -127,7 +127,7 @@ class P33Permit(Struct, frozen=True, kw_only=True):
 
 Permit = GovernorPermit | P33Permit
 
-AuditDecision = Literal["allow", "deny", "consumed", "rejected"]
+AuditDecision = Literal["allow", "deny", "consumed", "rejected", "duplicate"]
 
 
 class AuditEntry(Struct, frozen=True, kw_only=True):

@@ -103,6 +103,8 @@ class ApplyService(Service):
                 handle=self._dispatch,
                 log=self.log,
                 store_up=lambda up: self.metrics.store_up.set(1 if up else 0),
+                failover=self.failover(keys.PROPOSAL_DLQ, min_idle_s=self._handling_bound_s() + 15),
+                service=self.name,
                 count=64,
             )
         finally:
@@ -229,18 +231,21 @@ class ApplyService(Service):
         finally:
             self.waiter.release(plan.plan_id)
 
+    def _handling_bound_s(self) -> float:
+        """The longest a live handler keeps one proposal: window, sends, lookups, late-execution horizon."""
+        return (
+            self._wait_s
+            + 2 * self.settings.exchange.timeout_ms / 1000
+            + self.settings.apply.order_resolve_timeout_s
+            + LATE_EXECUTION_HORIZON_MS / 1000
+        )
+
     async def _hold_symbol(self, plan: Plan) -> bool:
         """Take the symbol for this plan (or find it already ours, after a restart)."""
         key = keys.symbol_in_flight(plan.symbol)
-        # Long enough for the whole order path (window, sends, lookups, the late-execution horizon); the TTL
-        # only frees a symbol whose Apply died, and an unknown outcome makes the hold permanent until resolved.
-        hold_ms = round(
-            self.settings.apply.permit_wait_ms
-            + 2 * self.settings.exchange.timeout_ms
-            + self.settings.apply.order_resolve_timeout_s * 1000
-            + LATE_EXECUTION_HORIZON_MS
-            + 5000
-        )
+        # Long enough for the whole order path; the TTL only frees a symbol whose Apply died, and an unknown
+        # outcome makes the hold permanent until resolved.
+        hold_ms = round((self._handling_bound_s() + 5) * 1000)
         if await self.redis.set(key, plan.plan_id, nx=True, px=hold_ms):
             return True
         return bool(await self.redis.get(key) == plan.plan_id)

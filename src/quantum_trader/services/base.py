@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
@@ -18,7 +19,7 @@ from quantum_trader.bus import keys
 from quantum_trader.bus.scripts import Scripts
 from quantum_trader.bus.streams import dead_letter, ensure_topology, read_group
 from quantum_trader.domain import reasons
-from quantum_trader.domain.models import MalformedEntry, Plan, from_fields
+from quantum_trader.domain.models import AuditEntry, MalformedEntry, Plan, from_fields, to_fields
 from quantum_trader.domain.planning import plan_hash_ok
 from quantum_trader.settings import Settings
 
@@ -62,6 +63,23 @@ class Backoff:
         self.delay = min(self.delay * 2, BACKOFF_MAX_S)
 
 
+@dataclass(frozen=True, slots=True)
+class Failover:
+    """How a consumer takes over from dead peers and gives up on poison.
+
+    claim_idle_ms: entries pending longer than this with another (presumably dead) consumer are claimed
+        (XAUTOCLAIM). Longer than the slowest legitimate handling, or two live consumers would share work.
+    max_deliveries: an entry delivered more often than this is dead-lettered with its history instead of
+        being handled again (it is what kills its consumers, or it never finishes).
+    dlq: where such entries go.
+    """
+
+    claim_idle_ms: int = 30_000
+    max_deliveries: int = 5
+    dlq: str = keys.PLAN_DLQ
+    claim_every_s: float = 5.0
+
+
 async def consume_group(
     redis: aioredis.Redis,
     *,
@@ -71,10 +89,12 @@ async def consume_group(
     handle: Handler,
     log: Any,
     store_up: Callable[[bool], None],
+    failover: Failover,
+    service: str,
     count: int = 128,
     block_ms: int = 1000,
 ) -> None:
-    """Feed ``handle`` this consumer's pending entries, then new ones, forever.
+    """Feed ``handle`` this consumer's pending entries, entries stuck with dead peers, then new ones, forever.
 
     ``handle`` acks what it finishes. While the store is away the loop backs off (nothing is decided, so
     nothing is permitted: fail closed) and on return it re-reads its pending entries first, so an entry
@@ -82,11 +102,15 @@ async def consume_group(
     """
     backoff = Backoff()
     recover = True
+    next_claim = 0.0
     while True:
         try:
             if recover:
-                await _drain_pending(redis, stream, group, consumer, handle, log, count)
+                await _drain_pending(redis, stream, group, consumer, handle, log, count, failover, service)
                 recover = False
+            if time.monotonic() >= next_claim:
+                await _claim_stale(redis, stream, group, consumer, handle, log, count, failover, service)
+                next_claim = time.monotonic() + failover.claim_every_s
             entries = await read_group(redis, stream, group, consumer, count=count, block_ms=block_ms)
             store_up(True)
             backoff.reset()
@@ -114,6 +138,8 @@ async def _drain_pending(
     handle: Handler,
     log: Any,
     count: int,
+    failover: Failover,
+    service: str,
 ) -> None:
     start = "0"
     while True:
@@ -123,10 +149,65 @@ async def _drain_pending(
             return
         for entry_id, fields in entries:
             start = entry_id
-            if not fields:  # trimmed from the stream while pending: nothing left to process
-                await redis.xack(stream, group, entry_id)
-                continue
-            await _handle_one(handle, entry_id, fields, log)
+            await _redeliver(redis, stream, group, entry_id, fields, handle, log, failover, service)
+
+
+async def _claim_stale(
+    redis: aioredis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    handle: Handler,
+    log: Any,
+    count: int,
+    failover: Failover,
+    service: str,
+) -> None:
+    """Take over entries left pending by consumers that stopped, oldest first (XPENDING IDLE, then XCLAIM, so
+    the previous owner is known for the history of an entry that turns out to be poison)."""
+    start = "-"
+    while True:
+        stale = await redis.xpending_range(stream, group, min=start, max="+", count=count, idle=failover.claim_idle_ms)
+        if not stale:
+            return
+        for item in stale:
+            entry_id, owner = item["message_id"], item["consumer"]
+            if owner == consumer:
+                continue  # ours: the recovery pass after a reconnect handles them
+            claimed = await redis.xclaim(stream, group, consumer, failover.claim_idle_ms, [entry_id])
+            if not claimed:
+                continue  # another live consumer claimed it first
+            _, fields = claimed[0]
+            log.warning("took over an entry from a stopped consumer", stream=stream, entry_id=entry_id, owner=owner)
+            await _redeliver(redis, stream, group, entry_id, fields, handle, log, failover, service, owner)
+        start = f"({stale[-1]['message_id']}"
+
+
+async def _redeliver(
+    redis: aioredis.Redis,
+    stream: str,
+    group: str,
+    entry_id: str,
+    fields: dict[str, str] | None,
+    handle: Handler,
+    log: Any,
+    failover: Failover,
+    service: str,
+    previous_owner: str = "",
+) -> None:
+    """Handle an entry delivered before, unless it is gone from the stream or has been tried too often."""
+    if not fields:  # trimmed from the stream while pending: nothing left to process
+        await redis.xack(stream, group, entry_id)
+        return
+    history = await redis.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
+    times = int(history[0]["times_delivered"]) if history else 1
+    if times > failover.max_deliveries:
+        owner = previous_owner or history[0]["consumer"]
+        error = f"poison: delivered {times} times (limit {failover.max_deliveries}); last held by {owner}"
+        await dead_letter(redis, failover.dlq, stream, group, entry_id, fields, error, service)
+        log.error("entry dead-lettered after too many deliveries", stream=stream, entry_id=entry_id, times=times)
+        return
+    await _handle_one(handle, entry_id, fields, log)
 
 
 async def _handle_one(handle: Handler, entry_id: str, fields: dict[str, str], log: Any) -> None:
@@ -154,6 +235,24 @@ class Service:
         self.log = logs.get(self.name)
         self._scripts = Scripts(redis)
         self._clock = clock
+
+    def failover(self, dlq: str, min_idle_s: float = 0.0) -> Failover:
+        idle_s = max(self.settings.claim_idle_s, min_idle_s)
+        return Failover(claim_idle_ms=round(idle_s * 1000), max_deliveries=self.settings.max_deliveries, dlq=dlq)
+
+    async def audit_duplicate(self, plan: Plan, owner: str) -> None:
+        """A second decision for a plan this issuer already decided (another instance won): record, drop."""
+        entry = AuditEntry(
+            plan_id=plan.plan_id,
+            issuer=self.name,
+            decision="duplicate",
+            reason=f"decided by {owner}",
+            at=self._clock(),
+            symbol=plan.symbol,
+            subject=self.consumer,
+        )
+        await self.redis.xadd(keys.AUDIT_STREAM, to_fields(entry), maxlen=self.settings.audit_maxlen, approximate=True)
+        self.log.info("plan already decided by another instance; dropped", plan_id=plan.plan_id, owner=owner)
 
     async def accept_plan(self, entry_id: str, fields: dict[str, str], group: str) -> Plan | None:
         """The plan in a plan-stream entry; None after dead-lettering it (malformed, or plan_hash mismatch)."""

@@ -116,6 +116,8 @@ class BrainService(Service):
                     handle=self.handle_result,
                     log=self.log,
                     store_up=store_up,
+                    failover=self.failover(keys.RESULT_DLQ),
+                    service=self.name,
                 ),
                 name="p33-ledger",
             ),
@@ -128,6 +130,8 @@ class BrainService(Service):
                     handle=self.handle_plan,
                     log=self.log,
                     store_up=store_up,
+                    failover=self.failover(keys.PLAN_DLQ),
+                    service=self.name,
                     block_ms=1000,
                 ),
                 name="p33-plans",
@@ -288,17 +292,21 @@ class BrainService(Service):
         await self.redis.xack(keys.RESULT_STREAM, keys.LEDGER_GROUP, entry_id)
 
     async def _apply_to_ledger(self, result: Result, entry_id: str) -> None:
-        key = keys.ledger(result.symbol)
+        key, applied_key = keys.ledger(result.symbol), keys.ledger_applied(result.symbol)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(key)
+                    await pipe.watch(key, applied_key)
                     ledger = _parse_or_none(Ledger, await pipe.hgetall(key))
-                    updated = apply_result(ledger, result, entry_id, self._clock())
+                    seen = await pipe.zscore(applied_key, entry_id) is not None
+                    applied = frozenset({entry_id}) if seen else frozenset()
+                    updated = apply_result(ledger, result, entry_id, self._clock(), applied)
                     if updated is None:
                         await pipe.unwatch()
                         return
                     pipe.multi()
+                    pipe.zadd(applied_key, {entry_id: updated.updated_at})
+                    pipe.zremrangebyscore(applied_key, "-inf", updated.updated_at - keys.PLAN_BOOKKEEPING_TTL_S)
                     await self._ledger_pipeline(pipe, result.symbol, ledger, updated, "result", result.plan_id)
                     return
                 except WatchError:
@@ -329,7 +337,7 @@ class BrainService(Service):
         written, owner = await self._issue(plan, verdict, entry_id, now)
         if not written:
             self.metrics.duplicates.inc()
-            log.info("plan already decided elsewhere; dropped", owner=owner)
+            await self.audit_duplicate(plan, owner)
             return
         self.metrics.permits.labels("allow" if verdict.allow else "deny", verdict.reason).inc()
         self.metrics.decision_seconds.observe(time.perf_counter() - started)

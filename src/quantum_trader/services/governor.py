@@ -139,6 +139,8 @@ class GovernorService(Service):
             handle=self.handle_plan,
             log=self.log,
             store_up=lambda up: self.metrics.store_up.set(1 if up else 0),
+            failover=self.failover(keys.PLAN_DLQ),
+            service=self.name,
         )
 
     async def handle_plan(self, entry_id: str, fields: dict[str, str]) -> None:
@@ -173,7 +175,7 @@ class GovernorService(Service):
         )
         if not written:
             self.metrics.duplicates.inc()
-            log.info("plan already decided elsewhere; dropped", owner=owner)
+            await self.audit_duplicate(plan, owner)
             return
         self.metrics.permits.labels("allow" if verdict.allow else "deny", verdict.reason).inc()
         self.metrics.decision_seconds.observe(time.perf_counter() - started)

@@ -1,0 +1,90 @@
+"""Several brains and Governors side by side: each plan decided once per issuer; a dead consumer's pending
+entries are taken over; an entry delivered too often is dead-lettered with its history."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from conftest import Chain, make_settings, set_position, sim_orders, wait_key
+from quantum_trader import ops
+from quantum_trader.bus import keys
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings(tmp_path: Path, store_url: str, sim):
+    return make_settings(
+        tmp_path,
+        store_url,
+        sim.url,
+        apply={"permit_wait_ms": 6000, "metrics_port": 0},
+        governor={"max_per_symbol": 1000, "max_total": 1000, "cooldown_s": 0, "metrics_port": 0},
+        claim_idle_s=1.0,
+        max_deliveries=3,
+    )
+
+
+async def test_two_brains_and_two_governors_decide_each_plan_once(sim, rds, chain: Chain) -> None:
+    set_position(sim, "XRPUSDT", "1000.0")
+    await chain.start("brain", "governor")
+    await chain.start_named("brain", "brain-2")
+    await chain.start_named("governor", "governor-2")
+    await chain.start_one("apply")
+    plans = []
+    for _ in range(12):
+        sub = await ops.propose(rds, "XRPUSDT", "PARTIAL_CLOSE", qty=Decimal(10))
+        result = await ops.wait_result(rds, sub.plan_id, 15, sub.result_cursor)
+        assert result is not None and result.executed
+        plans.append(sub.plan_id)
+    decisions = Counter(
+        (f["plan_id"], f["issuer"])
+        for _, f in await rds.xrange(keys.AUDIT_STREAM)
+        if f["decision"] in ("allow", "deny")
+    )
+    for plan_id in plans:
+        assert decisions[(plan_id, "governor")] == 1 and decisions[(plan_id, "p33")] == 1
+    assert len(sim_orders(sim)) == 12
+    consumers = {c["name"] for c in await rds.xinfo_consumers(keys.PLAN_STREAM, keys.P33_GROUP)}
+    assert {"brain-test", "brain-2"} <= consumers
+
+
+async def test_a_dead_governors_pending_plan_is_claimed_and_decided(sim, rds, chain: Chain) -> None:
+    set_position(sim, "SOLUSDT", "40")
+    await chain.start("brain", "apply")
+    sub = await ops.propose(rds, "SOLUSDT", "FULL_CLOSE")
+    await wait_key(rds, keys.plan_record(sub.plan_id))
+    # A Governor instance read the plan and died before deciding: the entry sits in its pending list.
+    await rds.xreadgroup(keys.GOVERNOR_GROUP, "governor-dead", {keys.PLAN_STREAM: ">"}, count=10)
+    await chain.start_named("governor", "governor-live")
+    result = await ops.wait_result(rds, sub.plan_id, 15, sub.result_cursor)
+    assert result is not None and result.executed
+    pending = await rds.xpending(keys.PLAN_STREAM, keys.GOVERNOR_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_an_entry_delivered_too_often_is_dead_lettered_with_its_history(sim, rds, chain: Chain) -> None:
+    set_position(sim, "SOLUSDT", "40")
+    await chain.start("brain", "apply")
+    sub = await ops.propose(rds, "SOLUSDT", "FULL_CLOSE")
+    await wait_key(rds, keys.plan_record(sub.plan_id))
+    read = await rds.xreadgroup(keys.GOVERNOR_GROUP, "governor-crashing", {keys.PLAN_STREAM: ">"}, count=10)
+    entry_id = read[0][1][0][0]
+    # It has already been handed out (and killed its consumer) many times.
+    await rds.xclaim(keys.PLAN_STREAM, keys.GOVERNOR_GROUP, "governor-crashing", 0, [entry_id], retrycount=7)
+    await chain.start_named("governor", "governor-live")
+    deadline = asyncio.get_running_loop().time() + 10
+    letters: list[dict[str, str]] = []
+    while asyncio.get_running_loop().time() < deadline and not letters:
+        letters = [f for _, f in await rds.xrange(keys.PLAN_DLQ) if f.get("source_id") == entry_id]
+        await asyncio.sleep(0.05)
+    assert letters and "poison: delivered" in letters[0]["error"] and "governor-crashing" in letters[0]["error"]
+    assert letters[0]["orig.plan_id"] == sub.plan_id
+    result = await ops.wait_result(rds, sub.plan_id, 15, sub.result_cursor)
+    assert result is not None and result.error == "permit_timeout" and result.missing == "Governor"
+    assert sim_orders(sim) == []
