@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -104,6 +105,12 @@ def test_up_then_propose_from_another_process_closes_the_position(env: dict[str,
         assert 'p33_permits_total{decision="allow",reason="sanity_checks_passed"} 1.0' in p33
         governor = httpx.get(f"http://127.0.0.1:{env['QT_GOVERNOR__METRICS_PORT']}/metrics").text
         assert 'qt_governor_permits_total{decision="allow",reason="policy_passed"} 1.0' in governor
+
+        status = json.loads(qt("status", "--json", env=env).stdout)
+        assert sorted(s["service"] for s in status["services"] if s["ready"]) == ["apply", "brain", "governor"]
+        btc = next(row for row in status["symbols"] if row["symbol"] == "BTCUSDT")
+        assert Decimal(btc["exchange"]) == 0 and Decimal(btc["ledger"]) == 0 and Decimal(btc["drift"]) == 0
+        assert status["kill_switch"] is False and status["unresolved_orders"] == 0
 
         again = qt("propose", "BTCUSDT", "--action", "FULL_CLOSE", "--wait", env=env)
         assert again.returncode == 1 and "no_position" in again.stdout  # nothing left to close

@@ -388,6 +388,21 @@ def _manual(plan_id: str, grant: bool, reason: str) -> None:
     print(done)
 
 
+@app.command("status")
+def status_cmd(json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False) -> None:
+    """Services (heartbeat, lag, pending), kill switch, Governor mode, unresolved orders, positions and drift."""
+    import json
+
+    from quantum_trader.cli.status import collect, render
+
+    settings = settings_or_exit()
+    status = with_store(settings, lambda r: collect(r, list(settings.symbols), settings.governor.mode))
+    if json_out:
+        print(json.dumps(status.as_dict(), indent=2))
+    else:
+        render(status)
+
+
 @app.command("explain")
 def explain_cmd(code: Annotated[str, typer.Argument(help="a reason or error code, e.g. qty_mismatch")]) -> None:
     """What a reason or error code means, its likely cause, and what to do."""

@@ -66,6 +66,12 @@ class ApplyMetrics:
             registry=registry,
         )
         self.store_up = Gauge("qt_apply_store_up", "1 while the store answers", registry=registry)
+        self.consumer_lag = Gauge(
+            "qt_apply_consumer_lag", "Entries not yet delivered to the consumer group", ["group"], registry=registry
+        )
+        self.consumer_pending = Gauge(
+            "qt_apply_consumer_pending", "Entries delivered but not acknowledged", ["group"], registry=registry
+        )
         self.exchange_banned = Gauge(
             "qt_apply_exchange_banned",
             "1 while the exchange bans this IP (HTTP 418): no order is sent",
@@ -103,6 +109,12 @@ class GovernorMetrics:
             "qt_governor_dead_letters", "Plan entries moved to the dead-letter stream", registry=registry
         )
         self.store_up = Gauge("qt_governor_store_up", "1 while the store answers", registry=registry)
+        self.consumer_lag = Gauge(
+            "qt_governor_consumer_lag", "Entries not yet delivered to the consumer group", ["group"], registry=registry
+        )
+        self.consumer_pending = Gauge(
+            "qt_governor_consumer_pending", "Entries delivered but not acknowledged", ["group"], registry=registry
+        )
 
 
 class BrainMetrics:
@@ -141,6 +153,12 @@ class BrainMetrics:
             "p33_dead_letters", "Entries moved to a dead-letter stream", ["stream"], registry=registry
         )
         self.store_up = Gauge("p33_store_up", "1 while the store answers", registry=registry)
+        self.consumer_lag = Gauge(
+            "p33_consumer_lag", "Entries not yet delivered to the consumer group", ["group"], registry=registry
+        )
+        self.consumer_pending = Gauge(
+            "p33_consumer_pending", "Entries delivered but not acknowledged", ["group"], registry=registry
+        )
 
 
 def serve_metrics(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> None:

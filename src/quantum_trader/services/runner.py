@@ -26,12 +26,34 @@ from quantum_trader.settings import Settings
 ServiceKind = Literal["apply", "governor", "brain"]
 
 
-async def heartbeat(redis: aioredis.Redis, service: str, consumer: str, ready: asyncio.Event) -> None:
-    """Keep ``quantum:health:<service>:<consumer>`` alive while the process runs; ``ready`` once serving."""
+GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
+    "apply": ((keys.PROPOSAL_STREAM, keys.APPLY_GROUP),),
+    "governor": ((keys.PLAN_STREAM, keys.GOVERNOR_GROUP),),
+    "brain": ((keys.PLAN_STREAM, keys.P33_GROUP), (keys.RESULT_STREAM, keys.LEDGER_GROUP)),
+}
+
+
+async def group_backlog(redis: aioredis.Redis, stream: str, group: str) -> tuple[int, int]:
+    """(lag, pending) of a consumer group: entries not yet delivered, and delivered but not acknowledged."""
+    for info in await redis.xinfo_groups(stream):
+        if info["name"] == group:
+            return int(info.get("lag") or 0), int(info.get("pending") or 0)
+    return 0, 0
+
+
+async def heartbeat(redis: aioredis.Redis, service: str, consumer: str, ready: asyncio.Event, metrics: Any) -> None:
+    """Keep ``quantum:health:<service>:<consumer>`` alive while the process runs: ready once serving, and the
+    lag and pending count of its consumer groups (also exported as metrics)."""
     key = keys.health(service, consumer)
     started = time.time()
     while True:
         try:
+            lag = pending = 0
+            for stream, group in GROUPS[service]:
+                group_lag, group_pending = await group_backlog(redis, stream, group)
+                metrics.consumer_lag.labels(group).set(group_lag)
+                metrics.consumer_pending.labels(group).set(group_pending)
+                lag, pending = lag + group_lag, pending + group_pending
             await redis.hset(
                 key,
                 mapping={
@@ -40,6 +62,8 @@ async def heartbeat(redis: aioredis.Redis, service: str, consumer: str, ready: a
                     "started_at": repr(started),
                     "updated_at": repr(time.time()),
                     "version": __version__,
+                    "lag": lag,
+                    "pending": pending,
                 },
             )
             await redis.expire(key, keys.HEARTBEAT_TTL_S)
@@ -74,7 +98,7 @@ async def serve(kind: ServiceKind, settings: Settings) -> None:
         if kind != "brain":
             ready.set()
         log.info(f"{kind} connected", store=redact(url), metrics_port=port or "off", mode=settings.exchange.mode)
-        beat = asyncio.create_task(heartbeat(redis, kind, consumer, ready))
+        beat = asyncio.create_task(heartbeat(redis, kind, consumer, ready, service.metrics))
         try:
             await service.run()
         finally:
