@@ -182,6 +182,7 @@ class Chain:
     """Apply, Governor and P3.3 running as tasks in the test loop, each with its own connections."""
 
     settings: Settings
+    urls: dict[str, str] = field(default_factory=dict)  # per service, e.g. its ACL user's; default: settings
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     services: dict[str, Any] = field(default_factory=dict)
     _clients: list[Any] = field(default_factory=list)
@@ -195,7 +196,7 @@ class Chain:
         return await self.start_one(name, consumer)
 
     async def start_one(self, name: str, consumer: str = "") -> Any:
-        client = aioredis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        client = aioredis.Redis.from_url(self.urls.get(name, self.settings.redis_url), decode_responses=True)
         self._clients.append(client)
         key = consumer or name
         consumer = consumer or f"{name}-test"

@@ -86,7 +86,11 @@ def exchange_credentials(settings: Settings) -> tuple[str, str]:
 def ensure_local_secrets(settings: Settings) -> None:
     """Generate the keys a local system needs (permit keys, simulator credentials) if they do not exist."""
     directory = key_dir(settings)
-    for name in ("governor.key", "p33.key", "sim-api.key", "sim-api.secret", "sim-admin.token"):
+    from quantum_trader.bus.acl import ROLES
+
+    names = ["governor.key", "p33.key", "sim-api.key", "sim-api.secret", "sim-admin.token"]
+    names += [f"acl-{role}.pass" for role in ROLES]
+    for name in names:
         path = directory / name
         if not path.exists():
             write_secret_file(path, _random.token_hex(32))

@@ -107,7 +107,8 @@ class LocalSystem:
     inherit_config: bool = True  # pass this process's QT_* settings to the children (qt up); not for private ones
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     store: EmbeddedStore | None = None
-    redis_url: str = ""
+    redis_url: str = ""  # as recorded in runtime.json: no credentials
+    urls: dict[str, str] = field(default_factory=dict)  # per role ("apply", …, "operator", "admin"), with ACL
     sim_url: str = ""
     _logs: list[IO[bytes]] = field(default_factory=list)
 
@@ -118,9 +119,11 @@ class LocalSystem:
         ensure_local_secrets(self.settings)
         if self.settings.redis_url:
             self.redis_url = self.settings.redis_url
+            self.urls = dict.fromkeys((*SERVICES, "operator", "admin"), self.redis_url)
         else:
             self.store = EmbeddedStore(self.settings.state_dir / "valkey", persist=self.persist_store)
             self.redis_url = self.store.start()
+            self._lock_down_store()
         self.sim_url = f"http://127.0.0.1:{self.ports.sim}"
         self._spawn("sim", ["sim-exchange", "--port", str(self.ports.sim), "--admin"])
         self._wait_http(f"{self.sim_url}/fapi/v1/ping", "sim")
@@ -134,6 +137,30 @@ class LocalSystem:
                 version=__version__,
             ),
         )
+
+    def _lock_down_store(self) -> None:
+        """One ACL user per service on the embedded store, the password-less default user switched off."""
+        import asyncio
+
+        import redis.asyncio as aioredis
+
+        from quantum_trader.bus.acl import ROLES, USERS, apply_acl
+        from quantum_trader.bus.connection import acl_password_file, with_credentials
+
+        passwords = {role: read_secret_file(acl_password_file(self.settings, role)) for role in ROLES}
+
+        async def lock() -> None:
+            # A restarted store has its data (AOF) but not its users: they are set again every time.
+            client = aioredis.Redis.from_url(self.redis_url)
+            try:
+                await apply_acl(client, passwords, disable_default=True)
+            finally:
+                await client.aclose()
+
+        asyncio.run(lock())
+        for role in ROLES:
+            user = USERS[role].name if role in USERS else "qt-admin"
+            self.urls[role] = with_credentials(self.redis_url, user, acl_password_file(self.settings, role))
 
     def start_services(self, services: tuple[str, ...] = SERVICES) -> None:
         for service in services:
@@ -179,7 +206,7 @@ class LocalSystem:
         env = {k: v for k, v in os.environ.items() if self.inherit_config or not k.startswith("QT_")}
         env.update(
             {
-                "QT_REDIS_URL": self.redis_url,
+                "QT_REDIS_URL": self.urls.get(service, self.urls.get("operator", self.redis_url)),
                 "QT_STATE_DIR": str(self.settings.state_dir),
                 "QT_SYMBOLS": ",".join(self.settings.symbols),
                 "QT_EXCHANGE__MODE": "sim",
@@ -233,7 +260,7 @@ class LocalSystem:
         process = self.processes[service]
         consumer = self.child_env(service)["QT_CONSUMER_NAME"]
         key = keys.health(service, consumer)
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        client = redis.Redis.from_url(self.urls["admin"], decode_responses=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             while time.monotonic() < deadline:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from quantum_trader.runtime import read_runtime
 from quantum_trader.settings import Settings
@@ -31,11 +32,27 @@ def resolve_redis_url(settings: Settings) -> str:
         return settings.redis_url
     runtime = read_runtime(settings)
     if runtime is not None:
-        return runtime.redis_url
+        return with_credentials(runtime.redis_url, "qt-operator", acl_password_file(settings, "operator"))
     raise StoreUnavailable(
         "no store: set QT_REDIS_URL to a Redis >= 7 / Valkey, or start the system with `qt up` "
         f"(looked for a running one under {settings.state_dir})"
     )
+
+
+def acl_password_file(settings: Settings, role: str) -> Path:
+    return settings.state_dir / "secrets" / f"acl-{role}.pass"
+
+
+def with_credentials(url: str, user: str, password_file: Path) -> str:
+    """``url`` with ``user`` and the password in ``password_file`` (when it exists: `qt up` turned ACL on)."""
+    if not password_file.exists():
+        return url
+    from quantum_trader.secrets import read_secret_file
+
+    password = read_secret_file(password_file)
+    parts = urlsplit(url)
+    netloc = f"{quote(user)}:{quote(password)}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def make_client(url: str) -> aioredis.Redis:
@@ -54,7 +71,10 @@ async def connect(url: str) -> aioredis.Redis:
     client = make_client(url)
     try:
         await client.ping()
-        info = await client.info("server")
+        try:
+            info = await client.info("server")
+        except NoPermissionError:  # a least-privilege account may not run INFO; ACL users imply Redis >= 6
+            info = {"redis_version": "7"}
     except (RedisError, OSError) as exc:
         await client.aclose()
         raise StoreUnavailable(f"cannot reach the store at {redact(url)}: {exc}") from None

