@@ -162,7 +162,14 @@ def make_settings(tmp: Path, store_url: str, sim_url: str, **overrides: Any) -> 
         "apply": {"permit_wait_ms": 800, "metrics_port": 0},
         "governor": {"metrics_port": 0, "cooldown_s": 0},
         "brain": {"metrics_port": 0, "snapshot_interval_s": 0.5, "cooldown_s": 0},
-        "exchange": {"mode": "sim", "sim_url": sim_url, "api_key": SIM_KEY, "api_secret": SIM_SECRET},
+        # The late-execution horizon is 10 s in production; 2 s keeps the recovery cases quick here.
+        "exchange": {
+            "mode": "sim",
+            "sim_url": sim_url,
+            "api_key": SIM_KEY,
+            "api_secret": SIM_SECRET,
+            "late_execution_horizon_ms": 2000,
+        },
         "keys": {"governor": GOVERNOR_KEY, "p33": P33_KEY},
     }
     for name, values in list(overrides.items()):

@@ -118,6 +118,8 @@ class ExchangeSettings(_Section):
     order_recv_window_ms: the recvWindow of order requests. It bounds how late a lost order request could still
         be accepted; only after it has passed (plus a margin) may an order proven absent be sent once more, and
         only inside the permit window. Shorter allows that resend sooner; the clock is synced to the exchange.
+    late_execution_horizon_ms: after an "execution status unknown" answer (-1000/-1006/-1007) or a restart in
+        the middle of an order, how long an order may still appear before its absence counts as final.
     timeout_ms: HTTP timeout for one exchange request.
     """
 
@@ -131,6 +133,7 @@ class ExchangeSettings(_Section):
     live_confirm: str = ""
     recv_window_ms: int = Field(5000, ge=1, le=60_000)
     order_recv_window_ms: int = Field(1000, ge=100, le=60_000)
+    late_execution_horizon_ms: int = Field(10_000, ge=500, le=600_000)
     timeout_ms: int = Field(5000, ge=100, le=120_000)
 
 

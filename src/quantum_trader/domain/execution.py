@@ -37,11 +37,12 @@ class SendRecord:
     window_end_ms: float
     late_execution_possible: bool = False  # a -1000/-1006/-1007 was seen for some attempt
     max_attempts: int = 2
+    late_horizon_ms: int = LATE_EXECUTION_HORIZON_MS
 
     @property
     def settles_at_ms(self) -> float:
         """From when "no such order" is final: the last request can no longer be accepted or executed."""
-        horizon = LATE_EXECUTION_HORIZON_MS if self.late_execution_possible else self.recv_window_ms + CLOCK_MARGIN_MS
+        horizon = self.late_horizon_ms if self.late_execution_possible else self.recv_window_ms + CLOCK_MARGIN_MS
         return self.last_sent_ms + horizon
 
     def unclear(self, code: int) -> SendRecord:

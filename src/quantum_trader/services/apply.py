@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from quantum_trader.bus import keys
 from quantum_trader.bus.streams import STREAM_MAXLEN, dead_letter, ensure_topology
 from quantum_trader.domain import reasons
-from quantum_trader.domain.execution import LATE_EXECUTION_HORIZON_MS, SendRecord
+from quantum_trader.domain.execution import SendRecord
 from quantum_trader.domain.models import (
     AuditEntry,
     MalformedEntry,
@@ -74,7 +74,9 @@ class ApplyService(Service):
         self.exchange = exchange
         self.metrics = ApplyMetrics(registry or CollectorRegistry())
         self.waiter = PermitWaiter(redis, self.log)
-        self.executor = OrderExecutor(exchange, self.log, settings.apply.order_resolve_timeout_s)
+        self.executor = OrderExecutor(
+            exchange, self.log, settings.apply.order_resolve_timeout_s, settings.exchange.late_execution_horizon_ms
+        )
         self._executing: set[str] = set()  # plans whose order this process is sending or resolving now
         guard = getattr(exchange, "guard", None)
         if guard is not None:
@@ -237,7 +239,7 @@ class ApplyService(Service):
             self._wait_s
             + 2 * self.settings.exchange.timeout_ms / 1000
             + self.settings.apply.order_resolve_timeout_s
-            + LATE_EXECUTION_HORIZON_MS / 1000
+            + self.settings.exchange.late_execution_horizon_ms / 1000
         )
 
     async def _hold_symbol(self, plan: Plan) -> bool:
@@ -436,6 +438,7 @@ class ApplyService(Service):
             window_end_ms=0,
             late_execution_possible=True,
             max_attempts=2,
+            late_horizon_ms=self.executor.late_horizon_ms,
         )
         outcome = await self.executor.resolve(plan.symbol, coid, record)
         assert outcome != "resend"  # attempts == max_attempts: resolve never asks for one

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Literal
 
-from quantum_trader.domain.execution import SendRecord, after_absent, is_final
+from quantum_trader.domain.execution import LATE_EXECUTION_HORIZON_MS, SendRecord, after_absent, is_final
 from quantum_trader.exchange.base import (
     Exchange,
     ExchangeBanned,
@@ -46,16 +46,29 @@ class OrderOutcome:
 
 
 class OrderExecutor:
-    def __init__(self, exchange: Exchange, log: Any, resolve_timeout_s: float = RESOLVE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        exchange: Exchange,
+        log: Any,
+        resolve_timeout_s: float = RESOLVE_TIMEOUT_S,
+        late_horizon_ms: int = LATE_EXECUTION_HORIZON_MS,
+    ) -> None:
         self.exchange = exchange
         self.log = log
         self.resolve_timeout_s = resolve_timeout_s
+        self.late_horizon_ms = late_horizon_ms
 
     async def execute(
         self, symbol: str, side: str, qty: Decimal, client_order_id: str, window_end_ms: float
     ) -> OrderOutcome:
         """Place the order; resend at most once, and only when it is proven absent and cannot land any more."""
-        record = SendRecord(1, self.exchange.now_ms(), self.exchange.order_recv_window_ms, window_end_ms)
+        record = SendRecord(
+            1,
+            self.exchange.now_ms(),
+            self.exchange.order_recv_window_ms,
+            window_end_ms,
+            late_horizon_ms=self.late_horizon_ms,
+        )
         while True:
             try:
                 report = await self.exchange.place_reduce_only_market(
