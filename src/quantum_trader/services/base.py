@@ -100,16 +100,17 @@ async def consume_group(
     nothing is permitted: fail closed) and on return it re-reads its pending entries first, so an entry
     read just before the outage is not forgotten.
     """
+    reader = GroupReader(redis, stream, group, consumer, handle, log, failover, service, count)
     backoff = Backoff()
     recover = True
     next_claim = 0.0
     while True:
         try:
             if recover:
-                await _drain_pending(redis, stream, group, consumer, handle, log, count, failover, service)
+                await reader.drain_pending()
                 recover = False
             if time.monotonic() >= next_claim:
-                await _claim_stale(redis, stream, group, consumer, handle, log, count, failover, service)
+                await reader.claim_stale()
                 next_claim = time.monotonic() + failover.claim_every_s
             entries = await read_group(redis, stream, group, consumer, count=count, block_ms=block_ms)
             store_up(True)
@@ -130,84 +131,70 @@ async def consume_group(
             await ensure_topology(redis)
 
 
-async def _drain_pending(
-    redis: aioredis.Redis,
-    stream: str,
-    group: str,
-    consumer: str,
-    handle: Handler,
-    log: Any,
-    count: int,
-    failover: Failover,
-    service: str,
-) -> None:
-    start = "0"
-    while True:
-        reply = await redis.xreadgroup(group, consumer, {stream: start}, count=count)
-        entries = reply[0][1] if reply else []
-        if not entries:
+@dataclass(frozen=True, slots=True)
+class GroupReader:
+    """Entries that were delivered before: this consumer's own pending ones, and those of stopped peers."""
+
+    redis: aioredis.Redis
+    stream: str
+    group: str
+    consumer: str
+    handle: Handler
+    log: Any
+    failover: Failover
+    service: str
+    count: int
+
+    async def drain_pending(self) -> None:
+        start = "0"
+        while True:
+            reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self.count)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return
+            for entry_id, fields in entries:
+                start = entry_id
+                await self.redeliver(entry_id, fields)
+
+    async def claim_stale(self) -> None:
+        """Take over entries left pending by consumers that stopped, oldest first (XPENDING IDLE, then XCLAIM,
+        so the previous owner is known for the history of an entry that turns out to be poison)."""
+        start = "-"
+        while True:
+            stale = await self.redis.xpending_range(
+                self.stream, self.group, min=start, max="+", count=self.count, idle=self.failover.claim_idle_ms
+            )
+            if not stale:
+                return
+            for item in stale:
+                entry_id, owner = item["message_id"], item["consumer"]
+                if owner == self.consumer:
+                    continue  # ours: the recovery pass after a reconnect handles them
+                claimed = await self.redis.xclaim(
+                    self.stream, self.group, self.consumer, self.failover.claim_idle_ms, [entry_id]
+                )
+                if not claimed:
+                    continue  # another live consumer claimed it first
+                self.log.warning("took over an entry from a stopped consumer", entry_id=entry_id, owner=owner)
+                await self.redeliver(entry_id, claimed[0][1], owner)
+            start = f"({stale[-1]['message_id']}"
+
+    async def redeliver(self, entry_id: str, fields: dict[str, str] | None, previous_owner: str = "") -> None:
+        """Handle an entry delivered before, unless it is gone from the stream or has been tried too often."""
+        if not fields:  # trimmed from the stream while pending: nothing left to process
+            await self.redis.xack(self.stream, self.group, entry_id)
             return
-        for entry_id, fields in entries:
-            start = entry_id
-            await _redeliver(redis, stream, group, entry_id, fields, handle, log, failover, service)
-
-
-async def _claim_stale(
-    redis: aioredis.Redis,
-    stream: str,
-    group: str,
-    consumer: str,
-    handle: Handler,
-    log: Any,
-    count: int,
-    failover: Failover,
-    service: str,
-) -> None:
-    """Take over entries left pending by consumers that stopped, oldest first (XPENDING IDLE, then XCLAIM, so
-    the previous owner is known for the history of an entry that turns out to be poison)."""
-    start = "-"
-    while True:
-        stale = await redis.xpending_range(stream, group, min=start, max="+", count=count, idle=failover.claim_idle_ms)
-        if not stale:
+        history = await self.redis.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+        times = int(history[0]["times_delivered"]) if history else 1
+        if times > self.failover.max_deliveries:
+            owner = previous_owner or history[0]["consumer"]
+            error = f"poison: delivered {times} times (limit {self.failover.max_deliveries}); last held by {owner}"
+            await dead_letter(
+                self.redis, self.failover.dlq, self.stream, self.group, entry_id, fields, error, self.service
+            )
+            self.log.error("entry dead-lettered after too many deliveries", entry_id=entry_id, times=times)
             return
-        for item in stale:
-            entry_id, owner = item["message_id"], item["consumer"]
-            if owner == consumer:
-                continue  # ours: the recovery pass after a reconnect handles them
-            claimed = await redis.xclaim(stream, group, consumer, failover.claim_idle_ms, [entry_id])
-            if not claimed:
-                continue  # another live consumer claimed it first
-            _, fields = claimed[0]
-            log.warning("took over an entry from a stopped consumer", stream=stream, entry_id=entry_id, owner=owner)
-            await _redeliver(redis, stream, group, entry_id, fields, handle, log, failover, service, owner)
-        start = f"({stale[-1]['message_id']}"
-
-
-async def _redeliver(
-    redis: aioredis.Redis,
-    stream: str,
-    group: str,
-    entry_id: str,
-    fields: dict[str, str] | None,
-    handle: Handler,
-    log: Any,
-    failover: Failover,
-    service: str,
-    previous_owner: str = "",
-) -> None:
-    """Handle an entry delivered before, unless it is gone from the stream or has been tried too often."""
-    if not fields:  # trimmed from the stream while pending: nothing left to process
-        await redis.xack(stream, group, entry_id)
-        return
-    history = await redis.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
-    times = int(history[0]["times_delivered"]) if history else 1
-    if times > failover.max_deliveries:
-        owner = previous_owner or history[0]["consumer"]
-        error = f"poison: delivered {times} times (limit {failover.max_deliveries}); last held by {owner}"
-        await dead_letter(redis, failover.dlq, stream, group, entry_id, fields, error, service)
-        log.error("entry dead-lettered after too many deliveries", stream=stream, entry_id=entry_id, times=times)
-        return
-    await _handle_one(handle, entry_id, fields, log)
+        await _handle_one(self.handle, entry_id, fields, self.log)
 
 
 async def _handle_one(handle: Handler, entry_id: str, fields: dict[str, str], log: Any) -> None:
