@@ -27,9 +27,11 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
-# The property suites with many more examples (minutes, not seconds).
+# The property suites with many more examples: 50 fault/restart sequences and 10,000 runs of the invariant
+# model (about an hour on 2 cores).
 test-long: $(STAMP)
-	QT_PROPERTY_EXAMPLES=50 $(BIN)/pytest --timeout=3600 tests/integration/test_order_properties.py
+	QT_PROPERTY_EXAMPLES=50 QT_MODEL_EXAMPLES=10000 $(BIN)/pytest --timeout=7200 -p no:logging \
+		tests/integration/test_order_properties.py tests/integration/test_invariant_model.py
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -x -q tests/unit

@@ -192,7 +192,8 @@ class Chain:
     urls: dict[str, str] = field(default_factory=dict)  # per service, e.g. its ACL user's; default: settings
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     services: dict[str, Any] = field(default_factory=dict)
-    _clients: list[Any] = field(default_factory=list)
+    _clients: dict[str, list[Any]] = field(default_factory=dict)  # per instance: closed when it stops
+    _closing: list[asyncio.Future[None]] = field(default_factory=list)
 
     async def start(self, *names: str) -> None:
         for name in names or ("brain", "governor", "apply"):
@@ -204,14 +205,14 @@ class Chain:
 
     async def start_one(self, name: str, consumer: str = "") -> Any:
         client = aioredis.Redis.from_url(self.urls.get(name, self.settings.redis_url), decode_responses=True)
-        self._clients.append(client)
         key = consumer or name
+        self._clients[key] = [client]
         consumer = consumer or f"{name}-test"
         if name == "governor":
             service: Any = GovernorService(self.settings, client, consumer=consumer)
         else:
             exchange = make_exchange(self.settings.exchange, SIM_KEY, SIM_SECRET, self.settings.exchange.sim_url)
-            self._clients.append(exchange)
+            self._clients[key].append(exchange)
             cls = ApplyService if name == "apply" else BrainService
             service = cls(self.settings, client, exchange, consumer=consumer)
         self.services[key] = service
@@ -223,14 +224,19 @@ class Chain:
         await asyncio.sleep(0.05)  # let it reach its blocking read
         return service
 
-    async def crash(self, name: str) -> None:
-        """Stop a service abruptly (its task is cancelled wherever it is; pending entries stay pending)."""
+    async def crash(self, name: str, *, keep_connections: bool = False) -> None:
+        """Stop a service abruptly (its task is cancelled wherever it is; pending entries stay pending).
+        ``keep_connections`` leaves its store and exchange clients open, for a test that drives its handlers."""
         task = self.tasks.pop(name)
         await cancel_and_wait([task])
         if not task.done():  # a service that ignores cancellation is a bug: show where it is stuck
             for other in asyncio.all_tasks():
                 other.print_stack()
             raise AssertionError(f"{name} did not stop within 10 s of cancellation")
+        # a crashed process's connections go with it (and a long run must not pile up ccxt instances); ccxt's
+        # close waits 250 ms for its sessions, so it finishes in the background (awaited in stop())
+        for client in [] if keep_connections else self._clients.pop(name, []):
+            self._closing.append(asyncio.ensure_future(_close(client)))
 
     async def restart(self, name: str) -> Any:
         await self.crash(name)
@@ -239,9 +245,15 @@ class Chain:
     async def stop(self) -> None:
         for name in list(self.tasks):
             await self.crash(name)
-        for client in self._clients:
-            with suppress(Exception):
-                await (client.close() if isinstance(client, BinanceFutures) else client.aclose())
+        for name in list(self._clients):
+            self._closing += [asyncio.ensure_future(_close(c)) for c in self._clients.pop(name)]
+        await asyncio.gather(*self._closing)
+        self._closing.clear()
+
+
+async def _close(client: Any) -> None:
+    with suppress(Exception):
+        await (client.close() if isinstance(client, BinanceFutures) else client.aclose())
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from quantum_trader import __version__
 from quantum_trader.bus import keys
 from quantum_trader.bus.embedded import EmbeddedStore
 from quantum_trader.runtime import Runtime, clear_runtime, write_runtime
-from quantum_trader.secrets import ensure_local_secrets, key_dir, read_secret_file
+from quantum_trader.secrets import ensure_local_secrets, key_dir, read_secret_file, write_secret_file
 from quantum_trader.settings import Settings
 
 SERVICES = ("brain", "governor", "apply")
@@ -105,6 +105,7 @@ class LocalSystem:
     env: dict[str, str] = field(default_factory=dict)
     persist_store: bool = True
     inherit_config: bool = True  # pass this process's QT_* settings to the children (qt up); not for private ones
+    sim_args: list[str] = field(default_factory=list)  # extra `qt sim-exchange` options (e.g. raised limits)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     store: EmbeddedStore | None = None
     redis_url: str = ""  # as recorded in runtime.json: no credentials
@@ -121,11 +122,9 @@ class LocalSystem:
             self.redis_url = self.settings.redis_url
             self.urls = dict.fromkeys((*SERVICES, "operator", "admin"), self.redis_url)
         else:
-            self.store = EmbeddedStore(self.settings.state_dir / "valkey", persist=self.persist_store)
-            self.redis_url = self.store.start()
-            self._lock_down_store()
+            self.start_store()
         self.sim_url = f"http://127.0.0.1:{self.ports.sim}"
-        self._spawn("sim", ["sim-exchange", "--port", str(self.ports.sim), "--admin"])
+        self._spawn("sim", ["sim-exchange", "--port", str(self.ports.sim), "--admin", *self.sim_args])
         self._wait_http(f"{self.sim_url}/fapi/v1/ping", "sim")
         write_runtime(
             self.settings,
@@ -138,26 +137,19 @@ class LocalSystem:
             ),
         )
 
-    def _lock_down_store(self) -> None:
-        """One ACL user per service on the embedded store, the password-less default user switched off."""
-        import asyncio
-
-        import redis.asyncio as aioredis
-
-        from quantum_trader.bus.acl import ROLES, USERS, apply_acl
+    def start_store(self, port: int | None = None) -> None:
+        """Start (or restart, on the same port and data) the embedded store. It loads an ACL file with one user
+        per service (and PING only for the anonymous default user), so its users survive restarts too."""
+        from quantum_trader.bus.acl import ROLES, USERS, acl_file
         from quantum_trader.bus.connection import acl_password_file, with_credentials
 
         passwords = {role: read_secret_file(acl_password_file(self.settings, role)) for role in ROLES}
-
-        async def lock() -> None:
-            # A restarted store has its data (AOF) but not its users: they are set again every time.
-            client = aioredis.Redis.from_url(self.redis_url)
-            try:
-                await apply_acl(client, passwords, disable_default=True)
-            finally:
-                await client.aclose()
-
-        asyncio.run(lock())
+        aclfile = key_dir(self.settings) / "users.acl"
+        write_secret_file(aclfile, acl_file(passwords, with_admin=True))
+        self.store = EmbeddedStore(
+            self.settings.state_dir / "valkey", persist=self.persist_store, port=port, aclfile=aclfile
+        )
+        self.redis_url = self.store.start()
         for role in ROLES:
             user = USERS[role].name if role in USERS else "qt-admin"
             self.urls[role] = with_credentials(self.redis_url, user, acl_password_file(self.settings, role))

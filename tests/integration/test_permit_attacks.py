@@ -4,18 +4,16 @@ nothing on them; a genuine permit is used once even when two Apply instances rac
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
-import msgspec
 import pytest
+from forgery import ATTACKS, EXPECTED, p33_permit
 
-from conftest import GOVERNOR_KEY, P33_KEY, Chain, make_settings, set_position, sim_orders, wait_key
+from conftest import GOVERNOR_KEY, Chain, make_settings, set_position, sim_orders, wait_key
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.domain import reasons
-from quantum_trader.domain.models import GovernorPermit, P33Permit, Plan, from_fields
-from quantum_trader.domain.permits import encode_permit, sign
+from quantum_trader.domain.models import Plan, from_fields
 
 pytestmark = pytest.mark.integration
 
@@ -25,73 +23,10 @@ def settings(tmp_path: Path, store_url: str, sim):
     return make_settings(tmp_path, store_url, sim.url, apply={"permit_wait_ms": 1500, "metrics_port": 0})
 
 
-def governor_permit(plan: Plan, key: str = GOVERNOR_KEY, **changes) -> str:
-    permit = GovernorPermit(
-        granted=True,
-        plan_id=plan.plan_id,
-        plan_hash=plan.plan_hash,
-        issuer="governor",
-        reason="policy_passed",
-        created_at=time.time(),
-    )
-    permit = msgspec.structs.replace(permit, **changes)
-    return encode_permit(sign(permit, key.encode())).decode()
-
-
-def p33_permit(plan: Plan, key: str = P33_KEY, **changes) -> str:
-    permit = P33Permit(
-        allow=True,
-        symbol=plan.symbol,
-        safe_close_qty=float(plan.qty),
-        exchange_position_amt=float(plan.qty),
-        ledger_amt=float(plan.qty),
-        created_at=time.time(),
-        reason="sanity_checks_passed",
-        plan_id=plan.plan_id,
-        plan_hash=plan.plan_hash,
-        issuer="p33",
-    )
-    permit = msgspec.structs.replace(permit, **changes)
-    return encode_permit(sign(permit, key.encode())).decode()
-
-
-def tampered(raw: str, **changes) -> str:
-    """A genuinely signed permit with fields changed afterwards (the signature no longer matches)."""
-    doc = msgspec.json.decode(raw)
-    doc.update(changes)
-    return msgspec.json.encode(doc).decode()
-
-
 async def published_plan(rds, symbol: str) -> tuple[ops.Submitted, Plan]:
     sub = await ops.propose(rds, symbol, "FULL_CLOSE")
     await wait_key(rds, keys.plan_record(sub.plan_id))
     return sub, from_fields(Plan, await rds.hgetall(keys.plan_record(sub.plan_id)))
-
-
-ATTACKS = {
-    "unsigned": lambda plan, other: tampered(governor_permit(plan), sig=""),
-    "wrong_key": lambda plan, other: governor_permit(plan, key="attacker-key"),
-    "signed_with_p33_key": lambda plan, other: governor_permit(plan, key=P33_KEY),
-    "replayed_from_other_plan": lambda plan, other: governor_permit(other),
-    "expired": lambda plan, other: governor_permit(plan, created_at=time.time() - 3600),
-    "plan_hash_mismatch": lambda plan, other: governor_permit(plan, plan_hash="0" * 64),
-    "tampered_reason": lambda plan, other: tampered(governor_permit(plan), reason="trust me"),
-    "tampered_deny_to_grant": lambda plan, other: tampered(governor_permit(plan, granted=False), granted=True),
-    "wrong_issuer": lambda plan, other: governor_permit(plan, issuer="apply"),
-    "garbage": lambda plan, other: "\x00not json",
-}
-EXPECTED = {
-    "unsigned": reasons.BAD_SIGNATURE,
-    "wrong_key": reasons.BAD_SIGNATURE,
-    "signed_with_p33_key": reasons.BAD_SIGNATURE,
-    "replayed_from_other_plan": reasons.PLAN_MISMATCH,
-    "expired": reasons.EXPIRED_PERMIT,
-    "plan_hash_mismatch": reasons.PLAN_MISMATCH,
-    "tampered_reason": reasons.BAD_SIGNATURE,
-    "tampered_deny_to_grant": reasons.BAD_SIGNATURE,
-    "wrong_issuer": reasons.WRONG_ISSUER,
-    "garbage": reasons.MALFORMED_PERMIT,
-}
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))

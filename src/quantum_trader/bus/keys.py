@@ -103,6 +103,12 @@ def p33_symbol_in_flight(symbol: str) -> str:
     return f"quantum:p33:inflight:{symbol}"
 
 
+def p33_result_seen(plan_id: str) -> str:
+    """Set when P3.3's ledger follower has seen the plan's result: an allow decided after that (the Governor
+    denied first and the result went by) sets no in-flight mark, as no result would ever release it."""
+    return f"quantum:p33:seen:{plan_id}"
+
+
 # How long the per-plan bookkeeping lives. A day is far beyond any permit window (60 s) and any restart,
 # so a redelivered proposal always finds its plan's markers, yet the store does not grow without bound.
 PLAN_BOOKKEEPING_TTL_S = 24 * 3600

@@ -7,7 +7,8 @@ consume_permits: both permits are exactly the ones Apply verified, the plan was 
     state → nothing changes.
 issue_permit: the first decision per issuer and plan wins (claim key, SET NX); the winner's permit, its audit
     entry and an optional marker (P3.3's order-in-flight key) are written together, and the plan entry is
-    acknowledged in the same transaction. A later decision only acknowledges.
+    acknowledged in the same transaction. A later decision only acknowledges. The marker is not set when the
+    key ``mark_unless`` exists (P3.3: its ledger follower has already seen the plan's result).
 publish_result: the plan has no result yet → publish it, set the result marker, free the symbol; always
     close the order intent; the proposal is acknowledged in the same transaction. A second publisher (a
     redelivery, a racing Apply) changes nothing.
@@ -38,8 +39,8 @@ redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
 for _, issuer in ipairs({'governor', 'p33'}) do
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'plan_id', ARGV[5], 'issuer', 'apply',
-             'decision', 'consumed', 'reason', issuer, 'at', ARGV[6], 'latency_ms', ARGV[9],
-             'symbol', ARGV[7])
+             'decision', 'consumed', 'reason', issuer, 'subject', issuer, 'at', ARGV[6],
+             'latency_ms', ARGV[9], 'symbol', ARGV[7])
 end
 return 'ok'
 """
@@ -62,7 +63,7 @@ if not claimed then
   if owner ~= ARGV[1] then return {0, owner or ''} end
 end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[5])
-if ARGV[6] ~= '' then redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7]) end
+if ARGV[6] ~= '' and redis.call('EXISTS', KEYS[5]) == 0 then redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7]) end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 8))
 return {1, ARGV[1]}
 """
@@ -111,12 +112,13 @@ class Scripts:
         mark_key: str = "",
         mark_value: str = "",
         mark_ttl_s: int = 0,
+        mark_unless: str = "",
     ) -> tuple[bool, str]:
         """Write the permit if this issuer's claim on the plan is ours; ack the plan entry either way (one
-        MULTI). Returns (written, claim owner)."""
+        MULTI). ``mark_key`` is set unless the key ``mark_unless`` exists. Returns (written, claim owner)."""
         async with self._redis.pipeline(transaction=True) as pipe:
             await self._issue(
-                keys=[claim_key, permit_key, keys.AUDIT_STREAM, mark_key or claim_key],
+                keys=[claim_key, permit_key, keys.AUDIT_STREAM, mark_key or claim_key, mark_unless or claim_key],
                 args=[
                     claim_value,
                     keys.PLAN_BOOKKEEPING_TTL_S,

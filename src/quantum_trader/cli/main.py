@@ -167,8 +167,13 @@ def brain_reconcile_cmd() -> None:
 def sim_exchange_cmd(
     port: Annotated[int | None, typer.Option(help="port on 127.0.0.1 (default QT_EXCHANGE__SIM_PORT, 8041)")] = None,
     admin: Annotated[bool, typer.Option(help="enable the /_sim admin API (token in the state dir)")] = False,
+    weight_limit: Annotated[int, typer.Option(min=1, help="REQUEST_WEIGHT per minute (Binance: 2400)")] = 2400,
+    orders_10s_limit: Annotated[int, typer.Option(min=1, help="ORDERS per 10 s (Binance: 300)")] = 300,
+    orders_1m_limit: Annotated[int, typer.Option(min=1, help="ORDERS per minute (Binance: 1200)")] = 1200,
 ) -> None:
-    """Run the Binance-USD-M-compatible simulator (REST, HMAC-signed, Binance's error codes)."""
+    """Run the Binance-USD-M-compatible simulator (REST, HMAC-signed, Binance's error codes).
+
+    The limits are stated in exchangeInfo ``rateLimits`` as Binance does, and clients take them from there."""
     from quantum_trader.exchange.sim.server import SimConfig, serve
     from quantum_trader.secrets import ensure_local_secrets, exchange_credentials, key_dir, read_secret_file
 
@@ -180,7 +185,17 @@ def sim_exchange_cmd(
     token = read_secret_file(key_dir(settings) / "sim-admin.token") if admin else None
     port = port or settings.exchange.sim_port
     print(f"simulator on http://127.0.0.1:{port} (admin API {'on' if admin else 'off'})", flush=True)
-    serve(SimConfig(port=port, api_key=key, api_secret=secret, admin_token=token))
+    serve(
+        SimConfig(
+            port=port,
+            api_key=key,
+            api_secret=secret,
+            admin_token=token,
+            weight_limit_1m=weight_limit,
+            orders_limit_10s=orders_10s_limit,
+            orders_limit_1m=orders_1m_limit,
+        )
+    )
 
 
 @exchange_app.command("check")
@@ -279,6 +294,26 @@ def _where(system: Any) -> str:
             "Ctrl-C stops everything.",
         ]
     )
+
+
+@app.command("chaos")
+def chaos_cmd(
+    plans: Annotated[int, typer.Option(min=1, help="how many plans to send")] = 1000,
+    rate: Annotated[float, typer.Option(min=0.5, help="plans per second")] = 20.0,
+    seed: Annotated[int, typer.Option(help="seed of the random kills")] = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Run a private chain while killing its services (SIGKILL) and once its store; check the promises.
+
+    Exit 1 if any plan was lost or doubled, any order duplicated or executed without two permits, or recovery
+    after the store restart took more than 2 s. Loopback only; bounded by the plan count and rate.
+    """
+    from quantum_trader.cli.chaos import print_report, run_chaos
+
+    settings = settings_or_exit()
+    report, state_dir = run_chaos(settings, plans, rate, seed)
+    print_report(report, state_dir, json_out)
+    raise typer.Exit(0 if report.ok else EXIT_FAILED)
 
 
 @app.command("demo")

@@ -8,7 +8,8 @@ between modes. On top of ccxt it keeps:
   ``TIME_RESYNC_S``, and at once after a -1021; signed requests carry exchange time;
 - the exchange's limits: every request waits on a ``RateGuard`` fed by Binance's own counters; a 418 stops
   all traffic until the ban ends;
-- exchangeInfo filters, cached for an hour and reloaded after a precision or quantity rejection.
+- exchangeInfo filters and the account's rate limits, cached for an hour and reloaded after a precision or
+  quantity rejection.
 
 ccxt is imported lazily: it is heavy (~1 s, ~70 MB) and only the processes that trade need it.
 """
@@ -16,6 +17,7 @@ ccxt is imported lazily: it is heavy (~1 s, ~70 MB) and only the processes that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from decimal import Decimal
 from typing import Any
@@ -33,7 +35,7 @@ from quantum_trader.exchange.base import (
     Throttled,
 )
 from quantum_trader.exchange.errors import binance_code, classify_order_error, classify_read_error, truncate
-from quantum_trader.exchange.replies import parse_filters, parse_order, parse_position
+from quantum_trader.exchange.replies import parse_filters, parse_order, parse_position, parse_rate_limits
 from quantum_trader.exchange.throttle import Banned, RateGuard
 from quantum_trader.settings import ExchangeSettings
 
@@ -43,6 +45,9 @@ TIMESTAMP_OUTSIDE_WINDOW = -1021
 FILTER_CODES = frozenset({-1111, -4003, -4004, -4005})  # a rejection that says our filters may be out of date
 FILTERS_MAX_AGE_S = 3600.0  # exchangeInfo changes rarely; an hour keeps step sizes current without cost
 TIME_RESYNC_S = 600.0  # clocks drift by milliseconds per hour; ten minutes keeps well inside recvWindow
+# A read waits at most this long for room under the limits, then fails (ExchangeUnavailable): a plan is better
+# skipped now with "position unavailable" than decided on a read that arrives a minute late.
+READ_MAX_WAIT_MS = 2000.0
 
 # Request weights (Binance USD-M documentation).
 WEIGHTS = {
@@ -178,6 +183,11 @@ class BinanceFutures:
         self, method: str, params: dict[str, Any], weight: int, orders: int = 0, deadline_ms: float | None = None
     ) -> Any:
         """Wait for room under the exchange's limits (not past ``deadline_ms``), then send."""
+        if not self._filters_at and method != "fapiPublicGetExchangeInfo":
+            # exchangeInfo (public, unsigned) states this account's rate limits: learn them before the first
+            # reply's used-weight header is compared against limits we only assumed
+            with contextlib.suppress(ExchangeError):
+                await self.filters()
         while True:
             try:
                 wait = self.guard.wait_ms(self.now_ms(), weight, orders)
@@ -200,11 +210,12 @@ class BinanceFutures:
             raise
 
     async def _read(self, method: str, params: dict[str, Any], weight: int) -> Any:
-        """A read: on -1021 resync the clock and try once more; every failure is ExchangeUnavailable."""
+        """A read: on -1021 resync the clock and try once more; every failure is ExchangeUnavailable (or
+        Throttled when the limits leave no room within ``READ_MAX_WAIT_MS``)."""
         for attempt in (1, 2):
             try:
-                return await self._call(method, params, weight)
-            except ExchangeBanned:
+                return await self._call(method, params, weight, deadline_ms=self.now_ms() + READ_MAX_WAIT_MS)
+            except (ExchangeBanned, Throttled):
                 raise
             except Exception as exc:
                 error = classify_read_error(exc)
@@ -257,6 +268,7 @@ class BinanceFutures:
         if refresh or not self._filters or time.monotonic() - self._filters_at > FILTERS_MAX_AGE_S:
             info = await self._read("fapiPublicGetExchangeInfo", {}, WEIGHTS["exchangeInfo"])
             self._filters = parse_filters(info)
+            self.guard.adopt_limits(parse_rate_limits(info))
             self._filters_at = time.monotonic()
         return self._filters
 

@@ -89,3 +89,24 @@ def parse_filters(info: Any) -> dict[str, SymbolFilters]:
             min_notional=notional if notional.is_finite() else Decimal(0),
         )
     return result
+
+
+def parse_rate_limits(info: Any) -> dict[str, int]:
+    """The account's limits from exchangeInfo ``rateLimits``, as RateGuard field names. Only the windows the
+    guard tracks are taken (weight per minute, orders per 10 s and per minute); unusable entries are skipped,
+    so a partial or odd reply keeps Binance's documented defaults for what it does not state."""
+    wanted: dict[tuple[Any, Any, Any], str] = {
+        ("REQUEST_WEIGHT", "MINUTE", 1): "weight_limit",
+        ("ORDERS", "SECOND", 10): "orders_10s_limit",
+        ("ORDERS", "MINUTE", 1): "orders_1m_limit",
+    }
+    entries = info.get("rateLimits") if isinstance(info, dict) else None
+    limits: dict[str, int] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        name = wanted.get((entry.get("rateLimitType"), entry.get("interval"), entry.get("intervalNum")))
+        limit = entry.get("limit")
+        if name and isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            limits[name] = limit
+    return limits

@@ -5,6 +5,7 @@ Binance counts request weight per clock minute (REQUEST_WEIGHT 2400) and orders 
 ``X-MBX-ORDER-COUNT-1M``). Past a limit it answers 429 with ``Retry-After``; a client that keeps going gets
 418, an IP ban of minutes to days. So:
 
+- the limits themselves are the ones exchangeInfo states for the account (Binance's defaults until loaded);
 - before a request, wait until it fits under ``safety`` x the limits (the counts reset on the window edge);
 - after a 429, send nothing until ``Retry-After`` has passed;
 - after a 418, send nothing at all until the ban ends, and say so loudly: this is an alert, not a retry.
@@ -46,6 +47,12 @@ class RateGuard:
     order_minute: int = -1
     blocked_until_ms: float = 0.0
     banned_until_ms: float = 0.0
+
+    def adopt_limits(self, limits: Mapping[str, int]) -> None:
+        """Take the limits the exchange states for this account (exchangeInfo ``rateLimits``)."""
+        for name in ("weight_limit", "orders_10s_limit", "orders_1m_limit"):
+            if name in limits:
+                setattr(self, name, limits[name])
 
     def _roll(self, now_ms: float) -> None:
         minute, ten_s = int(now_ms // 60_000), int(now_ms // 10_000)

@@ -25,7 +25,7 @@ from quantum_trader.settings import Settings
 
 STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 5.0
+BACKOFF_MAX_S = 1.0  # a store coming back is used within a second (the chaos run's recovery bound is 2 s)
 
 Handler = Callable[[str, dict[str, str]], Awaitable[None]]
 
@@ -50,7 +50,7 @@ def consumer_name(configured: str, service: str) -> str:
 
 
 class Backoff:
-    """Exponential backoff for store reconnects: 0.1 s doubling to 5 s, reset on success."""
+    """Exponential backoff for store reconnects: 0.1 s doubling to 1 s, reset on success."""
 
     def __init__(self) -> None:
         self.delay = BACKOFF_START_S

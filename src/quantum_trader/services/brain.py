@@ -45,7 +45,10 @@ from quantum_trader.services.base import STORE_ERRORS, Backoff, Service, cancel_
 from quantum_trader.services.metrics import BrainMetrics
 from quantum_trader.settings import Settings
 
+# The result of plan ARGV[1] has been seen: remember that (an allow decided later must not mark the symbol) and
+# free the symbol if this plan holds it. One script, so no allow can slip between the two.
 RELEASE_IN_FLIGHT = """
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -288,7 +291,10 @@ class BrainService(Service):
         if result.executed:
             await self._apply_to_ledger(result, entry_id)
             self._refresh.set()
-        await self._release(keys=[keys.p33_symbol_in_flight(result.symbol)], args=[result.plan_id])
+        await self._release(
+            keys=[keys.p33_symbol_in_flight(result.symbol), keys.p33_result_seen(result.plan_id)],
+            args=[result.plan_id, keys.PLAN_BOOKKEEPING_TTL_S],
+        )
         await self.redis.xack(keys.RESULT_STREAM, keys.LEDGER_GROUP, entry_id)
 
     async def _apply_to_ledger(self, result: Result, entry_id: str) -> None:
@@ -400,4 +406,6 @@ class BrainService(Service):
             mark_key=keys.p33_symbol_in_flight(plan.symbol) if verdict.allow else "",
             mark_value=plan.plan_id,
             mark_ttl_s=int(self.settings.brain.cooldown_s) or 1,
+            # the Governor may have denied already and the result gone by: then no result will release a mark
+            mark_unless=keys.p33_result_seen(plan.plan_id),
         )

@@ -531,11 +531,17 @@ def admin_state(state: SimState, request: Request, data: Any) -> Json:
 
 
 def admin_orders(state: SimState, request: Request, data: Any) -> list[Json]:
+    """Every order, oldest first; ``symbol`` and ``from_id`` (orderId at least) narrow it for long runs."""
     symbol = request.query_params.get("symbol")
     engine = state.engine
     if symbol:
         engine.spec(symbol)
-    return [shapes.order_json(engine, order, query=True) for order in engine.orders(symbol)]
+    try:
+        from_id = int(request.query_params.get("from_id", "0"))
+    except ValueError:
+        raise EngineError(-1102, "Parameter 'from_id' was not a valid integer.") from None
+    orders = [o for o in engine.orders(symbol) if o.order_id >= from_id]
+    return [shapes.order_json(engine, order, query=True) for order in orders]
 
 
 def admin_reset(state: SimState, request: Request, data: Any) -> Json:
