@@ -24,8 +24,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/pytest
+# The dashboard test drives Debian's Chromium; install it when missing (needs root and Debian's packages).
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "no $(CHROMIUM) and no apt-get: install Chromium, or set CHROMIUM"; exit 1; }
+	(apt-get install -y --no-install-recommends chromium || (apt-get update && apt-get install -y --no-install-recommends chromium))
+
+test: lint $(CHROMIUM)
+	QT_CHROMIUM=$(CHROMIUM) $(BIN)/pytest
 
 # The property suites with many more examples: 50 fault/restart sequences and 10,000 runs of the invariant
 # model (about an hour on 2 cores).

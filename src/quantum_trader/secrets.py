@@ -63,6 +63,18 @@ def permit_key(settings: Settings, issuer: str) -> bytes:
     return secret.encode()
 
 
+def web_operator_token(settings: Settings) -> str:
+    """The token the dashboard asks for before it flips the kill switch."""
+    web = settings.web
+    return _resolve(
+        web.operator_token,
+        web.operator_token_file,
+        key_dir(settings) / "web-operator.token",
+        "dashboard operator token",
+        "QT_WEB__OPERATOR_TOKEN",
+    )
+
+
 def exchange_credentials(settings: Settings) -> tuple[str, str]:
     ex = settings.exchange
     mode_dir = key_dir(settings)
@@ -88,7 +100,7 @@ def ensure_local_secrets(settings: Settings) -> None:
     directory = key_dir(settings)
     from quantum_trader.bus.acl import ROLES
 
-    names = ["governor.key", "p33.key", "sim-api.key", "sim-api.secret", "sim-admin.token"]
+    names = ["governor.key", "p33.key", "sim-api.key", "sim-api.secret", "sim-admin.token", "web-operator.token"]
     names += [f"acl-{role}.pass" for role in ROLES]
     for name in names:
         path = directory / name

@@ -137,6 +137,20 @@ class ExchangeSettings(_Section):
     timeout_ms: int = Field(5000, ge=100, le=120_000)
 
 
+class WebSettings(_Section):
+    """The dashboard (`qt web`, started by `qt up`).
+
+    port / host: where it listens (loopback by default: put a TLS proxy in front to reach it from elsewhere).
+    operator_token: what the page must send to flip the kill switch; or ``operator_token_file`` (0600). Without
+        either, ``<state dir>/secrets/web-operator.token``, which `qt up` generates.
+    """
+
+    port: int = Field(8040, ge=0, le=65535)
+    host: str = "127.0.0.1"
+    operator_token: SecretStr | None = None
+    operator_token_file: Path | None = None
+
+
 class KeySettings(_Section):
     """Permit signing keys (HMAC-SHA256), one per issuer. From the environment, or a 0600 file.
 
@@ -191,6 +205,7 @@ class Settings(BaseSettings):
     brain: BrainSettings = Field(default_factory=BrainSettings)
     exchange: ExchangeSettings = Field(default_factory=ExchangeSettings)
     keys: KeySettings = Field(default_factory=KeySettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     _split = field_validator("symbols", mode="before")(_split_symbols)
 

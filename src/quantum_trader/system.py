@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
@@ -23,7 +23,7 @@ import redis
 from quantum_trader import __version__
 from quantum_trader.bus import keys
 from quantum_trader.bus.embedded import EmbeddedStore
-from quantum_trader.runtime import Runtime, clear_runtime, write_runtime
+from quantum_trader.runtime import Runtime, clear_runtime, read_runtime, write_runtime
 from quantum_trader.secrets import ensure_local_secrets, key_dir, read_secret_file, write_secret_file
 from quantum_trader.settings import Settings
 
@@ -47,6 +47,7 @@ class Ports:
     apply: int = 8043
     governor: int = 8044
     brain: int = 8045
+    web: int = 0  # the dashboard; 0: not started (private systems)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Ports:
@@ -55,6 +56,7 @@ class Ports:
             settings.apply.metrics_port,
             settings.governor.metrics_port,
             settings.brain.metrics_port,
+            settings.web.port,
         )
 
     @classmethod
@@ -111,6 +113,7 @@ class LocalSystem:
     redis_url: str = ""  # as recorded in runtime.json: no credentials
     urls: dict[str, str] = field(default_factory=dict)  # per role ("apply", …, "operator", "admin"), with ACL
     sim_url: str = ""
+    web_url: str = ""
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     # --- lifecycle --------------------------------------------------------------------------------------
@@ -158,6 +161,17 @@ class LocalSystem:
         for service in services:
             self.start_service(service)
 
+    def start_web(self) -> None:
+        """The dashboard (when ``ports.web`` is set), recorded in runtime.json for other terminals."""
+        if not self.ports.web:
+            return
+        self.web_url = f"http://127.0.0.1:{self.ports.web}"
+        self._spawn("web", ["web", "--port", str(self.ports.web)])
+        self._wait_http(f"{self.web_url}/healthz", "web")
+        runtime = read_runtime(self.settings)
+        if runtime is not None:
+            write_runtime(self.settings, replace(runtime, web_url=self.web_url))
+
     def start_service(self, service: str) -> None:
         self._spawn(service, [service])
         self._wait_ready(service)
@@ -174,7 +188,7 @@ class LocalSystem:
             process.wait()
 
     def stop(self) -> None:
-        for service in (*reversed(SERVICES), "sim"):
+        for service in ("web", *reversed(SERVICES), "sim"):
             self.stop_service(service)
         if self.store is not None:
             self.store.stop()
@@ -207,6 +221,7 @@ class LocalSystem:
                 "QT_APPLY__METRICS_PORT": str(self.ports.apply),
                 "QT_GOVERNOR__METRICS_PORT": str(self.ports.governor),
                 "QT_BRAIN__METRICS_PORT": str(self.ports.brain),
+                "QT_WEB__PORT": str(self.ports.web),
                 "QT_LOG_JSON": "1" if self.settings.log_json else "0",
                 "PYTHONUNBUFFERED": "1",
             }

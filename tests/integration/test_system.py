@@ -4,87 +4,19 @@ others, found through the state directory; then Ctrl-C stops everything."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import pytest
-
-from quantum_trader.system import free_port
+from programs import Up, program_env, qt
 
 pytestmark = pytest.mark.integration
 
 
-def qt(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "quantum_trader", *args],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
-    base.update(
-        {
-            "QT_STATE_DIR": str(tmp_path / "state"),
-            "QT_EXCHANGE__SIM_PORT": str(free_port()),
-            "QT_APPLY__METRICS_PORT": str(free_port()),
-            "QT_GOVERNOR__METRICS_PORT": str(free_port()),
-            "QT_BRAIN__METRICS_PORT": str(free_port()),
-            "QT_BRAIN__SNAPSHOT_INTERVAL_S": "1",
-            "QT_GOVERNOR__COOLDOWN_S": "2",  # proof waits out cooldowns of symbols the test just traded
-        }
-    )
-    return base
-
-
-class Up:
-    """`qt up` in the background, its output collected line by line (the pipe must be drained)."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "quantum_trader", "up"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, text: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(text in line for line in self.lines):
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"`qt up` never printed {text!r}; output:\n" + "\n".join(self.lines[-60:]))
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-        code = self.process.wait(timeout=60)
-        self._reader.join(timeout=5)
-        return code
+    return program_env(tmp_path)
 
 
 def test_up_then_propose_from_another_process_closes_the_position(env: dict[str, str], tmp_path: Path) -> None:
@@ -105,6 +37,12 @@ def test_up_then_propose_from_another_process_closes_the_position(env: dict[str,
         assert 'p33_permits_total{decision="allow",reason="sanity_checks_passed"} 1.0' in p33
         governor = httpx.get(f"http://127.0.0.1:{env['QT_GOVERNOR__METRICS_PORT']}/metrics").text
         assert 'qt_governor_permits_total{decision="allow",reason="policy_passed"} 1.0' in governor
+        assert 'p33_ledger_drift{symbol="BTCUSDT"}' in p33 and "qt_build_info{python=" in governor
+        for service in ("APPLY", "GOVERNOR", "BRAIN"):
+            base = f"http://127.0.0.1:{env[f'QT_{service}__METRICS_PORT']}"
+            assert httpx.get(f"{base}/healthz").status_code == 200
+            ready = httpx.get(f"{base}/readyz")
+            assert (ready.status_code, ready.text) == (200, "ok: deciding\n"), service
 
         status = json.loads(qt("status", "--json", env=env).stdout)
         assert sorted(s["service"] for s in status["services"] if s["ready"]) == ["apply", "brain", "governor"]
@@ -114,6 +52,27 @@ def test_up_then_propose_from_another_process_closes_the_position(env: dict[str,
 
         again = qt("propose", "BTCUSDT", "--action", "FULL_CLOSE", "--wait", env=env)
         assert again.returncode == 1 and "no_position" in again.stdout  # nothing left to close
+
+        # the audit trail of that close, as an operator reads it back
+        consumed = json.loads(qt("audit", "--json", "--decision", "consumed", env=env).stdout)
+        assert {e["subject"] for e in consumed} == {"governor", "p33"}
+        plan_id = consumed[0]["plan_id"]
+        story = json.loads(qt("audit", plan_id, "--json", env=env).stdout)
+        steps = [(e["step"], e["actor"]) for e in story["events"]]
+        assert steps[:2] == [("proposal", "cli"), ("plan", "apply")] and steps[-2:] == [
+            ("result", "apply"),
+            ("ledger", "p33"),
+        ]
+        assert {a for s, a in steps if s == "decision"} == {"governor", "p33"}
+        table = qt("audit", plan_id, env=env).stdout
+        assert "EXECUTED: filled 0.010" in table and "ledger 0.010 -> 0.000 (result)" in table
+        day = json.loads(qt("report", "--since", "24h", "--json", env=env).stdout)
+        assert day["plans"] == 2 and day["executed"] == 1 and day["not_executed"] == {"skipped": 1}
+        assert day["allows"] == 2 and day["denies"] == 0 and day["wait_p50_ms"] > 0
+        assert day["service_starts"] == {"brain": 1, "governor": 1, "apply": 1}
+        assert "| executed | 1 |" in qt("report", "--markdown", env=env).stdout
+        bad = qt("report", "--since", "yesterday", env=env)
+        assert bad.returncode == 2 and "use a number and a unit" in bad.stderr
 
         proof = qt("proof", "--json", env=env, timeout=300)
         report = json.loads(proof.stdout)

@@ -90,6 +90,7 @@ USERS: dict[str, AclUser] = {
             "quantum:apply:*",
             "quantum:plan:*",
             "quantum:health:apply:*",
+            keys.SERVICE_EVENTS_STREAM,
         ),
         consumes=(keys.PROPOSAL_STREAM,),
     ),
@@ -102,6 +103,7 @@ USERS: dict[str, AclUser] = {
             "quantum:decided:governor:*",
             "quantum:governor:grants*",
             "quantum:health:governor:*",
+            keys.SERVICE_EVENTS_STREAM,
         )
         + _r(keys.KILL_SWITCH, keys.GOVERNOR_MODE, "quantum:position:snapshot:*"),
         consumes=(keys.PLAN_STREAM,),
@@ -118,6 +120,7 @@ USERS: dict[str, AclUser] = {
             "quantum:position:*",
             "quantum:p33:*",
             "quantum:health:brain:*",
+            keys.SERVICE_EVENTS_STREAM,
         ),
         consumes=(keys.PLAN_STREAM, keys.RESULT_STREAM),
     ),

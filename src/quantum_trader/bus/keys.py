@@ -42,6 +42,8 @@ APPLY_GROUP = "apply"
 GOVERNOR_GROUP = "governor"
 LEDGER_GROUP = "p33-ledger"  # P3.3's ledger follower on the result stream
 
+SERVICE_EVENTS_STREAM = "quantum:stream:service.events"  # each service's starts and clean stops (qt report)
+SERVICE_EVENTS_MAXLEN = 100_000
 OPS_AUDIT_STREAM = "quantum:stream:ops.audit"  # operator actions: kill switch, Governor mode, reconcile requests
 RECONCILE_REQUEST = "quantum:p33:reconcile_request"  # set by `qt brain reconcile`; the brain reconciles, deletes
 

@@ -163,6 +163,18 @@ def brain_reconcile_cmd() -> None:
     print("reconcile requested; the brain reconciles at its next snapshot poll")
 
 
+@app.command("web")
+def web_cmd(
+    port: Annotated[int | None, typer.Option(help="port on 127.0.0.1 (default QT_WEB__PORT, 8040)")] = None,
+) -> None:
+    """The live dashboard: plans with their permits and outcome, positions, ratios, latency, health, kill
+    switch (flipping it needs the operator token)."""
+    from quantum_trader.web.app import serve
+
+    settings = settings_or_exit()
+    serve(settings, settings.web.host, port or settings.web.port)
+
+
 @app.command("sim-exchange")
 def sim_exchange_cmd(
     port: Annotated[int | None, typer.Option(help="port on 127.0.0.1 (default QT_EXCHANGE__SIM_PORT, 8041)")] = None,
@@ -262,6 +274,7 @@ def up_cmd(
                 admin.set_position(symbol, amt)
             admin.close()
         system.start_services()
+        system.start_web()
         print(_where(system), flush=True)
         while not stop:
             time.sleep(0.5)
@@ -289,6 +302,8 @@ def _where(system: Any) -> str:
             f"  apply       metrics http://127.0.0.1:{p.apply}/metrics",
             f"  governor    metrics http://127.0.0.1:{p.governor}/metrics",
             f"  p33 brain   metrics http://127.0.0.1:{p.brain}/metrics",
+            f"  dashboard   {system.web_url or 'off (QT_WEB__PORT=0)'}"
+            + (" (kill switch token: <state dir>/secrets/web-operator.token)" if system.web_url else ""),
             f"  state dir   {system.settings.state_dir}",
             "try (in another terminal):  qt propose BTCUSDT --action FULL_CLOSE --wait",
             "Ctrl-C stops everything.",
@@ -432,7 +447,8 @@ def acl_cmd(
         bool, typer.Option(help="with --apply: switch the password-less default user off")
     ] = False,
 ) -> None:
-    """The per-service ACL users: print them as an ACL file (passwords as SHA-256), or create them (--apply).
+    """The per-service ACL users: print them as an ACL file (passwords as SHA-256; with an admin user and the
+    default user limited to PING), or create them (--apply).
 
     Passwords come from <state dir>/secrets/acl-<role>.pass (0600; generated when missing). Give each service
     its URL: redis://qt-apply:<password>@host:port, and so on.
@@ -445,7 +461,9 @@ def acl_cmd(
     ensure_local_secrets(settings)
     passwords = {role: read_secret_file(acl_password_file(settings, role)) for role in ROLES}
     if not apply:
-        print(acl_file(passwords), end="")
+        # as a store's aclfile: with the admin user and the anonymous default user limited to PING (an aclfile
+        # that leaves `default` out would leave it able to do everything)
+        print(acl_file(passwords, with_admin=True), end="")
         return
     if not settings.redis_url:
         fail("--apply needs QT_REDIS_URL (with an account allowed to run ACL)", EXIT_USAGE)
@@ -466,6 +484,64 @@ def status_cmd(json_out: Annotated[bool, typer.Option("--json", help="print as J
         print(json.dumps(status.as_dict(), indent=2))
     else:
         render(status)
+
+
+def _since(text: str) -> float:
+    from quantum_trader.cli.audit import parse_since
+
+    try:
+        return parse_since(text)
+    except OperatorError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+@app.command("audit")
+def audit_cmd(
+    plan_id: Annotated[str | None, typer.Argument(help="one plan's whole story; omit to list decisions")] = None,
+    since: Annotated[str, typer.Option(help="listing period: 90s, 15m, 1h, 24h, 7d")] = "1h",
+    symbol: Annotated[str | None, typer.Option(help="only this symbol")] = None,
+    issuer: Annotated[str | None, typer.Option(help="governor, operator, p33 or apply")] = None,
+    decision: Annotated[str | None, typer.Option(help="allow, deny, consumed, rejected or duplicate")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="at most this many (the newest)")] = 200,
+    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+) -> None:
+    """The audit trail: one plan's story in time order (proposal, plan, each decision with issuer, reason and
+    latency, consumption or rejection, order, result, ledger change), or the permit decisions of a period."""
+    from quantum_trader.cli import audit
+
+    settings = settings_or_exit()
+    if plan_id:
+        plan, events = with_store(settings, lambda r: audit.fetch_story(r, plan_id))
+        if json_out:
+            print(audit.story_json(plan, events))
+        else:
+            audit.print_story(plan, events)
+        return
+    seconds = _since(since)
+    entries = with_store(
+        settings,
+        lambda r: audit.fetch_decisions(r, seconds, symbol=symbol, issuer=issuer, decision=decision, limit=limit),
+    )
+    if json_out:
+        print(audit.decisions_json(entries))
+    else:
+        audit.print_decisions(entries, since)
+
+
+@app.command("report")
+def report_cmd(
+    since: Annotated[str, typer.Option(help="period: 90s, 15m, 1h, 24h, 7d")] = "24h",
+    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print as a markdown table")] = False,
+) -> None:
+    """The 24-hour check: plans, executions, timeouts by missing issuer, denies by reason, deny/allow ratio,
+    permit wait p50/p99, slowest plans, ledger drift events, service starts."""
+    from quantum_trader.cli import audit
+
+    settings = settings_or_exit()
+    seconds = _since(since)
+    report = with_store(settings, lambda r: audit.fetch_report(r, seconds))
+    audit.print_report(report, "json" if json_out else "markdown" if markdown else "table")
 
 
 @app.command("explain")

@@ -179,6 +179,8 @@ class BrainService(Service):
                 await self._write_ledger(symbol, ledger, updated, "reconcile")
                 changed += 1
         await self._write_snapshots(positions, now)
+        for symbol in positions:
+            self.metrics.ledger_drift.labels(symbol).set(0)  # the ledger was just set to the exchange
         self.log.info("ledger reconciled", symbols=len(positions), changed=changed)
         return changed
 
@@ -245,6 +247,8 @@ class BrainService(Service):
         await self._write_snapshots(positions, now)
         for symbol, position in positions.items():
             ledger, in_flight = before[symbol]
+            if ledger is not None:
+                self.metrics.ledger_drift.labels(symbol).set(float(position.amt - ledger.last_known_amt))
             if in_flight is None and adopt_outside_growth(ledger, position.amt, now) is not None:
                 await self._adopt(symbol, ledger, position.amt)
 

@@ -6,7 +6,13 @@ operators grep for ``p33``).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 
 # Permit waits range from ~1 ms (both issuers up) to the 1.2 s window; decisions from 0.1 ms to seconds.
 WAIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.5, 5.0)
@@ -146,6 +152,12 @@ class BrainMetrics:
             registry=registry,
         )
         self.ready = Gauge("p33_ready", "1 once the ledger is reconciled and permits are issued", registry=registry)
+        self.ledger_drift = Gauge(
+            "p33_ledger_drift",
+            "Exchange position minus ledger at the last snapshot poll, per symbol (0 when they agree)",
+            ["symbol"],
+            registry=registry,
+        )
         self.duplicates = Counter(
             "p33_duplicate_decisions", "Plans already decided by another instance", registry=registry
         )
@@ -161,7 +173,58 @@ class BrainMetrics:
         )
 
 
-def serve_metrics(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> None:
-    """Expose ``registry`` on ``host:port``/metrics; port 0 disables the endpoint."""
-    if port:
-        start_http_server(port, addr=host, registry=registry)
+def build_info(registry: CollectorRegistry, service: str) -> None:
+    """``qt_build_info{service, version, python} 1``: which release runs where (and a silent service shows as
+    an absent series)."""
+    import platform
+
+    from quantum_trader import __version__
+
+    info = Info("qt_build", "The running release", registry=registry)
+    info.info({"service": service, "version": __version__, "python": platform.python_version()})
+
+
+Probe = Callable[[], tuple[bool, str]]
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would drown the service's own log
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def probes_app(registry: CollectorRegistry, alive: Probe, ready: Probe) -> Callable[..., Iterable[bytes]]:
+    """``/metrics`` (Prometheus), ``/healthz`` (the process and its loop are alive) and ``/readyz`` (it decides:
+    connected to the store and, for P3.3, reconciled); 200 or 503 with the reason as text."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        probe = {"/healthz": alive, "/readyz": ready}.get(path)
+        if probe is None:
+            body: Iterable[bytes] = metrics(environ, start_response)
+            return body
+        ok, why = probe()
+        start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [f"{'ok' if ok else 'not ok'}: {why}\n".encode()]
+
+    return app
+
+
+def serve_metrics(
+    registry: CollectorRegistry,
+    port: int,
+    host: str = "127.0.0.1",
+    *,
+    alive: Probe | None = None,
+    ready: Probe | None = None,
+) -> None:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` from a daemon thread; port 0: none."""
+    if not port:
+        return
+    always: Probe = lambda: (True, "no probe")  # noqa: E731
+    server = make_server(host, port, probes_app(registry, alive or always, ready or always), _Server, _Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

@@ -6,12 +6,15 @@ The service classes stay free of process concerns so tests can run several of th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import signal
 import time
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
 
 from quantum_trader import __version__, logs
 from quantum_trader.bus import keys
@@ -20,7 +23,7 @@ from quantum_trader.exchange import open_exchange, sim_url_for
 from quantum_trader.exchange.base import ExchangeError
 from quantum_trader.exchange.check import HEDGE_HELP, MAX_SKEW_MS
 from quantum_trader.services.base import STORE_ERRORS, cancel_and_wait, consumer_name
-from quantum_trader.services.metrics import serve_metrics
+from quantum_trader.services.metrics import build_info, serve_metrics
 from quantum_trader.settings import Settings
 
 ServiceKind = Literal["apply", "governor", "brain"]
@@ -34,11 +37,46 @@ GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 async def group_backlog(redis: aioredis.Redis, stream: str, group: str) -> tuple[int, int]:
-    """(lag, pending) of a consumer group: entries not yet delivered, and delivered but not acknowledged."""
-    for info in await redis.xinfo_groups(stream):
+    """(lag, pending) of a consumer group: entries not yet delivered, and delivered but not acknowledged.
+    (0, 0) while the stream does not exist yet (a fresh store, before the first service created it)."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return 0, 0
+        raise
+    for info in groups:
         if info["name"] == group:
             return int(info.get("lag") or 0), int(info.get("pending") or 0)
     return 0, 0
+
+
+class LoopClock:
+    """When the service's event loop last completed a heartbeat round: a loop stuck for longer than a few rounds
+    (a blocking call, a deadlock) makes ``/healthz`` fail, so a supervisor can restart the process."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+
+    def tick(self) -> None:
+        self.at = time.monotonic()
+
+    def alive(self) -> tuple[bool, str]:
+        idle = time.monotonic() - self.at
+        return idle < 5 * keys.HEARTBEAT_INTERVAL_S, f"event loop last ticked {idle:.1f} s ago"
+
+
+LOOP = LoopClock()
+STORE_UP_METRIC = {"apply": "qt_apply_store_up", "governor": "qt_governor_store_up", "brain": "p33_store_up"}
+
+
+def readiness(kind: str, ready: asyncio.Event, registry: Any) -> tuple[bool, str]:
+    """Ready = deciding: connected to the store, and (P3.3) its ledger reconciled."""
+    if not ready.is_set():
+        return False, "reconciling the ledger with the exchange"
+    if registry.get_sample_value(STORE_UP_METRIC[kind]) != 1:
+        return False, "the store is not answering (deciding nothing meanwhile)"
+    return True, "deciding"
 
 
 async def heartbeat(redis: aioredis.Redis, service: str, consumer: str, ready: asyncio.Event, metrics: Any) -> None:
@@ -69,7 +107,25 @@ async def heartbeat(redis: aioredis.Redis, service: str, consumer: str, ready: a
             await redis.expire(key, keys.HEARTBEAT_TTL_S)
         except STORE_ERRORS:
             pass  # the service's own loops report the outage
+        except RedisError as exc:  # never let the heartbeat die silently: a dead one looks like a dead service
+            logs.get(service).warning("heartbeat failed", error=str(exc))
+        LOOP.tick()
         await asyncio.sleep(keys.HEARTBEAT_INTERVAL_S)
+
+
+async def service_event(redis: aioredis.Redis, kind: str, consumer: str, event: str) -> None:
+    """A start or clean stop in ``quantum:stream:service.events`` (a start without a stop before it is a
+    crash or a kill); `qt report` counts them."""
+    fields = {
+        "service": kind,
+        "consumer": consumer,
+        "event": event,
+        "pid": str(os.getpid()),
+        "version": __version__,
+        "at": repr(time.time()),
+    }
+    with contextlib.suppress(*STORE_ERRORS):
+        await redis.xadd(keys.SERVICE_EVENTS_STREAM, fields, maxlen=keys.SERVICE_EVENTS_MAXLEN, approximate=True)
 
 
 async def serve(kind: ServiceKind, settings: Settings) -> None:
@@ -91,19 +147,24 @@ async def serve(kind: ServiceKind, settings: Settings) -> None:
             if abs(skew) > MAX_SKEW_MS:
                 log.warning("clock skew to the exchange is large; compensating, but fix time sync", skew_ms=skew)
         service = _build(kind, settings, redis, exchange)
-        port = getattr(settings, kind).metrics_port
-        serve_metrics(service.metrics.registry, port)
         consumer = consumer_name(settings.consumer_name, "p33" if kind == "brain" else kind)
         ready = getattr(service, "ready", None) or asyncio.Event()
         if kind != "brain":
             ready.set()
+        port = getattr(settings, kind).metrics_port
+        registry = service.metrics.registry
+        build_info(registry, kind)
+        serve_metrics(registry, port, alive=LOOP.alive, ready=functools.partial(readiness, kind, ready, registry))
         log.info(f"{kind} connected", store=redact(url), metrics_port=port or "off", mode=settings.exchange.mode)
         beat = asyncio.create_task(heartbeat(redis, kind, consumer, ready, service.metrics))
+        await service_event(redis, kind, consumer, "started")
         try:
             await service.run()
         finally:
             beat.cancel()
-            await redis.delete(keys.health(kind, consumer))
+            with contextlib.suppress(*STORE_ERRORS):
+                await redis.delete(keys.health(kind, consumer))
+                await service_event(redis, kind, consumer, "stopped")
     finally:
         if exchange is not None:
             await exchange.close()

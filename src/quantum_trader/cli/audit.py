@@ -1,0 +1,231 @@
+"""``qt audit`` and ``qt report``: reading the trail back from the store (the arranging is domain/story and
+domain/report; this module fetches and prints)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+
+from quantum_trader.bus import keys
+from quantum_trader.domain.report import Report, build_report
+from quantum_trader.domain.story import Entry, Event, filter_decisions, id_at, plan_story
+from quantum_trader.ops import OperatorError
+
+# A plan's decisions, consumption and result happen within its window and the order resolution (seconds);
+# a late duplicate decision comes within the claim idle time. Two minutes after creation bounds the scan.
+STORY_AFTER_S = 120.0
+STORY_BEFORE_S = 5.0
+SCAN_CHUNK = 1000
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str) -> float:
+    """``90s``, ``15m``, ``1h``, ``7d`` -> seconds. Raises OperatorError with the accepted forms."""
+    found = _DURATION.match(text.strip().lower())
+    if not found:
+        raise OperatorError(f"--since {text!r}: use a number and a unit, e.g. 90s, 15m, 1h, 24h, 7d")
+    return float(found.group(1)) * _UNIT_S[found.group(2)]
+
+
+async def scan(redis: aioredis.Redis, stream: str, start: str, end: str = "+") -> AsyncIterator[Entry]:
+    """XRANGE in chunks, so a long period does not arrive as one huge reply."""
+    cursor = start
+    while True:
+        chunk = await redis.xrange(stream, cursor, end, count=SCAN_CHUNK)
+        for entry in chunk:
+            yield entry
+        if len(chunk) < SCAN_CHUNK:
+            return
+        cursor = f"({chunk[-1][0]}"
+
+
+async def collect(redis: aioredis.Redis, stream: str, start: str, end: str = "+") -> list[Entry]:
+    return [entry async for entry in scan(redis, stream, start, end)]
+
+
+async def fetch_story(redis: aioredis.Redis, plan_id: str) -> tuple[dict[str, str], list[Event]]:
+    plan = await redis.hgetall(keys.plan_record(plan_id))
+    if not plan:
+        raise OperatorError(f"no plan {plan_id} (unknown, or older than the plan records' one-day lifetime)")
+    plan.setdefault("plan_id", plan_id)
+    created = float(plan.get("created_at") or 0)
+    proposal = None
+    if plan.get("proposal_entry_id"):
+        found = await redis.xrange(keys.PROPOSAL_STREAM, plan["proposal_entry_id"], plan["proposal_entry_id"])
+        proposal = found[0] if found else None
+    start, end = id_at(created - STORY_BEFORE_S), id_at(created + STORY_AFTER_S)
+    audit = await collect(redis, keys.AUDIT_STREAM, start, end)
+    result = None
+    result_id = await redis.get(keys.result_marker(plan_id))
+    if result_id:
+        found = await redis.xrange(keys.RESULT_STREAM, result_id, result_id)
+        result = found[0] if found else None
+    ledger_start = result[0] if result else start
+    ledger = await collect(redis, keys.LEDGER_AUDIT_STREAM, ledger_start, id_at(created + STORY_AFTER_S * 2))
+    return plan, plan_story(plan, proposal, audit, result, ledger)
+
+
+async def fetch_decisions(
+    redis: aioredis.Redis,
+    since_s: float,
+    *,
+    symbol: str | None,
+    issuer: str | None,
+    decision: str | None,
+    limit: int,
+) -> list[Entry]:
+    """The newest ``limit`` audit entries of the period that match the filters, oldest first."""
+    kept: list[Entry] = []
+    async for entry in scan(redis, keys.AUDIT_STREAM, id_at(time.time() - since_s)):
+        kept += filter_decisions([entry], symbol=symbol, issuer=issuer, decision=decision)
+        if len(kept) > 2 * limit:
+            kept = kept[-limit:]
+    return kept[-limit:]
+
+
+async def fetch_report(redis: aioredis.Redis, since_s: float) -> Report:
+    until = time.time()
+    start = id_at(until - since_s)
+    streams = {
+        "plans": keys.PLAN_STREAM,
+        "results": keys.RESULT_STREAM,
+        "audit": keys.AUDIT_STREAM,
+        "ledger": keys.LEDGER_AUDIT_STREAM,
+        "service_events": keys.SERVICE_EVENTS_STREAM,
+    }
+    read = {name: await collect(redis, stream, start) for name, stream in streams.items()}
+    return build_report(until - since_s, until, **read)
+
+
+# --- printing -----------------------------------------------------------------------------------------------
+
+
+def clock(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if at else "?"
+
+
+def story_json(plan: dict[str, str], events: list[Event]) -> str:
+    doc = {
+        "plan_id": plan.get("plan_id"),
+        "symbol": plan.get("symbol"),
+        "events": [
+            {
+                "at": e.at,
+                "time": clock(e.at),
+                "step": e.step,
+                "actor": e.actor,
+                "summary": e.summary,
+                "fields": e.detail,
+            }
+            for e in events
+        ],
+    }
+    return json.dumps(doc, indent=2)
+
+
+def print_story(plan: dict[str, str], events: list[Event]) -> None:
+    from rich.table import Table
+
+    from quantum_trader.cli.render import console
+
+    title = f"plan {plan.get('plan_id')}  {plan.get('symbol', '')} {plan.get('action', '')}  (times UTC)"
+    table = Table(title=title, title_justify="left")
+    for name in ("time", "+ms", "step", "who", "what"):
+        table.add_column(name, justify="right" if name == "+ms" else "left")
+    first = events[0].at if events else 0.0
+    for e in events:
+        table.add_row(clock(e.at), f"{(e.at - first) * 1000:.1f}", e.step, e.actor, e.summary)
+    console.print(table)
+
+
+def decisions_json(entries: list[Entry]) -> str:
+    return json.dumps([{"id": i, **f} for i, f in entries], indent=2)
+
+
+def print_decisions(entries: list[Entry], since: str) -> None:
+    from rich.table import Table
+
+    from quantum_trader.cli.render import console
+    from quantum_trader.domain.story import entry_time
+
+    table = Table(title=f"permit decisions, last {since} ({len(entries)} shown, times UTC)", title_justify="left")
+    for name in ("time", "plan", "symbol", "issuer", "decision", "reason", "ms"):
+        table.add_column(name, justify="right" if name == "ms" else "left")
+    for i, f in entries:
+        table.add_row(
+            clock(entry_time(i, f)),
+            f.get("plan_id", ""),
+            f.get("symbol", ""),
+            f.get("issuer", ""),
+            f.get("decision", ""),
+            _reason(f),
+            f.get("latency_ms", ""),
+        )
+    console.print(table)
+
+
+def _reason(f: dict[str, str]) -> str:
+    """The reason, and for Apply's lines the permit slot they are about when it is not already the reason."""
+    reason, subject = f.get("reason", ""), f.get("subject", "")
+    return f"{reason} ({subject})" if subject and subject != reason else reason
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "-"
+
+
+def report_rows(r: Report) -> list[tuple[str, str]]:
+    """The report as (measure, value) lines, shared by the table and the markdown."""
+    rows = [
+        ("period (UTC)", f"{clock(r.since)} .. {clock(r.until)}"),
+        ("plans", f"{r.plans} ({r.plans_skipped} skipped at planning)"),
+        ("results", str(r.results)),
+        ("executed", str(r.executed)),
+    ]
+    rows += [(f"not executed: {error}", str(n)) for error, n in sorted(r.not_executed.items())]
+    rows += [(f"permit_timeout, missing {who}", str(n)) for who, n in r.timeouts_by_missing.items()]
+    ratio = f"{r.deny_allow_ratio:.3f}" if r.deny_allow_ratio is not None else "-"
+    rows += [("allows / denies", f"{r.allows} / {r.denies}"), ("deny/allow ratio", ratio)]
+    rows += [(f"deny {reason}", str(n)) for reason, n in r.denies_by_reason.items()]
+    rows += [(f"rejected permit: {reason}", str(n)) for reason, n in r.rejected_permits.items()]
+    rows += [
+        ("permit wait p50 / p99 (ms)", f"{_ms(r.wait_p50_ms)} / {_ms(r.wait_p99_ms)}"),
+        ("plan to result p50 / p99 (ms)", f"{_ms(r.result_p50_ms)} / {_ms(r.result_p99_ms)}"),
+    ]
+    rows += [(f"slowest: {s['plan_id']}", f"{s['symbol']} {s['outcome']} {_ms(s['latency_ms'])} ms") for s in r.slowest]
+    rows.append(("ledger drift events", str(len(r.drift_events))))
+    rows += [
+        (f"  drift {d['symbol']} ({d['source']})", f"{d['before']} -> {d['after']} at {clock(float(d['at']))}")
+        for d in r.drift_events[:10]
+    ]
+    starts = ", ".join(f"{s} {n}" for s, n in r.service_starts.items()) or "none"
+    rows.append(("service starts", starts))
+    return rows
+
+
+def print_report(r: Report, fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(r.as_dict(), indent=2))
+        return
+    rows = report_rows(r)
+    if fmt == "markdown":
+        print("| measure | value |\n|---|---|")
+        for name, value in rows:
+            print(f"| {name} | {value} |")
+        return
+    from rich.table import Table
+
+    from quantum_trader.cli.render import console
+
+    table = Table(title="qt report", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
