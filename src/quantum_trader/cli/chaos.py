@@ -180,7 +180,11 @@ class Chaos:
         r.lost_plans = sum(1 for p in self.submitted if per_plan[p] == 0)
         r.duplicate_results = sum(1 for p in self.submitted if per_plan[p] > 1)
         executed = {f["plan_id"] for f in results if f.get("executed") == "true"}
-        why = Counter(f"{f.get('error')}: {f.get('reason')}" for f in results if f.get("executed") != "true")
+        why = Counter(
+            f"{f.get('error')}: {f.get('reason') or 'missing ' + f.get('missing', '?')}"
+            for f in results
+            if f.get("executed") != "true"
+        )
         r.not_executed = dict(why.most_common())
         r.executions = len(executed)
         admin = self.system.admin()
