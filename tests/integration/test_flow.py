@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from conftest import Chain, set_position, sim_orders, sim_position, wait_key
+from conftest import Chain, set_position, sim_orders, sim_position, until, wait_key
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.domain import reasons
@@ -47,9 +47,13 @@ async def test_close_with_both_permits_executes_one_reduce_only_order(sim, rds, 
     trail = [(e.issuer, e.decision) for e in await ops.plan_audit(rds, sub.plan_id)]
     assert ("governor", "allow") in trail and ("p33", "allow") in trail
     assert trail.count(("apply", "consumed")) == 2
-    # P3.3's ledger followed the fill
-    ledger = await rds.hgetall(keys.ledger("BTCUSDT"))
-    assert Decimal(ledger["last_known_amt"]) == 0 and ledger["last_plan_id"] == sub.plan_id
+
+    # P3.3's ledger follows the fill (its own consumer of the result stream, so a moment after the result)
+    async def ledger_followed() -> bool:
+        ledger = await rds.hgetall(keys.ledger("BTCUSDT"))
+        return Decimal(ledger["last_known_amt"]) == 0 and ledger["last_plan_id"] == sub.plan_id
+
+    await until(ledger_followed, timeout=5)
 
 
 async def test_short_partial_close_is_rounded_down_to_the_step(sim, rds, chain: Chain) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import SIM_ADMIN, Chain, make_settings, set_position, sim_orders, sim_position, wait_key
+from conftest import SIM_ADMIN, Chain, make_settings, set_position, sim_orders, sim_position, until, wait_key
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.domain import reasons
@@ -142,8 +142,11 @@ async def test_brain_restarted_mid_flow_reconciles_then_decides(sim, rds, chain:
     result = await ops.wait_result(rds, sub.plan_id, WAIT, sub.result_cursor)
     assert result is not None and result.executed
     assert len(sim_orders(sim, "BNBUSDT")) == 1
-    ledger = await rds.hgetall(keys.ledger("BNBUSDT"))
-    assert Decimal(ledger["last_known_amt"]) == 0
+
+    async def ledger_followed() -> bool:  # the brain's result follower applies the fill a moment later
+        return Decimal((await rds.hgetall(keys.ledger("BNBUSDT")))["last_known_amt"]) == 0
+
+    await until(ledger_followed, timeout=5)
 
 
 async def test_brain_reconciles_a_drifted_ledger_on_start_with_one_audit_entry_per_change(

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -329,6 +330,21 @@ def chaos_cmd(
     report, state_dir = run_chaos(settings, plans, rate, seed)
     print_report(report, state_dir, json_out)
     raise typer.Exit(0 if report.ok else EXIT_FAILED)
+
+
+@app.command("bench")
+def bench_cmd(
+    quick: Annotated[bool, typer.Option(help="a short run (under a minute): fewer plans, a 5 s idle window")] = False,
+    plans: Annotated[int | None, typer.Option(min=10, help="sequential plans through the chain")] = None,
+    out: Annotated[Path | None, typer.Option(help="write bench.json and bench.md into this directory")] = None,
+) -> None:
+    """Latency of the chain (separate processes, embedded store, simulator) against the seed's polling
+    design in the same run, and CPU and memory per service. Loopback only; bounded in time."""
+    from quantum_trader.cli.bench import print_bench, run_bench
+
+    count = plans or (60 if quick else 400)
+    report = run_bench(count, seed_plans=10 if quick else 40, idle_s=5.0 if quick else 20.0)
+    print_bench(report, out)
 
 
 @app.command("demo")
