@@ -39,6 +39,12 @@ def _split_symbols(value: Any) -> Any:
     return value
 
 
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -141,14 +147,21 @@ class WebSettings(_Section):
     """The dashboard (`qt web`, started by `qt up`).
 
     port / host: where it listens (loopback by default: put a TLS proxy in front to reach it from elsewhere).
+    allowed_hosts: the Host headers it answers (comma-separated; others get 400: no DNS-rebinding page can
+        read it or flip the switch); add your proxy's name.
+    max_clients: live pages served at once (each extra one is refused with 503; they all share one reader).
     operator_token: what the page must send to flip the kill switch; or ``operator_token_file`` (0600). Without
         either, ``<state dir>/secrets/web-operator.token``, which `qt up` generates.
     """
 
     port: int = Field(8040, ge=0, le=65535)
     host: str = "127.0.0.1"
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1", "localhost"])
+    max_clients: int = Field(16, ge=1, le=1000)
     operator_token: SecretStr | None = None
     operator_token_file: Path | None = None
+
+    _split = field_validator("allowed_hosts", mode="before")(_split_list)
 
 
 class KeySettings(_Section):

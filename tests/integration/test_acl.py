@@ -125,6 +125,17 @@ def test_services_cannot_flip_the_kill_switch_or_touch_the_ledger_of_others(acco
     assert accounts["governor"].get(keys.KILL_SWITCH) == b"1"
 
 
+def test_the_dashboard_reads_and_flips_the_kill_switch_and_nothing_else(accounts) -> None:
+    web = accounts["web"]
+    assert web.set(keys.KILL_SWITCH, "1") and web.xadd(keys.OPS_AUDIT_STREAM, {"action": "kill_switch"})
+    assert web.get(keys.KILL_SWITCH) == b"1" and web.xrevrange(keys.AUDIT_STREAM, count=1) == []
+    assert refused(lambda: web.set(keys.governor_permit(PLAN), "{}"))
+    assert refused(lambda: web.set(keys.p33_permit(PLAN), "{}"))
+    assert refused(lambda: web.xadd(keys.PROPOSAL_STREAM, {"symbol": "BTCUSDT"}))
+    assert refused(lambda: web.xadd(keys.AUDIT_STREAM, {"plan_id": PLAN}))
+    assert refused(lambda: web.set(keys.GOVERNOR_MODE, "manual"))
+
+
 @pytest.fixture
 async def locked_rds(locked_store, accounts) -> AsyncIterator[aioredis.Redis]:
     base, passwords = locked_store

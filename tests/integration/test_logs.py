@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import structlog
 
 from conftest import Chain, set_position
 from quantum_trader import logs, ops
@@ -26,7 +27,9 @@ async def test_every_json_line_about_a_plan_carries_its_plan_id(sim, rds, chain:
         assert result is not None and result.executed
         await chain.stop()
     finally:
-        logs.configure(json=False, level="info")
+        # back to the session's defaults: a configuration made now would keep writing to this test's captured
+        # (and soon closed) stderr, and every later service would fail on its first log line
+        structlog.reset_defaults()
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     for plan_id in (denied.plan_id, done.plan_id):
         about = [line for line in lines if plan_id in json.dumps(line)]

@@ -40,13 +40,13 @@ def host(tmp_path: Path) -> dict[str, str]:
     # /readyz answers unless the running release's name contains the text in $BROKEN (empty: all healthy)
     executable(
         bin_dir / "curl",
-        'running=$(readlink "$QT_RELEASE_ROOT/current")\n'
+        'running=$(cat "$QT_RELEASE_ROOT/current/VERSION" 2>/dev/null)\n'
         'if [ -n "${BROKEN:-}" ] && [[ "$running" == *"$BROKEN"* ]]; then exit 22; fi\necho "ok: deciding"\n',
     )
     # a "python" whose venvs hold a pip that installs nothing and a qt that reports version 0.2.0
     executable(
         bin_dir / "fakepython",
-        'dir="$3"; mkdir -p "$dir/bin"\n'
+        f'dir="$3"; echo "$dir" >> {tmp_path}/venvs.log; mkdir -p "$dir/bin"\n'
         'printf "#!/usr/bin/env bash\\nexit 0\\n" > "$dir/bin/pip"\n'
         'printf "#!/usr/bin/env bash\\necho 0.2.0\\n" > "$dir/bin/qt"\n'
         'chmod +x "$dir/bin/pip" "$dir/bin/qt"\n',
@@ -56,6 +56,7 @@ def host(tmp_path: Path) -> dict[str, str]:
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "QT_RELEASE_ROOT": str(root),
         "QT_READY_TIMEOUT": "2",
+        "QT_ENV_FILE": str(tmp_path / "no-such.env"),
         "PYTHON": str(bin_dir / "fakepython"),
         "TMP": str(tmp_path),
     }
@@ -87,15 +88,22 @@ def test_rollback_switches_to_the_previous_release_and_restarts_brain_first(host
     assert links(host) == ("0.1.1-20261120T000000Z", "0.1.0-20261101T000000Z")
 
 
+def version(env: dict[str, str], link: str = "current") -> str:
+    return (Path(env["QT_RELEASE_ROOT"]) / link / "VERSION").read_text().strip()
+
+
 def test_an_install_switches_and_keeps_the_old_release_as_previous(host: dict[str, str], tmp_path: Path) -> None:
     source = tmp_path / "src"
     (source / "docs").mkdir(parents=True)
     done = run(host, "install", str(source))
     assert done.returncode == 0, done.stderr
     current, previous = links(host)
-    assert current.startswith("0.2.0-") and previous == "0.1.1-20261120T000000Z"
+    assert version(host) == "0.2.0" and previous == "0.1.1-20261120T000000Z"
     assert (Path(host["QT_RELEASE_ROOT"]) / "current" / "docs").is_dir()
     assert calls(host) == ORDER
+    # the virtualenv was created where it stays (its scripts carry their absolute path)
+    built = (tmp_path / "venvs.log").read_text().split()
+    assert built == [str(Path(host["QT_RELEASE_ROOT"]) / "releases" / current / "venv")]
 
 
 def test_an_install_that_does_not_become_ready_rolls_itself_back(host: dict[str, str], tmp_path: Path) -> None:
@@ -104,8 +112,11 @@ def test_an_install_that_does_not_become_ready_rolls_itself_back(host: dict[str,
     done = run({**host, "BROKEN": "0.2.0"}, "install", str(source))
     assert done.returncode == 1
     assert "did not become ready: rolling back to 0.1.1-20261120T000000Z" in done.stderr
-    current, previous = links(host)
-    assert current == "0.1.1-20261120T000000Z" and previous.startswith("0.2.0-")
+    # back where we were: the broken release is marked FAILED and is not `previous` (a later rollback must
+    # not bring it back)
+    assert links(host) == ("0.1.1-20261120T000000Z", "0.1.0-20261101T000000Z")
+    failed = [d for d in (Path(host["QT_RELEASE_ROOT"]) / "releases").iterdir() if (d / "FAILED").exists()]
+    assert [(d / "VERSION").read_text().strip() for d in failed] == ["0.2.0"]
     # the broken release stopped at the brain; the rollback restarted all three in order
     assert calls(host) == ["stop quantum-apply-layer", "restart quantum-position-state-brain", *ORDER]
 
@@ -115,11 +126,18 @@ def test_a_first_install_can_leave_the_services_alone(host: dict[str, str], tmp_
     source.mkdir()
     done = run(host, "install", "--no-restart", str(source))
     assert done.returncode == 0, done.stderr
-    assert links(host)[0].startswith("0.2.0-") and calls(host) == []
+    assert version(host) == "0.2.0" and calls(host) == []
 
 
 def test_rollback_without_a_previous_release_refuses(host: dict[str, str]) -> None:
     (Path(host["QT_RELEASE_ROOT"]) / "previous").unlink()
     done = run(host, "rollback")
     assert done.returncode == 1 and "no previous release" in done.stderr
+    assert calls(host) == []
+
+
+def test_rollback_refuses_a_release_marked_failed(host: dict[str, str]) -> None:
+    (Path(host["QT_RELEASE_ROOT"]) / "previous" / "FAILED").touch()
+    done = run(host, "rollback")
+    assert done.returncode == 1 and "marked FAILED" in done.stderr
     assert calls(host) == []

@@ -74,3 +74,20 @@ async def test_the_ledger_followers_release_and_a_late_allow_cannot_interleave_i
     await result_seen("bb02")
     await issue_p33(rds, "bb02")
     assert not await rds.exists(keys.p33_symbol_in_flight("SOLUSDT"))
+
+
+async def test_a_mark_without_an_unless_key_is_always_set(rds) -> None:
+    """Without ``mark_unless`` nothing is tested: the mark is written (no silent loss of the in-flight guard)."""
+    written, _ = await Scripts(rds).issue_permit(
+        claim_key=keys.decision_claim("p33", "cc01"),
+        claim_value="p33:test:1-0",
+        permit_key=keys.p33_permit("cc01"),
+        permit_json="{}",
+        permit_ttl_s=60,
+        audit_fields={"plan_id": "cc01", "issuer": "p33", "decision": "allow"},
+        audit_maxlen=1000,
+        mark_key=keys.p33_symbol_in_flight("SOLUSDT"),
+        mark_value="cc01",
+        mark_ttl_s=15,
+    )
+    assert written and await rds.get(keys.p33_symbol_in_flight("SOLUSDT")) == "cc01"

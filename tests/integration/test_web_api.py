@@ -17,8 +17,9 @@ TOKEN = "web-test-token-0123456789"
 
 @pytest.fixture
 def client(tmp_path: Path, store_url: str):
-    settings = Settings(redis_url=store_url, state_dir=tmp_path, web={"operator_token": TOKEN})  # type: ignore[arg-type]
-    with TestClient(create_app(settings)) as running:
+    web = {"operator_token": TOKEN, "max_clients": 2}
+    settings = Settings(redis_url=store_url, state_dir=tmp_path, web=web)  # type: ignore[arg-type]
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as running:
         yield running
 
 
@@ -62,3 +63,20 @@ def test_events_stream_a_state_at_once(client: TestClient) -> None:
         lines = reply.iter_lines()
         assert next(lines) == "event: state"
         assert next(lines).startswith('data: {"at":')
+
+
+def test_only_the_allowed_host_names_are_answered(client: TestClient) -> None:
+    """A DNS-rebinding page reaches the port under its own name: it gets nothing, and cannot flip the switch."""
+    headers = {"Host": "attacker.example", "Authorization": f"Bearer {TOKEN}"}
+    assert client.get("/api/state", headers={"Host": "attacker.example"}).status_code == 400
+    assert client.post("/api/kill-switch", json={"on": True}, headers=headers).status_code == 400
+    assert client.get("/api/state", headers={"Host": "localhost"}).status_code == 200
+
+
+def test_open_pages_are_capped_and_share_one_feed(client: TestClient) -> None:
+    with client.stream("GET", "/events") as first, client.stream("GET", "/events") as second:
+        for reply in (first, second):
+            lines = reply.iter_lines()
+            assert next(lines) == "event: state"
+        third = client.get("/events")
+        assert third.status_code == 503 and "too many" in third.json()["error"]

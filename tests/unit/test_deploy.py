@@ -58,7 +58,8 @@ def test_the_alerts_cover_what_the_operator_must_hear_about() -> None:
     queried = set().union(*(queried_names(r["expr"]) for r in alert_rules()))
     for must in (
         "qt_apply_permit_timeouts_total",  # timeouts
-        "qt_apply_permit_decisions_total",  # deny ratio
+        "qt_governor_permits_total",  # deny ratio
+        "p33_permits_total",
         "p33_snapshot_age_seconds",  # stale snapshots
         "p33_consumer_lag",  # consumer lag
         "p33_ledger_drift",  # drift

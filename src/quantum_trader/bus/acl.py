@@ -139,6 +139,10 @@ USERS: dict[str, AclUser] = {
             keys.RECONCILE_REQUEST,
         ),
     ),
+    "web": AclUser(  # the dashboard: reads everything, writes only the kill switch and its audit line
+        "qt-web",
+        _r("quantum:*") + _rw(keys.KILL_SWITCH, keys.OPS_AUDIT_STREAM),
+    ),
 }
 
 

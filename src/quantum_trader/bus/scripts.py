@@ -63,8 +63,10 @@ if not claimed then
   if owner ~= ARGV[1] then return {0, owner or ''} end
 end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[5])
-if ARGV[6] ~= '' and redis.call('EXISTS', KEYS[5]) == 0 then redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7]) end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 8))
+if ARGV[6] ~= '' and (ARGV[8] == '0' or redis.call('EXISTS', KEYS[5]) == 0) then
+  redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 9))
 return {1, ARGV[1]}
 """
 
@@ -127,6 +129,7 @@ class Scripts:
                     permit_ttl_s,
                     mark_value if mark_key else "",
                     max(mark_ttl_s, 1),
+                    "1" if mark_unless else "0",  # only then is KEYS[5] a real key to test
                     *flatten(audit_fields),
                 ],
                 client=pipe,

@@ -270,6 +270,9 @@ class ApplyService(Service):
             await self._recover(plan, entry_id, await self.redis.get(keys.executed_marker(plan.plan_id)), log)
             return
         if kind == "denied":
+            for check in checks:  # the deny, and the other slot's decision if it came (consumed plans count theirs)
+                if check.state in ("allow", "deny"):
+                    self.metrics.permit_decisions.labels(check.name, check.state, check.reason).inc()
             who = ", ".join(outcome.denied_by)
             log.warning(f"{plan.symbol}: Permit denied by {who} ({outcome.deny_reason})")
             result = self._result(plan, reasons.PERMIT_DENIED, reason=outcome.deny_reason, denied_by=who)

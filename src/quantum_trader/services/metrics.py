@@ -36,7 +36,7 @@ class ApplyMetrics:
         )
         self.permit_decisions = Counter(
             "qt_apply_permit_decisions",
-            "Permit decisions seen by Apply, by issuer, allow/deny and reason",
+            "Valid permit decisions of plans Apply executed or saw denied, by issuer, allow/deny and reason",
             ["issuer", "decision", "reason"],
             registry=registry,
         )

@@ -52,8 +52,8 @@ async def group_backlog(redis: aioredis.Redis, stream: str, group: str) -> tuple
 
 
 class LoopClock:
-    """When the service's event loop last completed a heartbeat round: a loop stuck for longer than a few rounds
-    (a blocking call, a deadlock) makes ``/healthz`` fail, so a supervisor can restart the process."""
+    """When the service's event loop last ran its ticker: a loop stuck for longer than a few ticks (a blocking
+    call, a busy loop) makes ``/healthz`` fail, so a supervisor can restart the process."""
 
     def __init__(self) -> None:
         self.at = time.monotonic()
@@ -67,6 +67,15 @@ class LoopClock:
 
 
 LOOP = LoopClock()
+
+
+async def tick_forever(clock: LoopClock) -> None:
+    """Tick without any I/O: a store that stalls must not look like a stuck event loop."""
+    while True:
+        clock.tick()
+        await asyncio.sleep(keys.HEARTBEAT_INTERVAL_S / 2)
+
+
 STORE_UP_METRIC = {"apply": "qt_apply_store_up", "governor": "qt_governor_store_up", "brain": "p33_store_up"}
 
 
@@ -109,7 +118,6 @@ async def heartbeat(redis: aioredis.Redis, service: str, consumer: str, ready: a
             pass  # the service's own loops report the outage
         except RedisError as exc:  # never let the heartbeat die silently: a dead one looks like a dead service
             logs.get(service).warning("heartbeat failed", error=str(exc))
-        LOOP.tick()
         await asyncio.sleep(keys.HEARTBEAT_INTERVAL_S)
 
 
@@ -124,8 +132,10 @@ async def service_event(redis: aioredis.Redis, kind: str, consumer: str, event: 
         "version": __version__,
         "at": repr(time.time()),
     }
-    with contextlib.suppress(*STORE_ERRORS):
+    try:
         await redis.xadd(keys.SERVICE_EVENTS_STREAM, fields, maxlen=keys.SERVICE_EVENTS_MAXLEN, approximate=True)
+    except (RedisError, *STORE_ERRORS) as exc:  # a bookkeeping line never stops a service (e.g. an older ACL)
+        logs.get(kind).warning("could not record the service event (run `qt acl` again?)", event=event, error=str(exc))
 
 
 async def serve(kind: ServiceKind, settings: Settings) -> None:
@@ -157,14 +167,16 @@ async def serve(kind: ServiceKind, settings: Settings) -> None:
         serve_metrics(registry, port, alive=LOOP.alive, ready=functools.partial(readiness, kind, ready, registry))
         log.info(f"{kind} connected", store=redact(url), metrics_port=port or "off", mode=settings.exchange.mode)
         beat = asyncio.create_task(heartbeat(redis, kind, consumer, ready, service.metrics))
+        ticker = asyncio.create_task(tick_forever(LOOP))
         await service_event(redis, kind, consumer, "started")
         try:
             await service.run()
         finally:
             beat.cancel()
-            with contextlib.suppress(*STORE_ERRORS):
+            ticker.cancel()
+            with contextlib.suppress(RedisError, *STORE_ERRORS):
                 await redis.delete(keys.health(kind, consumer))
-                await service_event(redis, kind, consumer, "stopped")
+            await service_event(redis, kind, consumer, "stopped")
     finally:
         if exchange is not None:
             await exchange.close()

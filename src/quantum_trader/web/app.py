@@ -2,12 +2,14 @@
 
 - ``GET /`` the page (one HTML file, no build step); ``GET /events`` server-sent events, a fresh ``state`` at
   once and again whenever a plan, decision, result or operator action lands (or every 2 s for positions and
-  health); ``GET /api/state`` the same state once, as JSON.
+  health), from one shared producer, at most ``QT_WEB__MAX_CLIENTS`` pages; ``GET /api/state`` one state.
+- Only the Host names in ``QT_WEB__ALLOWED_HOSTS`` are answered (no DNS-rebinding page can use it).
 - ``POST /api/kill-switch`` ``{"on": true|false}`` flips the kill switch for every Governor. It needs the operator
   token (``Authorization: Bearer …``; from QT_WEB__OPERATOR_TOKEN(_FILE) or ``<state dir>/secrets/web-operator.token``)
   and is audited in ``quantum:stream:ops.audit`` like the CLI's.
 
-The server reads the store with the operator's account; it writes nothing but the kill switch.
+The server uses its own store account (``qt-web``): it reads, and writes nothing but the kill switch and its
+audit line.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -62,17 +66,71 @@ async def dashboard_state(redis: aioredis.Redis, settings: Settings) -> dict[str
     }
 
 
+class StateFeed:
+    """One producer of dashboard states for every open page: it computes a state when a plan, decision, result
+    or operator action lands (or every ``PUSH_EVERY_S``), at most every ``MIN_PUSH_GAP_S``, and only while
+    at least one page listens. However many pages are open, the store sees one reader."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.latest = ""
+        self.version = 0
+        self.listeners = 0
+        self._changed = asyncio.Condition()
+        self._listening = asyncio.Event()
+
+    async def run(self) -> None:
+        cursors: dict[str, str] = {}
+        while True:
+            await self._listening.wait()
+            if not cursors:  # start after what exists now: the first state shows it anyway
+                for name in WATCHED:
+                    last = await self.redis.xrevrange(name, count=1)
+                    cursors[name] = last[0][0] if last else "0-0"
+            pushed = time.monotonic()
+            state = json.dumps(await dashboard_state(self.redis, self.settings))
+            async with self._changed:
+                self.latest, self.version = state, self.version + 1
+                self._changed.notify_all()
+            news = await self.redis.xread(cursors, block=int(PUSH_EVERY_S * 1000))
+            for name, entries in news or []:
+                cursors[name] = entries[-1][0]
+            await asyncio.sleep(max(0.0, MIN_PUSH_GAP_S - (time.monotonic() - pushed)))
+
+    async def states(self) -> AsyncIterator[str]:
+        """The latest state at once (when there is one), then each new one, while the caller iterates."""
+        self.listeners += 1
+        self._listening.set()
+        seen = 0
+        try:
+            while True:
+                async with self._changed:
+                    while self.version == seen:
+                        await self._changed.wait()
+                    seen, state = self.version, self.latest
+                yield state
+        finally:
+            self.listeners -= 1
+            if not self.listeners:
+                self._listening.clear()
+
+
 def create_app(settings: Settings) -> Starlette:
     token = web_operator_token(settings)
     page = resources.files("quantum_trader.web").joinpath("static/index.html").read_text(encoding="utf-8")
-    store: dict[str, aioredis.Redis] = {}
+    store: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         store["redis"] = await connect(resolve_redis_url(settings))
+        store["feed"] = feed = StateFeed(store["redis"], settings)
+        producer = asyncio.create_task(feed.run(), name="dashboard-feed")
         try:
             yield
         finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
             await store["redis"].aclose()
 
     async def index(_: Request) -> Response:
@@ -82,20 +140,15 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse(await dashboard_state(store["redis"], settings))
 
     async def events(request: Request) -> Response:
-        redis = store["redis"]
+        feed: StateFeed = store["feed"]
+        if feed.listeners >= settings.web.max_clients:
+            return JSONResponse({"error": "too many open dashboards"}, status_code=503)
 
         async def stream() -> AsyncIterator[str]:
-            cursors = {}
-            for name in WATCHED:  # start after what exists now: the first push shows it anyway
-                last = await redis.xrevrange(name, count=1)
-                cursors[name] = last[0][0] if last else "0-0"
-            while not await request.is_disconnected():
-                pushed = time.monotonic()
-                yield f"event: state\ndata: {json.dumps(await dashboard_state(redis, settings))}\n\n"
-                news = await redis.xread(cursors, block=int(PUSH_EVERY_S * 1000))
-                for name, entries in news or []:
-                    cursors[name] = entries[-1][0]
-                await asyncio.sleep(max(0.0, MIN_PUSH_GAP_S - (time.monotonic() - pushed)))
+            async for state in feed.states():
+                if await request.is_disconnected():
+                    return
+                yield f"event: state\ndata: {state}\n\n"
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
@@ -124,6 +177,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/api/kill-switch", kill_switch, methods=["POST"]),
             Route("/healthz", healthz),
         ],
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=settings.web.allowed_hosts)],
         lifespan=lifespan,
     )
 
