@@ -11,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -115,6 +117,33 @@ class LocalSystem:
     sim_url: str = ""
     web_url: str = ""
     _logs: list[IO[bytes]] = field(default_factory=list)
+
+    @classmethod
+    def private(
+        cls, prefix: str, *, env: Mapping[str, str], persist_store: bool = False, sim_args: Sequence[str] = ()
+    ) -> LocalSystem:
+        """A throwaway system (qt demo, chaos, bench) under a new temporary state dir, on free ports, on the
+        defaults plus ``env``: whatever QT_* the calling shell has, the private system means the same."""
+        state_dir = Path(tempfile.mkdtemp(prefix=prefix))
+        settings = Settings(state_dir=state_dir, redis_url="", _env_prefix="QT_IGNORED_")
+        return cls(
+            settings,
+            ports=Ports.free(),
+            log_dir=state_dir / "logs",
+            env=dict(env),
+            persist_store=persist_store,
+            inherit_config=False,
+            sim_args=list(sim_args),
+        )
+
+    def open_positions(self, positions: Mapping[str, str]) -> None:
+        """Set positions on the simulator (its admin API), e.g. so that closes have something to do."""
+        admin = self.admin()
+        try:
+            for symbol, amt in positions.items():
+                admin.set_position(symbol, amt)
+        finally:
+            admin.close()
 
     # --- lifecycle --------------------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
@@ -35,7 +34,6 @@ import redis.asyncio as aioredis
 from quantum_trader import __version__, ops
 from quantum_trader.bus import keys
 from quantum_trader.domain.story import percentile
-from quantum_trader.settings import Settings
 
 SYMBOLS = {"XRPUSDT": ("1000000.0", "1.0"), "SOLUSDT": ("100000", "1"), "BNBUSDT": ("10000.00", "0.01")}
 BENCH_ENV = {
@@ -207,28 +205,15 @@ async def run_seed(redis: aioredis.Redis, plans: int) -> list[float]:
 
 
 def run_bench(plans: int, seed_plans: int, idle_s: float) -> BenchReport:
-    from quantum_trader.system import SERVICES, LocalSystem, Ports
+    from quantum_trader.system import SERVICES, LocalSystem
 
-    state_dir = Path(tempfile.mkdtemp(prefix="qt-bench-"))
-    private = Settings(state_dir=state_dir, redis_url="", _env_prefix="QT_IGNORED_")
-    system = LocalSystem(
-        private,
-        ports=Ports.free(),
-        log_dir=state_dir / "logs",
-        env=dict(BENCH_ENV),
-        persist_store=False,
-        inherit_config=False,
-        sim_args=list(BENCH_SIM_ARGS),
-    )
+    system = LocalSystem.private("qt-bench-", env=BENCH_ENV, sim_args=BENCH_SIM_ARGS)
     warmup = max(1, plans // 10)
     report = BenchReport(plans=plans, warmup=warmup)
     report.machine = {"cpus": os.cpu_count() or 0, "python": platform.python_version(), "system": platform.platform()}
     with system:
         system.start_infra()
-        admin = system.admin()
-        for symbol, (amount, _) in SYMBOLS.items():
-            admin.set_position(symbol, amount)
-        admin.close()
+        system.open_positions({symbol: amount for symbol, (amount, _) in SYMBOLS.items()})
         system.start_services()
         pids = {name: system.processes[name].pid for name in SERVICES}
 

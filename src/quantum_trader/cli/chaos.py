@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -209,28 +208,15 @@ class Chaos:
 
 
 def run_chaos(settings: Settings, plans: int, rate: float, seed: int) -> tuple[ChaosReport, Path]:
-    from quantum_trader.system import LocalSystem, Ports
+    from quantum_trader.system import LocalSystem
 
-    state_dir = Path(tempfile.mkdtemp(prefix="qt-chaos-"))
-    private = Settings(state_dir=state_dir, redis_url="", _env_prefix="QT_IGNORED_")
-    system = LocalSystem(
-        private,
-        ports=Ports.free(),
-        log_dir=state_dir / "logs",
-        env=dict(CHAOS_ENV),
-        persist_store=True,
-        inherit_config=False,
-        sim_args=list(CHAOS_SIM_ARGS),
-    )
+    system = LocalSystem.private("qt-chaos-", env=CHAOS_ENV, persist_store=True, sim_args=CHAOS_SIM_ARGS)
     with system:
         system.start_infra()
-        admin = system.admin()
-        for symbol, (amount, _) in SYMBOLS.items():
-            admin.set_position(symbol, amount)
-        admin.close()
+        system.open_positions({symbol: amount for symbol, (amount, _) in SYMBOLS.items()})
         system.start_services()
         report = asyncio.run(Chaos(system, plans, rate, seed).run())
-    return report, state_dir
+    return report, system.settings.state_dir
 
 
 def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:

@@ -270,10 +270,7 @@ def up_cmd(
     try:
         system.start_infra()
         if open_positions:
-            admin = system.admin()
-            for symbol, amt in DEMO_POSITIONS.items():
-                admin.set_position(symbol, amt)
-            admin.close()
+            system.open_positions(DEMO_POSITIONS)
         system.start_services()
         system.start_web()
         print(_where(system), flush=True)

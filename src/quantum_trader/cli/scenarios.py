@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -359,20 +358,13 @@ async def run_cases(redis_url: str, settings: Settings, admin: Any) -> list[Case
 # --- entry points -----------------------------------------------------------------------------------------
 
 
-def _private_system(settings: Settings, state_dir: Path) -> Any:
-    from quantum_trader.system import LocalSystem, Ports
-
-    # A private system runs on defaults (plus DEMO_ENV), whatever QT_* this shell has: the cases expect them.
-    private = Settings(state_dir=state_dir, redis_url="", _env_prefix="QT_IGNORED_")
-    return LocalSystem(private, ports=Ports.free(), log_dir=state_dir / "logs", env=dict(DEMO_ENV), persist_store=False)
-
-
 def _run_private(settings: Settings) -> tuple[list[CaseRow], float, Path]:
     from quantum_trader.cli.render import console
+    from quantum_trader.system import LocalSystem
 
-    state_dir = Path(tempfile.mkdtemp(prefix="qt-demo-"))
     started = time.monotonic()
-    system = _private_system(settings, state_dir)
+    system = LocalSystem.private("qt-demo-", env=DEMO_ENV)  # the cases expect the defaults (plus DEMO_ENV)
+    state_dir = system.settings.state_dir
     with system:
         console.print(f"starting a private system in {state_dir} (store, simulator, brain, governor, apply)…")
         system.start_infra()
