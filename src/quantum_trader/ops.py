@@ -19,7 +19,7 @@ from quantum_trader.domain.models import AuditEntry, MalformedEntry, Plan, Resul
 from quantum_trader.domain.planning import plan_id_for
 from quantum_trader.domain.verdict import Verdict
 from quantum_trader.secrets import permit_key
-from quantum_trader.services.governor import issue_governor_permit
+from quantum_trader.services.governor import governor_permit_write
 from quantum_trader.settings import Settings
 
 
@@ -121,16 +121,18 @@ async def decide_manually(
     if grant and await redis.get(keys.KILL_SWITCH) == "1":
         raise OperatorError("the kill switch is on: turn it off (qt governor kill-switch off) before granting")
     verdict = Verdict(grant, reason or (reasons.OPERATOR_GRANT if grant else reasons.OPERATOR_DENY))
-    written, owner = await issue_governor_permit(
-        redis,
-        Scripts(redis),
-        settings,
-        permit_key(settings, "governor"),
-        plan,
-        verdict,
-        issuer="operator",
-        claim_owner=f"operator:{operator}",
-        now=time.time(),
+    (written, owner), *_ = await Scripts(redis).issue_permits(
+        [
+            governor_permit_write(
+                settings,
+                permit_key(settings, "governor"),
+                plan,
+                verdict,
+                issuer="operator",
+                claim_owner=f"operator:{operator}",
+                now=time.time(),
+            )
+        ]
     )
     if not written:
         raise OperatorError(f"plan {plan_id} was already decided for the Governor slot by {owner}")

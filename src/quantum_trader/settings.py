@@ -190,6 +190,9 @@ class Settings(BaseSettings):
         Apply uses at least its window plus the whole order resolution, so it never takes a live peer's plan.
     max_deliveries: an entry delivered more often than this is dead-lettered with its history.
     log_json: structured JSON logs instead of console lines.
+    event_loop: the services' event loop: the standard library's ``asyncio`` or ``uvloop``. ``qt bench
+        --event-loop`` compares them; on the 2-core machine they measured within noise of each other
+        (docs/performance.md), so the default is the one with fewer moving parts.
     """
 
     model_config = SettingsConfigDict(
@@ -212,6 +215,7 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(5, ge=1, le=1000)
     log_json: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
     apply: ApplySettings = Field(default_factory=ApplySettings)
     governor: GovernorSettings = Field(default_factory=GovernorSettings)

@@ -1,5 +1,6 @@
-"""`qt bench --quick` as a smoke test: it runs the private system and the seed baseline and writes its report.
-No timing is asserted (shared machines make single absolute times noise); the structure and counts are."""
+"""`qt bench --quick` as a smoke test: it runs the private system, the open-loop steps, the decisions step and
+the seed baseline, and writes its report and plot. No timing is asserted (shared machines make single absolute
+times noise); the structure and the counts are."""
 
 from __future__ import annotations
 
@@ -12,25 +13,38 @@ from programs import program_env, qt
 pytestmark = pytest.mark.integration
 
 
-def test_bench_quick_measures_the_chain_and_the_seed_design(tmp_path: Path) -> None:
+def _ordered(latency: dict[str, float]) -> bool:
+    return 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+
+
+def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     done = qt("bench", "--quick", "--plans", "20", "--out", str(out), env=program_env(tmp_path), timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "bench.json").read_text())
     assert report["plans"] == 20 and report["warmup"] == 2
-    for name in ("chain_decided", "chain_result", "chain_client"):
+    for name in ("chain_decided", "chain_result", "chain_client", "chain_governor", "chain_p33"):
         assert report[name]["samples"] == 20, name
-        assert 0 < report[name]["p50_ms"] <= report[name]["p99_ms"] <= report[name]["max_ms"], name
+        assert _ordered(report[name]), name
     assert report["seed_decided"]["samples"] == 10
     assert report["p50_ratio_seed_over_chain"] > 0
-    assert (
-        set(report["cpu_idle_pct"])
-        == set(report["cpu_load_pct"])
-        == set(report["rss_mb"])
-        == {
-            "brain",
-            "governor",
-            "apply",
-        }
-    )
-    assert "| chain: plan -> both permits consumed (Apply) | 20 |" in (out / "bench.md").read_text()
+
+    (step,) = report["open_loop"]
+    assert step["target_per_s"] == 200 and step["sent"] == 400
+    assert step["completed"] == 400, step["outcomes"]  # every proposal got its one result
+    assert sum(step["outcomes"].values()) == 400 and step["executed"] == step["outcomes"].get("executed", 0) > 0
+    assert _ordered(step["result"]) and _ordered(step["end_to_end"])
+    (seed_step,) = report["seed_open_loop"]
+    assert seed_step["decided"]["samples"] + seed_step["unanswered"] == 400
+
+    (decisions,) = report["decisions"]
+    assert decisions["completed"] == decisions["sent"] == 1000  # both issuers decided every plan
+    assert sum(n for what, n in decisions["outcomes"].items() if what.startswith("governor ")) == 1000
+    assert sum(n for what, n in decisions["outcomes"].items() if what.startswith("p33 ")) == 1000
+    assert _ordered(decisions["decided"])
+
+    assert set(report["cpu_idle_pct"]) == set(report["rss_mb"]) == {"brain", "governor", "apply", "sim", "store"}
+    markdown = (out / "bench.md").read_text()
+    assert "| chain: plan -> both permits consumed (Apply) | 20 |" in markdown
+    assert "Open loop through the whole chain" in markdown and "Decisions (plans straight" in markdown
+    assert (out / "latency-vs-rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,31 +1,41 @@
 """The steps that must be atomic, as Lua scripts (one round trip each, nothing can interleave).
 
 publish_plan: a plan is published once: its record and its stream entry together, or nothing if the record
-    exists (a second handler of the same proposal resumes the plan instead of publishing it again).
+    exists (a second handler of the same proposal resumes the plan instead of publishing it again). An
+    executing plan first takes its symbol (Apply's one-close-per-symbol hold); if another plan holds it,
+    nothing is published and Apply publishes a SKIP plan instead.
 consume_permits: both permits are exactly the ones Apply verified, the plan was never executed → delete
     both permits, set the executed marker, record the order intent, audit two ``consumed`` entries. Any other
     state → nothing changes.
 issue_permit: the first decision per issuer and plan wins (claim key, SET NX); the winner's permit, its audit
-    entry and an optional marker (P3.3's order-in-flight key) are written together, and the plan entry is
-    acknowledged in the same transaction. A later decision only acknowledges. The marker is not set when the
-    key ``mark_unless`` exists (P3.3: its ledger follower has already seen the plan's result).
+    entry, an optional marker (P3.3's order-in-flight key) and, for a Governor allow, its rate-limit count are
+    written together, and the plan entry is acknowledged in the same script. A later decision only
+    acknowledges. The marker is not set when the key ``mark_unless`` exists (P3.3: its ledger follower has
+    already seen the plan's result).
 publish_result: the plan has no result yet → publish it, set the result marker, free the symbol; always
-    close the order intent; the proposal is acknowledged in the same transaction. A second publisher (a
+    close the order intent; the proposal is acknowledged in the same script. A second publisher (a
     redelivery, a racing Apply) changes nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from quantum_trader.bus import keys
 
 PUBLISH_PLAN = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
-redis.call('HSET', KEYS[2], 'proposal_entry_id', ARGV[3], unpack(ARGV, 4))
+if ARGV[4] ~= '0' then
+  local held = redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[4])
+  if not held and redis.call('GET', KEYS[3]) ~= ARGV[5] then return 2 end
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 6))
+redis.call('HSET', KEYS[2], 'proposal_entry_id', ARGV[3], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
@@ -48,30 +58,49 @@ return 'ok'
 PUBLISH_RESULT = """
 local published = false
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  published = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+  published = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 7))
   redis.call('SET', KEYS[1], published, 'EX', ARGV[2])
   if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 end
 redis.call('ZREM', KEYS[4], ARGV[1])
+if ARGV[6] ~= '' then redis.call('XACK', ARGV[4], ARGV[5], ARGV[6]) end
 return published
 """
 
 ISSUE_PERMIT = """
+local function ack()
+  if ARGV[11] ~= '' then redis.call('XACK', ARGV[9], ARGV[10], ARGV[11]) end
+end
 local claimed = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 if not claimed then
   local owner = redis.call('GET', KEYS[1])
-  if owner ~= ARGV[1] then return {0, owner or ''} end
+  if owner ~= ARGV[1] then
+    ack()
+    return {0, owner or ''}
+  end
 end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[5])
 if ARGV[6] ~= '' and (ARGV[8] == '0' or redis.call('EXISTS', KEYS[5]) == 0) then
   redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 9))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 16))
+if ARGV[12] ~= '' then
+  for i = 6, #KEYS do
+    redis.call('ZADD', KEYS[i], ARGV[13], ARGV[12])
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[14])
+    redis.call('EXPIRE', KEYS[i], ARGV[15])
+  end
+end
+ack()
 return {1, ARGV[1]}
 """
 
-# Acknowledging a stream entry is not part of the scripts but of the same MULTI/EXEC as the script: a service may
-# only consume its input streams (ACL selectors: XREADGROUP, XACK, ...), and a script would have to declare them.
+# Each script is one EVALSHA: one round trip, nothing interleaves, and the entry it finishes is acknowledged
+# inside it. The acknowledged stream is passed as an argument, not declared in KEYS: a service may only consume
+# its input stream (an ACL selector allowing XREADGROUP, XACK, ...), and declaring the stream would need write
+# access to it for EVALSHA itself. The XACK inside is checked against that selector like any command.
+# (No MULTI around the scripts: redis-py checks SCRIPT EXISTS before every transaction holding a script, an extra
+# round trip per plan; outside a transaction it sends EVALSHA and loads the script only on NOSCRIPT.)
 
 
 def flatten(fields: dict[str, str]) -> list[str]:
@@ -79,6 +108,77 @@ def flatten(fields: dict[str, str]) -> list[str]:
     for name, value in fields.items():
         flat += [name, value]
     return flat
+
+
+@dataclass(frozen=True, slots=True)
+class GrantCount:
+    """Count an allow in these sorted sets (score ``at``, member the plan id), trimmed to ``window_start``."""
+
+    keys: tuple[str, ...]
+    member: str
+    at: float
+    window_start: float
+    expire_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class PermitWrite:
+    """One issuer's decision on one plan, as the permit script writes it.
+
+    The claim (``claim_key`` = ``claim_value``, first decision per issuer and plan wins) guards the permit
+    (``permit_key``, ``permit_ttl_s``) and its audit entry; ``group``/``entry_id`` is the plan entry to ack;
+    ``mark_key`` = ``mark_value`` (P3.3's order-in-flight key) is set unless ``mark_unless`` exists; ``count``
+    records a Governor allow in the rate-limit sets.
+    """
+
+    claim_key: str
+    claim_value: str
+    permit_key: str
+    permit_json: str
+    permit_ttl_s: int
+    audit_fields: dict[str, str]
+    audit_maxlen: int
+    group: str = ""
+    entry_id: str = ""
+    mark_key: str = ""
+    mark_value: str = ""
+    mark_ttl_s: int = 0
+    mark_unless: str = ""
+    count: GrantCount | None = None
+
+    def keys_and_args(self) -> tuple[list[str], list[Any]]:
+        count = self.count
+        script_keys = [
+            self.claim_key,
+            self.permit_key,
+            keys.AUDIT_STREAM,
+            self.mark_key or self.claim_key,
+            self.mark_unless or self.claim_key,
+            *(count.keys if count else ()),
+        ]
+        args = [
+            self.claim_value,
+            keys.PLAN_BOOKKEEPING_TTL_S,
+            self.permit_json,
+            self.audit_maxlen,
+            self.permit_ttl_s,
+            self.mark_value if self.mark_key else "",
+            max(self.mark_ttl_s, 1),
+            "1" if self.mark_unless else "0",  # only then is KEYS[5] a real key to test
+            keys.PLAN_STREAM,
+            self.group,
+            self.entry_id,
+            count.member if count else "",
+            repr(count.at) if count else "0",
+            repr(count.window_start) if count else "0",
+            count.expire_s if count else 0,
+            *flatten(self.audit_fields),
+        ]
+        return script_keys, args
+
+
+def _issued(reply: Any) -> tuple[bool, str]:
+    return bool(int(reply[0])), str(reply[1])
 
 
 class Scripts:
@@ -91,53 +191,56 @@ class Scripts:
         self._issue = redis.register_script(ISSUE_PERMIT)
         self._plan = redis.register_script(PUBLISH_PLAN)
 
-    async def publish_plan(self, *, plan_id: str, fields: dict[str, str], proposal_entry_id: str, maxlen: int) -> bool:
-        """Publish the plan unless it already was. True when this call published it."""
-        reply: Any = await self._plan(
-            keys=[keys.PLAN_STREAM, keys.plan_record(plan_id)],
-            args=[maxlen, keys.PLAN_BOOKKEEPING_TTL_S, proposal_entry_id, *flatten(fields)],
-        )
-        return bool(int(reply))
-
-    async def issue_permit(
+    async def publish_plan(
         self,
         *,
-        claim_key: str,
-        claim_value: str,
-        permit_key: str,
-        permit_json: str,
-        permit_ttl_s: int,
-        audit_fields: dict[str, str],
-        audit_maxlen: int,
-        group: str = "",
-        entry_id: str = "",
-        mark_key: str = "",
-        mark_value: str = "",
-        mark_ttl_s: int = 0,
-        mark_unless: str = "",
-    ) -> tuple[bool, str]:
-        """Write the permit if this issuer's claim on the plan is ours; ack the plan entry either way (one
-        MULTI). ``mark_key`` is set unless the key ``mark_unless`` exists. Returns (written, claim owner)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            await self._issue(
-                keys=[claim_key, permit_key, keys.AUDIT_STREAM, mark_key or claim_key, mark_unless or claim_key],
-                args=[
-                    claim_value,
-                    keys.PLAN_BOOKKEEPING_TTL_S,
-                    permit_json,
-                    audit_maxlen,
-                    permit_ttl_s,
-                    mark_value if mark_key else "",
-                    max(mark_ttl_s, 1),
-                    "1" if mark_unless else "0",  # only then is KEYS[5] a real key to test
-                    *flatten(audit_fields),
-                ],
-                client=pipe,
-            )
-            if entry_id:
-                pipe.xack(keys.PLAN_STREAM, group, entry_id)
-            reply: Any = (await pipe.execute())[0]
-        return bool(int(reply[0])), str(reply[1])
+        plan_id: str,
+        fields: dict[str, str],
+        proposal_entry_id: str,
+        maxlen: int,
+        hold_key: str = "",
+        hold_ms: int = 0,
+    ) -> Literal["published", "exists", "busy"]:
+        """Publish the plan unless it already was. With ``hold_key``, take that key for the plan first (SET NX,
+        or find it already the plan's); "busy" when another plan holds it, and then nothing is published."""
+        reply: Any = await self._plan(
+            keys=[keys.PLAN_STREAM, keys.plan_record(plan_id), hold_key or keys.plan_record(plan_id)],
+            args=[
+                maxlen,
+                keys.PLAN_BOOKKEEPING_TTL_S,
+                proposal_entry_id,
+                hold_ms if hold_key else 0,
+                plan_id,
+                *flatten(fields),
+            ],
+        )
+        outcomes: tuple[Literal["exists", "published", "busy"], ...] = ("exists", "published", "busy")
+        return outcomes[int(reply)]
+
+    async def issue_permit(self, **write: Any) -> tuple[bool, str]:
+        """Write one permit (see :class:`PermitWrite` for the arguments). Returns (written, claim owner)."""
+        return (await self.issue_permits([PermitWrite(**write)]))[0]
+
+    async def issue_permits(self, writes: Sequence[PermitWrite]) -> list[tuple[bool, str]]:
+        """Run the permit script for each write, all in one round trip (a pipeline, not a transaction: each
+        script is atomic on its own). Returns (written, claim owner) per write, in order."""
+        if len(writes) == 1:
+            keys_, args = writes[0].keys_and_args()
+            return [_issued(await self._issue(keys=keys_, args=args))]
+        calls = [w.keys_and_args() for w in writes]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys_, args in calls:
+                pipe.evalsha(self._issue.sha, len(keys_), *keys_, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        issued = []
+        for (keys_, args), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, NoScriptError):  # the store restarted without its scripts: load, run again
+                issued.append(_issued(await self._issue(keys=keys_, args=args)))
+            elif isinstance(reply, Exception):
+                raise reply
+            else:
+                issued.append(_issued(reply))
+        return issued
 
     async def consume_permits(
         self,
@@ -182,19 +285,22 @@ class Scripts:
         proposal_entry_id: str,
         result_maxlen: int,
     ) -> str | None:
-        """Publish the plan's one result (unless it has one) and ack its proposal, in one MULTI."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            await self._publish(
-                keys=[
-                    keys.result_marker(plan_id),
-                    keys.RESULT_STREAM,
-                    keys.symbol_in_flight(symbol),
-                    keys.APPLY_INTENTS,
-                ],
-                args=[plan_id, keys.PLAN_BOOKKEEPING_TTL_S, result_maxlen, *flatten(fields)],
-                client=pipe,
-            )
-            if proposal_entry_id:
-                pipe.xack(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, proposal_entry_id)
-            published: Any = (await pipe.execute())[0]
+        """Publish the plan's one result (unless it has one) and ack its proposal, in one script."""
+        published: Any = await self._publish(
+            keys=[
+                keys.result_marker(plan_id),
+                keys.RESULT_STREAM,
+                keys.symbol_in_flight(symbol),
+                keys.APPLY_INTENTS,
+            ],
+            args=[
+                plan_id,
+                keys.PLAN_BOOKKEEPING_TTL_S,
+                result_maxlen,
+                keys.PROPOSAL_STREAM,
+                keys.APPLY_GROUP,
+                proposal_entry_id,
+                *flatten(fields),
+            ],
+        )
         return str(published) if published else None

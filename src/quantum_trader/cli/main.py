@@ -183,10 +183,15 @@ def sim_exchange_cmd(
     weight_limit: Annotated[int, typer.Option(min=1, help="REQUEST_WEIGHT per minute (Binance: 2400)")] = 2400,
     orders_10s_limit: Annotated[int, typer.Option(min=1, help="ORDERS per 10 s (Binance: 300)")] = 300,
     orders_1m_limit: Annotated[int, typer.Option(min=1, help="ORDERS per minute (Binance: 1200)")] = 1200,
+    bench_symbols: Annotated[
+        int, typer.Option(min=0, max=999, help="add this many synthetic markets BENCH001USDT... (qt bench)")
+    ] = 0,
 ) -> None:
     """Run the Binance-USD-M-compatible simulator (REST, HMAC-signed, Binance's error codes).
 
     The limits are stated in exchangeInfo ``rateLimits`` as Binance does, and clients take them from there."""
+    from quantum_trader.exchange.sim.engine import DEFAULT_SYMBOLS
+    from quantum_trader.exchange.sim.engine import bench_symbols as synthetic_markets
     from quantum_trader.exchange.sim.server import SimConfig, serve
     from quantum_trader.secrets import ensure_local_secrets, exchange_credentials, key_dir, read_secret_file
 
@@ -207,6 +212,7 @@ def sim_exchange_cmd(
             weight_limit_1m=weight_limit,
             orders_limit_10s=orders_10s_limit,
             orders_limit_1m=orders_1m_limit,
+            symbols=DEFAULT_SYMBOLS + synthetic_markets(bench_symbols),
         )
     )
 
@@ -331,17 +337,32 @@ def chaos_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    quick: Annotated[bool, typer.Option(help="a short run (under a minute): fewer plans, a 5 s idle window")] = False,
+    quick: Annotated[bool, typer.Option(help="a short run (under a minute): fewer plans, one rate of each")] = False,
     plans: Annotated[int | None, typer.Option(min=10, help="sequential plans through the chain")] = None,
-    out: Annotated[Path | None, typer.Option(help="write bench.json and bench.md into this directory")] = None,
+    rates: Annotated[
+        str | None, typer.Option(help="open-loop rates through the chain, plans/s, comma-separated")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="write bench.json, bench.md and latency-vs-rate.png into this directory")
+    ] = None,
+    event_loop: Annotated[str, typer.Option(help="the services' event loop: asyncio or uvloop")] = "asyncio",
 ) -> None:
-    """Latency of the chain (separate processes, embedded store, simulator) against the seed's polling
-    design in the same run, and CPU and memory per service. Loopback only; bounded in time."""
-    from quantum_trader.cli.bench import print_bench, run_bench
+    """Latency, throughput and cost of the chain (separate processes, embedded store, simulator) against the
+    seed's polling design in the same run. Loopback only; bounded in time."""
+    import dataclasses
 
-    count = plans or (60 if quick else 400)
-    report = run_bench(count, seed_plans=10 if quick else 40, idle_s=5.0 if quick else 20.0)
-    print_bench(report, out)
+    from quantum_trader.bench.run import QUICK, Scenario, run_bench
+    from quantum_trader.cli.bench import print_bench
+
+    scenario = QUICK if quick else Scenario()
+    try:
+        chosen = tuple(float(r) for r in rates.split(",")) if rates else scenario.rates
+    except ValueError:
+        fail(f"--rates: not a comma-separated list of numbers: {rates!r}", EXIT_USAGE)
+    if event_loop not in ("asyncio", "uvloop"):
+        fail(f"--event-loop: asyncio or uvloop, not {event_loop!r}", EXIT_USAGE)
+    scenario = dataclasses.replace(scenario, plans=plans or scenario.plans, rates=chosen, event_loop=event_loop)
+    print_bench(run_bench(scenario), out)
 
 
 @app.command("demo")

@@ -192,16 +192,16 @@ class ApplyService(Service):
         ctx = PlanningContext(self._allowlist, position, False, min_score)
         started = time.monotonic()  # the permit window runs from the plan's creation, as the seed measures it
         plan = make_plan(proposal, ctx, plan_id, self._clock())
-        if plan.decision == "EXECUTE" and not await self._hold_symbol(plan):
-            plan = make_plan(proposal, replace(ctx, symbol_busy=True), plan_id, plan.created_at)
         executing = plan.decision == "EXECUTE"
         if executing:
             self.waiter.register(plan_id)  # before publishing: no decision can slip past unseen
         try:
-            fields = to_fields(plan)
-            if not await self._scripts.publish_plan(
-                plan_id=plan_id, fields=fields, proposal_entry_id=entry_id, maxlen=STREAM_MAXLEN
-            ):  # another handler of this very proposal published it first: follow that plan instead
+            published = await self._publish(plan, entry_id)
+            if published == "busy":  # another close of this symbol is under way: this plan is a SKIP
+                plan = make_plan(proposal, replace(ctx, symbol_busy=True), plan_id, plan.created_at)
+                executing = False
+                published = await self._publish(plan, entry_id)
+            if published == "exists":  # another handler of this very proposal published it: follow that plan
                 record = await self.redis.hgetall(keys.plan_record(plan_id))
                 await self._resume(from_fields(Plan, record), entry_id, log)
                 return
@@ -242,15 +242,20 @@ class ApplyService(Service):
             + self.settings.exchange.late_execution_horizon_ms / 1000
         )
 
-    async def _hold_symbol(self, plan: Plan) -> bool:
-        """Take the symbol for this plan (or find it already ours, after a restart)."""
-        key = keys.symbol_in_flight(plan.symbol)
-        # Long enough for the whole order path; the TTL only frees a symbol whose Apply died, and an unknown
-        # outcome makes the hold permanent until resolved.
-        hold_ms = round((self._handling_bound_s() + 5) * 1000)
-        if await self.redis.set(key, plan.plan_id, nx=True, px=hold_ms):
-            return True
-        return bool(await self.redis.get(key) == plan.plan_id)
+    async def _publish(self, plan: Plan, entry_id: str) -> str:
+        """Publish the plan once; an executing plan takes its symbol in the same step ("busy" if another holds it).
+
+        The hold lasts the whole order path; its TTL only frees a symbol whose Apply died, and an unknown
+        outcome makes the hold permanent until resolved."""
+        executing = plan.decision == "EXECUTE"
+        return await self._scripts.publish_plan(
+            plan_id=plan.plan_id,
+            fields=to_fields(plan),
+            proposal_entry_id=entry_id,
+            maxlen=STREAM_MAXLEN,
+            hold_key=keys.symbol_in_flight(plan.symbol) if executing else "",
+            hold_ms=round((self._handling_bound_s() + 5) * 1000),
+        )
 
     # --- waiting for permits ----------------------------------------------------------------------------
 

@@ -28,6 +28,8 @@ BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 1.0  # a store coming back is used within a second (the chaos run's recovery bound is 2 s)
 
 Handler = Callable[[str, dict[str, str]], Awaitable[None]]
+Entries = list[tuple[str, dict[str, str]]]
+BatchHandler = Callable[[Entries], Awaitable[None]]
 
 
 async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout_s: float = 10.0) -> None:
@@ -93,10 +95,13 @@ async def consume_group(
     service: str,
     count: int = 128,
     block_ms: int = 1000,
+    handle_batch: BatchHandler | None = None,
 ) -> None:
     """Feed ``handle`` this consumer's pending entries, entries stuck with dead peers, then new ones, forever.
 
-    ``handle`` acks what it finishes. While the store is away the loop backs off (nothing is decided, so
+    With ``handle_batch``, the new entries of one read go to it together (the issuers decide them with one
+    round trip for their inputs and one for their permits); redelivered ones still go one by one to ``handle``.
+    Handlers ack what they finish. While the store is away the loop backs off (nothing is decided, so
     nothing is permitted: fail closed) and on return it re-reads its pending entries first, so an entry
     read just before the outage is not forgotten.
     """
@@ -115,6 +120,9 @@ async def consume_group(
             entries = await read_group(redis, stream, group, consumer, count=count, block_ms=block_ms)
             store_up(True)
             backoff.reset()
+            if handle_batch is not None and entries:
+                await _handle_many(handle_batch, entries, log)
+                continue
             for entry_id, fields in entries:
                 await _handle_one(handle, entry_id, fields, log)
         except STORE_ERRORS as exc:
@@ -198,16 +206,24 @@ class GroupReader:
 
 
 async def _handle_one(handle: Handler, entry_id: str, fields: dict[str, str], log: Any) -> None:
+    await _guarded(handle(entry_id, fields), log, entry_id=entry_id)
+
+
+async def _handle_many(handle_batch: BatchHandler, entries: Entries, log: Any) -> None:
+    await _guarded(handle_batch(entries), log, entry_id=entries[0][0], entries=len(entries))
+
+
+async def _guarded(work: Awaitable[None], log: Any, **where: Any) -> None:
     try:
-        await handle(entry_id, fields)
+        await work
     except STORE_ERRORS:
         raise
     except asyncio.CancelledError:
         raise
     except Exception:
-        # A bug, not bad input (bad input is dead-lettered by the handler). Keep the entry pending so it is
-        # retried after the next restart or reconnect, and keep serving the others.
-        log.exception("unexpected error handling entry; left pending", entry_id=entry_id)
+        # A bug, not bad input (bad input is dead-lettered by the handler). Keep what was not acknowledged
+        # pending so it is retried after the next restart or reconnect, and keep serving the others.
+        log.exception("unexpected error handling entry; left pending", **where)
 
 
 class Service:
@@ -240,6 +256,22 @@ class Service:
         )
         await self.redis.xadd(keys.AUDIT_STREAM, to_fields(entry), maxlen=self.settings.audit_maxlen, approximate=True)
         self.log.info("plan already decided by another instance; dropped", plan_id=plan.plan_id, owner=owner)
+
+    async def accept_plans(self, entries: Entries, group: str) -> tuple[list[tuple[str, Plan]], int]:
+        """The plans to decide among plan-stream entries, with their entry ids; malformed ones are
+        dead-lettered (their number is returned), SKIP plans acknowledged."""
+        plans, skipped, dead = [], [], 0
+        for entry_id, fields in entries:
+            plan = await self.accept_plan(entry_id, fields, group)
+            if plan is None:
+                dead += 1
+            elif plan.decision != "EXECUTE":
+                skipped.append(entry_id)
+            else:
+                plans.append((entry_id, plan))
+        if skipped:
+            await self.redis.xack(keys.PLAN_STREAM, group, *skipped)
+        return plans, dead
 
     async def accept_plan(self, entry_id: str, fields: dict[str, str], group: str) -> Plan | None:
         """The plan in a plan-stream entry; None after dead-lettering it (malformed, or plan_hash mismatch)."""

@@ -13,17 +13,19 @@ import asyncio
 import contextlib
 import functools
 import time
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
-from redis.exceptions import WatchError
+from redis.exceptions import ResponseError, WatchError
 
 from quantum_trader.bus import keys
+from quantum_trader.bus.scripts import PermitWrite
 from quantum_trader.bus.streams import dead_letter, ensure_topology
 from quantum_trader.domain import reasons
-from quantum_trader.domain.brain import BrainInputs, BrainPolicy, BrainVerdict, decide
+from quantum_trader.domain.brain import BrainInputs, BrainPolicy, BrainVerdict, decide_in_order
 from quantum_trader.domain.brain.snapshot_age import behind_ledger
 from quantum_trader.domain.filters import SymbolFilters
 from quantum_trader.domain.ledger import adopt_outside_growth, apply_result, reconcile
@@ -41,17 +43,104 @@ from quantum_trader.domain.models import (
 from quantum_trader.domain.permits import encode_permit, sign
 from quantum_trader.exchange.base import Exchange, ExchangeError, PositionInfo
 from quantum_trader.secrets import permit_key
-from quantum_trader.services.base import STORE_ERRORS, Backoff, Service, cancel_and_wait, consume_group
+from quantum_trader.services.base import STORE_ERRORS, Backoff, Entries, Service, cancel_and_wait, consume_group
 from quantum_trader.services.metrics import BrainMetrics
 from quantum_trader.settings import Settings
 
-# The result of plan ARGV[1] has been seen: remember that (an allow decided later must not mark the symbol) and
-# free the symbol if this plan holds it. One script, so no allow can slip between the two.
-RELEASE_IN_FLIGHT = """
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+
+@dataclass(frozen=True, slots=True)
+class LedgerChange:
+    symbol: str
+    before: Ledger | None
+    after: Ledger
+    why: str
+    plan_id: str = ""
+
+
+def queue_ledger_write(pipe: Any, change: LedgerChange, audit_maxlen: int) -> None:
+    """Queue the ledger's new state and its audit entry on ``pipe`` (a transaction, executed by the caller)."""
+    pipe.hset(keys.ledger(change.symbol), mapping=to_fields(change.after))
+    pipe.xadd(
+        keys.LEDGER_AUDIT_STREAM,
+        {
+            "symbol": change.symbol,
+            "before": str(change.before.last_known_amt) if change.before else "none",
+            "after": str(change.after.last_known_amt),
+            "source": change.why,
+            "plan_id": change.plan_id,
+            "at": repr(change.after.updated_at),
+        },
+        maxlen=audit_maxlen,
+        approximate=True,
+    )
+
+
+async def record_results(
+    redis: aioredis.Redis, results: list[tuple[str, Result]], clock: Any, audit_maxlen: int
+) -> list[LedgerChange]:
+    """What P3.3's ledger follower does with results read together, in one transaction:
+
+    - executed fills move their symbol's ledger (each result id once: the applied set), in stream order;
+    - each plan's result is remembered as seen (a P3.3 allow decided later must not mark the symbol), and the
+      symbol's order-in-flight mark is freed if this plan holds it;
+    - the entries are acknowledged.
+
+    Optimistic: the ledgers, applied sets and marks are WATCHed, read (one round trip), and the transaction
+    runs again if any of them changed meanwhile (another P3.3 instance, a permit script setting a mark).
+    Returns the ledger changes made.
+    """
+    symbols = list(dict.fromkeys(result.symbol for _, result in results))
+    executed = [(entry_id, result) for entry_id, result in results if result.executed]
+    moved = list(dict.fromkeys(result.symbol for _, result in executed))
+    watched = [keys.ledger(s) for s in moved] + [keys.ledger_applied(s) for s in moved]
+    watched += [keys.p33_symbol_in_flight(s) for s in symbols]
+    async with redis.pipeline(transaction=True) as tx:
+        while True:
+            try:
+                await tx.watch(*watched)
+                # Read on another connection: WATCH catches any change after it, whoever reads.
+                async with redis.pipeline(transaction=False) as read:
+                    for symbol in moved:
+                        read.hgetall(keys.ledger(symbol))
+                    for entry_id, result in executed:
+                        read.zscore(keys.ledger_applied(result.symbol), entry_id)
+                    for symbol in symbols:
+                        read.get(keys.p33_symbol_in_flight(symbol))
+                    got = await read.execute()
+                ledgers = {s: _parse_or_none(Ledger, got[n]) for n, s in enumerate(moved)}
+                scores = got[len(moved) : len(moved) + len(executed)]
+                marks = dict(zip(symbols, got[len(moved) + len(executed) :], strict=True))
+                now = clock()
+                changes: list[tuple[str, LedgerChange]] = []  # (result entry id, the change it made)
+                for (entry_id, result), score in zip(executed, scores, strict=True):
+                    applied = frozenset({entry_id}) if score is not None else frozenset()
+                    before = ledgers[result.symbol]
+                    updated = apply_result(before, result, entry_id, now, applied)
+                    if updated is not None:
+                        changes.append(
+                            (entry_id, LedgerChange(result.symbol, before, updated, "result", result.plan_id))
+                        )
+                        ledgers[result.symbol] = updated
+                tx.multi()
+                for entry_id, change in changes:
+                    applied_key = keys.ledger_applied(change.symbol)
+                    tx.zadd(applied_key, {entry_id: change.after.updated_at})
+                    tx.zremrangebyscore(applied_key, "-inf", change.after.updated_at - keys.PLAN_BOOKKEEPING_TTL_S)
+                    queue_ledger_write(tx, change, audit_maxlen)
+                for _, result in results:
+                    tx.set(keys.p33_result_seen(result.plan_id), "1", ex=keys.PLAN_BOOKKEEPING_TTL_S)
+                    if marks.get(result.symbol) == result.plan_id:
+                        tx.delete(keys.p33_symbol_in_flight(result.symbol))
+                        marks[result.symbol] = None
+                tx.xack(keys.RESULT_STREAM, keys.LEDGER_GROUP, *(entry_id for entry_id, _ in results))
+                await tx.execute()
+                return [change for _, change in changes]
+            except WatchError:
+                continue
+
+
+RESULTS_CATCH_UP_S = 1.0  # how long a plan on a marked symbol waits for published results to be recorded
+RESULTS_POLL_S = 0.01  # how often it looks again meanwhile (another instance may be the one recording)
 
 
 def policy_from(settings: Settings) -> BrainPolicy:
@@ -92,11 +181,15 @@ class BrainService(Service):
         self.policy = policy_from(settings)
         self.symbols = list(settings.symbols)
         self.ready = asyncio.Event()
-        self._release = redis.register_script(RELEASE_IN_FLIGHT)
         self._secret = permit_key(settings, "p33")
         self._filters: dict[str, SymbolFilters] = {}
         self._refresh = asyncio.Event()
-        self._snapshot_at: dict[str, float] = {}
+        self._snapshot_at: dict[str, float] = {}  # per symbol: when the request behind its snapshot was sent
+        self._dirty: set[str] = set()  # symbols asked for by the next poll
+        self._failed_since = 0.0  # the start of the latest poll that failed
+        self._polls_done = asyncio.Condition()
+        self._recorded_batches = 0  # reads of results the ledger follower has recorded
+        self._results_done = asyncio.Condition()
         for symbol in self.symbols:
             self.metrics.snapshot_age.labels(symbol).set_function(functools.partial(self.snapshot_age, symbol))
 
@@ -117,6 +210,7 @@ class BrainService(Service):
                     group=keys.LEDGER_GROUP,
                     consumer=self.consumer,
                     handle=self.handle_result,
+                    handle_batch=self.handle_results,
                     log=self.log,
                     store_up=store_up,
                     failover=self.failover(keys.RESULT_DLQ),
@@ -136,6 +230,7 @@ class BrainService(Service):
                     failover=self.failover(keys.PLAN_DLQ),
                     service=self.name,
                     block_ms=1000,
+                    handle_batch=self.handle_plans,
                 ),
                 name="p33-plans",
             ),
@@ -185,71 +280,76 @@ class BrainService(Service):
         return changed
 
     async def _write_ledger(self, symbol: str, before: Ledger | None, after: Ledger, why: str) -> None:
+        change = LedgerChange(symbol, before, after, why)
         async with self.redis.pipeline(transaction=True) as pipe:
-            await self._ledger_pipeline(pipe, symbol, before, after, why)
+            queue_ledger_write(pipe, change, self.settings.audit_maxlen)
+            await pipe.execute()
+        self._ledger_moved(change)
 
-    async def _ledger_pipeline(
-        self, pipe: Any, symbol: str, before: Ledger | None, after: Ledger, why: str, plan_id: str = ""
-    ) -> None:
-        """Write the ledger and its audit entry in one transaction (``pipe`` may be in WATCH/MULTI state)."""
-        was = str(before.last_known_amt) if before else "none"
-        pipe.hset(keys.ledger(symbol), mapping=to_fields(after))
-        pipe.xadd(
-            keys.LEDGER_AUDIT_STREAM,
-            {
-                "symbol": symbol,
-                "before": was,
-                "after": str(after.last_known_amt),
-                "source": why,
-                "plan_id": plan_id,
-                "at": repr(after.updated_at),
-            },
-            maxlen=self.settings.audit_maxlen,
-            approximate=True,
-        )
-        await pipe.execute()
-        self.metrics.ledger_updates.labels(why).inc()
-        log = self.log.bind(plan_id=plan_id) if plan_id else self.log
-        log.info(f"{symbol}: ledger {was} -> {after.last_known_amt} ({why})")
+    def _ledger_moved(self, change: LedgerChange) -> None:
+        self.metrics.ledger_updates.labels(change.why).inc()
+        log = self.log.bind(plan_id=change.plan_id) if change.plan_id else self.log
+        was = change.before.last_known_amt if change.before else "none"
+        log.info(f"{change.symbol}: ledger {was} -> {change.after.last_known_amt} ({change.why})")
 
     # --- snapshots --------------------------------------------------------------------------------------
 
     async def _poll_snapshots(self) -> None:
+        """Every ``snapshot_interval_s`` all symbols; in between, as soon as asked, the symbols asked for (a
+        fill's, or a plan's waiting for a snapshot newer than its ledger): one small request each time."""
         interval = self.settings.brain.snapshot_interval_s
         while True:
+            asked = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._refresh.wait(), interval)
+                asked = True
             self._refresh.clear()
+            symbols = [s for s in self.symbols if s in self._dirty] if asked else []
+            self._dirty.clear()
+            started = self._clock()
             try:
-                await self.refresh_snapshots()
+                await self.refresh_snapshots(symbols or None)
             except ExchangeError as exc:
+                self._failed_since = started
                 self.metrics.snapshot_errors.inc()
                 self.log.warning("snapshot poll failed; snapshots will go stale", error=exc.message)
             except STORE_ERRORS as exc:
+                self._failed_since = started
                 self.log.warning("snapshot write failed: store unavailable", error=str(exc))
+            finally:
+                async with self._polls_done:
+                    self._polls_done.notify_all()
 
-    async def refresh_snapshots(self) -> None:
-        """Poll the exchange, write the snapshots, then follow positions opened outside the chain, or
-        reconcile everything when an operator asked for it (``qt brain reconcile``)."""
-        if await self.redis.get(keys.RECONCILE_REQUEST):
+    def _ask_refresh(self, symbols: list[str]) -> None:
+        self._dirty.update(symbols)
+        self._refresh.set()
+
+    async def refresh_snapshots(self, symbols: list[str] | None = None) -> None:
+        """Poll the exchange for ``symbols`` (default: all), write the snapshots, then follow positions opened
+        outside the chain; or reconcile everything when an operator asked for it (``qt brain reconcile``)."""
+        symbols = symbols or self.symbols
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.RECONCILE_REQUEST)
+            for symbol in symbols:
+                pipe.hgetall(keys.ledger(symbol))
+                pipe.get(keys.p33_symbol_in_flight(symbol))
+            reconcile_asked, *read = await pipe.execute()
+        if reconcile_asked:
             await self.reconcile()
             await self.redis.delete(keys.RECONCILE_REQUEST)
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for symbol in self.symbols:
-                pipe.hgetall(keys.ledger(symbol))
-                pipe.get(keys.p33_symbol_in_flight(symbol))
-            read = await pipe.execute()
         # Read before the exchange call: a fill applied meanwhile must not be mistaken for outside growth.
-        before = {s: (_parse_or_none(Ledger, read[2 * i]), read[2 * i + 1]) for i, s in enumerate(self.symbols)}
-        positions = await self.exchange.positions(self.symbols)
-        now = self._clock()
-        await self._write_snapshots(positions, now)
+        before = {s: (_parse_or_none(Ledger, read[2 * i]), read[2 * i + 1]) for i, s in enumerate(symbols)}
+        # The snapshot's time is when the request was sent: a reply can only show fills that happened before it
+        # arrived, and every fill whose result P3.3 applied after this moment may be missing from it.
+        asked_at = self._clock()
+        positions = await self.exchange.positions(symbols)
+        await self._write_snapshots(positions, asked_at)
         for symbol, position in positions.items():
             ledger, in_flight = before[symbol]
             if ledger is not None:
                 self.metrics.ledger_drift.labels(symbol).set(float(position.amt - ledger.last_known_amt))
-            if in_flight is None and adopt_outside_growth(ledger, position.amt, now) is not None:
+            if in_flight is None and adopt_outside_growth(ledger, position.amt, asked_at) is not None:
                 await self._adopt(symbol, ledger, position.amt)
 
     async def _adopt(self, symbol: str, seen: Ledger | None, exchange_amt: Decimal) -> None:
@@ -261,9 +361,14 @@ class BrainService(Service):
             if current != seen or updated is None:  # the ledger moved meanwhile: next poll decides
                 await pipe.unwatch()
                 return
+            change = LedgerChange(symbol, current, updated, "adopt")
             pipe.multi()
-            with contextlib.suppress(WatchError):
-                await self._ledger_pipeline(pipe, symbol, current, updated, "adopt")
+            queue_ledger_write(pipe, change, self.settings.audit_maxlen)
+            try:
+                await pipe.execute()
+            except WatchError:
+                return
+        self._ledger_moved(change)
 
     async def _write_snapshots(self, positions: dict[str, PositionInfo], now: float) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -273,106 +378,157 @@ class BrainService(Service):
             await pipe.execute()
         self._snapshot_at.update(dict.fromkeys(positions, now))
 
+    async def _snapshots_since(self, symbols: list[str], since: float) -> bool:
+        """Ask the poller for snapshots of ``symbols`` asked for at or after ``since`` and wait for them. Plans
+        arriving together share one exchange request instead of each making their own. False when a poll
+        started after ``since`` failed, or none came within the exchange timeout."""
+
+        def fresh() -> bool:
+            return all(self._snapshot_at.get(symbol, 0.0) >= since for symbol in symbols)
+
+        self._ask_refresh(symbols)
+        timeout_s = self.settings.exchange.timeout_ms / 1000 + 1
+        async with self._polls_done:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._polls_done.wait_for(lambda: fresh() or self._failed_since >= since), timeout_s
+                )
+        return fresh()
+
     # --- ledger -----------------------------------------------------------------------------------------
 
     async def handle_result(self, entry_id: str, fields: dict[str, str]) -> None:
-        try:
-            result = from_fields(Result, fields)
-        except MalformedEntry as exc:
-            await dead_letter(
-                self.redis,
-                keys.RESULT_DLQ,
-                keys.RESULT_STREAM,
-                keys.LEDGER_GROUP,
-                entry_id,
-                fields,
-                f"{reasons.MALFORMED_ENTRY}: {exc}",
-                "p33",
-            )
-            self.metrics.dead_letters.labels("result").inc()
-            self.log.warning("malformed result dead-lettered", entry_id=entry_id, error=str(exc))
-            return
-        if result.executed:
-            await self._apply_to_ledger(result, entry_id)
-            self._refresh.set()
-        await self._release(
-            keys=[keys.p33_symbol_in_flight(result.symbol), keys.p33_result_seen(result.plan_id)],
-            args=[result.plan_id, keys.PLAN_BOOKKEEPING_TTL_S],
-        )
-        await self.redis.xack(keys.RESULT_STREAM, keys.LEDGER_GROUP, entry_id)
+        await self.handle_results([(entry_id, fields)])
 
-    async def _apply_to_ledger(self, result: Result, entry_id: str) -> None:
-        key, applied_key = keys.ledger(result.symbol), keys.ledger_applied(result.symbol)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key, applied_key)
-                    ledger = _parse_or_none(Ledger, await pipe.hgetall(key))
-                    seen = await pipe.zscore(applied_key, entry_id) is not None
-                    applied = frozenset({entry_id}) if seen else frozenset()
-                    updated = apply_result(ledger, result, entry_id, self._clock(), applied)
-                    if updated is None:
-                        await pipe.unwatch()
-                        return
-                    pipe.multi()
-                    pipe.zadd(applied_key, {entry_id: updated.updated_at})
-                    pipe.zremrangebyscore(applied_key, "-inf", updated.updated_at - keys.PLAN_BOOKKEEPING_TTL_S)
-                    await self._ledger_pipeline(pipe, result.symbol, ledger, updated, "result", result.plan_id)
-                    return
-                except WatchError:
-                    continue
+    async def handle_results(self, entries: Entries) -> None:
+        """Results read together: malformed ones dead-lettered, the rest recorded in one transaction; then a
+        snapshot is asked for each symbol a fill moved."""
+        results = []
+        for entry_id, fields in entries:
+            try:
+                results.append((entry_id, from_fields(Result, fields)))
+            except MalformedEntry as exc:
+                await dead_letter(
+                    self.redis,
+                    keys.RESULT_DLQ,
+                    keys.RESULT_STREAM,
+                    keys.LEDGER_GROUP,
+                    entry_id,
+                    fields,
+                    f"{reasons.MALFORMED_ENTRY}: {exc}",
+                    "p33",
+                )
+                self.metrics.dead_letters.labels("result").inc()
+                self.log.warning("malformed result dead-lettered", entry_id=entry_id, error=str(exc))
+        if not results:
+            return
+        for change in await record_results(self.redis, results, self._clock, self.settings.audit_maxlen):
+            self._ledger_moved(change)
+        self._recorded_batches += 1
+        async with self._results_done:
+            self._results_done.notify_all()
+        moved = [result.symbol for _, result in results if result.executed]
+        if moved:
+            self._ask_refresh(moved)
+
+    async def _results_recorded_after(self, batches: int, timeout_s: float) -> None:
+        """Wait until this instance's ledger follower has recorded another read of results, or the timeout (the
+        result may be another instance's to record)."""
+        async with self._results_done:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._results_done.wait_for(lambda: self._recorded_batches > batches), timeout_s)
 
     # --- plans ------------------------------------------------------------------------------------------
 
     async def handle_plan(self, entry_id: str, fields: dict[str, str]) -> None:
+        await self.handle_plans([(entry_id, fields)])
+
+    async def handle_plans(self, entries: Entries) -> None:
+        """Decide the plans of one read: inputs per symbol in one round trip, a fresh snapshot first where a
+        fill came after the last one, the decisions in order (an allow marks its symbol for the plans after
+        it), the permits in one more round trip."""
         started = time.perf_counter()
-        plan = await self.accept_plan(entry_id, fields, keys.P33_GROUP)
-        if plan is None:
-            self.metrics.dead_letters.labels("plan").inc()
+        plans, dead = await self.accept_plans(entries, keys.P33_GROUP)
+        if dead:
+            self.metrics.dead_letters.labels("plan").inc(dead)
+        if not plans:
             return
-        if plan.decision != "EXECUTE":
-            await self.redis.xack(keys.PLAN_STREAM, keys.P33_GROUP, entry_id)
-            return
-        log = self.log.bind(plan_id=plan.plan_id, symbol=plan.symbol)
-        inputs = await self._inputs(plan.symbol)
-        if behind_ledger(inputs.snapshot, inputs.ledger):
+        symbols = list(dict.fromkeys(plan.symbol for _, plan in plans))
+        inputs, unrecorded = await self._inputs(symbols)
+        deciding = {plan.plan_id for _, plan in plans}
+        held = [s for s in symbols if inputs[s].in_flight_plan not in (None, *deciding)]
+        deadline = time.monotonic() + RESULTS_CATCH_UP_S
+        while held and unrecorded and time.monotonic() < deadline:
+            # A symbol is marked for a close whose result may be out but not recorded yet (a client saw the
+            # result and proposed again at once): give the ledger followers a moment to catch up.
+            await self._results_recorded_after(self._recorded_batches, RESULTS_POLL_S)
+            fresh, unrecorded = await self._inputs(held)
+            inputs.update(fresh)
+            held = [s for s in held if inputs[s].in_flight_plan not in (None, *deciding)]
+        behind = {  # symbol -> when its ledger last moved, for those whose snapshot predates that
+            s: got.ledger.updated_at
+            for s, got in inputs.items()
+            if got.ledger is not None and behind_ledger(got.snapshot, got.ledger)
+        }
+        if behind:
             # A fill was applied after the last poll: look at the exchange now rather than deny on old data.
-            try:
-                await self.refresh_snapshots()
-                inputs = await self._inputs(plan.symbol)
-            except ExchangeError as exc:
-                log.warning("snapshot refresh failed; deciding on what is known", error=exc.message)
+            if not await self._snapshots_since(list(behind), max(behind.values())):
+                self.log.warning("no fresh snapshot within the exchange timeout; deciding on what is known")
+            inputs.update((await self._inputs(list(behind)))[0])
         now = self._clock()
-        verdict = decide(plan, inputs, self.policy, now)
-        written, owner = await self._issue(plan, verdict, entry_id, now)
-        if not written:
-            self.metrics.duplicates.inc()
-            await self.audit_duplicate(plan, owner)
-            return
-        self.metrics.permits.labels("allow" if verdict.allow else "deny", verdict.reason).inc()
-        self.metrics.decision_seconds.observe(time.perf_counter() - started)
-        word = "ALLOW" if verdict.allow else "DENY"
-        log.info(
-            f"{plan.symbol}: P3.3 {word} {plan.plan_id}",
-            reason=verdict.reason,
-            safe_close_qty=str(verdict.safe_close_qty),
-            exchange_amt=str(verdict.exchange_position_amt),
-        )
+        verdicts = decide_in_order([plan for _, plan in plans], [inputs[p.symbol] for _, p in plans], self.policy, now)
+        writes = [
+            self._permit_write(plan, verdict, entry_id, now)
+            for (entry_id, plan), verdict in zip(plans, verdicts, strict=True)
+        ]
+        issued = await self._scripts.issue_permits(writes)
+        took = (time.perf_counter() - started) / len(plans)
+        for (_, plan), verdict, (written, owner) in zip(plans, verdicts, issued, strict=True):
+            if not written:
+                self.metrics.duplicates.inc()
+                await self.audit_duplicate(plan, owner)
+                continue
+            self.metrics.permits.labels("allow" if verdict.allow else "deny", verdict.reason).inc()
+            self.metrics.decision_seconds.observe(took)
+            self.log.info(
+                f"{plan.symbol}: P3.3 {'ALLOW' if verdict.allow else 'DENY'} {plan.plan_id}",
+                reason=verdict.reason,
+                safe_close_qty=str(verdict.safe_close_qty),
+                exchange_amt=str(verdict.exchange_position_amt),
+                plan_id=plan.plan_id,
+                symbol=plan.symbol,
+            )
 
-    async def _inputs(self, symbol: str) -> BrainInputs:
+    async def _inputs(self, symbols: list[str]) -> tuple[dict[str, BrainInputs], bool]:
+        """Snapshot, ledger and in-flight mark of each symbol, in one pipelined round trip; and whether results
+        were published that no P3.3 instance has recorded yet (asked first, so the marks read after it include
+        every result recorded by then)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.snapshot(symbol))
-            pipe.hgetall(keys.ledger(symbol))
-            pipe.get(keys.p33_symbol_in_flight(symbol))
-            snap_fields, ledger_fields, in_flight = await pipe.execute()
-        return BrainInputs(
-            snapshot=_parse_or_none(Snapshot, snap_fields),
-            ledger=_parse_or_none(Ledger, ledger_fields),
-            in_flight_plan=in_flight,
-            filters=self._filters.get(symbol),
-        )
+            pipe.xinfo_groups(keys.RESULT_STREAM)
+            for symbol in symbols:
+                pipe.hgetall(keys.snapshot(symbol))
+                pipe.hgetall(keys.ledger(symbol))
+                pipe.get(keys.p33_symbol_in_flight(symbol))
+            groups, *read = await pipe.execute(raise_on_error=False)
+        for reply in read:
+            if isinstance(reply, Exception):
+                raise reply
+        if isinstance(groups, ResponseError):  # no result stream (yet, or after a flush): no result unrecorded
+            groups = []
+        inputs = {
+            symbol: BrainInputs(
+                snapshot=_parse_or_none(Snapshot, read[3 * n]),
+                ledger=_parse_or_none(Ledger, read[3 * n + 1]),
+                in_flight_plan=read[3 * n + 2],
+                filters=self._filters.get(symbol),
+            )
+            for n, symbol in enumerate(symbols)
+        }
+        # the ledger group's lag (None: unknown, so assume behind) or entries read but not yet acknowledged
+        ledger = [g for g in groups if g["name"] == keys.LEDGER_GROUP]
+        return inputs, bool(ledger) and (bool(ledger[0]["pending"]) or ledger[0].get("lag") != 0)
 
-    async def _issue(self, plan: Plan, verdict: BrainVerdict, entry_id: str, now: float) -> tuple[bool, str]:
+    def _permit_write(self, plan: Plan, verdict: BrainVerdict, entry_id: str, now: float) -> PermitWrite:
         permit = sign(
             P33Permit(
                 allow=verdict.allow,
@@ -397,7 +553,7 @@ class BrainService(Service):
             latency_ms=round((now - plan.created_at) * 1000, 3),
             symbol=plan.symbol,
         )
-        return await self._scripts.issue_permit(
+        return PermitWrite(
             claim_key=keys.decision_claim("p33", plan.plan_id),
             claim_value=f"p33:{self.consumer}:{entry_id}",
             permit_key=keys.p33_permit(plan.plan_id),

@@ -14,14 +14,14 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from quantum_trader.bus import keys
-from quantum_trader.bus.scripts import Scripts
+from quantum_trader.bus.scripts import GrantCount, PermitWrite
 from quantum_trader.bus.streams import ensure_topology
-from quantum_trader.domain.governor import GovernorPolicy, GovernorState, decide
+from quantum_trader.domain.governor import GovernorPolicy, GovernorState, decide_in_order
 from quantum_trader.domain.models import AuditEntry, GovernorPermit, Plan, to_fields
 from quantum_trader.domain.permits import encode_permit, sign
 from quantum_trader.domain.verdict import Verdict
 from quantum_trader.secrets import permit_key
-from quantum_trader.services.base import Service, consume_group
+from quantum_trader.services.base import Entries, Service, consume_group
 from quantum_trader.services.metrics import GovernorMetrics
 from quantum_trader.settings import Settings
 
@@ -54,9 +54,7 @@ def _float(value: str | None) -> float | None:
         return None
 
 
-async def issue_governor_permit(
-    redis: aioredis.Redis,
-    scripts: Scripts,
+def governor_permit_write(
     settings: Settings,
     secret: bytes,
     plan: Plan,
@@ -66,8 +64,8 @@ async def issue_governor_permit(
     claim_owner: str,
     now: float,
     entry_id: str = "",
-) -> tuple[bool, str]:
-    """Sign and write the Governor-slot permit for ``plan`` (shared by the service and ``qt permit``)."""
+) -> PermitWrite:
+    """The signed Governor-slot permit for ``plan``, its audit entry and (for an allow) its rate-limit count."""
     permit = sign(
         GovernorPermit(
             granted=verdict.allow,
@@ -88,7 +86,16 @@ async def issue_governor_permit(
         latency_ms=round((now - plan.created_at) * 1000, 3),
         symbol=plan.symbol,
     )
-    written, owner = await scripts.issue_permit(
+    window_s = settings.governor.rate_window_s
+    # An allow counts against the rate limits (grants per symbol and overall) in the same script as its permit.
+    count = GrantCount(
+        keys=(keys.GOVERNOR_GRANTS, keys.governor_symbol_grants(plan.symbol)),
+        member=plan.plan_id,
+        at=now,
+        window_start=now - window_s,
+        expire_s=int(window_s) + 60,
+    )
+    return PermitWrite(
         claim_key=keys.decision_claim("governor", plan.plan_id),
         claim_value=claim_owner,
         permit_key=keys.governor_permit(plan.plan_id),
@@ -98,17 +105,8 @@ async def issue_governor_permit(
         audit_maxlen=settings.audit_maxlen,
         group=keys.GOVERNOR_GROUP if entry_id else "",
         entry_id=entry_id,
+        count=count if verdict.allow else None,
     )
-    if written and verdict.allow:
-        # Rate-limit bookkeeping: grants per symbol and overall, trimmed to the window.
-        window_start = now - settings.governor.rate_window_s
-        async with redis.pipeline(transaction=False) as pipe:
-            for key in (keys.GOVERNOR_GRANTS, keys.governor_symbol_grants(plan.symbol)):
-                pipe.zadd(key, {plan.plan_id: now})
-                pipe.zremrangebyscore(key, "-inf", window_start)
-                pipe.expire(key, int(settings.governor.rate_window_s) + 60)
-            await pipe.execute()
-    return written, owner
 
 
 class GovernorService(Service):
@@ -137,6 +135,7 @@ class GovernorService(Service):
             group=keys.GOVERNOR_GROUP,
             consumer=self.consumer,
             handle=self.handle_plan,
+            handle_batch=self.handle_plans,
             log=self.log,
             store_up=lambda up: self.metrics.store_up.set(1 if up else 0),
             failover=self.failover(keys.PLAN_DLQ),
@@ -144,61 +143,84 @@ class GovernorService(Service):
         )
 
     async def handle_plan(self, entry_id: str, fields: dict[str, str]) -> None:
-        started = time.perf_counter()
-        plan = await self.accept_plan(entry_id, fields, keys.GOVERNOR_GROUP)
-        if plan is None:
-            self.metrics.dead_letters.inc()
-            return
-        if plan.decision != "EXECUTE":
-            await self.redis.xack(keys.PLAN_STREAM, keys.GOVERNOR_GROUP, entry_id)
-            return
-        log = self.log.bind(plan_id=plan.plan_id, symbol=plan.symbol)
-        now = self._clock()
-        state, mode = await self._read_state(plan, now)
-        if mode == "manual" and not state.kill_switch:
-            await self.redis.xack(keys.PLAN_STREAM, keys.GOVERNOR_GROUP, entry_id)
-            self.metrics.awaiting_operator.inc()
-            log.info(f"{plan.symbol}: plan {plan.plan_id} awaits an operator (qt permit grant {plan.plan_id})")
-            return
-        verdict = decide(plan, state, self.policy, now)
-        written, owner = await issue_governor_permit(
-            self.redis,
-            self._scripts,
-            self.settings,
-            self._secret,
-            plan,
-            verdict,
-            issuer="governor",
-            claim_owner=f"governor:{self.consumer}:{entry_id}",
-            now=self._clock(),
-            entry_id=entry_id,
-        )
-        if not written:
-            self.metrics.duplicates.inc()
-            await self.audit_duplicate(plan, owner)
-            return
-        self.metrics.permits.labels("allow" if verdict.allow else "deny", verdict.reason).inc()
-        self.metrics.decision_seconds.observe(time.perf_counter() - started)
-        log.info(
-            f"{plan.symbol}: Governor {'ALLOW' if verdict.allow else 'DENY'} {plan.plan_id}", reason=verdict.reason
-        )
+        await self.handle_plans([(entry_id, fields)])
 
-    async def _read_state(self, plan: Plan, now: float) -> tuple[GovernorState, str]:
+    async def handle_plans(self, entries: Entries) -> None:
+        """Decide the plans of one read: their policy state in one round trip, the decisions in order (each
+        allow counts for the plans after it), the permits in one more."""
+        started = time.perf_counter()
+        plans, dead = await self.accept_plans(entries, keys.GOVERNOR_GROUP)
+        if dead:
+            self.metrics.dead_letters.inc(dead)
+        if not plans:
+            return
+        now = self._clock()
+        states, mode = await self._read_states([plan for _, plan in plans], now)
+        if mode == "manual" and not states[0].kill_switch:
+            await self.redis.xack(keys.PLAN_STREAM, keys.GOVERNOR_GROUP, *(entry_id for entry_id, _ in plans))
+            for _, plan in plans:
+                self.metrics.awaiting_operator.inc()
+                self.log.info(
+                    f"{plan.symbol}: plan {plan.plan_id} awaits an operator (qt permit grant {plan.plan_id})",
+                    plan_id=plan.plan_id,
+                    symbol=plan.symbol,
+                )
+            return
+        verdicts = decide_in_order([plan for _, plan in plans], states, self.policy, now)
+        decided_at = self._clock()
+        writes = [
+            governor_permit_write(
+                self.settings,
+                self._secret,
+                plan,
+                verdict,
+                issuer="governor",
+                claim_owner=f"governor:{self.consumer}:{entry_id}",
+                now=decided_at,
+                entry_id=entry_id,
+            )
+            for (entry_id, plan), verdict in zip(plans, verdicts, strict=True)
+        ]
+        issued = await self._scripts.issue_permits(writes)
+        took = (time.perf_counter() - started) / len(plans)
+        for (_, plan), verdict, (written, owner) in zip(plans, verdicts, issued, strict=True):
+            if not written:
+                self.metrics.duplicates.inc()
+                await self.audit_duplicate(plan, owner)
+                continue
+            self.metrics.permits.labels("allow" if verdict.allow else "deny", verdict.reason).inc()
+            self.metrics.decision_seconds.observe(took)
+            self.log.info(
+                f"{plan.symbol}: Governor {'ALLOW' if verdict.allow else 'DENY'} {plan.plan_id}",
+                reason=verdict.reason,
+                plan_id=plan.plan_id,
+                symbol=plan.symbol,
+            )
+
+    async def _read_states(self, plans: list[Plan], now: float) -> tuple[list[GovernorState], str]:
+        """The policy state for each plan, read in one pipelined round trip (each symbol once)."""
         window_start = now - self.policy.rate_window_s
+        symbols = list(dict.fromkeys(plan.symbol for plan in plans))
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(keys.KILL_SWITCH)
             pipe.get(keys.GOVERNOR_MODE)
-            pipe.zcount(keys.governor_symbol_grants(plan.symbol), window_start, "+inf")
             pipe.zcount(keys.GOVERNOR_GRANTS, window_start, "+inf")
-            pipe.zrevrange(keys.governor_symbol_grants(plan.symbol), 0, 0, withscores=True)
-            pipe.hmget(keys.snapshot(plan.symbol), "mark_price", "ts")
-            kill, mode, per_symbol, total, last, price = await pipe.execute()
-        state = GovernorState(
-            kill_switch=kill == "1",
-            grants_symbol=int(per_symbol),
-            grants_total=int(total),
-            last_grant_symbol_at=float(last[0][1]) if last else None,
-            mark_price=_decimal(price[0]),
-            price_ts=_float(price[1]),
+            for symbol in symbols:
+                pipe.zcount(keys.governor_symbol_grants(symbol), window_start, "+inf")
+                pipe.zrevrange(keys.governor_symbol_grants(symbol), 0, 0, withscores=True)
+                pipe.hmget(keys.snapshot(symbol), "mark_price", "ts")
+            kill, mode, total, *per_symbol = await pipe.execute()
+        by_symbol = {}
+        for n, symbol in enumerate(symbols):
+            count, last, price = per_symbol[3 * n : 3 * n + 3]
+            by_symbol[symbol] = GovernorState(
+                kill_switch=kill == "1",
+                grants_symbol=int(count),
+                grants_total=int(total),
+                last_grant_symbol_at=float(last[0][1]) if last else None,
+                mark_price=_decimal(price[0]),
+                price_ts=_float(price[1]),
+            )
+        return [by_symbol[plan.symbol] for plan in plans], (
+            mode if mode in ("auto", "manual") else self.settings.governor.mode
         )
-        return state, (mode if mode in ("auto", "manual") else self.settings.governor.mode)

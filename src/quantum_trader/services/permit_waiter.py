@@ -1,7 +1,9 @@
 """One reader of ``quantum:stream:permit.audit`` that wakes every plan Apply is waiting on.
 
-Each waiting plan registers an Event before its plan is published; the reader sets it when an issuer's
-allow or deny for that plan appears. No per-plan polling: one blocking XREAD serves all waiting plans.
+Each waiting plan registers an Event before its plan is published; the reader sets it when the plan's wait can
+end: a deny from either slot, or allows from both (so Apply reads the two permits once, not once per decision).
+No per-plan polling: one blocking XREAD serves all waiting plans. The audit line only says when to look; what
+Apply acts on is what it then reads and verifies in the permit keys.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import redis.asyncio as aioredis
 from quantum_trader.bus import keys
 from quantum_trader.services.base import STORE_ERRORS, Backoff
 
-WAKING_DECISIONS = frozenset({"allow", "deny"})
+SLOT_OF_ISSUER = {"governor": "governor", "operator": "governor", "p33": "p33"}
 
 
 class PermitWaiter:
@@ -24,6 +26,7 @@ class PermitWaiter:
         self._block_ms = block_ms
         self._count = count
         self._events: dict[str, asyncio.Event] = {}
+        self._allowed: dict[str, set[str]] = {}  # per waiting plan: the slots with an allow seen
         self._last_id: str | None = None
         self.ready = asyncio.Event()
 
@@ -35,6 +38,7 @@ class PermitWaiter:
 
     def release(self, plan_id: str) -> None:
         self._events.pop(plan_id, None)
+        self._allowed.pop(plan_id, None)
 
     @property
     def waiting(self) -> int:
@@ -61,7 +65,19 @@ class PermitWaiter:
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     self._last_id = entry_id
-                    if fields.get("decision") in WAKING_DECISIONS:
-                        event = self._events.get(fields.get("plan_id", ""))
-                        if event is not None:
-                            event.set()
+                    self._note(fields)
+
+    def _note(self, fields: dict[str, str]) -> None:
+        plan_id = fields.get("plan_id", "")
+        event = self._events.get(plan_id)
+        slot = SLOT_OF_ISSUER.get(fields.get("issuer", ""))
+        if event is None or slot is None:
+            return
+        decision = fields.get("decision")
+        if decision == "deny":
+            event.set()
+        elif decision == "allow":
+            allowed = self._allowed.setdefault(plan_id, set())
+            allowed.add(slot)
+            if len(allowed) == 2:
+                event.set()

@@ -11,6 +11,7 @@ import functools
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -216,4 +217,14 @@ def run(kind: ServiceKind, settings: Settings) -> None:
         except asyncio.CancelledError:
             logs.get(kind).info(f"{kind} stopped")
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=event_loop_factory(settings)) as runner:
+        runner.run(main())
+
+
+def event_loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when configured (the default), else the standard one."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None

@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from quantum_trader.domain import reasons
@@ -51,4 +51,22 @@ def decide(plan: Plan, inputs: BrainInputs, policy: BrainPolicy, now: float) -> 
     return BrainVerdict(True, reasons.SANITY_CHECKS_PASSED, qty_or_reason, exchange_amt, ledger_amt)
 
 
-__all__ = ["RULES", "BrainInputs", "BrainPolicy", "BrainVerdict", "decide"]
+def decide_in_order(
+    plans: Sequence[Plan], inputs: Sequence[BrainInputs], policy: BrainPolicy, now: float
+) -> list[BrainVerdict]:
+    """Decide plans read together as if one after another: ``inputs[i]`` is what the store said for plan i
+    before any of them was decided, and an allow marks its symbol in flight for the plans after it (as the
+    permit script does in the store), so a second close of a symbol in the same read is denied as it would
+    have been had the plans been read one at a time."""
+    marked: dict[str, str] = {}
+    verdicts = []
+    for plan, given in zip(plans, inputs, strict=True):
+        seen = replace(given, in_flight_plan=marked[plan.symbol]) if plan.symbol in marked else given
+        verdict = decide(plan, seen, policy, now)
+        if verdict.allow:
+            marked[plan.symbol] = plan.plan_id
+        verdicts.append(verdict)
+    return verdicts
+
+
+__all__ = ["RULES", "BrainInputs", "BrainPolicy", "BrainVerdict", "decide", "decide_in_order"]

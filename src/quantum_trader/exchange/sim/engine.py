@@ -241,6 +241,14 @@ DEFAULT_SYMBOLS: Final[tuple[SymbolSpec, ...]] = (
 )
 
 
+def bench_symbols(count: int) -> tuple[SymbolSpec, ...]:
+    """Synthetic markets for load runs (``qt bench``): one close per symbol is in flight at a time by design,
+    so open-loop rates need many symbols. ``BENCH001USDT`` ...: price 10, step 1, min notional 5."""
+    return tuple(
+        _spec(f"BENCH{n:03d}USDT", "1", "1000000", "100000000", "5", "10", "0.001") for n in range(1, count + 1)
+    )
+
+
 @dataclass(slots=True)
 class Position:
     symbol: str

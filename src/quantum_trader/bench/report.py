@@ -1,0 +1,234 @@
+"""The benchmark's report: its shape (written as JSON), the tables, markdown, and the latency-vs-rate plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantum_trader import __version__
+from quantum_trader.bench.chain import RateStep
+from quantum_trader.bench.measure import Latency
+
+P99_LIMIT_MS = 50.0  # "sustained" = p99 under this, and the answers keep up with the offered rate
+KEEP_UP = 0.95  # answers per second at least this share of the offered rate
+
+
+@dataclass
+class SeedStep:
+    target_per_s: float
+    offered_per_s: float | None = None
+    decided: Latency = field(default_factory=Latency)
+    unanswered: int = 0
+
+
+@dataclass
+class BenchReport:
+    version: str = __version__
+    machine: dict[str, Any] = field(default_factory=dict)
+    event_loop: str = "asyncio"
+    plans: int = 0
+    warmup: int = 0
+    chain_decided: Latency = field(default_factory=Latency)
+    chain_result: Latency = field(default_factory=Latency)
+    chain_client: Latency = field(default_factory=Latency)
+    chain_governor: Latency = field(default_factory=Latency)
+    chain_p33: Latency = field(default_factory=Latency)
+    seed_decided: Latency = field(default_factory=Latency)
+    p50_ratio_seed_over_chain: float | None = None
+    open_loop: list[RateStep] = field(default_factory=list)
+    seed_open_loop: list[SeedStep] = field(default_factory=list)
+    decisions: list[RateStep] = field(default_factory=list)
+    sustained_plans_per_s: float | None = None
+    sustained_decisions_per_s: float | None = None
+    cpu_idle_pct: dict[str, float] = field(default_factory=dict)
+    cpu_load_pct: dict[str, float] = field(default_factory=dict)
+    rss_mb: dict[str, float] = field(default_factory=dict)
+    idle_window_s: float = 0.0
+    load_window_s: float = 0.0
+
+
+def sustained(step: RateStep, latency: Latency) -> bool:
+    """The step kept up: p99 under the limit and answers at (nearly) the offered rate, nothing left over."""
+    return (
+        latency.p99_ms is not None
+        and latency.p99_ms < P99_LIMIT_MS
+        and step.completed == step.sent
+        and (step.completed_per_s or 0) >= KEEP_UP * (step.offered_per_s or step.target_per_s)
+    )
+
+
+def highest_sustained(steps: list[RateStep], which: str) -> float | None:
+    rates = [s.offered_per_s or s.target_per_s for s in steps if sustained(s, getattr(s, which))]
+    return max(rates) if rates else None
+
+
+# --- text ------------------------------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+def _num(value: float | None) -> str:
+    return f"{value:.0f}" if value is not None else "-"
+
+
+def latency_rows(r: BenchReport) -> list[list[str]]:
+    def row(name: str, what: Latency) -> list[str]:
+        return [name, str(what.samples), _ms(what.p50_ms), _ms(what.p99_ms), _ms(what.max_ms)]
+
+    return [
+        row("chain: plan -> both permits consumed (Apply)", r.chain_decided),
+        row("chain: plan -> result, order filled (Apply)", r.chain_result),
+        row("chain: proposal sent -> result seen (client)", r.chain_client),
+        row("chain: plan -> Governor permit written", r.chain_governor),
+        row("chain: plan -> P3.3 permit written", r.chain_p33),
+        row("seed design: plan -> both permits seen (GET poll)", r.seed_decided),
+    ]
+
+
+LOAD_HEADER = ["offered/s", "answered/s", "plans", "executed", "decided p50", "p99", "result p50", "p99",
+               "end-to-end p50", "p99", "seed p50", "p99"]  # fmt: skip
+
+
+def load_rows(r: BenchReport) -> list[list[str]]:
+    seeds = {s.target_per_s: s for s in r.seed_open_loop}
+    rows = []
+    for s in r.open_loop:
+        seed = seeds.get(s.target_per_s, SeedStep(s.target_per_s))
+        rows.append(
+            [
+                _num(s.offered_per_s),
+                _num(s.completed_per_s),
+                f"{s.completed}/{s.sent}",
+                str(s.executed),
+                _ms(s.decided.p50_ms),
+                _ms(s.decided.p99_ms),
+                _ms(s.result.p50_ms),
+                _ms(s.result.p99_ms),
+                _ms(s.end_to_end.p50_ms),
+                _ms(s.end_to_end.p99_ms),
+                _ms(seed.decided.p50_ms),
+                _ms(seed.decided.p99_ms),
+            ]
+        )
+    return rows
+
+
+DECISION_HEADER = ["offered plans/s", "decided plans/s", "decisions/s", "plans", "p50", "p99", "max", "sustained"]
+
+
+def decision_rows(r: BenchReport) -> list[list[str]]:
+    return [
+        [
+            _num(s.offered_per_s),
+            _num(s.completed_per_s),
+            _num(2 * s.completed_per_s if s.completed_per_s else None),
+            f"{s.completed}/{s.sent}",
+            _ms(s.decided.p50_ms),
+            _ms(s.decided.p99_ms),
+            _ms(s.decided.max_ms),
+            "yes" if sustained(s, s.decided) else "no",
+        ]
+        for s in r.decisions
+    ]
+
+
+def cost_rows(r: BenchReport) -> list[list[str]]:
+    rows = []
+    for name in r.rss_mb:
+        row = [name, str(r.cpu_idle_pct.get(name)), str(r.cpu_load_pct.get(name))]
+        row += [str(s.cpu_pct.get(name, "-")) for s in r.open_loop]
+        rows.append([*row, str(r.rss_mb[name])])
+    return rows
+
+
+def cost_header(r: BenchReport) -> list[str]:
+    return ["process", "CPU idle %", "CPU sequential %", *[f"CPU @{s.target_per_s:.0f}/s %" for s in r.open_loop],
+            "RSS MB"]  # fmt: skip
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}", *[f"| {' | '.join(row)} |" for row in rows]]
+
+
+def markdown(r: BenchReport) -> str:
+    lines = [
+        f"qt bench {r.version} on {r.machine.get('cpus')} CPUs, Python {r.machine.get('python')}, "
+        f"event loop {r.event_loop}; {r.plans} sequential plans after {r.warmup} warm-up",
+        "",
+        *_table(["latency (ms)", "samples", "p50", "p99", "max"], latency_rows(r)),
+        "",
+        f"p50 ratio, seed design / chain (both permits known): **{r.p50_ratio_seed_over_chain}x**",
+        "",
+    ]
+    if r.open_loop:
+        lines += ["Open loop through the whole chain (latencies in ms; warm-up excluded):", ""]
+        lines += [*_table(LOAD_HEADER, load_rows(r)), ""]
+        lines += [f"highest sustained (p99 result < {P99_LIMIT_MS:.0f} ms, answers keeping up): "
+                  f"**{_num(r.sustained_plans_per_s)} plans/s**", ""]  # fmt: skip
+    if r.decisions:
+        lines += ["Decisions (plans straight onto the plan stream, both issuers deciding; ms):", ""]
+        lines += [*_table(DECISION_HEADER, decision_rows(r)), ""]
+        best = r.sustained_decisions_per_s
+        lines += [f"highest sustained: **{_num(best)} plans/s = {_num(2 * best if best else None)} decisions/s**", ""]
+    lines += [*_table(cost_header(r), cost_rows(r)), ""]
+    lines += [f"idle window {r.idle_window_s} s, sequential window {r.load_window_s} s (one core = 100 %)."]
+    return "\n".join(lines) + "\n"
+
+
+# --- files -----------------------------------------------------------------------------------------------------
+
+
+def write(r: BenchReport, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "bench.json", out / "bench.md"]
+    written[0].write_text(json.dumps(asdict(r), indent=2) + "\n")
+    written[1].write_text(markdown(r))
+    plot = out / "latency-vs-rate.png"
+    if plot_json(written[0], plot):
+        written.append(plot)
+    return written
+
+
+def plot_json(source: Path, target: Path) -> bool:
+    """Latency against achieved rate, from a bench.json: the chain (open loop), the decisions ceiling and the
+    seed design. False when there is nothing to plot."""
+    data = json.loads(source.read_text())
+    series = []
+    for name, key, steps in (
+        ("chain: plan -> result", "result", data.get("open_loop", [])),
+        ("chain: plan -> both permits consumed", "decided", data.get("open_loop", [])),
+        ("decisions only: plan -> both permits written", "decided", data.get("decisions", [])),
+        ("seed design: plan -> both permits seen", "decided", data.get("seed_open_loop", [])),
+    ):
+        points = [(s["offered_per_s"], s[key]["p50_ms"], s[key]["p99_ms"]) for s in steps if s[key]["p50_ms"]]
+        if points:
+            series.append((name, points))
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    for (name, points), color in zip(series, ("tab:blue", "tab:green", "tab:orange", "tab:red"), strict=False):
+        rates = [p[0] for p in points]
+        ax.plot(rates, [p[1] for p in points], "o-", color=color, label=f"{name}, p50")
+        ax.plot(rates, [p[2] for p in points], "s--", color=color, alpha=0.6, label=f"{name}, p99")
+    ax.axhline(P99_LIMIT_MS, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered plans per second (achieved by the sender)")
+    ax.set_ylabel("latency, ms")
+    machine = data.get("machine", {})
+    ax.set_title(f"qt bench {data.get('version')}: latency vs rate ({machine.get('cpus')} CPUs)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)
+    return True
