@@ -2,9 +2,9 @@
 
 Every latency here is a service's own measurement from the plan's creation (Apply's clock when it made the
 plan), written in the audit and result streams: ``decided`` = both permits verified and consumed by Apply,
-``result`` = result published with the order filled, ``governor`` / ``p33`` = that issuer's permit written.
-Open-loop runs add ``end_to_end``: proposal created by the bench -> result published (includes queueing
-before planning, so a system falling behind cannot hide it).
+``result`` = result published with the order filled (executed plans only), ``governor`` / ``p33`` = that
+issuer's permit written. Open-loop runs add ``end_to_end``: proposal created by the bench -> result published,
+every outcome (includes queueing before planning, so a system falling behind cannot hide it).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ async def chain_times(
             by_kind["decided"][plan_id] = float(f["latency_ms"])
         elif f.get("decision") in ("allow", "deny") and f.get("issuer") in ("governor", "p33"):
             by_kind[f["issuer"]][plan_id] = float(f["latency_ms"])
-    for _, f in results:
-        if f.get("plan_id") in wanted:
+    for _, f in results:  # orders filled only: a SKIP or a deny is answered sooner and would flatter the figure
+        if f.get("plan_id") in wanted and f.get("executed") in ("1", "true"):
             by_kind["result"][f["plan_id"]] = float(f["latency_ms"])
     return ChainTimes(**{kind: [got[p] for p in plan_ids if p in got] for kind, got in by_kind.items()})
 

@@ -52,6 +52,7 @@ from quantum_trader.services.base import STORE_ERRORS, Backoff, Service, cancel_
 from quantum_trader.services.metrics import ApplyMetrics
 from quantum_trader.services.orders import OrderExecutor, OrderOutcome
 from quantum_trader.services.permit_waiter import PermitWaiter
+from quantum_trader.services.position_reads import PositionReads
 from quantum_trader.settings import Settings
 
 INTENT_SWEEP_S = 5.0  # how often orders with an unestablished outcome are looked up again
@@ -74,6 +75,7 @@ class ApplyService(Service):
         self.exchange = exchange
         self.metrics = ApplyMetrics(registry or CollectorRegistry())
         self.waiter = PermitWaiter(redis, self.log)
+        self.positions = PositionReads(exchange)
         self.executor = OrderExecutor(
             exchange, self.log, settings.apply.order_resolve_timeout_s, settings.exchange.late_execution_horizon_ms
         )
@@ -186,7 +188,7 @@ class ApplyService(Service):
         position = None
         if static_skip_reason(proposal, self._allowlist, min_score) is None:
             try:
-                position = (await self.exchange.positions([proposal.symbol]))[proposal.symbol].amt
+                position = await self.positions.amount(proposal.symbol)
             except ExchangeError as exc:
                 log.warning(f"{proposal.symbol}: position unavailable", error=exc.message)
         ctx = PlanningContext(self._allowlist, position, False, min_score)

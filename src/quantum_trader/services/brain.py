@@ -298,14 +298,17 @@ class BrainService(Service):
         """Every ``snapshot_interval_s`` all symbols; in between, as soon as asked, the symbols asked for (a
         fill's, or a plan's waiting for a snapshot newer than its ledger): one small request each time."""
         interval = self.settings.brain.snapshot_interval_s
+        next_full = time.monotonic() + interval  # reconcile wrote every snapshot just before this loop starts
         while True:
-            asked = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh.wait(), interval)
-                asked = True
+                await asyncio.wait_for(self._refresh.wait(), max(0.0, next_full - time.monotonic()))
             self._refresh.clear()
-            symbols = [s for s in self.symbols if s in self._dirty] if asked else []
+            # asked-for symbols only, unless the full poll is due (fills must not starve the other symbols)
+            full = time.monotonic() >= next_full
+            symbols = [] if full else [s for s in self.symbols if s in self._dirty]
             self._dirty.clear()
+            if full or not symbols:
+                next_full = time.monotonic() + interval
             started = self._clock()
             try:
                 await self.refresh_snapshots(symbols or None)
@@ -320,7 +323,7 @@ class BrainService(Service):
                 async with self._polls_done:
                     self._polls_done.notify_all()
 
-    def _ask_refresh(self, symbols: list[str]) -> None:
+    def ask_refresh(self, symbols: list[str]) -> None:
         self._dirty.update(symbols)
         self._refresh.set()
 
@@ -386,7 +389,7 @@ class BrainService(Service):
         def fresh() -> bool:
             return all(self._snapshot_at.get(symbol, 0.0) >= since for symbol in symbols)
 
-        self._ask_refresh(symbols)
+        self.ask_refresh(symbols)
         timeout_s = self.settings.exchange.timeout_ms / 1000 + 1
         async with self._polls_done:
             with contextlib.suppress(TimeoutError):
@@ -429,7 +432,7 @@ class BrainService(Service):
             self._results_done.notify_all()
         moved = [result.symbol for _, result in results if result.executed]
         if moved:
-            self._ask_refresh(moved)
+            self.ask_refresh(moved)
 
     async def _results_recorded_after(self, batches: int, timeout_s: float) -> None:
         """Wait until this instance's ledger follower has recorded another read of results, or the timeout (the
