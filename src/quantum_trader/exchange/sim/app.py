@@ -257,7 +257,8 @@ def position_risk(version: int) -> Handler:
     def handler(call: Call) -> list[Json]:
         spec = _optional_spec(call)
         rows = call.engine.positions(spec.symbol if spec else None, include_flat=version == 2)
-        return [shapes.position_risk_json(call.engine, row, version=version) for row in rows]
+        totals = call.engine.cross_totals()  # once per reply: every row's liquidation price needs the pool
+        return [shapes.position_risk_json(call.engine, row, version=version, totals=totals) for row in rows]
 
     return handler
 

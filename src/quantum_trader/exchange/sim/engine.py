@@ -572,20 +572,32 @@ class Engine:
                 "max_withdraw": max(ZERO, min(wallet, available)),
             }
 
-    def liquidation_price(self, position: Position) -> Decimal:
-        """Binance's one-way cross formula for a single position; other positions' PnL and margin included."""
+    def cross_totals(self) -> tuple[Decimal, Decimal]:
+        """Unrealized PnL and maintenance margin of all open positions (the cross-margin pool)."""
+        with self._lock:
+            upnl = maint = ZERO
+            for position in self._positions.values():
+                if position.amt:
+                    own_upnl, own_maint = self._cross_share(position)
+                    upnl += own_upnl
+                    maint += own_maint
+            return upnl, maint
+
+    def _cross_share(self, position: Position) -> tuple[Decimal, Decimal]:
+        spec = self.spec(position.symbol)
+        mark = self._mark(spec)
+        return position.amt * (mark - position.entry_price), abs(position.amt) * mark * spec.maint_margin_ratio
+
+    def liquidation_price(self, position: Position, totals: tuple[Decimal, Decimal] | None = None) -> Decimal:
+        """Binance's one-way cross formula for a single position; other positions' PnL and margin included.
+        ``totals`` (from :meth:`cross_totals`) spares recomputing the pool for every row of one reply."""
         with self._lock:
             if not position.amt:
                 return ZERO
             spec = self.spec(position.symbol)
-            other_upnl = other_maint = ZERO
-            for other in self._positions.values():
-                if other is position or not other.amt:
-                    continue
-                other_spec = self.spec(other.symbol)
-                other_mark = self._mark(other_spec)
-                other_upnl += other.amt * (other_mark - other.entry_price)
-                other_maint += abs(other.amt) * other_mark * other_spec.maint_margin_ratio
+            total_upnl, total_maint = totals if totals is not None else self.cross_totals()
+            own_upnl, own_maint = self._cross_share(position)
+            other_upnl, other_maint = total_upnl - own_upnl, total_maint - own_maint
             size, direction = abs(position.amt), (ONE if position.amt > 0 else -ONE)
             numerator = self.account.wallet - other_maint + other_upnl - direction * size * position.entry_price
             denominator = size * spec.maint_margin_ratio - direction * size

@@ -97,8 +97,11 @@ def break_even_price(engine: Engine, position: Position) -> Decimal:
     return position.entry_price * (ONE + fees if position.amt > 0 else ONE - fees)
 
 
-def position_risk_json(engine: Engine, position: Position, *, version: int) -> Json:
-    """One row of ``GET /fapi/v2/positionRisk`` (``version=2``) or ``/fapi/v3/positionRisk`` (``version=3``)."""
+def position_risk_json(
+    engine: Engine, position: Position, *, version: int, totals: tuple[Decimal, Decimal] | None = None
+) -> Json:
+    """One row of ``GET /fapi/v2/positionRisk`` (``version=2``) or ``/fapi/v3/positionRisk`` (``version=3``);
+    ``totals`` is the cross-margin pool (``Engine.cross_totals``), computed once per reply."""
     spec = engine.spec(position.symbol)
     mark = engine.mark_price(position.symbol)
     notional = position.amt * mark
@@ -112,7 +115,7 @@ def position_risk_json(engine: Engine, position: Position, *, version: int) -> J
         "breakEvenPrice": plain(break_even_price(engine, position)),
         "markPrice": fmt(mark, 8),
         "unRealizedProfit": fmt(engine.unrealized_pnl(position), 8),
-        "liquidationPrice": plain(engine.liquidation_price(position)) if position.amt else "0",
+        "liquidationPrice": plain(engine.liquidation_price(position, totals)) if position.amt else "0",
         "isolatedMargin": "0.00000000",
         "notional": plain(notional) if position.amt else "0",
         "isolatedWallet": "0",
