@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Chain, make_settings, set_position, sim_orders, wait_key
+from conftest import Chain, make_settings, set_position, sim_orders, until, wait_key
 from quantum_trader import ops
 from quantum_trader.bus import keys
 
@@ -88,3 +88,54 @@ async def test_an_entry_delivered_too_often_is_dead_lettered_with_its_history(si
     result = await ops.wait_result(rds, sub.plan_id, 15, sub.result_cursor)
     assert result is not None and result.error == "permit_timeout" and result.missing == "Governor"
     assert sim_orders(sim) == []
+
+
+async def test_a_read_whose_batch_handler_fails_is_finished_entry_by_entry(rds) -> None:
+    """A bug in the batch path (here: the third entry breaks it after the first was done) must not hold the read's
+    other entries back until a restart: what is still pending is handled one by one, and only the entry that
+    fails on its own stays pending."""
+    from quantum_trader import logs
+    from quantum_trader.services.base import Failover, cancel_and_wait, consume_group
+
+    stream, group = "test:batch:stream", "test-group"
+    await rds.delete(stream)
+    await rds.xgroup_create(stream, group, id="0", mkstream=True)
+    ids = [await rds.xadd(stream, {"n": str(n)}) for n in range(4)]
+    done: list[str] = []
+
+    async def handle(entry_id: str, fields: dict[str, str]) -> None:
+        if fields["n"] == "2":
+            raise RuntimeError("a bug this entry triggers")
+        done.append(fields["n"])
+        await rds.xack(stream, group, entry_id)
+
+    async def handle_batch(entries: list[tuple[str, dict[str, str]]]) -> None:
+        for entry_id, fields in entries:
+            await handle(entry_id, fields)
+
+    task = asyncio.create_task(
+        consume_group(
+            rds,
+            stream=stream,
+            group=group,
+            consumer="c1",
+            handle=handle,
+            handle_batch=handle_batch,
+            log=logs.get("test"),
+            store_up=lambda up: None,
+            failover=Failover(claim_every_s=3600),
+            service="test",
+            block_ms=100,
+        )
+    )
+    try:
+
+        async def three_done() -> bool:
+            return len(done) == 3
+
+        await until(three_done, timeout=5)
+    finally:
+        await cancel_and_wait([task])
+    assert done == ["0", "1", "3"]
+    pending = await rds.xpending_range(stream, group, min="-", max="+", count=10)
+    assert [p["message_id"] for p in pending] == [ids[2]]

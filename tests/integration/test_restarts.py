@@ -4,6 +4,7 @@ exactly one result per plan."""
 from __future__ import annotations
 
 import asyncio
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -49,6 +50,24 @@ async def test_apply_restarted_while_waiting_resumes_the_window_and_executes_onc
     assert len(await results_for(rds, sub.plan_id)) == 1
     assert len(sim_orders(sim, "ETHUSDT")) == 1
     assert sim_position(sim, "ETHUSDT") == 0
+
+
+async def test_a_resumed_plan_is_woken_by_the_grant_that_completes_its_permits(sim, rds, chain: Chain) -> None:
+    """P3.3 allowed while Apply was down; after the restart the operator's grant is the only decision Apply's
+    audit reader sees: it must still wake the plan (both slots allowed), not leave it to the window's end."""
+    set_position(sim, "ETHUSDT", "-0.5")
+    await ops.set_governor_mode(rds, "manual", "test")
+    await chain.start()
+    sub = await ops.propose(rds, "ETHUSDT", "FULL_CLOSE")
+    await wait_key(rds, keys.p33_permit(sub.plan_id))
+    await chain.crash("apply")
+    await chain.start_one("apply")
+    await asyncio.sleep(0.3)  # the resumed plan has read its slots and waits
+    await ops.decide_manually(rds, chain.settings, sub.plan_id, grant=True, reason="", operator="t")
+    result = await ops.wait_result(rds, sub.plan_id, WAIT, sub.result_cursor)
+    assert result is not None and result.executed
+    window_ms = chain.settings.apply.permit_wait_ms
+    assert result.latency_ms < window_ms - 2000, "executed at the window's end, not when the grant came"
 
 
 async def test_apply_restarted_after_its_window_closed_publishes_a_timeout_not_an_order(
@@ -240,3 +259,19 @@ async def test_an_intent_left_by_a_vanished_consumer_is_resolved_by_another_inst
         assert await rds.zcard(keys.APPLY_INTENTS) == 0
     finally:
         await chain.stop()
+
+
+async def test_a_plan_asking_for_a_fresh_snapshot_is_not_failed_by_an_earlier_poll(sim, rds, chain: Chain) -> None:
+    """A poll that failed before the plan asked says nothing about the poll the plan asks for: the plan gets
+    the next one (here fresh), not an immediate "no snapshot" that would deny it stale_snapshot."""
+    await chain.start()
+    brain = chain.services["brain"]
+    since = time.time()
+    add_fault(sim, kind="http_5xx", status=503, path="/fapi/v2/positionRisk", method="GET", count=1)
+    brain.ask_refresh(["XRPUSDT"])
+    await until(lambda: _faults_left_none(sim), timeout=5)  # that poll ran into the 503
+    assert await brain._snapshots_since(["XRPUSDT"], since)
+
+
+async def _faults_left_none(sim) -> bool:
+    return not httpx.get(f"{sim.url}/_sim/faults", headers={"X-Sim-Admin-Token": SIM_ADMIN}).json()

@@ -121,7 +121,8 @@ USERS: dict[str, AclUser] = {
             "quantum:p33:*",
             "quantum:health:brain:*",
             keys.SERVICE_EVENTS_STREAM,
-        ),
+        )
+        + _r("quantum:apply:result:*"),  # whether a plan's result is out (a mark about to be released)
         consumes=(keys.PLAN_STREAM, keys.RESULT_STREAM),
     ),
     "operator": AclUser(  # the `qt` commands: propose, permit grant/deny, kill switch, mode, status, proof

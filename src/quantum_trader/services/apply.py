@@ -308,6 +308,7 @@ class ApplyService(Service):
             if check_now:
                 event.clear()  # cleared before reading: a decision landing after the read sets it again
                 checks = await self._read_slots(plan, audited)
+                self.waiter.note_allowed(plan.plan_id, {c.slot for c in checks if c.state == "allow"})
                 outcome = combine(*checks)
                 if outcome.kind == "denied":
                     return "denied", outcome, checks

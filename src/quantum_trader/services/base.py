@@ -121,7 +121,13 @@ async def consume_group(
             store_up(True)
             backoff.reset()
             if handle_batch is not None and entries:
-                await _handle_many(handle_batch, entries, log)
+                if not await _handle_many(handle_batch, entries, log):
+                    # Failed part-way: what it left unacknowledged is handled entry by entry (handlers are
+                    # idempotent), so one bad entry does not hold the others back until a restart.
+                    left = await _still_pending(redis, stream, group, consumer, entries)
+                    for entry_id, fields in entries:
+                        if entry_id in left:
+                            await _handle_one(handle, entry_id, fields, log)
                 continue
             for entry_id, fields in entries:
                 await _handle_one(handle, entry_id, fields, log)
@@ -205,15 +211,16 @@ class GroupReader:
         await _handle_one(self.handle, entry_id, fields, self.log)
 
 
-async def _handle_one(handle: Handler, entry_id: str, fields: dict[str, str], log: Any) -> None:
-    await _guarded(handle(entry_id, fields), log, entry_id=entry_id)
+async def _handle_one(handle: Handler, entry_id: str, fields: dict[str, str], log: Any) -> bool:
+    return await _guarded(handle(entry_id, fields), log, entry_id=entry_id)
 
 
-async def _handle_many(handle_batch: BatchHandler, entries: Entries, log: Any) -> None:
-    await _guarded(handle_batch(entries), log, entry_id=entries[0][0], entries=len(entries))
+async def _handle_many(handle_batch: BatchHandler, entries: Entries, log: Any) -> bool:
+    return await _guarded(handle_batch(entries), log, entry_id=entries[0][0], entries=len(entries))
 
 
-async def _guarded(work: Awaitable[None], log: Any, **where: Any) -> None:
+async def _guarded(work: Awaitable[None], log: Any, **where: Any) -> bool:
+    """Run a handler; False (logged) when it raised a bug rather than a store error or a cancellation."""
     try:
         await work
     except STORE_ERRORS:
@@ -224,6 +231,15 @@ async def _guarded(work: Awaitable[None], log: Any, **where: Any) -> None:
         # A bug, not bad input (bad input is dead-lettered by the handler). Keep what was not acknowledged
         # pending so it is retried after the next restart or reconnect, and keep serving the others.
         log.exception("unexpected error handling entry; left pending", **where)
+        return False
+    return True
+
+
+async def _still_pending(redis: aioredis.Redis, stream: str, group: str, consumer: str, entries: Entries) -> set[str]:
+    pending = await redis.xpending_range(
+        stream, group, min=entries[0][0], max=entries[-1][0], count=len(entries), consumername=consumer
+    )
+    return {item["message_id"] for item in pending}
 
 
 class Service:

@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import WatchError
 
 from quantum_trader.bus import keys
 from quantum_trader.bus.scripts import PermitWrite
@@ -139,7 +140,8 @@ async def record_results(
                 continue
 
 
-RESULTS_CATCH_UP_S = 1.0  # how long a plan on a marked symbol waits for published results to be recorded
+SNAPSHOT_ATTEMPTS = 2  # polls a plan asks for before it is decided on the snapshot it has
+RESULTS_CATCH_UP_S = 1.0  # how long a plan on a symbol marked for a finished plan waits for its result's record
 RESULTS_POLL_S = 0.01  # how often it looks again meanwhile (another instance may be the one recording)
 
 
@@ -186,7 +188,7 @@ class BrainService(Service):
         self._refresh = asyncio.Event()
         self._snapshot_at: dict[str, float] = {}  # per symbol: when the request behind its snapshot was sent
         self._dirty: set[str] = set()  # symbols asked for by the next poll
-        self._failed_since = 0.0  # the start of the latest poll that failed
+        self._polled_since = 0.0  # the start of the latest poll that ended
         self._polls_done = asyncio.Condition()
         self._recorded_batches = 0  # reads of results the ledger follower has recorded
         self._results_done = asyncio.Condition()
@@ -313,13 +315,12 @@ class BrainService(Service):
             try:
                 await self.refresh_snapshots(symbols or None)
             except ExchangeError as exc:
-                self._failed_since = started
                 self.metrics.snapshot_errors.inc()
                 self.log.warning("snapshot poll failed; snapshots will go stale", error=exc.message)
             except STORE_ERRORS as exc:
-                self._failed_since = started
                 self.log.warning("snapshot write failed: store unavailable", error=str(exc))
             finally:
+                self._polled_since = started  # the start of the latest poll that ended, written or failed
                 async with self._polls_done:
                     self._polls_done.notify_all()
 
@@ -383,20 +384,27 @@ class BrainService(Service):
 
     async def _snapshots_since(self, symbols: list[str], since: float) -> bool:
         """Ask the poller for snapshots of ``symbols`` asked for at or after ``since`` and wait for them. Plans
-        arriving together share one exchange request instead of each making their own. False when a poll
-        started after ``since`` failed, or none came within the exchange timeout."""
+        arriving together share one exchange request instead of each making their own. A poll that fails
+        (a connection the store restart broke, a 5xx) is asked for once more; False when that one fails too
+        (or wrote older snapshots: another instance's ledger clock is ahead), or after the exchange timeout."""
 
         def fresh() -> bool:
             return all(self._snapshot_at.get(symbol, 0.0) >= since for symbol in symbols)
 
-        self.ask_refresh(symbols)
-        timeout_s = self.settings.exchange.timeout_ms / 1000 + 1
-        async with self._polls_done:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._polls_done.wait_for(lambda: fresh() or self._failed_since >= since), timeout_s
-                )
+        deadline = time.monotonic() + self.settings.exchange.timeout_ms / 1000 + 1
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            self.ask_refresh(symbols)
+            # a poll started after this includes these symbols (it takes the asked-for ones at its start)
+            answered = functools.partial(self._answered, fresh, self._clock())
+            async with self._polls_done:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._polls_done.wait_for(answered), max(0.0, deadline - time.monotonic()))
+            if fresh() or time.monotonic() >= deadline:
+                break
         return fresh()
+
+    def _answered(self, fresh: Callable[[], bool], asked: float) -> bool:
+        return fresh() or self._polled_since >= asked
 
     # --- ledger -----------------------------------------------------------------------------------------
 
@@ -447,37 +455,48 @@ class BrainService(Service):
         await self.handle_plans([(entry_id, fields)])
 
     async def handle_plans(self, entries: Entries) -> None:
-        """Decide the plans of one read: inputs per symbol in one round trip, a fresh snapshot first where a
-        fill came after the last one, the decisions in order (an allow marks its symbol for the plans after
-        it), the permits in one more round trip."""
+        """Decide the plans of one read: inputs per symbol in one round trip, the decisions in order (an allow
+        marks its symbol for the plans after it), the permits in one more round trip.
+
+        A symbol marked in flight for a plan whose result is already published but not yet recorded in the
+        ledger (a client saw the result and proposed again at once) waits for the ledger follower, up to 1 s;
+        the plans of the other symbols are decided first, so they do not wait with it."""
         started = time.perf_counter()
         plans, dead = await self.accept_plans(entries, keys.P33_GROUP)
         if dead:
             self.metrics.dead_letters.labels("plan").inc(dead)
         if not plans:
             return
-        symbols = list(dict.fromkeys(plan.symbol for _, plan in plans))
-        inputs, unrecorded = await self._inputs(symbols)
+        inputs = await self._inputs(list(dict.fromkeys(plan.symbol for _, plan in plans)))
         deciding = {plan.plan_id for _, plan in plans}
-        held = [s for s in symbols if inputs[s].in_flight_plan not in (None, *deciding)]
-        deadline = time.monotonic() + RESULTS_CATCH_UP_S
-        while held and unrecorded and time.monotonic() < deadline:
-            # A symbol is marked for a close whose result may be out but not recorded yet (a client saw the
-            # result and proposed again at once): give the ledger followers a moment to catch up.
-            await self._results_recorded_after(self._recorded_batches, RESULTS_POLL_S)
-            fresh, unrecorded = await self._inputs(held)
-            inputs.update(fresh)
-            held = [s for s in held if inputs[s].in_flight_plan not in (None, *deciding)]
-        behind = {  # symbol -> when its ledger last moved, for those whose snapshot predates that
-            s: got.ledger.updated_at
+        marks = {
+            s: got.in_flight_plan
             for s, got in inputs.items()
-            if got.ledger is not None and behind_ledger(got.snapshot, got.ledger)
+            if got.in_flight_plan is not None and got.in_flight_plan not in deciding
+        }
+        finishing = await self._results_published(marks)
+        now_plans = [(entry_id, plan) for entry_id, plan in plans if plan.symbol not in finishing]
+        if now_plans:
+            await self._decide(now_plans, inputs, started)
+        later = [(entry_id, plan) for entry_id, plan in plans if plan.symbol in finishing]
+        if later:
+            await self._until_recorded(finishing)
+            inputs.update(await self._inputs(list(finishing)))
+            await self._decide(later, inputs, started)
+
+    async def _decide(self, plans: list[tuple[str, Plan]], inputs: dict[str, BrainInputs], started: float) -> None:
+        symbols = list(dict.fromkeys(plan.symbol for _, plan in plans))
+        ledgers = {s: inputs[s].ledger for s in symbols}
+        behind = {  # symbol -> when its ledger last moved, for those whose snapshot predates that
+            s: ledger.updated_at
+            for s, ledger in ledgers.items()
+            if ledger is not None and behind_ledger(inputs[s].snapshot, ledger)
         }
         if behind:
             # A fill was applied after the last poll: look at the exchange now rather than deny on old data.
             if not await self._snapshots_since(list(behind), max(behind.values())):
                 self.log.warning("no fresh snapshot within the exchange timeout; deciding on what is known")
-            inputs.update((await self._inputs(list(behind)))[0])
+            inputs.update(await self._inputs(list(behind)))
         now = self._clock()
         verdicts = decide_in_order([plan for _, plan in plans], [inputs[p.symbol] for _, p in plans], self.policy, now)
         writes = [
@@ -502,23 +521,37 @@ class BrainService(Service):
                 symbol=plan.symbol,
             )
 
-    async def _inputs(self, symbols: list[str]) -> tuple[dict[str, BrainInputs], bool]:
-        """Snapshot, ledger and in-flight mark of each symbol, in one pipelined round trip; and whether results
-        were published that no P3.3 instance has recorded yet (asked first, so the marks read after it include
-        every result recorded by then)."""
+    async def _results_published(self, marks: dict[str, str]) -> dict[str, str]:
+        """Of the symbols marked in flight (symbol -> marking plan), those whose plan has its result published
+        (Apply's result marker, set in the script that publishes the result)."""
+        if not marks:
+            return {}
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xinfo_groups(keys.RESULT_STREAM)
+            for plan_id in marks.values():
+                pipe.exists(keys.result_marker(plan_id))
+            published = await pipe.execute()
+        return {symbol: plan_id for (symbol, plan_id), out in zip(marks.items(), published, strict=True) if out}
+
+    async def _until_recorded(self, finishing: dict[str, str]) -> None:
+        """Wait until no symbol is marked for these finished plans any more (the result recorded: by this
+        instance's follower, or another's), looking again after each of ours records a read, or every 10 ms;
+        at most ``RESULTS_CATCH_UP_S`` (then the plan is decided on the mark it finds)."""
+        deadline = time.monotonic() + RESULTS_CATCH_UP_S
+        while time.monotonic() < deadline:
+            await self._results_recorded_after(self._recorded_batches, RESULTS_POLL_S)
+            marks = await self.redis.mget([keys.p33_symbol_in_flight(s) for s in finishing])
+            if all(mark != plan_id for mark, plan_id in zip(marks, finishing.values(), strict=True)):
+                return
+
+    async def _inputs(self, symbols: list[str]) -> dict[str, BrainInputs]:
+        """Snapshot, ledger and in-flight mark of each symbol, in one pipelined round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
             for symbol in symbols:
                 pipe.hgetall(keys.snapshot(symbol))
                 pipe.hgetall(keys.ledger(symbol))
                 pipe.get(keys.p33_symbol_in_flight(symbol))
-            groups, *read = await pipe.execute(raise_on_error=False)
-        for reply in read:
-            if isinstance(reply, Exception):
-                raise reply
-        if isinstance(groups, ResponseError):  # no result stream (yet, or after a flush): no result unrecorded
-            groups = []
-        inputs = {
+            read = await pipe.execute()
+        return {
             symbol: BrainInputs(
                 snapshot=_parse_or_none(Snapshot, read[3 * n]),
                 ledger=_parse_or_none(Ledger, read[3 * n + 1]),
@@ -527,9 +560,6 @@ class BrainService(Service):
             )
             for n, symbol in enumerate(symbols)
         }
-        # the ledger group's lag (None: unknown, so assume behind) or entries read but not yet acknowledged
-        ledger = [g for g in groups if g["name"] == keys.LEDGER_GROUP]
-        return inputs, bool(ledger) and (bool(ledger[0]["pending"]) or ledger[0].get("lag") != 0)
 
     def _permit_write(self, plan: Plan, verdict: BrainVerdict, entry_id: str, now: float) -> PermitWrite:
         permit = sign(

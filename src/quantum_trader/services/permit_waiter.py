@@ -36,6 +36,12 @@ class PermitWaiter:
             event = self._events[plan_id] = asyncio.Event()
         return event
 
+    def note_allowed(self, plan_id: str, slots: set[str]) -> None:
+        """Slots Apply found allowed when it read the permits itself (a plan resumed after a restart registers
+        after some decisions went by): one more allow then completes the pair and wakes the plan."""
+        if plan_id in self._events:
+            self._allowed.setdefault(plan_id, set()).update(slots)
+
     def release(self, plan_id: str) -> None:
         self._events.pop(plan_id, None)
         self._allowed.pop(plan_id, None)

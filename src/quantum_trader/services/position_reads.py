@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 
-from quantum_trader.exchange.base import Exchange
+from quantum_trader.exchange.base import Exchange, ExchangeUnavailable
 
 
 class PositionReads:
@@ -40,6 +40,11 @@ class PositionReads:
                             answer.set_exception(exc)
                 continue
             for symbol, answers in batch.items():
+                position = positions.get(symbol)
                 for answer in answers:
-                    if not answer.done():  # the asker may have been cancelled meanwhile
-                        answer.set_result(positions[symbol].amt)
+                    if answer.done():  # the asker was cancelled meanwhile
+                        continue
+                    if position is None:
+                        answer.set_exception(ExchangeUnavailable(f"positionRisk reply without {symbol}"))
+                    else:
+                        answer.set_result(position.amt)

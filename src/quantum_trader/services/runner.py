@@ -222,7 +222,7 @@ def run(kind: ServiceKind, settings: Settings) -> None:
 
 
 def event_loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop when configured (the default), else the standard one."""
+    """uvloop's loop when configured, else the standard one (the default)."""
     if settings.event_loop == "uvloop":
         import uvloop
 
