@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,7 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quantum_trader import logs
 from quantum_trader.bus import keys
-from quantum_trader.bus.scripts import Scripts
+from quantum_trader.bus.scripts import PermitWrite, Scripts
 from quantum_trader.bus.streams import dead_letter, ensure_topology, read_group
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import AuditEntry, MalformedEntry, Plan, from_fields, to_fields
@@ -26,6 +26,8 @@ from quantum_trader.settings import Settings
 STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 1.0  # a store coming back is used within a second (the chaos run's recovery bound is 2 s)
+
+SEED_NAMES = {"governor": "Governor", "p33": "P3.3"}  # issuer names as the seed's log lines spell them
 
 Handler = Callable[[str, dict[str, str]], Awaitable[None]]
 Entries = list[tuple[str, dict[str, str]]]
@@ -246,6 +248,7 @@ class Service:
     """What every service instance holds: its settings, store client, consumer name, logger, scripts, clock."""
 
     name: ClassVar[str]
+    metrics: Any  # the service's own metrics (services/metrics.py), set by each service
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, *, consumer: str = "", clock: Any = time.time):
         self.settings = settings
@@ -258,6 +261,34 @@ class Service:
     def failover(self, dlq: str, min_idle_s: float = 0.0) -> Failover:
         idle_s = max(self.settings.claim_idle_s, min_idle_s)
         return Failover(claim_idle_ms=round(idle_s * 1000), max_deliveries=self.settings.max_deliveries, dlq=dlq)
+
+    async def issue_decisions(
+        self,
+        plans: list[tuple[str, Plan]],
+        verdicts: Sequence[Any],
+        writes: list[PermitWrite],
+        started: float,
+        details: Callable[[Any], dict[str, str]] = lambda verdict: {},
+    ) -> None:
+        """Write an issuer's permits for plans decided together (one pipeline), then count and log each; a
+        plan another instance decided first is audited as a duplicate. ``verdicts`` have ``allow`` and ``reason``;
+        ``self.metrics`` has ``permits``, ``duplicates`` and ``decision_seconds``."""
+        issued = await self._scripts.issue_permits(writes)
+        took = (time.perf_counter() - started) / len(plans)
+        for (_, plan), verdict, (written, owner) in zip(plans, verdicts, issued, strict=True):
+            if not written:
+                self.metrics.duplicates.inc()
+                await self.audit_duplicate(plan, owner)
+                continue
+            self.metrics.permits.labels("allow" if verdict.allow else "deny", verdict.reason).inc()
+            self.metrics.decision_seconds.observe(took)
+            self.log.info(
+                f"{plan.symbol}: {SEED_NAMES[self.name]} {'ALLOW' if verdict.allow else 'DENY'} {plan.plan_id}",
+                reason=verdict.reason,
+                plan_id=plan.plan_id,
+                symbol=plan.symbol,
+                **details(verdict),
+            )
 
     async def audit_duplicate(self, plan: Plan, owner: str) -> None:
         """A second decision for a plan this issuer already decided (another instance won): record, drop."""

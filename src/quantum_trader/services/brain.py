@@ -155,6 +155,10 @@ def policy_from(settings: Settings) -> BrainPolicy:
     )
 
 
+def _verdict_details(verdict: BrainVerdict) -> dict[str, str]:
+    return {"safe_close_qty": str(verdict.safe_close_qty), "exchange_amt": str(verdict.exchange_position_amt)}
+
+
 def _parse_or_none(cls: Any, fields: dict[str, str]) -> Any:
     if not fields:
         return None
@@ -467,21 +471,22 @@ class BrainService(Service):
             self.metrics.dead_letters.labels("plan").inc(dead)
         if not plans:
             return
-        inputs = await self._inputs(list(dict.fromkeys(plan.symbol for _, plan in plans)))
+        inputs, unrecorded = await self._inputs(list(dict.fromkeys(plan.symbol for _, plan in plans)), follower=True)
         deciding = {plan.plan_id for _, plan in plans}
         marks = {
             s: got.in_flight_plan
             for s, got in inputs.items()
             if got.in_flight_plan is not None and got.in_flight_plan not in deciding
         }
-        finishing = await self._results_published(marks)
+        # only while results wait to be recorded can a mark belong to a finished plan
+        finishing = await self._results_published(marks) if unrecorded else {}
         now_plans = [(entry_id, plan) for entry_id, plan in plans if plan.symbol not in finishing]
         if now_plans:
             await self._decide(now_plans, inputs, started)
         later = [(entry_id, plan) for entry_id, plan in plans if plan.symbol in finishing]
         if later:
             await self._until_recorded(finishing)
-            inputs.update(await self._inputs(list(finishing)))
+            inputs.update((await self._inputs(list(finishing)))[0])
             await self._decide(later, inputs, started)
 
     async def _decide(self, plans: list[tuple[str, Plan]], inputs: dict[str, BrainInputs], started: float) -> None:
@@ -496,30 +501,14 @@ class BrainService(Service):
             # A fill was applied after the last poll: look at the exchange now rather than deny on old data.
             if not await self._snapshots_since(list(behind), max(behind.values())):
                 self.log.warning("no fresh snapshot within the exchange timeout; deciding on what is known")
-            inputs.update(await self._inputs(list(behind)))
+            inputs.update((await self._inputs(list(behind)))[0])
         now = self._clock()
         verdicts = decide_in_order([plan for _, plan in plans], [inputs[p.symbol] for _, p in plans], self.policy, now)
         writes = [
             self._permit_write(plan, verdict, entry_id, now)
             for (entry_id, plan), verdict in zip(plans, verdicts, strict=True)
         ]
-        issued = await self._scripts.issue_permits(writes)
-        took = (time.perf_counter() - started) / len(plans)
-        for (_, plan), verdict, (written, owner) in zip(plans, verdicts, issued, strict=True):
-            if not written:
-                self.metrics.duplicates.inc()
-                await self.audit_duplicate(plan, owner)
-                continue
-            self.metrics.permits.labels("allow" if verdict.allow else "deny", verdict.reason).inc()
-            self.metrics.decision_seconds.observe(took)
-            self.log.info(
-                f"{plan.symbol}: P3.3 {'ALLOW' if verdict.allow else 'DENY'} {plan.plan_id}",
-                reason=verdict.reason,
-                safe_close_qty=str(verdict.safe_close_qty),
-                exchange_amt=str(verdict.exchange_position_amt),
-                plan_id=plan.plan_id,
-                symbol=plan.symbol,
-            )
+        await self.issue_decisions(plans, verdicts, writes, started, _verdict_details)
 
     async def _results_published(self, marks: dict[str, str]) -> dict[str, str]:
         """Of the symbols marked in flight (symbol -> marking plan), those whose plan has its result published
@@ -543,15 +532,30 @@ class BrainService(Service):
             if all(mark != plan_id for mark, plan_id in zip(marks, finishing.values(), strict=True)):
                 return
 
-    async def _inputs(self, symbols: list[str]) -> dict[str, BrainInputs]:
-        """Snapshot, ledger and in-flight mark of each symbol, in one pipelined round trip."""
+    async def _inputs(self, symbols: list[str], follower: bool = False) -> tuple[dict[str, BrainInputs], bool]:
+        """Snapshot, ledger and in-flight mark of each symbol, in one pipelined round trip. With ``follower``,
+        also whether results were published that no P3.3 instance has recorded yet (the ledger group's lag or
+        pending entries; asked first, so the marks read after it include every result recorded by then)."""
         async with self.redis.pipeline(transaction=False) as pipe:
+            if follower:
+                pipe.xinfo_groups(keys.RESULT_STREAM)
             for symbol in symbols:
                 pipe.hgetall(keys.snapshot(symbol))
                 pipe.hgetall(keys.ledger(symbol))
                 pipe.get(keys.p33_symbol_in_flight(symbol))
-            read = await pipe.execute()
-        return {
+            read = await pipe.execute(raise_on_error=False)
+        groups = read.pop(0) if follower else []
+        for reply in read:
+            if isinstance(reply, Exception):
+                raise reply
+        if isinstance(groups, Exception):
+            if "no such key" not in str(groups).lower():
+                raise groups
+            groups = []  # no result stream (yet, or after a flush): no result waits to be recorded
+        ledger_group = [g for g in groups if g["name"] == keys.LEDGER_GROUP]
+        # lag None means unknown (after a trim or a deleted entry): assume results wait
+        unrecorded = bool(ledger_group) and (bool(ledger_group[0]["pending"]) or ledger_group[0].get("lag") != 0)
+        inputs = {
             symbol: BrainInputs(
                 snapshot=_parse_or_none(Snapshot, read[3 * n]),
                 ledger=_parse_or_none(Ledger, read[3 * n + 1]),
@@ -560,6 +564,7 @@ class BrainService(Service):
             )
             for n, symbol in enumerate(symbols)
         }
+        return inputs, unrecorded
 
     def _permit_write(self, plan: Plan, verdict: BrainVerdict, entry_id: str, now: float) -> PermitWrite:
         permit = sign(

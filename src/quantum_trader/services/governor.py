@@ -181,21 +181,7 @@ class GovernorService(Service):
             )
             for (entry_id, plan), verdict in zip(plans, verdicts, strict=True)
         ]
-        issued = await self._scripts.issue_permits(writes)
-        took = (time.perf_counter() - started) / len(plans)
-        for (_, plan), verdict, (written, owner) in zip(plans, verdicts, issued, strict=True):
-            if not written:
-                self.metrics.duplicates.inc()
-                await self.audit_duplicate(plan, owner)
-                continue
-            self.metrics.permits.labels("allow" if verdict.allow else "deny", verdict.reason).inc()
-            self.metrics.decision_seconds.observe(took)
-            self.log.info(
-                f"{plan.symbol}: Governor {'ALLOW' if verdict.allow else 'DENY'} {plan.plan_id}",
-                reason=verdict.reason,
-                plan_id=plan.plan_id,
-                symbol=plan.symbol,
-            )
+        await self.issue_decisions(plans, verdicts, writes, started)
 
     async def _read_states(self, plans: list[Plan], now: float) -> tuple[list[GovernorState], str]:
         """The policy state for each plan, read in one pipelined round trip (each symbol once)."""
