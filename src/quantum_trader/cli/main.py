@@ -273,6 +273,9 @@ def up_cmd(
         stop = True
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Ctrl-C stops it even when started in the background by a non-interactive shell, which starts
+    # background commands with SIGINT ignored (Python then installs no KeyboardInterrupt handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         system.start_infra()
         if open_positions:
