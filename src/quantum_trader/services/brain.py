@@ -522,14 +522,15 @@ class BrainService(Service):
         return {symbol: plan_id for (symbol, plan_id), out in zip(marks.items(), published, strict=True) if out}
 
     async def _until_recorded(self, finishing: dict[str, str]) -> None:
-        """Wait until no symbol is marked for these finished plans any more (the result recorded: by this
-        instance's follower, or another's), looking again after each of ours records a read, or every 10 ms;
-        at most ``RESULTS_CATCH_UP_S`` (then the plan is decided on the mark it finds)."""
+        """Wait until the results of these finished plans are recorded (the follower's "result seen" key, written
+        in the same transaction as the ledger: by this instance or another), looking again after each read our
+        follower records, or every 10 ms; at most ``RESULTS_CATCH_UP_S``. Not the mark itself: its TTL can free
+        the symbol before the ledger has the fill."""
+        seen_keys = [keys.p33_result_seen(plan_id) for plan_id in finishing.values()]
         deadline = time.monotonic() + RESULTS_CATCH_UP_S
         while time.monotonic() < deadline:
             await self._results_recorded_after(self._recorded_batches, RESULTS_POLL_S)
-            marks = await self.redis.mget([keys.p33_symbol_in_flight(s) for s in finishing])
-            if all(mark != plan_id for mark, plan_id in zip(marks, finishing.values(), strict=True)):
+            if await self.redis.exists(*seen_keys) == len(seen_keys):
                 return
 
     async def _inputs(self, symbols: list[str], follower: bool = False) -> tuple[dict[str, BrainInputs], bool]:
