@@ -194,8 +194,6 @@ class BrainService(Service):
         self._dirty: set[str] = set()  # symbols asked for by the next poll
         self._polled_since = 0.0  # the start of the latest poll that ended
         self._polls_done = asyncio.Condition()
-        self._recorded_batches = 0  # reads of results the ledger follower has recorded
-        self._results_done = asyncio.Condition()
         for symbol in self.symbols:
             self.metrics.snapshot_age.labels(symbol).set_function(functools.partial(self.snapshot_age, symbol))
 
@@ -439,19 +437,9 @@ class BrainService(Service):
             return
         for change in await record_results(self.redis, results, self._clock, self.settings.audit_maxlen):
             self._ledger_moved(change)
-        self._recorded_batches += 1
-        async with self._results_done:
-            self._results_done.notify_all()
         moved = [result.symbol for _, result in results if result.executed]
         if moved:
             self.ask_refresh(moved)
-
-    async def _results_recorded_after(self, batches: int, timeout_s: float) -> None:
-        """Wait until this instance's ledger follower has recorded another read of results, or the timeout (the
-        result may be another instance's to record)."""
-        async with self._results_done:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._results_done.wait_for(lambda: self._recorded_batches > batches), timeout_s)
 
     # --- plans ------------------------------------------------------------------------------------------
 
@@ -523,13 +511,12 @@ class BrainService(Service):
 
     async def _until_recorded(self, finishing: dict[str, str]) -> None:
         """Wait until the results of these finished plans are recorded (the follower's "result seen" key, written
-        in the same transaction as the ledger: by this instance or another), looking again after each read our
-        follower records, or every 10 ms; at most ``RESULTS_CATCH_UP_S``. Not the mark itself: its TTL can free
-        the symbol before the ledger has the fill."""
+        in the same transaction as the ledger: by this instance or another), looking every 10 ms, at most
+        ``RESULTS_CATCH_UP_S``. Not for the mark to go: its TTL can free the symbol before the ledger has the fill."""
         seen_keys = [keys.p33_result_seen(plan_id) for plan_id in finishing.values()]
         deadline = time.monotonic() + RESULTS_CATCH_UP_S
         while time.monotonic() < deadline:
-            await self._results_recorded_after(self._recorded_batches, RESULTS_POLL_S)
+            await asyncio.sleep(RESULTS_POLL_S)
             if await self.redis.exists(*seen_keys) == len(seen_keys):
                 return
 
