@@ -21,7 +21,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from quantum_trader.bus.connection import make_client
 from quantum_trader.bus.embedded import EmbeddedStore
+from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.exchange.binance import BinanceFutures, make_exchange
 from quantum_trader.exchange.sim.server import SimConfig, SimServer
 from quantum_trader.services.apply import ApplyService
@@ -78,7 +80,7 @@ def store_url(request: pytest.FixtureRequest, embedded_store: str) -> str:
 
 @pytest.fixture
 async def rds(store_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(store_url, decode_responses=True)
+    client = make_client(store_url)
     yield client
     await client.aclose()
 
@@ -204,7 +206,9 @@ class Chain:
         return await self.start_one(name, consumer)
 
     async def start_one(self, name: str, consumer: str = "") -> Any:
-        client = aioredis.Redis.from_url(self.urls.get(name, self.settings.redis_url), decode_responses=True)
+        # as the runner does: Apply and P3.3 check which store instance each connection reaches
+        watch = StoreWatch(record_epoch=name == "apply") if name in ("apply", "brain") else None
+        client = make_client(self.urls.get(name, self.settings.redis_url), watch)
         key = consumer or name
         self._clients[key] = [client]
         consumer = consumer or f"{name}-test"
@@ -214,7 +218,7 @@ class Chain:
             exchange = make_exchange(self.settings.exchange, SIM_KEY, SIM_SECRET, self.settings.exchange.sim_url)
             self._clients[key].append(exchange)
             cls = ApplyService if name == "apply" else BrainService
-            service = cls(self.settings, client, exchange, consumer=consumer)
+            service = cls(self.settings, client, exchange, consumer=consumer, watch=watch)
         self.services[key] = service
         self.tasks[key] = asyncio.create_task(service.run(), name=f"test-{key}")
         if name == "brain":

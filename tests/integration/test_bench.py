@@ -1,6 +1,6 @@
-"""`qt bench --quick` as a smoke test: it runs the private system, the open-loop steps, the decisions step and
-the seed baseline, and writes its report and plot. No timing is asserted (shared machines make single absolute
-times noise); the structure and the counts are."""
+"""`qt bench --quick` as a smoke test: it runs the private system, the open-loop steps, the decisions step, the
+durability step and the seed baseline, and writes its report and plot. No timing is asserted (shared machines make
+single absolute times noise); the structure and the counts are."""
 
 from __future__ import annotations
 
@@ -43,8 +43,18 @@ def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_p
     assert sum(n for what, n in decisions["outcomes"].items() if what.startswith("p33 ")) == 1000
     assert _ordered(decisions["decided"])
 
+    assert report["steps"] == ["idle", "sequential", "durability", "open-loop", "decisions"]
+    parts = report["durability"]  # the store with the append-only file on, appendfsync set per part
+    assert [p["appendfsync"] for p in parts] == ["everysec", "always", "everysec"]
+    for p in parts:
+        assert p["plans"] == 20 and p["decided"]["samples"] == p["result"]["samples"] == 20, p
+        assert _ordered(p["decided"]) and _ordered(p["result"])
+        assert {"store", "brain", "governor", "apply"} <= set(p["cpu_ms_per_plan"]), p
+        assert p["aof_last_write_status"] == "ok" and (p["aof_written_bytes"] is None or p["aof_written_bytes"] > 0)
+
     assert set(report["cpu_idle_pct"]) == set(report["rss_mb"]) == {"brain", "governor", "apply", "sim", "store"}
     markdown = (out / "bench.md").read_text()
     assert "| chain: plan -> both permits consumed (Apply) | 20 |" in markdown
     assert "Open loop through the whole chain" in markdown and "Decisions (plans straight" in markdown
+    assert "| always | 20 |" in markdown and "appendfsync always against everysec" in markdown
     assert (out / "latency-vs-rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -48,6 +48,51 @@ MATRIX = [
     ("bad_json_executed", [{"kind": "bad_json", "executed": True, **ORDER}], 1, "", POSITION),
     ("bad_json_not_executed", [{"kind": "bad_json", "executed": False, **ORDER}], 1, "", POSITION),
     ("missing_fields_executed", [{"kind": "missing_fields", "executed": True, **ORDER}], 1, "", POSITION),
+    # the exchange answers at once and executes later (the request passed the gateway): inside the request's
+    # recvWindow the late order is found, never doubled; past it the matching engine refuses it (-5028), and a
+    # resend follows only where the answer did not say "execution status unknown"
+    (
+        "late_-1007_inside_recv_window",
+        [{"kind": "late_execution", "ms": 300, "answer": "-1007", **ORDER}],
+        1,
+        "",
+        POSITION,
+    ),
+    (
+        "late_-1007_past_recv_window",
+        [{"kind": "late_execution", "ms": 900, "answer": "-1007", **ORDER}],
+        0,
+        reasons.ORDER_NOT_PLACED,
+        0,
+    ),
+    (
+        "late_html_503_inside_recv_window",
+        [{"kind": "late_execution", "ms": 300, "answer": "503_html", **ORDER}],
+        1,
+        "",
+        POSITION,
+    ),
+    (
+        "late_empty_body_inside_recv_window",
+        [{"kind": "late_execution", "ms": 300, "answer": "empty", **ORDER}],
+        1,
+        "",
+        POSITION,
+    ),
+    (
+        "late_timeout_inside_recv_window",
+        [{"kind": "late_execution", "ms": 300, "answer": "timeout", "hold_ms": 3000, **ORDER}],
+        1,
+        "",
+        POSITION,
+    ),
+    (
+        "late_empty_body_past_recv_window",
+        [{"kind": "late_execution", "ms": 900, "answer": "empty", **ORDER}],
+        1,
+        "",
+        POSITION,
+    ),
     (
         "reply_lost_then_lookups_fail",
         [

@@ -242,11 +242,15 @@ async def test_an_intent_left_by_a_vanished_consumer_is_resolved_by_another_inst
         await wait_key(rds, keys.executed_marker(sub.plan_id))
         await chain.crash("apply")
         await asyncio.sleep(0.6)  # the order lands meanwhile
+        from quantum_trader.bus.connection import make_client
+        from quantum_trader.bus.identity import StoreWatch
         from quantum_trader.exchange.binance import make_exchange
         from quantum_trader.services.apply import ApplyService
 
         exchange = make_exchange(settings.exchange, "test-api-key", "test-api-secret", sim.url)
-        other = ApplyService(settings, rds, exchange, consumer="apply-renamed-host")
+        watch = StoreWatch(record_epoch=True)
+        client = make_client(settings.redis_url, watch)
+        other = ApplyService(settings, client, exchange, consumer="apply-renamed-host", watch=watch)
         task = asyncio.create_task(other.run())
         try:
             result = await ops.wait_result(rds, sub.plan_id, 15, sub.result_cursor)
@@ -254,6 +258,7 @@ async def test_an_intent_left_by_a_vanished_consumer_is_resolved_by_another_inst
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await exchange.close()
+            await client.aclose()
         assert result is not None and result.executed and result.filled_qty == Decimal("0.010")
         assert len(sim_orders(sim, "BTCUSDT")) == 1
         assert await rds.zcard(keys.APPLY_INTENTS) == 0

@@ -7,8 +7,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 from quantum_trader.bench.chain import RateStep
+from quantum_trader.bench.durability import DurabilityPart, part
 from quantum_trader.bench.measure import Latency
-from quantum_trader.bench.report import BenchReport, SeedStep, highest_sustained, markdown, plot_json, sustained
+from quantum_trader.bench.report import (
+    BenchReport,
+    SeedStep,
+    durability_rows,
+    durability_summary,
+    highest_sustained,
+    markdown,
+    plot_json,
+    sustained,
+)
 
 
 def _step(rate: float, p99: float, *, completed: int = 100, answered: float | None = None) -> RateStep:
@@ -68,3 +78,64 @@ def test_no_plot_without_load_steps(tmp_path: Path) -> None:
     source.write_text(json.dumps(asdict(BenchReport())))
     assert not plot_json(source, tmp_path / "plot.png")
     assert not (tmp_path / "plot.png").exists()
+
+
+def _part(setting: str, decided_ms: list[float], store_cpu_s: float, *, rewrite: bool = False) -> DurabilityPart:
+    """10 plans after 2 warm-up (12 sent), their raw measurements as the step takes them."""
+    after = {"aof_delayed_fsync": 5, "aof_current_size": 121_000, "aof_rewrites": 2 if rewrite else 1}
+    return part(
+        setting,
+        10,
+        2,
+        decided_ms,
+        [d + 2 for d in decided_ms],
+        {"store": store_cpu_s, "brain": 0.12, "governor": 0.03, "apply": 0.15, "sim": 0.06},
+        0.5004,
+        {"aof_delayed_fsync": 3, "aof_current_size": 1_000, "aof_rewrites": 1, "aof_rewrite_in_progress": 0},
+        {**after, "aof_rewrite_in_progress": 0, "aof_last_write_status": "ok"},
+    )
+
+
+def test_a_durability_part_from_its_raw_measurements() -> None:
+    p = _part("always", [float(n) for n in range(1, 11)], 0.06)
+    assert (p.appendfsync, p.plans, p.warmup, p.window_s) == ("always", 10, 2, 0.5)
+    assert p.decided == Latency(10, 5.0, 10.0, 10.0) and p.result == Latency(10, 7.0, 12.0, 12.0)
+    # CPU over the window / every plan sent in it (warm-up included): 60 ms / 12 plans
+    assert p.cpu_ms_per_plan == {"store": 5.0, "brain": 10.0, "governor": 2.5, "apply": 12.5, "sim": 5.0}
+    assert (p.aof_delayed_fsync, p.aof_written_bytes, p.aof_rewrites, p.aof_last_write_status) == (2, 120_000, 0, "ok")
+    rewritten = _part("always", [1.0], 0.06, rewrite=True)
+    assert (rewritten.aof_rewrites, rewritten.aof_written_bytes) == (1, None)  # the file was replaced meanwhile
+
+
+def test_durability_rows_and_summary() -> None:
+    report = BenchReport(plans=10, warmup=1)
+    report.durability = [
+        _part("everysec", [2.0] * 5 + [4.0] * 5, 0.03),
+        _part("always", [5.0] * 5 + [9.0] * 5, 0.06, rewrite=True),
+        _part("everysec", [2.5] * 5 + [3.0] * 5, 0.036),
+    ]
+    assert durability_rows(report) == [
+        ["everysec", "10", "2.00", "4.00", "4.00", "6.00", "2.50", "10.00", "2.50", "12.50", "10000", "2"],
+        ["always", "10", "5.00", "9.00", "7.00", "11.00", "5.00", "10.00", "2.50", "12.50", "-", "2"],
+        ["everysec", "10", "2.50", "3.00", "4.50", "5.00", "3.00", "10.00", "2.50", "12.50", "10000", "2"],
+    ]
+    assert durability_summary(report) == (
+        "appendfsync always against everysec (mean of 2 parts): decided p50 +2.75 ms, p99 +5.50 ms; "
+        "result p50 +2.75 ms, p99 +5.50 ms; store CPU +2.25 ms/plan. "
+        "The everysec parts are 0.50 ms apart in decided p50 (drift)."
+    )
+    text = markdown(report)
+    assert "| appendfsync | plans | decided p50 | p99 | result p50 | p99 | CPU ms/plan: store |" in text
+    assert "| always | 10 | 5.00 | 9.00 | 7.00 | 11.00 | 5.00 | 10.00 | 2.50 | 12.50 | - | 2 |" in text
+    assert "10 plans per part after 2 warm-up" in text and durability_summary(report) in text
+    assert durability_summary(BenchReport(durability=report.durability[:1])) is None  # nothing to compare
+
+
+def test_markdown_of_a_durability_only_run_has_only_that_section() -> None:
+    report = BenchReport(machine={"cpus": 2, "python": "3.11"}, plans=400, warmup=40, steps=["durability"])
+    report.durability = [_part("everysec", [2.0], 0.03), _part("always", [3.0], 0.06)]
+    text = markdown(report)
+    assert text.startswith("qt bench ") and "event loop asyncio; steps: durability only\n" in text
+    assert "sequential plans" not in text and "latency (ms)" not in text and "RSS MB" not in text
+    assert "| everysec | 10 | 2.00 | 2.00 |" in text
+    assert "sequential plans after 1 warm-up\n" in markdown(BenchReport(plans=10, warmup=1))  # a whole run

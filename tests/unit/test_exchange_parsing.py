@@ -278,6 +278,8 @@ def test_parse_order_filled() -> None:
         status="FILLED",
         executed_qty=D("0.250"),
         avg_price=D("64120.10000"),
+        side="BUY",
+        update_time_ms=1700000000456,
     )
     assert report.filled
 

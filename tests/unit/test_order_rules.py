@@ -11,6 +11,7 @@ from quantum_trader.domain.execution import (
     CLOCK_MARGIN_MS,
     LATE_EXECUTION_HORIZON_MS,
     SendRecord,
+    Step,
     after_absent,
     is_final,
 )
@@ -20,41 +21,41 @@ T0 = 1_800_000_000_000.0
 
 
 def record(**kw) -> SendRecord:
-    values = {"attempts": 1, "last_sent_ms": T0, "recv_window_ms": 1000, "window_end_ms": T0 + 5000}
+    values = {"attempts": 1, "last_signed_ms": T0, "recv_window_ms": 1000, "window_end_ms": T0 + 5000}
     values.update(kw)
     return SendRecord(**values)
 
 
 def test_absent_while_the_request_could_still_land_means_look_again_later() -> None:
     step, when = after_absent(record(), T0 + 200)
-    assert step == "query_later" and when == T0 + 1000 + CLOCK_MARGIN_MS
+    assert step is Step.QUERY_LATER and when == T0 + 1000 + CLOCK_MARGIN_MS
 
 
 def test_absent_after_the_recv_window_inside_the_permit_window_allows_one_resend() -> None:
-    assert after_absent(record(), T0 + 1000 + CLOCK_MARGIN_MS)[0] == "resend"
+    assert after_absent(record(), T0 + 1000 + CLOCK_MARGIN_MS)[0] is Step.RESEND
 
 
 def test_a_second_resend_is_never_allowed() -> None:
     second = record().resent(T0 + 1300)
     assert second.attempts == 2
-    assert after_absent(second, T0 + 1300 + 1000 + CLOCK_MARGIN_MS)[0] == "not_placed"
+    assert after_absent(second, T0 + 1300 + 1000 + CLOCK_MARGIN_MS)[0] is Step.NOT_PLACED
 
 
 def test_no_resend_after_the_permit_window_closed() -> None:
     late = record(window_end_ms=T0 + 1100)
-    assert after_absent(late, T0 + 1300)[0] == "not_placed"
+    assert after_absent(late, T0 + 1300)[0] is Step.NOT_PLACED
 
 
 @pytest.mark.parametrize("code", [-1000, -1006, -1007])
 def test_execution_status_unknown_is_looked_up_longer_and_never_resent(code: int) -> None:
-    unclear = record(window_end_ms=T0 + 60_000).unclear(code)
+    unclear = record(window_end_ms=T0 + 60_000).unclear(code, T0)
     step, when = after_absent(unclear, T0 + 2000)
-    assert step == "query_later" and when == T0 + LATE_EXECUTION_HORIZON_MS
-    assert after_absent(unclear, T0 + LATE_EXECUTION_HORIZON_MS)[0] == "not_placed"
+    assert step is Step.QUERY_LATER and when == T0 + LATE_EXECUTION_HORIZON_MS
+    assert after_absent(unclear, T0 + LATE_EXECUTION_HORIZON_MS)[0] is Step.NOT_PLACED
 
 
 def test_other_unclear_outcomes_keep_the_resend_possible() -> None:
-    assert after_absent(record().unclear(0).unclear(-1001), T0 + 1300)[0] == "resend"
+    assert after_absent(record().unclear(0, T0).unclear(-1001, T0), T0 + 1300)[0] is Step.RESEND
 
 
 @given(
@@ -66,13 +67,13 @@ def test_other_unclear_outcomes_keep_the_resend_possible() -> None:
     late=st.booleans(),
 )
 def test_a_resend_only_ever_follows_a_settled_request_inside_the_window(attempts, sent, recv, window, now, late):
-    rec = SendRecord(attempts, T0 + sent, recv, T0 + window, late_execution_possible=late)
+    rec = SendRecord(attempts, T0 + sent, recv, T0 + window, may_resend=not late, late_execution_possible=late)
     step, when = after_absent(rec, T0 + now)
-    if step == "resend":
+    if step is Step.RESEND:
         assert not late and attempts < rec.max_attempts
-        assert T0 + now >= rec.last_sent_ms + recv + CLOCK_MARGIN_MS
+        assert T0 + now >= rec.last_signed_ms + recv + CLOCK_MARGIN_MS
         assert T0 + now < rec.window_end_ms
-    if step == "query_later":
+    if step is Step.QUERY_LATER:
         assert when > T0 + now
 
 

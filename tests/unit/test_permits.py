@@ -175,8 +175,9 @@ def test_wrong_types_in_governor_slot(field: str, value: Any) -> None:
     [
         ("allow", "true"),
         ("symbol", "btcusdt"),
-        ("safe_close_qty", "0.5"),
-        ("safe_close_qty", -1.0),
+        ("safe_close_qty", "half"),  # a decimal string now (not a float): a string that is no number
+        ("safe_close_qty", [0.5]),
+        ("safe_close_qty", "-1.0"),
         ("ledger_amt", "x"),
         ("exchange_position_amt", None),
     ],

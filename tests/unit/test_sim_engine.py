@@ -584,3 +584,16 @@ def test_wallet_and_position_account_for_every_fill(sequence: list[tuple[str, in
         engine.new_order(market("ETHUSDT", side=close_side, qty=str(abs(amt)), reduceOnly="true"))
         assert position_amt(engine, "ETHUSDT") == 0
         assert abs(engine.wallet - before) <= abs(amt) * D("0.005") + D("0.00000001")
+
+
+def test_matching_engine_window_ends_at_timestamp_plus_recv_window() -> None:
+    from quantum_trader.exchange.sim.app import check_me_window
+
+    params = {"timestamp": "1000", "recvWindow": "500"}
+    check_me_window(1500, params)  # the last moment it may execute, as the gateway's ``<= recvWindow``
+    with pytest.raises(EngineError) as info:
+        check_me_window(1501, params)
+    assert (info.value.code, info.value.msg) == (-5028, "Timestamp for this request is outside of the ME recvWindow.")
+    check_me_window(6000, {"timestamp": "1000"})  # default recvWindow 5000
+    with pytest.raises(EngineError):
+        check_me_window(6001, {"timestamp": "1000"})

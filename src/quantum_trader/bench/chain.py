@@ -13,6 +13,7 @@ import asyncio
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -83,9 +84,12 @@ async def chain_times(
 # --- sequential -------------------------------------------------------------------------------------------------
 
 
-async def run_sequential(redis: aioredis.Redis, plans: int, warmup: int) -> tuple[ChainTimes, Latency]:
+async def run_sequential(
+    redis: aioredis.Redis, plans: int, warmup: int, sent: Callable[[], None] | None = None
+) -> tuple[ChainTimes, Latency]:
     """One close at a time through the whole chain; the services' times and the client's (proposal sent ->
-    result seen by the bench), warm-up excluded."""
+    result seen by the bench), warm-up excluded. ``sent`` is called once the last result was seen, before the
+    streams are read back (so a CPU window can end there)."""
     symbols = sorted(SEQUENTIAL_SYMBOLS)
     audit_from, result_from = await stream_end(redis, keys.AUDIT_STREAM), await stream_end(redis, keys.RESULT_STREAM)
     plan_ids, client_ms = [], []
@@ -99,6 +103,8 @@ async def run_sequential(redis: aioredis.Redis, plans: int, warmup: int) -> tupl
         if result is None or not result.executed:
             raise RuntimeError(f"bench plan {sub.plan_id} did not execute: {result}")
         plan_ids.append(sub.plan_id)
+    if sent is not None:
+        sent()
     audit = await entries_since(redis, keys.AUDIT_STREAM, audit_from)
     results = await entries_since(redis, keys.RESULT_STREAM, result_from)
     return await chain_times(audit, results, plan_ids[warmup:]), Latency.of(client_ms[warmup:])

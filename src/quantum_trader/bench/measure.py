@@ -69,9 +69,14 @@ class CpuWindow:
         self._cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
 
     def stop(self) -> tuple[dict[str, float], float]:
-        wall = time.monotonic() - self._t0
-        used = {name: cpu_seconds(pid) - self._cpu0[name] for name, pid in self.pids.items()}
+        used, wall = self.stop_seconds()
         return {name: round(100 * cpu / wall, 2) for name, cpu in used.items()}, round(wall, 2)
+
+    def stop_seconds(self) -> tuple[dict[str, float], float]:
+        """CPU seconds each process used since ``start()`` (unrounded; the clock tick is 10 ms), and the wall
+        seconds."""
+        wall = time.monotonic() - self._t0
+        return {name: cpu_seconds(pid) - self._cpu0[name] for name, pid in self.pids.items()}, wall
 
 
 # --- open loop ------------------------------------------------------------------------------------------------

@@ -9,8 +9,11 @@ from typing import Any
 
 from quantum_trader import __version__
 from quantum_trader.bench.chain import RateStep
+from quantum_trader.bench.durability import DurabilityPart
 from quantum_trader.bench.measure import Latency
 
+# in the order they run: "sequential" and "open-loop" include the seed design's run of the same kind
+STEPS = ("idle", "sequential", "durability", "open-loop", "decisions")
 P99_LIMIT_MS = 50.0  # "sustained" = p99 under this, and the answers keep up with the offered rate
 KEEP_UP = 0.95  # answers per second at least this share of the offered rate
 
@@ -28,6 +31,7 @@ class BenchReport:
     version: str = __version__
     machine: dict[str, Any] = field(default_factory=dict)
     event_loop: str = "asyncio"
+    steps: list[str] = field(default_factory=lambda: list(STEPS))  # the steps that ran
     plans: int = 0
     warmup: int = 0
     chain_decided: Latency = field(default_factory=Latency)
@@ -40,6 +44,7 @@ class BenchReport:
     open_loop: list[RateStep] = field(default_factory=list)
     seed_open_loop: list[SeedStep] = field(default_factory=list)
     decisions: list[RateStep] = field(default_factory=list)
+    durability: list[DurabilityPart] = field(default_factory=list)  # everysec, always, everysec
     sustained_plans_per_s: float | None = None
     sustained_decisions_per_s: float | None = None
     cpu_idle_pct: dict[str, float] = field(default_factory=dict)
@@ -136,6 +141,58 @@ def decision_rows(r: BenchReport) -> list[list[str]]:
     ]
 
 
+DURABILITY_HEADER = ["appendfsync", "plans", "decided p50", "p99", "result p50", "p99", "CPU ms/plan: store",
+                     "brain", "governor", "apply", "AOF bytes/plan", "delayed fsyncs"]  # fmt: skip
+DURABILITY_CPU = ("store", "brain", "governor", "apply")
+
+
+def durability_rows(r: BenchReport) -> list[list[str]]:
+    rows = []
+    for p in r.durability:
+        written = p.aof_written_bytes / (p.plans + p.warmup) if p.aof_written_bytes is not None else None
+        rows.append(
+            [
+                p.appendfsync,
+                str(p.plans),
+                _ms(p.decided.p50_ms),
+                _ms(p.decided.p99_ms),
+                _ms(p.result.p50_ms),
+                _ms(p.result.p99_ms),
+                *[_ms(p.cpu_ms_per_plan.get(name)) for name in DURABILITY_CPU],
+                _num(written),
+                str(p.aof_delayed_fsync),
+            ]
+        )
+    return rows
+
+
+def durability_summary(r: BenchReport) -> str | None:
+    """always against the mean of the everysec parts, and how far the everysec parts are apart (drift)."""
+    every = [p for p in r.durability if p.appendfsync == "everysec"]
+    always = [p for p in r.durability if p.appendfsync == "always"]
+    if not every or not always:
+        return None
+
+    def mean(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return sum(known) / len(known) if known and len(known) == len(values) else None
+
+    def diff(get: Any, unit: str) -> str:
+        a, e = mean([get(p) for p in always]), mean([get(p) for p in every])
+        return f"{a - e:+.2f} {unit}" if a is not None and e is not None else "-"
+
+    text = (
+        f"appendfsync always against everysec (mean of {len(every)} parts): "
+        f"decided p50 {diff(lambda p: p.decided.p50_ms, 'ms')}, p99 {diff(lambda p: p.decided.p99_ms, 'ms')}; "
+        f"result p50 {diff(lambda p: p.result.p50_ms, 'ms')}, p99 {diff(lambda p: p.result.p99_ms, 'ms')}; "
+        f"store CPU {diff(lambda p: p.cpu_ms_per_plan.get('store'), 'ms/plan')}"
+    )
+    p50s = [p.decided.p50_ms for p in every if p.decided.p50_ms is not None]
+    if len(p50s) > 1:
+        text += f". The everysec parts are {max(p50s) - min(p50s):.2f} ms apart in decided p50 (drift)"
+    return text + "."
+
+
 def cost_rows(r: BenchReport) -> list[list[str]]:
     rows = []
     for name in r.rss_mb:
@@ -155,15 +212,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def markdown(r: BenchReport) -> str:
-    lines = [
-        f"qt bench {r.version} on {r.machine.get('cpus')} CPUs, Python {r.machine.get('python')}, "
-        f"event loop {r.event_loop}; {r.plans} sequential plans after {r.warmup} warm-up",
-        "",
-        *_table(["latency (ms)", "samples", "p50", "p99", "max"], latency_rows(r)),
-        "",
-        f"p50 ratio, seed design / chain (both permits known): **{r.p50_ratio_seed_over_chain}x**",
-        "",
-    ]
+    head = f"qt bench {r.version} on {r.machine.get('cpus')} CPUs, Python {r.machine.get('python')}, "
+    head += f"event loop {r.event_loop}"
+    if "sequential" in r.steps:
+        head += f"; {r.plans} sequential plans after {r.warmup} warm-up"
+    if r.steps != list(STEPS):
+        head += f"; steps: {', '.join(r.steps)} only"
+    lines = [head, ""]
+    if "sequential" in r.steps:
+        lines += [*_table(["latency (ms)", "samples", "p50", "p99", "max"], latency_rows(r)), ""]
+        lines += [f"p50 ratio, seed design / chain (both permits known): **{r.p50_ratio_seed_over_chain}x**", ""]
+    if r.durability:
+        first = r.durability[0]
+        lines += [f"Durability: the sequential chain under each appendfsync setting in turn (CONFIG SET on the "
+                  f"running store, read back before and after each part), {first.plans} plans per part after "
+                  f"{first.warmup} warm-up; latencies in ms, CPU in ms per plan sent (warm-up included):",
+                  ""]  # fmt: skip
+        lines += [*_table(DURABILITY_HEADER, durability_rows(r)), ""]
+        summary = durability_summary(r)
+        lines += [summary, ""] if summary else []
     if r.open_loop:
         lines += ["Open loop through the whole chain (latencies in ms; warm-up excluded):", ""]
         lines += [*_table(LOAD_HEADER, load_rows(r)), ""]
@@ -174,9 +241,10 @@ def markdown(r: BenchReport) -> str:
         lines += [*_table(DECISION_HEADER, decision_rows(r)), ""]
         best = r.sustained_decisions_per_s
         lines += [f"highest sustained: **{_num(best)} plans/s = {_num(2 * best if best else None)} decisions/s**", ""]
-    lines += [*_table(cost_header(r), cost_rows(r)), ""]
-    lines += [f"idle window {r.idle_window_s} s, sequential window {r.load_window_s} s (one core = 100 %)."]
-    return "\n".join(lines) + "\n"
+    if r.rss_mb:
+        lines += [*_table(cost_header(r), cost_rows(r)), ""]
+        lines += [f"idle window {r.idle_window_s} s, sequential window {r.load_window_s} s (one core = 100 %)."]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 # --- files -----------------------------------------------------------------------------------------------------

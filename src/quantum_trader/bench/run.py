@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from quantum_trader.bench import chain, seed
+from quantum_trader.bench import chain, durability, seed
 from quantum_trader.bench.measure import CpuWindow, Latency, rss_mb
-from quantum_trader.bench.report import BenchReport, SeedStep, highest_sustained
+from quantum_trader.bench.report import STEPS, BenchReport, SeedStep, highest_sustained
 from quantum_trader.exchange.sim.engine import DEFAULT_SYMBOLS, bench_symbols
 
 BENCH_ENV = {
@@ -39,10 +39,12 @@ class Scenario:
     decision_s: float = 3.0
     load_symbols: int = 60
     event_loop: str = "asyncio"
+    durability_plans: int | None = None  # per appendfsync part, after a 10 % warm-up; None: as ``plans``
+    steps: tuple[str, ...] = STEPS  # which steps run (in STEPS order whatever the order here)
 
 
 QUICK = Scenario(plans=60, seed_plans=10, idle_s=5.0, rates=(200.0,), rate_s=2.0, decision_rates=(1000.0,),
-                 decision_s=1.0, load_symbols=20)  # fmt: skip
+                 decision_s=1.0, load_symbols=20, durability_plans=20)  # fmt: skip
 
 
 def run_bench(scenario: Scenario) -> BenchReport:
@@ -55,9 +57,11 @@ def run_bench(scenario: Scenario) -> BenchReport:
         "QT_SYMBOLS": ",".join([spec.symbol for spec in DEFAULT_SYMBOLS] + load),
     }
     sim_args = [*BENCH_SIM_ARGS, "--bench-symbols", str(scenario.load_symbols)]
-    system = LocalSystem.private("qt-bench-", env=env, sim_args=sim_args)
+    # the append-only file on (appendfsync everysec), as in production; the durability step varies appendfsync
+    system = LocalSystem.private("qt-bench-", env=env, sim_args=sim_args, persist_store=True)
     warmup = max(1, scenario.plans // 10)
-    report = BenchReport(plans=scenario.plans, warmup=warmup, event_loop=scenario.event_loop)
+    steps = [step for step in STEPS if step in scenario.steps]
+    report = BenchReport(plans=scenario.plans, warmup=warmup, event_loop=scenario.event_loop, steps=steps)
     report.machine = {"cpus": os.cpu_count() or 0, "python": platform.python_version(), "system": platform.platform()}
     with system:
         system.start_infra()
@@ -78,27 +82,34 @@ def run_bench(scenario: Scenario) -> BenchReport:
 async def _measure(url: str, scenario: Scenario, load: list[str], pids: dict[str, int], report: BenchReport) -> None:
     redis = aioredis.Redis.from_url(url, decode_responses=True)
     window = CpuWindow(pids)
+    steps = report.steps
     try:
-        window.start()
-        await asyncio.sleep(scenario.idle_s)
-        report.cpu_idle_pct, report.idle_window_s = window.stop()
+        if "idle" in steps:
+            window.start()
+            await asyncio.sleep(scenario.idle_s)
+            report.cpu_idle_pct, report.idle_window_s = window.stop()
 
-        window.start()
-        times, client = await chain.run_sequential(redis, scenario.plans, report.warmup)
-        report.cpu_load_pct, report.load_window_s = window.stop()
-        report.rss_mb = {name: rss_mb(pid) for name, pid in pids.items()}
-        report.chain_decided, report.chain_result = Latency.of(times.decided), Latency.of(times.result)
-        report.chain_governor, report.chain_p33 = Latency.of(times.governor), Latency.of(times.p33)
-        report.chain_client = client
-        report.seed_decided = Latency.of((await seed.run_seed_sequential(url, scenario.seed_plans + 1))[1:])
+        if "sequential" in steps:
+            window.start()
+            times, client = await chain.run_sequential(redis, scenario.plans, report.warmup)
+            report.cpu_load_pct, report.load_window_s = window.stop()
+            report.rss_mb = {name: rss_mb(pid) for name, pid in pids.items()}
+            report.chain_decided, report.chain_result = Latency.of(times.decided), Latency.of(times.result)
+            report.chain_governor, report.chain_p33 = Latency.of(times.governor), Latency.of(times.p33)
+            report.chain_client = client
+            report.seed_decided = Latency.of((await seed.run_seed_sequential(url, scenario.seed_plans + 1))[1:])
 
-        for rate in scenario.rates:
+        if "durability" in steps:  # before the load steps: the file is still small, no rewrite forks mid-step
+            plans = scenario.durability_plans or scenario.plans
+            report.durability = await durability.run_durability(redis, plans, max(1, plans // 10), window)
+
+        for rate in scenario.rates if "open-loop" in steps else ():
             report.open_loop.append(await chain.run_open_loop(redis, rate, scenario.rate_s, load, window))
             latencies, offered, unanswered = await seed.run_seed_open_loop(url, rate, min(scenario.rate_s, 3.0))
             report.seed_open_loop.append(SeedStep(rate, round(offered, 3), Latency.of(latencies), unanswered))
             await asyncio.sleep(1.0)  # P3.3's in-flight marks and Apply's holds from the step are gone
 
-        for rate in scenario.decision_rates:
+        for rate in scenario.decision_rates if "decisions" in steps else ():
             step = await chain.run_decisions(redis, rate, scenario.decision_s, load, window)
             report.decisions.append(step)
             if highest_sustained([step], "decided") is None:

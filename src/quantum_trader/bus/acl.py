@@ -83,6 +83,7 @@ USERS: dict[str, AclUser] = {
         "qt-apply",
         _rw(
             keys.PROPOSAL_DLQ,
+            keys.AUDIT_DLQ,
             keys.PLAN_STREAM,
             keys.RESULT_STREAM,
             keys.AUDIT_STREAM,
@@ -92,6 +93,7 @@ USERS: dict[str, AclUser] = {
             "quantum:health:apply:*",
             keys.SERVICE_EVENTS_STREAM,
         ),
+        commands=(*BASE_COMMANDS, "+info"),  # which store instance it talks to (bus/identity.py)
         consumes=(keys.PROPOSAL_STREAM,),
     ),
     "governor": AclUser(
@@ -123,6 +125,7 @@ USERS: dict[str, AclUser] = {
             keys.SERVICE_EVENTS_STREAM,
         )
         + _r("quantum:apply:result:*"),  # whether a plan's result is out (a mark about to be released)
+        commands=(*BASE_COMMANDS, "+info"),  # which store instance it talks to: another one means reconcile
         consumes=(keys.PLAN_STREAM, keys.RESULT_STREAM),
     ),
     "operator": AclUser(  # the `qt` commands: propose, permit grant/deny, kill switch, mode, status, proof

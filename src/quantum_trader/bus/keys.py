@@ -36,6 +36,8 @@ def snapshot(symbol: str) -> str:
 # --- internal ---------------------------------------------------------------------------------------------
 PROPOSAL_DLQ = "quantum:stream:harvest.proposal.dlq"
 RESULT_DLQ = "quantum:stream:apply.result.dlq"
+AUDIT_DLQ = "quantum:stream:permit.audit.dlq"  # unreadable audit lines (Apply reads that stream without a group)
+DEAD_LETTER_STREAMS = (PLAN_DLQ, PROPOSAL_DLQ, RESULT_DLQ, AUDIT_DLQ)
 LEDGER_AUDIT_STREAM = "quantum:stream:ledger.audit"
 
 APPLY_GROUP = "apply"
@@ -70,6 +72,11 @@ def decision_claim(issuer: str, plan_id: str) -> str:
     return f"quantum:decided:{issuer}:{plan_id}"
 
 
+def dead_letter_guard(stream: str, entry_id: str) -> str:
+    """Set by the first reader that dead-letters an entry of a stream read without a group (one letter each)."""
+    return f"quantum:apply:dead-lettered:{stream}:{entry_id}"
+
+
 def plan_record(plan_id: str) -> str:
     """The plan as Apply published it, kept so `qt permit`, recovery and audit can find it by id."""
     return f"quantum:plan:{plan_id}"
@@ -79,6 +86,10 @@ def executed_marker(plan_id: str) -> str:
     """Set by the same atomic step that consumes both permits: a plan can be executed once, ever."""
     return f"quantum:apply:executed:{plan_id}"
 
+
+# The store instance Apply talks to (domain/trust.py): run_id, replid, the proposal stream's last id when the
+# instance was first used (floor) and when (since). Proposals after the floor are trusted to the store's word.
+STORE_EPOCH = "quantum:apply:store_epoch"
 
 # zset plan_id -> time its permits were consumed; removed with its result. An entry left behind is an order
 # whose outcome is not yet established: Apply resolves it (at start, and every few seconds) by client order id.

@@ -4,7 +4,8 @@ publish_plan: a plan is published once: its record and its stream entry together
     exists (a second handler of the same proposal resumes the plan instead of publishing it again). An
     executing plan first takes its symbol (Apply's one-close-per-symbol hold); if another plan holds it,
     nothing is published and Apply publishes a SKIP plan instead.
-consume_permits: both permits are exactly the ones Apply verified, the plan was never executed → delete
+consume_permits: both permits are exactly the ones Apply verified, the plan was never executed and has no
+    result yet (a result ends a plan: nothing may be executed after it) → delete
     both permits, set the executed marker, record the order intent, audit two ``consumed`` entries. Any other
     state → nothing changes.
 issue_permit: the first decision per issuer and plan wins (claim key, SET NX); the winner's permit, its audit
@@ -12,6 +13,8 @@ issue_permit: the first decision per issuer and plan wins (claim key, SET NX); t
     written together, and the plan entry is acknowledged in the same script. A later decision only
     acknowledges. The marker is not set when the key ``mark_unless`` exists (P3.3: its ledger follower has
     already seen the plan's result).
+hold_for_intent: an order whose outcome is unknown holds its symbol for as long as its intent is recorded
+    (the intent lives as long as the plan's bookkeeping): the hold cannot outlive the intent it stands for.
 publish_result: the plan has no result yet → publish it, set the result marker, free the symbol; always
     close the order intent; the proposal is acknowledged in the same script. A second publisher (a
     redelivery, a racing Apply) changes nothing.
@@ -42,6 +45,7 @@ return 1
 
 CONSUME_PERMITS = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'already_executed' end
+if redis.call('EXISTS', KEYS[6]) == 1 then return 'already_finished' end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'governor_permit_changed' end
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 'p33_permit_changed' end
 redis.call('DEL', KEYS[1], KEYS[2])
@@ -93,6 +97,12 @@ if ARGV[12] ~= '' then
 end
 ack()
 return {1, ARGV[1]}
+"""
+
+HOLD_FOR_INTENT = """
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 
 # Each script is one EVALSHA: one round trip, nothing interleaves, and the entry it finishes is acknowledged
@@ -190,6 +200,15 @@ class Scripts:
         self._publish = redis.register_script(PUBLISH_RESULT)
         self._issue = redis.register_script(ISSUE_PERMIT)
         self._plan = redis.register_script(PUBLISH_PLAN)
+        self._hold = redis.register_script(HOLD_FOR_INTENT)
+
+    async def hold_for_intent(self, *, plan_id: str, symbol: str) -> bool:
+        """Hold ``symbol`` for the plan while its intent is recorded; False when it no longer is (resolved)."""
+        held: Any = await self._hold(
+            keys=[keys.symbol_in_flight(symbol), keys.APPLY_INTENTS],
+            args=[plan_id, keys.PLAN_BOOKKEEPING_TTL_S * 1000],
+        )
+        return bool(held)
 
     async def publish_plan(
         self,
@@ -247,8 +266,8 @@ class Scripts:
         *,
         plan_id: str,
         symbol: str,
-        governor_raw: str,
-        p33_raw: str,
+        governor_raw: bytes,
+        p33_raw: bytes,
         marker: str,
         now: float,
         latency_ms: float,
@@ -261,6 +280,7 @@ class Scripts:
                 keys.executed_marker(plan_id),
                 keys.AUDIT_STREAM,
                 keys.APPLY_INTENTS,
+                keys.result_marker(plan_id),
             ],
             args=[
                 governor_raw,

@@ -8,6 +8,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from quantum_trader.bus import keys
+from quantum_trader.bus.entries import letter_fields
+from quantum_trader.domain.text import printable
 
 Entry = tuple[str, dict[str, str]]
 
@@ -63,6 +65,20 @@ async def read_group(
     return [(entry_id, fields or {}) for entry_id, fields in entries]
 
 
+def _letter(fields: dict[str, str], error: str, stream: str, entry_id: str, service: str) -> dict[str, str]:
+    letter = letter_fields(fields)
+    letter.update(
+        {
+            "error": printable(error)[:1024],
+            "source_stream": stream,
+            "source_id": entry_id,
+            "service": service,
+            "at": repr(time.time()),
+        }
+    )
+    return letter
+
+
 async def dead_letter(
     redis: aioredis.Redis,
     dlq: str,
@@ -73,18 +89,39 @@ async def dead_letter(
     error: str,
     service: str,
 ) -> None:
-    """Move an unprocessable entry to ``dlq`` with why and where it came from, and ack it, in one step."""
-    letter = {f"orig.{k}"[:128]: v[:4096] for k, v in fields.items()}
-    letter.update(
-        {
-            "error": error[:1024],
-            "source_stream": stream,
-            "source_id": entry_id,
-            "service": service,
-            "at": repr(time.time()),
-        }
-    )
+    """Move an unprocessable entry to ``dlq`` with why and where it came from, and ack it, in one step. The
+    letter is text throughout (``qt audit dead-letters`` and the dashboard read it) and keeps the entry's exact
+    bytes when its text fields are not the whole truth (bus/entries.py ``letter_fields``)."""
+    letter = _letter(fields, error, stream, entry_id, service)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xadd(dlq, letter, maxlen=DLQ_MAXLEN, approximate=True)
         pipe.xack(stream, group, entry_id)
         await pipe.execute()
+
+
+# An entry of a stream read without a consumer group (several readers each see it): the first reader to
+# dead-letter it wins the guard key and writes the letter; the others change nothing.
+DEAD_LETTER_ONCE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+return 1
+"""
+
+
+async def dead_letter_once(
+    redis: aioredis.Redis, dlq: str, stream: str, entry_id: str, fields: dict[str, str], error: str, service: str
+) -> bool:
+    """Dead-letter an entry of a stream read without a group, once whoever else reads it. True if this call
+    wrote the letter."""
+    letter = _letter(fields, error, stream, entry_id, service)
+    flat = [part for pair in letter.items() for part in pair]
+    written = await redis.eval(
+        DEAD_LETTER_ONCE,
+        2,
+        keys.dead_letter_guard(stream, entry_id),
+        dlq,
+        keys.PLAN_BOOKKEEPING_TTL_S,
+        DLQ_MAXLEN,
+        *flat,
+    )
+    return bool(written)

@@ -8,10 +8,12 @@ import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from quantum_trader.bus import keys
+from quantum_trader.domain.dead_letters import letter_row, newest_first
 from quantum_trader.domain.report import Report, build_report
 from quantum_trader.domain.story import Entry, Event, filter_decisions, id_at, plan_story
 from quantum_trader.ops import OperatorError
@@ -101,6 +103,15 @@ async def fetch_report(redis: aioredis.Redis, since_s: float) -> Report:
     }
     read = {name: await collect(redis, stream, start) for name, stream in streams.items()}
     return build_report(until - since_s, until, **read)
+
+
+async def fetch_dead_letters(redis: aioredis.Redis, since_s: float, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` dead letters of the period, from every dead-letter stream, newest first."""
+    start = id_at(time.time() - since_s)
+    rows = []
+    for dlq in keys.DEAD_LETTER_STREAMS:
+        rows += [letter_row(dlq, entry_id, fields) for entry_id, fields in await collect(redis, dlq, start)]
+    return newest_first(rows, limit)
 
 
 # --- printing -----------------------------------------------------------------------------------------------
@@ -228,4 +239,33 @@ def print_report(r: Report, fmt: str) -> None:
     table.add_column("value", justify="right")
     for name, value in rows:
         table.add_row(name, value)
+    console.print(table)
+
+
+def dead_letters_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=2)
+
+
+def print_dead_letters(rows: list[dict[str, Any]], since: str) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from quantum_trader.cli.render import console
+
+    table = Table(
+        title=f"dead letters, last {since} ({len(rows)} shown, newest first, times UTC)", title_justify="left"
+    )
+    for name in ("time", "from", "entry", "service", "error", "fields", "raw bytes"):
+        table.add_column(name)
+    for row in rows:
+        raw = "" if row["raw_bytes"] is None else f"{row['raw_bytes']}{' (cut)' if row['raw_truncated'] else ''}"
+        table.add_row(
+            clock(row["at"]),
+            escape(row["source_stream"].removeprefix("quantum:stream:")),
+            escape(row["source_id"]),
+            escape(row["service"]),
+            escape(row["error"]),
+            escape(row["fields"]),
+            raw,
+        )
     console.print(table)

@@ -6,11 +6,14 @@ from pathlib import Path
 
 from quantum_trader.bench.report import (
     DECISION_HEADER,
+    DURABILITY_HEADER,
     LOAD_HEADER,
     BenchReport,
     cost_header,
     cost_rows,
     decision_rows,
+    durability_rows,
+    durability_summary,
     latency_rows,
     load_rows,
     write,
@@ -30,14 +33,21 @@ def print_bench(r: BenchReport, out: Path | None) -> None:
             t.add_row(*row)
         console.print(t)
 
-    table("qt bench: sequential latency (ms)", ["measure", "samples", "p50", "p99", "max"], latency_rows(r))
-    console.print(f"p50 ratio, seed design / chain: [bold]{r.p50_ratio_seed_over_chain}x[/bold]")
+    if "sequential" in r.steps:
+        table("qt bench: sequential latency (ms)", ["measure", "samples", "p50", "p99", "max"], latency_rows(r))
+        console.print(f"p50 ratio, seed design / chain: [bold]{r.p50_ratio_seed_over_chain}x[/bold]")
+    if r.durability:
+        title = "durability: appendfsync (sequential chain per setting, in this order; ms, CPU ms per plan)"
+        table(title, DURABILITY_HEADER, durability_rows(r))
+        if summary := durability_summary(r):
+            console.print(summary)
     if r.open_loop:
         table("open loop through the chain (ms)", LOAD_HEADER, load_rows(r))
         console.print(f"highest sustained: [bold]{r.sustained_plans_per_s} plans/s[/bold]")
     if r.decisions:
         table("decisions: plans straight onto the plan stream (ms)", DECISION_HEADER, decision_rows(r))
         console.print(f"highest sustained: [bold]{r.sustained_decisions_per_s} plans/s[/bold] (two decisions each)")
-    table("cost per process", cost_header(r), cost_rows(r))
+    if r.rss_mb:
+        table("cost per process", cost_header(r), cost_rows(r))
     if out is not None:
         console.print("written: " + ", ".join(str(p) for p in write(r, out)))

@@ -349,11 +349,20 @@ def bench_cmd(
         Path | None, typer.Option(help="write bench.json, bench.md and latency-vs-rate.png into this directory")
     ] = None,
     event_loop: Annotated[str, typer.Option(help="the services' event loop: asyncio or uvloop")] = "asyncio",
+    durability: Annotated[
+        bool, typer.Option(help="the sequential chain under appendfsync everysec, always, everysec (the store's cost)")
+    ] = True,
+    only: Annotated[
+        str | None,
+        typer.Option(help="run only these steps, comma-separated: idle, sequential, durability, open-loop, decisions"),
+    ] = None,
 ) -> None:
     """Latency, throughput and cost of the chain (separate processes, embedded store, simulator) against the
-    seed's polling design in the same run. Loopback only; bounded in time."""
+    seed's polling design in the same run, and what the store's appendfsync setting costs. Loopback only;
+    bounded in time."""
     import dataclasses
 
+    from quantum_trader.bench.report import STEPS
     from quantum_trader.bench.run import QUICK, Scenario, run_bench
     from quantum_trader.cli.bench import print_bench
 
@@ -364,7 +373,15 @@ def bench_cmd(
         fail(f"--rates: not a comma-separated list of numbers: {rates!r}", EXIT_USAGE)
     if event_loop not in ("asyncio", "uvloop"):
         fail(f"--event-loop: asyncio or uvloop, not {event_loop!r}", EXIT_USAGE)
-    scenario = dataclasses.replace(scenario, plans=plans or scenario.plans, rates=chosen, event_loop=event_loop)
+    steps = tuple(s.strip() for s in only.split(",") if s.strip()) if only else STEPS
+    if set(steps) - set(STEPS):
+        fail(f"--only: comma-separated steps out of {', '.join(STEPS)}, not {only!r}", EXIT_USAGE)
+    steps = tuple(s for s in steps if durability or s != "durability")
+    if not steps:
+        fail("nothing to run: --only names no step that --no-durability leaves", EXIT_USAGE)
+    scenario = dataclasses.replace(
+        scenario, plans=plans or scenario.plans, rates=chosen, event_loop=event_loop, steps=steps
+    )
     print_bench(run_bench(scenario), out)
 
 
@@ -540,13 +557,25 @@ def audit_cmd(
     issuer: Annotated[str | None, typer.Option(help="governor, operator, p33 or apply")] = None,
     decision: Annotated[str | None, typer.Option(help="allow, deny, consumed, rejected or duplicate")] = None,
     limit: Annotated[int, typer.Option(min=1, help="at most this many (the newest)")] = 200,
+    dead_letters: Annotated[
+        bool, typer.Option("--dead-letters", help="list the dead letters of the period instead (every stream)")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
     """The audit trail: one plan's story in time order (proposal, plan, each decision with issuer, reason and
-    latency, consumption or rejection, order, result, ledger change), or the permit decisions of a period."""
+    latency, consumption or rejection, order, result, ledger change), the permit decisions of a period, or
+    (--dead-letters) the entries no service could use, with why (--json includes their exact bytes' size)."""
     from quantum_trader.cli import audit
 
     settings = settings_or_exit()
+    if dead_letters:
+        seconds = _since(since)
+        rows = with_store(settings, lambda r: audit.fetch_dead_letters(r, seconds, limit))
+        if json_out:
+            print(audit.dead_letters_json(rows))
+        else:
+            audit.print_dead_letters(rows, since)
+        return
     if plan_id:
         plan, events = with_store(settings, lambda r: audit.fetch_story(r, plan_id))
         if json_out:

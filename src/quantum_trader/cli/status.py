@@ -3,6 +3,7 @@ orders, and each symbol's position as the exchange snapshot and the ledger see i
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -11,6 +12,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from quantum_trader.bus import keys
+from quantum_trader.domain.text import printable
 from quantum_trader.services.runner import GROUPS, group_backlog
 
 
@@ -29,9 +31,19 @@ class Status:
 
 def _dec(value: str | None) -> Decimal | None:
     try:
-        return Decimal(value) if value else None
-    except InvalidOperation:
+        found = Decimal(value) if value else None
+    except (InvalidOperation, ValueError):
         return None
+    return found if found is not None and found.is_finite() else None
+
+
+def _num(value: str | None, default: float = 0.0) -> float:
+    """A number from a hash anyone may have written into: anything unreadable counts as ``default``."""
+    try:
+        found = float(value) if value else default
+    except ValueError:
+        return default
+    return found if math.isfinite(found) else default
 
 
 async def collect(redis: aioredis.Redis, symbols: list[str], default_mode: str) -> Status:
@@ -42,13 +54,13 @@ async def collect(redis: aioredis.Redis, symbols: list[str], default_mode: str) 
         _, _, service, consumer = key.split(":", 3)
         status.services.append(
             {
-                "service": service,
-                "consumer": consumer,
-                "pid": beat.get("pid", ""),
+                "service": printable(service),
+                "consumer": printable(consumer),
+                "pid": printable(beat.get("pid", "")),
                 "ready": beat.get("ready") == "1",
-                "heartbeat_age_s": round(now - float(beat.get("updated_at") or 0), 1),
-                "lag": int(beat.get("lag") or 0),
-                "pending": int(beat.get("pending") or 0),
+                "heartbeat_age_s": round(now - _num(beat.get("updated_at")), 1),
+                "lag": int(_num(beat.get("lag"))),
+                "pending": int(_num(beat.get("pending"))),
             }
         )
     status.services.sort(key=lambda s: (s["service"], s["consumer"]))
@@ -57,7 +69,7 @@ async def collect(redis: aioredis.Redis, symbols: list[str], default_mode: str) 
             lag, pending = await group_backlog(redis, stream, group)
             status.groups.append({"stream": stream, "group": group, "lag": lag, "pending": pending})
     status.kill_switch = await redis.get(keys.KILL_SWITCH) == "1"
-    status.governor_mode = await redis.get(keys.GOVERNOR_MODE) or f"{default_mode} (default)"
+    status.governor_mode = printable(await redis.get(keys.GOVERNOR_MODE) or f"{default_mode} (default)")
     status.unresolved_orders = int(await redis.zcard(keys.APPLY_INTENTS))
     for symbol in symbols:
         snap = await redis.hgetall(keys.snapshot(symbol))
@@ -69,8 +81,8 @@ async def collect(redis: aioredis.Redis, symbols: list[str], default_mode: str) 
                 "exchange": str(exchange_amt) if exchange_amt is not None else "",
                 "ledger": str(ledger_amt) if ledger_amt is not None else "",
                 "drift": str(exchange_amt - ledger_amt) if exchange_amt is not None and ledger_amt is not None else "",
-                "snapshot_age_s": round(now - float(snap["ts"]), 1) if snap.get("ts") else None,
-                "in_flight": await redis.get(keys.symbol_in_flight(symbol)) or "",
+                "snapshot_age_s": round(now - _num(snap.get("ts")), 1) if _num(snap.get("ts")) else None,
+                "in_flight": printable(await redis.get(keys.symbol_in_flight(symbol)) or ""),
             }
         )
     return status

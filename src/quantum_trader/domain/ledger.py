@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from quantum_trader.domain.execution import CLOCK_MARGIN_MS
 from quantum_trader.domain.models import Ledger, Result
 
 
@@ -15,9 +16,13 @@ def apply_result(
     A close reduces the position towards zero: a LONG shrinks by the filled quantity, a SHORT grows towards
     zero by it. ``applied`` holds the ids of results already in the ledger: fills commute, so results may be
     applied in any order (several brains share the result stream, and a claimed entry comes late), but each
-    only once.
+    only once. A fill the ledger already has from the exchange itself (it happened before the ledger was last
+    set from the exchange: a reconcile, say after the store forgot the result, then the result arrives) is
+    not counted again.
     """
     if not result.executed or result.filled_qty <= 0 or result.side == "NONE" or result_id in applied:
+        return None
+    if ledger is not None and already_synced(ledger, result.order_time_ms):
         return None
     before = ledger.last_known_amt if ledger else Decimal(0)
     delta = -result.filled_qty if result.side == "LONG" else result.filled_qty
@@ -28,10 +33,23 @@ def apply_result(
         last_plan_id=result.plan_id,
         last_result_id=result_id,
         last_exec_at=now,
+        synced_at_ms=ledger.synced_at_ms if ledger else 0,
     )
 
 
-def reconcile(ledger: Ledger | None, exchange_amt: Decimal, now: float) -> Ledger | None:
+def already_synced(ledger: Ledger, order_time_ms: int) -> bool:
+    """A fill at ``order_time_ms`` (exchange clock; 0 = not known) is in the amount the ledger last took from
+    the exchange."""
+    return bool(order_time_ms) and order_time_ms <= ledger.synced_at_ms
+
+
+def synced_at(position_time_ms: int, asked_at_ms: float) -> int:
+    """Up to when (exchange ms) a position read shows every fill: the position's own last change, or the time
+    the read was sent (minus the clock margin), whichever is later: a fill before either is in the reply."""
+    return max(position_time_ms, int(asked_at_ms) - CLOCK_MARGIN_MS)
+
+
+def reconcile(ledger: Ledger | None, exchange_amt: Decimal, now: float, synced_at_ms: int = 0) -> Ledger | None:
     """The ledger set to the exchange's position, or None when they already agree exactly."""
     if ledger is not None and ledger.last_known_amt == exchange_amt:
         return None
@@ -42,10 +60,13 @@ def reconcile(ledger: Ledger | None, exchange_amt: Decimal, now: float) -> Ledge
         last_plan_id=ledger.last_plan_id if ledger else "",
         last_result_id=ledger.last_result_id if ledger else "",
         last_exec_at=ledger.last_exec_at if ledger else 0.0,
+        synced_at_ms=max(synced_at_ms, ledger.synced_at_ms if ledger else 0),
     )
 
 
-def adopt_outside_growth(ledger: Ledger | None, exchange_amt: Decimal, now: float) -> Ledger | None:
+def adopt_outside_growth(
+    ledger: Ledger | None, exchange_amt: Decimal, now: float, synced_at_ms: int = 0
+) -> Ledger | None:
     """The ledger after a position was opened or increased outside the permit chain, or None.
 
     This chain only ever closes, so entries come from elsewhere (the trading bot) and are adopted: from flat,
@@ -65,4 +86,5 @@ def adopt_outside_growth(ledger: Ledger | None, exchange_amt: Decimal, now: floa
         last_plan_id=ledger.last_plan_id,
         last_result_id=ledger.last_result_id,
         last_exec_at=ledger.last_exec_at,
+        synced_at_ms=max(synced_at_ms, ledger.synced_at_ms),
     )

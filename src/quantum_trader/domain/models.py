@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
+from quantum_trader.domain.text import is_text, printable
+
 # \Z, not $: "$" also matches before a trailing newline, and "BTCUSDT\n" is not a symbol.
 Symbol = Annotated[str, Meta(pattern=r"^[A-Z0-9]{5,20}\Z")]
 PlanId = Annotated[str, Meta(pattern=r"^[0-9a-f]{16}\Z")]
@@ -109,9 +111,10 @@ class P33Permit(Struct, frozen=True, kw_only=True):
 
     allow: bool
     symbol: Symbol
-    safe_close_qty: float
-    exchange_position_amt: float
-    ledger_amt: float | None = None
+    # Decimal, sent as a JSON string ("0.010"): the one number that becomes an order is never a float.
+    safe_close_qty: Decimal
+    exchange_position_amt: Decimal
+    ledger_amt: Decimal | None = None
     created_at: float
     reason: ShortText
     plan_id: PlanId
@@ -162,6 +165,10 @@ class Result(Struct, frozen=True, kw_only=True):
     exchange_code: int = 0
     latency_ms: float = 0.0
     at: float = 0.0
+    # the exchange's time of the order's last change (its fill), ms; 0 when no order or not known. P3.3 uses it
+    # to tell whether a reconcile already counted the fill (domain/ledger.py).
+    order_time_ms: int = 0
+    adopted: bool = False  # the order was found on the exchange for a plan the store had forgotten
 
 
 class Snapshot(Struct, frozen=True, kw_only=True):
@@ -182,6 +189,9 @@ class Ledger(Struct, frozen=True, kw_only=True):
     last_plan_id: str = ""
     last_result_id: str = ""  # stream id of the last result applied: makes the follower idempotent
     last_exec_at: float = 0.0  # when an executed close last changed it (P3.3 cooldown)
+    # exchange time (ms) up to which the amount is the exchange's own (set when it is taken from the exchange):
+    # a fill at or before it is already in it, and its result must not move it again
+    synced_at_ms: int = 0
 
 
 # --- stream field conversion ------------------------------------------------------------------------------
@@ -220,6 +230,8 @@ def from_fields(cls: type[T], fields: dict[str, str]) -> T:
     data: dict[str, Any] = {}
     bool_fields = _bool_fields(cls)
     for key, value in fields.items():
+        if not (is_text(key) and is_text(value)):
+            raise MalformedEntry(f"{printable(key)[:40]}: not valid UTF-8")
         if value == "":
             continue
         if key in bool_fields:

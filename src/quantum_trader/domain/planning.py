@@ -30,6 +30,11 @@ def plan_id_for(proposal_entry_id: str, proposal_id: str) -> str:
     return digest[:16]
 
 
+def is_plan_id(text: str) -> bool:
+    """Sixteen lowercase hex digits, as ``plan_id_for`` makes them."""
+    return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
+
+
 def client_order_id(plan_id: str) -> str:
     """Binance newClientOrderId for a plan: deterministic, so the order can always be found by it."""
     return f"qt-{plan_id}"

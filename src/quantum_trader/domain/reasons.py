@@ -351,6 +351,25 @@ WINDOW_EXPIRED = _r(
     "An Apply restart that took longer than the permit window.",
     "Nothing; the strategy may propose again.",
 )
+ORDER_NOT_SENT = _r(
+    "order_not_sent",
+    "error",
+    "apply",
+    "The plan's permit window closed before the order request could leave (after the waits for the clock, the "
+    "filters and the rate limits); it was NOT sent. The deadline is checked right before the request is signed.",
+    "A slow exchange answer before the send, rate-limit waits, or a window too short for the exchange's latency.",
+    "Nothing for one; for many, lengthen QT_APPLY__PERMIT_WAIT_MS or look at the exchange latency.",
+)
+DEAD_LETTERED = _r(
+    "dead_lettered",
+    "error",
+    "apply",
+    "The proposal was delivered more often than QT_MAX_DELIVERIES without being finished and went to the "
+    "dead-letter stream; its plan ends here, without an order (the exchange was asked first: an order found "
+    "there would be the result instead).",
+    "Handling the proposal kept failing (a bug, or a service killed while handling it again and again).",
+    "Read the entry with `qt audit dead-letters` and the Apply log around it.",
+)
 ALREADY_EXECUTED = _r(
     "already_executed",
     "error",

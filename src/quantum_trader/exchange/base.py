@@ -29,6 +29,8 @@ class OrderReport:
     status: str  # Binance order status: NEW, PARTIALLY_FILLED, FILLED, CANCELED, EXPIRED, ...
     executed_qty: Decimal
     avg_price: Decimal
+    side: str = ""  # BUY / SELL
+    update_time_ms: int = 0  # the exchange's time of the order's last change (its fill), 0 when not given
 
     @property
     def filled(self) -> bool:
@@ -38,10 +40,13 @@ class OrderReport:
 class ExchangeError(Exception):
     """Base of every exchange failure. ``code`` is Binance's (0 when there is none)."""
 
-    def __init__(self, message: str, code: int = 0) -> None:
+    def __init__(self, message: str, code: int = 0, signed_at_ms: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # for an order request that left: the timestamp it carried (exchange clock), which bounds when it can
+        # still execute (domain/execution.py); None when it never left or the call was not an order
+        self.signed_at_ms = signed_at_ms
 
 
 class ExchangeRejected(ExchangeError):
@@ -54,6 +59,10 @@ class OutcomeUnknown(ExchangeError):
 
 class ExchangeUnavailable(ExchangeError):
     """A read failed; nothing was changed by it. Retry later."""
+
+
+class NotSent(ExchangeError):
+    """Not sent: the caller's deadline (the plan's permit window) passed before the request could leave."""
 
 
 class Throttled(ExchangeError):
@@ -76,6 +85,8 @@ class Exchange(Protocol):
     ) -> OrderReport: ...
 
     async def query_order(self, symbol: str, client_order_id: str) -> OrderReport | None: ...
+
+    async def orders_since(self, symbol: str, since_ms: float) -> list[OrderReport]: ...
 
     def now_ms(self) -> float: ...
 

@@ -29,6 +29,7 @@ from quantum_trader.exchange.base import (
     ExchangeError,
     ExchangeRejected,
     ExchangeUnavailable,
+    NotSent,
     OrderReport,
     OutcomeUnknown,
     PositionInfo,
@@ -41,6 +42,7 @@ from quantum_trader.settings import ExchangeSettings
 
 LIVE_CONFIRMATION = "I-UNDERSTAND-THIS-TRADES-REAL-MONEY"
 ORDER_NOT_FOUND = -2013
+INVALID_SYMBOL = -1121
 TIMESTAMP_OUTSIDE_WINDOW = -1021
 FILTER_CODES = frozenset({-1111, -4003, -4004, -4005})  # a rejection that says our filters may be out of date
 FILTERS_MAX_AGE_S = 3600.0  # exchangeInfo changes rarely; an hour keeps step sizes current without cost
@@ -48,6 +50,7 @@ TIME_RESYNC_S = 600.0  # clocks drift by milliseconds per hour; ten minutes keep
 # A read waits at most this long for room under the limits, then fails (ExchangeUnavailable): a plan is better
 # skipped now with "position unavailable" than decided on a read that arrives a minute late.
 READ_MAX_WAIT_MS = 2000.0
+ORDERS_PAGE = 1000  # allOrders' largest page
 
 # Request weights (Binance USD-M documentation).
 WEIGHTS = {
@@ -56,6 +59,7 @@ WEIGHTS = {
     "positionRisk": 5,
     "order": 1,
     "queryOrder": 1,
+    "allOrders": 5,
     "positionSide": 30,
     "balance": 5,
 }
@@ -180,9 +184,18 @@ class BinanceFutures:
         self.guard.observe(self.now_ms(), status, headers)
 
     async def _call(
-        self, method: str, params: dict[str, Any], weight: int, orders: int = 0, deadline_ms: float | None = None
+        self,
+        method: str,
+        params: dict[str, Any],
+        weight: int,
+        orders: int = 0,
+        deadline_ms: float | None = None,
+        stamp: bool = False,
     ) -> Any:
-        """Wait for room under the exchange's limits (not past ``deadline_ms``), then send."""
+        """Wait for room under the exchange's limits (not past ``deadline_ms``), then send. ``deadline_ms`` is
+        checked once more right before the request leaves (NotSent); with ``stamp`` the request's ``timestamp``
+        is set at that moment (``params["timestamp"]``, exchange clock), after every wait: it is what bounds
+        when the exchange can still execute it, so it must be when the request was signed and left."""
         if not self._filters_at and method != "fapiPublicGetExchangeInfo":
             # exchangeInfo (public, unsigned) states this account's rate limits: learn them before the first
             # reply's used-weight header is compared against limits we only assumed
@@ -198,7 +211,12 @@ class BinanceFutures:
             if deadline_ms is not None and self.now_ms() + wait > deadline_ms:
                 raise Throttled(f"the exchange's rate limits leave no room before the deadline ({wait:.0f} ms)")
             await asyncio.sleep(wait / 1000)
-        self.guard.sent(self.now_ms(), weight, orders)
+        now = self.now_ms()
+        if deadline_ms is not None and now >= deadline_ms:
+            raise NotSent(f"the deadline passed {now - deadline_ms:.0f} ms before the request could leave")
+        if stamp:
+            params["timestamp"] = round(now)
+        self.guard.sent(now, weight, orders)
         try:
             return await getattr(self._client, method)(params)
         except Exception:
@@ -281,7 +299,7 @@ class BinanceFutures:
         placed: look it up, never resend blindly), Throttled / ExchangeBanned (not sent)."""
         await self._ensure_time()
         filters = (await self.filters()).get(symbol)
-        request = {
+        request: dict[str, Any] = {
             "symbol": symbol,
             "side": side,
             "type": "MARKET",
@@ -294,12 +312,13 @@ class BinanceFutures:
         }
         try:
             reply = await self._call(
-                "fapiPrivatePostOrder", request, WEIGHTS["order"], orders=1, deadline_ms=deadline_ms
+                "fapiPrivatePostOrder", request, WEIGHTS["order"], orders=1, deadline_ms=deadline_ms, stamp=True
             )
-        except (ExchangeBanned, Throttled):
+        except (ExchangeBanned, Throttled, NotSent):
             raise
         except Exception as exc:
             error = classify_order_error(exc)
+            error.signed_at_ms = request.get("timestamp")
             if error.code == TIMESTAMP_OUTSIDE_WINDOW:
                 await self.sync_time()
             elif error.code in FILTER_CODES:
@@ -308,7 +327,30 @@ class BinanceFutures:
         try:
             return parse_order(reply)
         except (ValueError, TypeError) as exc:
-            raise OutcomeUnknown(f"unreadable order reply ({exc}): {truncate(str(reply))}") from None
+            raise OutcomeUnknown(
+                f"unreadable order reply ({exc}): {truncate(str(reply))}", signed_at_ms=request.get("timestamp")
+            ) from None
+
+    async def orders_since(self, symbol: str, since_ms: float) -> list[OrderReport]:
+        """Every order of ``symbol`` created at or after ``since_ms`` (exchange clock), oldest first, in pages
+        of 1,000 (allOrders, weight 5 a page; Binance keeps them queryable for days). Replies that are not
+        orders are left out: this is a search, and what it finds is looked up again before it is used."""
+        await self._ensure_time()
+        found: list[OrderReport] = []
+        params: dict[str, Any] = {"symbol": symbol, "startTime": int(since_ms), "limit": ORDERS_PAGE}
+        while True:
+            rows = await self._read("fapiPrivateGetAllOrders", params, WEIGHTS["allOrders"])
+            if not isinstance(rows, list):
+                raise ExchangeUnavailable(f"unexpected allOrders reply: {truncate(str(rows))}")
+            for row in rows:
+                with contextlib.suppress(ValueError, TypeError):
+                    found.append(parse_order(row))
+            if len(rows) < ORDERS_PAGE:
+                return found
+            last = rows[-1].get("orderId") if isinstance(rows[-1], dict) else None
+            if not isinstance(last, int):
+                return found
+            params = {"symbol": symbol, "orderId": last + 1, "limit": ORDERS_PAGE}
 
     async def query_order(self, symbol: str, client_order_id: str) -> OrderReport | None:
         """The order with this client id, or None when Binance says it does not exist (-2013)."""
@@ -323,8 +365,8 @@ class BinanceFutures:
             raise
         except Exception as exc:
             found = binance_code(str(exc))
-            if found is not None and found[0] == ORDER_NOT_FOUND:
-                return None
+            if found is not None and found[0] in (ORDER_NOT_FOUND, INVALID_SYMBOL):
+                return None  # no order has this id (an unknown symbol cannot have one either)
             if found is not None and found[0] == TIMESTAMP_OUTSIDE_WINDOW:
                 await self.sync_time()
             raise ExchangeUnavailable(classify_read_error(exc).message) from None

@@ -22,7 +22,8 @@ REJECTION_CODES = frozenset(
 )
 # Refusals at the gateway that say nothing about the order itself: the request was not processed, so the same
 # order may be sent again once the cause is gone (clock resynced, rate window passed) - inside the permit window.
-RETRYABLE_REJECTION_CODES = frozenset({-1021, -1003, -1015})
+# -5028: the matching engine's own recvWindow check refused it (it arrived there too late): nothing executed.
+RETRYABLE_REJECTION_CODES = frozenset({-1021, -1003, -1015, -5028})
 
 # Not listed on purpose, so it counts as unknown and is resolved by a query: -4116 (duplicate client order id)
 # says an order with our id EXISTS.

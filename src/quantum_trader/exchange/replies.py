@@ -38,12 +38,18 @@ def parse_order(reply: Any) -> OrderReport:
     status = reply.get("status")
     if not isinstance(status, str) or "orderId" not in reply:
         raise ValueError("order reply lacks status or orderId")
+    try:
+        updated = int(reply.get("updateTime") or 0)
+    except (TypeError, ValueError):
+        raise ValueError("field 'updateTime' is not a number") from None
     return OrderReport(
         order_id=str(reply["orderId"]),
         client_order_id=str(reply.get("clientOrderId", "")),
         status=status,
         executed_qty=executed,
         avg_price=avg,
+        side=str(reply.get("side", "")),
+        update_time_ms=updated,
     )
 
 

@@ -2,11 +2,14 @@
 
 Per proposal (each in its own task, at most ``max_in_flight`` at once):
 1. validate it (bad → dead letter), derive the plan id from the stream entry (a redelivery finds its plan);
-2. plan it against the exchange position and publish the plan;
-3. wait for both permits, woken by the shared audit reader, bounded by ``permit_wait_ms``;
-4. verify both, consume both and mark the plan executed in one atomic step, send one order;
-5. publish the one result and acknowledge the proposal in one atomic step.
-A restart at any point resumes from the markers of steps 2, 4 and 5 and never repeats an order.
+2. if the store cannot vouch for the plan (its proposal is older than the store instance: domain/trust.py),
+   ask the exchange first: an order found with the plan's client id is the plan's outcome;
+3. plan it against the exchange position and publish the plan;
+4. wait for both permits, woken by the shared audit reader, bounded by ``permit_wait_ms``;
+5. verify both, consume both and mark the plan executed in one atomic step, send one order;
+6. publish the one result and acknowledge the proposal in one atomic step.
+A restart at any point resumes from the markers of steps 3, 5 and 6 and never repeats an order; a store that
+forgot them is caught by step 2 (and checked again before the send and before a not-executed result).
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any
 
 import msgspec
@@ -23,9 +26,11 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from quantum_trader.bus import keys
+from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.bus.streams import STREAM_MAXLEN, dead_letter, ensure_topology
+from quantum_trader.clock import SYSTEM_CLOCK, Clock
 from quantum_trader.domain import reasons
-from quantum_trader.domain.execution import SendRecord
+from quantum_trader.domain.execution import SendRecord, is_final
 from quantum_trader.domain.models import (
     AuditEntry,
     MalformedEntry,
@@ -36,26 +41,70 @@ from quantum_trader.domain.models import (
     from_fields,
     to_fields,
 )
-from quantum_trader.domain.numbers import to_decimal
 from quantum_trader.domain.permits import SlotCheck, WaitOutcome, check_slot, combine
 from quantum_trader.domain.planning import (
     PlanningContext,
     client_order_id,
+    close_side,
+    is_plan_id,
     make_plan,
     order_side,
     plan_id_for,
     static_skip_reason,
 )
+from quantum_trader.domain.text import to_bytes
+from quantum_trader.domain.trust import Epoch, StoreIdentity, prior_sends_signed_before, trusted
 from quantum_trader.exchange.base import Exchange, ExchangeError, OrderReport
 from quantum_trader.secrets import permit_key
 from quantum_trader.services.base import STORE_ERRORS, Backoff, Service, cancel_and_wait, consume_group
 from quantum_trader.services.metrics import ApplyMetrics
-from quantum_trader.services.orders import OrderExecutor, OrderOutcome
+from quantum_trader.services.orders import OrderExecutor, OrderOutcome, OutcomeKind
 from quantum_trader.services.permit_waiter import PermitWaiter
 from quantum_trader.services.position_reads import PositionReads
 from quantum_trader.settings import Settings
 
 INTENT_SWEEP_S = 5.0  # how often orders with an unestablished outcome are looked up again
+# The search for orders a forgetful store lost: from a minute before its newest surviving proposal (the two
+# clocks differ by milliseconds, a minute covers any skew), and never further back than the plans' bookkeeping
+# lives (beyond it, results of old plans are gone from the store on purpose: they must not be re-published).
+ORPHAN_SEARCH_MARGIN_S = 60.0
+ORPHAN_SEARCH_MAX_S = keys.PLAN_BOOKKEEPING_TTL_S - 3600
+TRUTH_RETRY_MAX_S = 5.0  # while the exchange cannot say whether a plan's order exists, ask again this often
+
+# Errors of results that are the exchange's own word (an order report, a definitive refusal, a proven absence):
+# they need no lookup before they are published, whatever the store has forgotten.
+PROVEN_BY_EXCHANGE = frozenset(
+    {reasons.EXCHANGE_REJECTED, reasons.ORDER_NOT_PLACED, reasons.ORDER_NOT_FILLED, reasons.EXCHANGE_BANNED}
+)
+NOT_EXECUTED = {
+    OutcomeKind.REJECTED: reasons.EXCHANGE_REJECTED,
+    OutcomeKind.NOT_PLACED: reasons.ORDER_NOT_PLACED,
+    OutcomeKind.NOT_SENT: reasons.ORDER_NOT_SENT,
+    OutcomeKind.BANNED: reasons.EXCHANGE_BANNED,
+    OutcomeKind.THROTTLED: reasons.RATE_LIMITED,
+}
+
+
+class WaitEnd(Enum):
+    """How a plan's wait for its permits ended."""
+
+    CONSUMED = "consumed"  # both valid, consumed: send the order
+    ALREADY_EXECUTED = "already_executed"  # another handler consumed them: recover its outcome
+    ALREADY_FINISHED = "already_finished"  # the plan has its result already
+    DENIED = "denied"
+    TIMEOUT = "timeout"
+    READY_LATE = "ready_late"  # both valid, but only after the window had closed (Apply was down)
+
+
+@dataclass
+class PlanRun:
+    """One plan being handled. ``vouched`` is the store epoch in which the store's records of the plan were
+    known complete (its proposal is newer than the epoch, or the exchange was asked); None: not (yet)."""
+
+    plan: Plan
+    entry_id: str
+    log: Any
+    vouched: Epoch | None
 
 
 class ApplyService(Service):
@@ -67,18 +116,27 @@ class ApplyService(Service):
         redis: aioredis.Redis,
         exchange: Exchange,
         *,
+        watch: StoreWatch,
         consumer: str = "",
         registry: CollectorRegistry | None = None,
-        clock: Any = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__(settings, redis, consumer=consumer, clock=clock)
+        if not watch.record_epoch:
+            raise ValueError("Apply needs a StoreWatch that records the store's epoch (record_epoch=True)")
         self.exchange = exchange
+        self.watch = watch
         self.metrics = ApplyMetrics(registry or CollectorRegistry())
         self.waiter = PermitWaiter(redis, self.log)
         self.positions = PositionReads(exchange)
         self.executor = OrderExecutor(
-            exchange, self.log, settings.apply.order_resolve_timeout_s, settings.exchange.late_execution_horizon_ms
+            exchange,
+            self.log,
+            settings.apply.order_resolve_timeout_s,
+            settings.exchange.late_execution_horizon_ms,
+            clock,
         )
+        watch.subscribe(self._store_changed)
         self._executing: set[str] = set()  # plans whose order this process is sending or resolving now
         guard = getattr(exchange, "guard", None)
         if guard is not None:
@@ -89,11 +147,12 @@ class ApplyService(Service):
         self._wait_s = settings.apply.permit_wait_ms / 1000
         self._slots = asyncio.Semaphore(settings.apply.max_in_flight)
         self._active: dict[str, asyncio.Task[None]] = {}
+        self._orphan_search = asyncio.Event()  # set when the store changed instance: orders it forgot
 
     # --- the loop ---------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        await ensure_topology(self.redis)
+        await self.until_store(lambda: ensure_topology(self.redis))
         reader = asyncio.create_task(self.waiter.run(), name="apply-audit-reader")
         sweeper = asyncio.create_task(self._sweep_intents(), name="apply-intent-sweeper")
         try:
@@ -107,19 +166,46 @@ class ApplyService(Service):
                 handle=self._dispatch,
                 log=self.log,
                 store_up=lambda up: self.metrics.store_up.set(1 if up else 0),
-                failover=self.failover(keys.PROPOSAL_DLQ, min_idle_s=self._handling_bound_s() + 15),
+                failover=replace(
+                    self.failover(keys.PROPOSAL_DLQ, min_idle_s=self._handling_bound_s() + 15),
+                    poisoned=self._dispatch_poisoned,
+                ),
                 service=self.name,
                 count=64,
             )
         finally:
             await cancel_and_wait([reader, sweeper, *self._active.values()])
 
+    def _store_changed(self, before: StoreIdentity | None, after: StoreIdentity, new_epoch: bool) -> None:
+        """A connection reached another store instance than before: plans published on the old one are looked
+        up before they are sent, and the audit reader starts again at the new stream's end. If no Apply had
+        used the instance yet, orders it may have forgotten are searched for on the exchange."""
+        if new_epoch:
+            self._orphan_search.set()
+        if before is None:
+            return
+        self.metrics.store_changes.set(self.watch.changes)
+        self.log.warning(
+            "the store is another instance than before (restart or failover): plans it cannot vouch for are "
+            "looked up on the exchange",
+            run_id=after.run_id,
+            previous_run_id=before.run_id,
+        )
+        self.waiter.restart()
+
     async def _dispatch(self, entry_id: str, fields: dict[str, str]) -> None:
-        """Start handling one proposal concurrently; wait for a free slot first (backpressure)."""
+        await self._start(entry_id, self._handle_retrying(entry_id, fields))
+
+    async def _dispatch_poisoned(self, entry_id: str, fields: dict[str, str]) -> None:
+        await self._start(entry_id, self._retrying(entry_id, lambda: self._finish_poisoned(entry_id, fields)))
+
+    async def _start(self, entry_id: str, work: Any) -> None:
+        """Handle one proposal concurrently; wait for a free slot first (backpressure)."""
         if entry_id in self._active:  # re-read after a reconnect while still being handled
+            work.close()
             return
         await self._slots.acquire()
-        task = asyncio.create_task(self._handle_retrying(entry_id, fields), name=f"proposal-{entry_id}")
+        task = asyncio.create_task(work, name=f"proposal-{entry_id}")
         self._active[entry_id] = task
         self.metrics.in_flight.set(len(self._active))
 
@@ -131,11 +217,15 @@ class ApplyService(Service):
         task.add_done_callback(done)
 
     async def _handle_retrying(self, entry_id: str, fields: dict[str, str]) -> None:
-        """Handling is idempotent (every step checks its marker), so a store outage just means: again."""
+        await self._retrying(entry_id, lambda: self.handle_proposal(entry_id, fields))
+
+    async def _retrying(self, entry_id: str, step: Any) -> None:
+        """Handling before the send is idempotent (every step checks its marker), so a store outage there just
+        means: again. (After the send only the result's publication is retried: ``_publish``.)"""
         backoff = Backoff()
         while True:
             try:
-                await self.handle_proposal(entry_id, fields)
+                await step()
                 return
             except STORE_ERRORS as exc:
                 self.log.warning("store unavailable mid-plan, retrying", entry_id=entry_id, error=str(exc))
@@ -165,25 +255,56 @@ class ApplyService(Service):
             return
         plan_id = plan_id_for(entry_id, proposal.proposal_id)
         log = self.log.bind(plan_id=plan_id, symbol=proposal.symbol)
+        has_result, plan, executed = await self._markers(plan_id)
+        if has_result:
+            await self.redis.xack(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, entry_id)
+            return
+        if executed:
+            assert plan is not None  # the marker is only ever set for a published plan
+            log.warning(f"{plan.symbol}: recovering plan {plan_id}: executed, no result yet")
+            await self._recover(plan, entry_id, executed, log)
+            return
+        vouched = self._vouching(entry_id)
+        if vouched is None:
+            found = await self._ask_exchange(plan_id, proposal.symbol, plan, log, "older_than_store")
+            if found is not None:
+                await self._adopt(plan_id, proposal.symbol, plan, entry_id, found, log)
+                return
+            vouched = self.watch.epoch
+        if plan is not None:
+            await self._resume(PlanRun(plan, entry_id, log, vouched))
+        else:
+            await self._plan_and_run(proposal, plan_id, entry_id, log, vouched)
+
+    async def _markers(self, plan_id: str) -> tuple[bool, Plan | None, str | None]:
+        """(has a result, the published plan, the executed marker) of a plan, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(keys.result_marker(plan_id))
             pipe.hgetall(keys.plan_record(plan_id))
             pipe.get(keys.executed_marker(plan_id))
             has_result, record, executed = await pipe.execute()
-        if has_result:
-            await self.redis.xack(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, entry_id)
-            return
+        plan = None
         if record:
-            plan = from_fields(Plan, record)
-            if executed:
-                log.warning(f"{plan.symbol}: recovering plan {plan_id}: executed, no result yet")
-                await self._recover(plan, entry_id, executed, log)
-            else:
-                await self._resume(plan, entry_id, log)
-            return
-        await self._plan_and_run(proposal, plan_id, entry_id, log)
+            try:
+                plan = from_fields(Plan, record)
+            except MalformedEntry as exc:
+                # only Apply writes plan records: an unreadable one is a store fault, never a reason to act
+                raise RuntimeError(
+                    f"plan record {plan_id} is unreadable ({exc}); leaving the proposal pending"
+                ) from None
+        return bool(has_result), plan, executed
 
-    async def _plan_and_run(self, proposal: Proposal, plan_id: str, entry_id: str, log: Any) -> None:
+    def _vouching(self, entry_id: str) -> Epoch | None:
+        """The current epoch if the store can vouch for the plan of this proposal entry, else None."""
+        epoch = self.watch.epoch
+        return epoch if trusted(epoch, entry_id) else None
+
+    def _still_vouched(self, run: PlanRun) -> bool:
+        return run.vouched is not None and run.vouched is self.watch.epoch
+
+    async def _plan_and_run(
+        self, proposal: Proposal, plan_id: str, entry_id: str, log: Any, vouched: Epoch | None
+    ) -> None:
         min_score = self.settings.apply.min_kill_score
         position = None
         if static_skip_reason(proposal, self._allowlist, min_score) is None:
@@ -192,21 +313,22 @@ class ApplyService(Service):
             except ExchangeError as exc:
                 log.warning(f"{proposal.symbol}: position unavailable", error=exc.message)
         ctx = PlanningContext(self._allowlist, position, False, min_score)
-        started = time.monotonic()  # the permit window runs from the plan's creation, as the seed measures it
-        plan = make_plan(proposal, ctx, plan_id, self._clock())
+        started = self._clock.mono()  # the permit window runs from the plan's creation, as the seed measures it
+        plan = make_plan(proposal, ctx, plan_id, self._clock.wall())
         executing = plan.decision == "EXECUTE"
         if executing:
             self.waiter.register(plan_id)  # before publishing: no decision can slip past unseen
         try:
-            published = await self._publish(plan, entry_id)
+            published = await self._publish_plan(plan, entry_id)
             if published == "busy":  # another close of this symbol is under way: this plan is a SKIP
                 plan = make_plan(proposal, replace(ctx, symbol_busy=True), plan_id, plan.created_at)
                 executing = False
-                published = await self._publish(plan, entry_id)
+                published = await self._publish_plan(plan, entry_id)
             if published == "exists":  # another handler of this very proposal published it: follow that plan
                 record = await self.redis.hgetall(keys.plan_record(plan_id))
-                await self._resume(from_fields(Plan, record), entry_id, log)
+                await self._resume(PlanRun(from_fields(Plan, record), entry_id, log, vouched))
                 return
+            run = PlanRun(plan, entry_id, log, vouched)
             self.metrics.plans.labels(plan.decision, plan.reason).inc()
             steps = len(json.loads(plan.steps))
             log.info(
@@ -216,22 +338,23 @@ class ApplyService(Service):
                 qty=str(plan.qty),
             )
             if not executing:
-                await self._finish(plan, entry_id, self._result(plan, reasons.SKIPPED, reason=plan.reason), log)
+                await self._finish(run, self._result(plan, reasons.SKIPPED, reason=plan.reason))
                 return
-            await self._await_and_execute(plan, entry_id, started + self._wait_s, log)
+            await self._await_and_execute(run, started + self._wait_s)
         finally:
             self.waiter.release(plan_id)
 
-    async def _resume(self, plan: Plan, entry_id: str, log: Any) -> None:
+    async def _resume(self, run: PlanRun) -> None:
         """A plan published before a restart: wait out what is left of its window, never longer."""
+        plan = run.plan
         if plan.decision != "EXECUTE":
-            await self._finish(plan, entry_id, self._result(plan, reasons.SKIPPED, reason=plan.reason), log)
+            await self._finish(run, self._result(plan, reasons.SKIPPED, reason=plan.reason))
             return
-        left_s = plan.created_at + self._wait_s - self._clock()
-        log.info(f"{plan.symbol}: resuming plan {plan.plan_id}", window_left_ms=round(left_s * 1000))
+        left_s = plan.created_at + self._wait_s - self._clock.wall()
+        run.log.info(f"{plan.symbol}: resuming plan {plan.plan_id}", window_left_ms=round(left_s * 1000))
         self.waiter.register(plan.plan_id)
         try:
-            await self._await_and_execute(plan, entry_id, time.monotonic() + left_s, log, resumed=True)
+            await self._await_and_execute(run, self._clock.mono() + left_s, resumed=True)
         finally:
             self.waiter.release(plan.plan_id)
 
@@ -244,11 +367,11 @@ class ApplyService(Service):
             + self.settings.exchange.late_execution_horizon_ms / 1000
         )
 
-    async def _publish(self, plan: Plan, entry_id: str) -> str:
+    async def _publish_plan(self, plan: Plan, entry_id: str) -> str:
         """Publish the plan once; an executing plan takes its symbol in the same step ("busy" if another holds it).
 
         The hold lasts the whole order path; its TTL only frees a symbol whose Apply died, and an unknown
-        outcome makes the hold permanent until resolved."""
+        outcome extends it for as long as the order's intent is recorded."""
         executing = plan.decision == "EXECUTE"
         return await self._scripts.publish_plan(
             plan_id=plan.plan_id,
@@ -259,31 +382,77 @@ class ApplyService(Service):
             hold_ms=round((self._handling_bound_s() + 5) * 1000),
         )
 
+    # --- what the exchange says when the store cannot vouch for a plan ---------------------------------------
+
+    def _unseen_sends(self, plan_created_at: float | None) -> SendRecord:
+        """The sends of a plan this process did not see, as far as they can be bounded (domain/trust.py)."""
+        now = self._clock.wall()
+        signed_before = prior_sends_signed_before(self.watch.epoch, plan_created_at, self._wait_s, now)
+        skew_ms = now * 1000 - self.exchange.now_ms()
+        return SendRecord.unseen(
+            signed_before * 1000 - skew_ms, self.exchange.order_recv_window_ms, self.executor.late_horizon_ms
+        )
+
+    async def _ask_exchange(
+        self, plan_id: str, symbol: str, plan: Plan | None, log: Any, why: str
+    ) -> OrderOutcome | None:
+        """The order the exchange has with the plan's client id (final), or None once it is proven that none
+        exists and none can still execute. While the exchange cannot answer, ask again: nothing is planned,
+        sent or published for the plan meanwhile (fail closed)."""
+        self.metrics.lookups.labels(why).inc()
+        coid = client_order_id(plan_id)
+        backoff = Backoff(start_s=0.5, max_s=TRUTH_RETRY_MAX_S)
+        while True:
+            outcome = await self.executor.follow(symbol, coid, self._unseen_sends(plan.created_at if plan else None))
+            if outcome.kind is OutcomeKind.NOT_PLACED:
+                return None
+            if outcome.exists:
+                return outcome
+            log.warning(
+                f"{symbol}: cannot tell whether plan {plan_id} has an order; asking again", error=outcome.message
+            )
+            await backoff.wait()
+
+    async def _adopt(
+        self, plan_id: str, symbol: str, plan: Plan | None, entry_id: str, found: OrderOutcome, log: Any
+    ) -> None:
+        """An order the store forgot is the plan's outcome: its result is published (the ledger follows it)."""
+        assert found.report is not None
+        self.metrics.adopted.inc()
+        side = plan.side if plan is not None else close_side(-1 if found.report.side == "BUY" else 1)  # type: ignore[arg-type]
+        log.warning(
+            f"{symbol}: found order {found.report.client_order_id} for plan {plan_id} on the exchange; adopting it"
+        )
+        stand_in = plan or _plan_stub(plan_id, symbol, side, self._clock.wall())
+        result = replace_result(self._from_report(stand_in, found.report), adopted=True)
+        await self._publish(PlanRun(stand_in, entry_id, log, self.watch.epoch), result)
+
     # --- waiting for permits ----------------------------------------------------------------------------
 
-    async def _await_and_execute(
-        self, plan: Plan, entry_id: str, deadline: float, log: Any, *, resumed: bool = False
-    ) -> None:
-        published = time.monotonic()
+    async def _await_and_execute(self, run: PlanRun, deadline: float, *, resumed: bool = False) -> None:
+        plan, log = run.plan, run.log
+        published = self._clock.mono()
         window_open = deadline > published
-        kind, outcome, checks = await self._wait(plan, deadline, log, check_first=resumed, consume=window_open)
-        waited_ms = (time.monotonic() - published) * 1000
+        end, outcome, checks = await self._wait(plan, deadline, log, check_first=resumed, consume=window_open)
+        waited_ms = (self._clock.mono() - published) * 1000
         if not resumed:
-            self.metrics.permit_wait.labels(kind).observe(waited_ms / 1000)
-        if kind == "consumed":
-            await self._execute(plan, entry_id, checks[1], deadline, log)
+            self.metrics.permit_wait.labels(end.value).observe(waited_ms / 1000)
+        if end is WaitEnd.CONSUMED:
+            await self._execute(run, checks[1], deadline)
             return
-        if kind == "already_executed":
-            await self._recover(plan, entry_id, await self.redis.get(keys.executed_marker(plan.plan_id)), log)
+        if end is WaitEnd.ALREADY_EXECUTED:
+            await self._recover(plan, run.entry_id, await self.redis.get(keys.executed_marker(plan.plan_id)), log)
             return
-        if kind == "denied":
+        if end is WaitEnd.ALREADY_FINISHED:
+            return
+        if end is WaitEnd.DENIED:
             for check in checks:  # the deny, and the other slot's decision if it came (consumed plans count theirs)
                 if check.state in ("allow", "deny"):
                     self.metrics.permit_decisions.labels(check.name, check.state, check.reason).inc()
             who = ", ".join(outcome.denied_by)
             log.warning(f"{plan.symbol}: Permit denied by {who} ({outcome.deny_reason})")
             result = self._result(plan, reasons.PERMIT_DENIED, reason=outcome.deny_reason, denied_by=who)
-        elif kind == "ready":  # both permits valid, but only after the window had closed (Apply was down)
+        elif end is WaitEnd.READY_LATE:
             log.warning(f"{plan.symbol}: permits found after the window closed; not executing")
             result = self._result(plan, reasons.WINDOW_EXPIRED)
         else:
@@ -292,15 +461,12 @@ class ApplyService(Service):
             for name in outcome.missing:
                 self.metrics.timeouts.labels(name).inc()
             result = self._result(plan, reasons.PERMIT_TIMEOUT, missing=missing)
-        await self._finish(plan, entry_id, result, log)
+        await self._finish(run, result)
 
     async def _wait(
         self, plan: Plan, deadline: float, log: Any, *, check_first: bool, consume: bool
-    ) -> tuple[str, WaitOutcome, tuple[SlotCheck, SlotCheck]]:
-        """Wait until both issuers decided, one denied, or the deadline passed (then look one last time).
-
-        Returns ("consumed" | "denied" | "timeout" | "ready" | "already_executed", outcome, slot checks).
-        """
+    ) -> tuple[WaitEnd, WaitOutcome, tuple[SlotCheck, SlotCheck]]:
+        """Wait until both issuers decided, one denied, or the deadline passed (then look one last time)."""
         event = self.waiter.register(plan.plan_id)
         audited: set[bytes] = set()
         check_now, final = check_first, False
@@ -311,18 +477,19 @@ class ApplyService(Service):
                 self.waiter.note_allowed(plan.plan_id, {c.slot for c in checks if c.state == "allow"})
                 outcome = combine(*checks)
                 if outcome.kind == "denied":
-                    return "denied", outcome, checks
+                    return WaitEnd.DENIED, outcome, checks
                 if outcome.kind == "ready":
                     if not consume:
-                        return "ready", outcome, checks
+                        return WaitEnd.READY_LATE, outcome, checks
                     status = await self._consume(plan, checks)
-                    if status in ("consumed", "already_executed"):
-                        return status, outcome, checks
+                    if status in ("ok", "already_executed", "already_finished"):
+                        end = {"ok": WaitEnd.CONSUMED, "already_executed": WaitEnd.ALREADY_EXECUTED}
+                        return end.get(status, WaitEnd.ALREADY_FINISHED), outcome, checks
                     log.warning("permit changed between check and consume; re-reading", status=status)
                     continue
                 if final:
-                    return "timeout", outcome, checks
-            left = deadline - time.monotonic()
+                    return WaitEnd.TIMEOUT, outcome, checks
+            left = deadline - self._clock.mono()
             if left <= 0:
                 check_now, final = True, True
                 continue
@@ -332,7 +499,7 @@ class ApplyService(Service):
 
     async def _read_slots(self, plan: Plan, audited: set[bytes]) -> tuple[SlotCheck, SlotCheck]:
         raw_gov, raw_p33 = await self.redis.mget(keys.governor_permit(plan.plan_id), keys.p33_permit(plan.plan_id))
-        now = self._clock()
+        now = self._clock.wall()
         ttl = self.settings.permit_ttl_s
         checks = (
             check_slot("governor", _raw(raw_gov), plan, self._keys["governor"], now, ttl),
@@ -352,7 +519,7 @@ class ApplyService(Service):
             issuer="apply",
             decision="rejected",
             reason=check.reason,
-            at=self._clock(),
+            at=self._clock.wall(),
             symbol=plan.symbol,
             subject=check.slot,
         )
@@ -368,46 +535,56 @@ class ApplyService(Service):
         assert governor.raw is not None and isinstance(p33.permit, P33Permit) and p33.raw is not None
         for check in checks:
             self.metrics.permit_decisions.labels(check.name, check.state, check.reason).inc()
+        now = self._clock.wall()
         marker = json.dumps(
             {
                 "client_order_id": client_order_id(plan.plan_id),
-                "qty": repr(p33.permit.safe_close_qty),
+                "qty": format(p33.permit.safe_close_qty, "f"),
                 "side": plan.side,
-                "at": self._clock(),
+                "at": now,
             }
         )
-        status = await self._scripts.consume_permits(
+        return await self._scripts.consume_permits(
             plan_id=plan.plan_id,
             symbol=plan.symbol,
-            governor_raw=governor.raw.decode(),
-            p33_raw=p33.raw.decode(),
+            governor_raw=governor.raw,
+            p33_raw=p33.raw,
             marker=marker,
-            now=self._clock(),
-            latency_ms=(self._clock() - plan.created_at) * 1000,
+            now=now,
+            latency_ms=(now - plan.created_at) * 1000,
             audit_maxlen=self.settings.audit_maxlen,
         )
-        return "consumed" if status == "ok" else status
 
     # --- the order --------------------------------------------------------------------------------------
 
-    async def _execute(self, plan: Plan, entry_id: str, p33: SlotCheck, deadline: float, log: Any) -> None:
+    async def _execute(self, run: PlanRun, p33: SlotCheck, deadline: float) -> None:
         assert isinstance(p33.permit, P33Permit)
-        qty = to_decimal(p33.permit.safe_close_qty)
+        plan = run.plan
         coid = client_order_id(plan.plan_id)
-        window_end_ms = self.exchange.now_ms() + max(0.0, deadline - time.monotonic()) * 1000
         self._executing.add(plan.plan_id)
         try:
+            if not self._still_vouched(run):
+                # the store changed instance since the plan was vouched for: what it said may be forgotten
+                found = await self._ask_exchange(plan.plan_id, plan.symbol, plan, run.log, "store_changed_before_send")
+                if found is not None:
+                    await self._conclude(run, coid, found)
+                    return
+                run.vouched = self.watch.epoch
+            window_end_ms = self.exchange.now_ms() + max(0.0, deadline - self._clock.mono()) * 1000
+            qty = p33.permit.safe_close_qty
             outcome = await self.executor.execute(plan.symbol, order_side(plan.side), qty, coid, window_end_ms)
-            self.metrics.orders.labels(outcome.kind).inc()
-            await self._conclude(plan, entry_id, coid, outcome, log)
+            self.metrics.orders.labels(outcome.kind.value).inc()
+            await self._conclude(run, coid, outcome)
         finally:
             self._executing.discard(plan.plan_id)
 
-    async def _conclude(self, plan: Plan, entry_id: str, coid: str, outcome: OrderOutcome, log: Any) -> None:
+    async def _conclude(self, run: PlanRun, coid: str, outcome: OrderOutcome) -> None:
         """Publish the result an order outcome proves; for an unknown one, publish nothing and hold the symbol."""
-        if outcome.kind == "unknown":
-            # No result until the truth is known: hold the symbol so no other close can stack on this one.
-            await self.redis.set(keys.symbol_in_flight(plan.symbol), plan.plan_id)
+        plan, log = run.plan, run.log
+        if outcome.kind is OutcomeKind.UNKNOWN:
+            # No result until the truth is known: hold the symbol (for as long as the intent is recorded) so no
+            # other close can stack on this one.
+            await self._scripts.hold_for_intent(plan_id=plan.plan_id, symbol=plan.symbol)
             log.error(
                 f"{plan.symbol}: order {coid} outcome unknown; symbol held, resolving in the background",
                 error=outcome.message,
@@ -416,47 +593,45 @@ class ApplyService(Service):
         if outcome.report is not None:
             result = self._from_report(plan, outcome.report)
         else:
-            error = {
-                "rejected": reasons.EXCHANGE_REJECTED,
-                "not_placed": reasons.ORDER_NOT_PLACED,
-                "banned": reasons.EXCHANGE_BANNED,
-                "throttled": reasons.RATE_LIMITED,
-            }[outcome.kind]
+            error = NOT_EXECUTED[outcome.kind]
             result = self._result(
                 plan, error, reason=outcome.message[:200], client_order_id=coid, exchange_code=outcome.code
             )
-            (log.error if outcome.kind == "banned" else log.warning)(
+            (log.error if outcome.kind is OutcomeKind.BANNED else log.warning)(
                 f"{plan.symbol}: order not executed ({error})", code=outcome.code, msg=outcome.message
             )
-        await self._finish(plan, entry_id, result, log)
+        await self._publish(run, result)
 
     async def _recover(self, plan: Plan, entry_id: str, marker: str | None, log: Any) -> None:
         """An executed plan without a result (a restart, a racing handler): look the order up, never resend.
 
         What the other handler sent is unknown here, but not when: every send of a plan, the one resend
-        included, leaves before the plan's window ends. So "absent" is final only once a request sent at the
-        window's end could no longer land even after an "execution status unknown" answer.
-        """
-        detail = json.loads(marker) if marker else {}
+        included, is signed before the plan's window ends (the deadline is checked right before). So "absent"
+        is final only once a request signed at the window's end could no longer execute or show."""
+        detail = _marker_detail(marker)
         coid = str(detail.get("client_order_id") or client_order_id(plan.plan_id))
-        skew = self.exchange_skew_ms()
-        consumed_at_ms = float(detail.get("at") or plan.created_at) * 1000 - skew
-        window_end_ms = (plan.created_at + self._wait_s) * 1000 - skew
-        record = SendRecord(
-            attempts=2,
-            last_sent_ms=max(consumed_at_ms, window_end_ms),
-            recv_window_ms=self.exchange.order_recv_window_ms,
-            window_end_ms=0,
-            late_execution_possible=True,
-            max_attempts=2,
-            late_horizon_ms=self.executor.late_horizon_ms,
-        )
-        outcome = await self.executor.resolve(plan.symbol, coid, record)
-        assert outcome != "resend"  # attempts == max_attempts: resolve never asks for one
-        await self._conclude(plan, entry_id, coid, outcome, log)
+        unseen = self._unseen_sends(plan.created_at)
+        consumed_ms = float(detail.get("at") or plan.created_at) * 1000 - self.exchange_skew_ms()
+        record = replace(unseen, last_signed_ms=max(unseen.last_signed_ms, consumed_ms))
+        outcome = await self.executor.follow(plan.symbol, coid, record)
+        await self._conclude(PlanRun(plan, entry_id, log, self.watch.epoch), coid, outcome)
 
     def exchange_skew_ms(self) -> float:
-        return time.time() * 1000 - self.exchange.now_ms()
+        return self._clock.wall() * 1000 - self.exchange.now_ms()
+
+    async def _finish_poisoned(self, entry_id: str, fields: dict[str, str]) -> None:
+        """A proposal dead-lettered as poison whose plan exists still ends with its one result."""
+        try:
+            proposal = from_fields(Proposal, fields)
+        except MalformedEntry:
+            return  # never planned: the dead letter is its end
+        plan_id = plan_id_for(entry_id, proposal.proposal_id)
+        has_result, plan, executed = await self._markers(plan_id)
+        if has_result or plan is None or executed:
+            return  # done; never published; or executed: the intent sweep establishes and publishes its outcome
+        log = self.log.bind(plan_id=plan_id, symbol=plan.symbol)
+        run = PlanRun(plan, entry_id, log, None)  # a result without an order: the exchange is asked first
+        await self._finish(run, self._result(plan, reasons.DEAD_LETTERED, reason="delivered too often"))
 
     async def _sweep_intents(self) -> None:
         """Every few seconds (and at start): orders whose outcome is still unestablished, found by client id.
@@ -469,31 +644,64 @@ class ApplyService(Service):
         interval = min(INTENT_SWEEP_S, max(0.5, self.executor.resolve_timeout_s / 2))
         while True:
             try:
-                due = await self.redis.zrangebyscore(keys.APPLY_INTENTS, "-inf", self._clock() - stale_s)
+                if self._orphan_search.is_set():
+                    self._orphan_search.clear()
+                    await self._adopt_orphans()
+                due = await self.redis.zrangebyscore(keys.APPLY_INTENTS, "-inf", self._clock.wall() - stale_s)
                 self.metrics.unresolved.set(await self.redis.zcard(keys.APPLY_INTENTS))
                 for plan_id in due:
                     if plan_id not in self._executing:
                         await self._resolve_intent(plan_id)
             except STORE_ERRORS as exc:
                 self.log.warning("intent sweep: store unavailable", error=str(exc))
+            except ExchangeError as exc:
+                self._orphan_search.set()  # the search for forgotten orders is done again next round
+                self.log.warning("intent sweep: exchange unavailable", error=exc.message)
+            except Exception:  # one bad intent must not stop the sweep for the others
+                self.log.exception("intent sweep failed; trying again")
             await asyncio.sleep(interval)
 
+    async def _adopt_orphans(self) -> None:
+        """After the store changed instance: orders of ours on the exchange whose plan the store has no result
+        for, not even an intent (its proposal may be forgotten too, so no redelivery would bring it back), get
+        their result from the exchange. Searched from a little before the newest proposal the store still has
+        (orders of older plans have their results, or the redelivery of their proposals finds them)."""
+        epoch = self.watch.epoch
+        if epoch is None:
+            return
+        floor_ms = max(epoch.floor[0], (self._clock.wall() - ORPHAN_SEARCH_MAX_S) * 1000)
+        since_ms = floor_ms - ORPHAN_SEARCH_MARGIN_S * 1000
+        adopted = 0
+        for symbol in sorted(self._allowlist):
+            for report in await self.exchange.orders_since(symbol, since_ms):
+                plan_id = report.client_order_id.removeprefix("qt-")
+                if report.client_order_id == plan_id or not is_plan_id(plan_id) or not is_final(report.status):
+                    continue
+                if plan_id in self._executing:
+                    continue
+                has_result, plan, marker = await self._markers(plan_id)
+                if has_result or marker:  # done, or the intent's resolution will publish it
+                    continue
+                entry_id = await self.redis.hget(keys.plan_record(plan_id), "proposal_entry_id") if plan else ""
+                log = self.log.bind(plan_id=plan_id, symbol=symbol)
+                await self._adopt(plan_id, symbol, plan, entry_id or "", OrderOutcome.of(report), log)
+                adopted += 1
+        self.log.info("searched the exchange for orders the store forgot", adopted=adopted, since_ms=round(since_ms))
+
     async def _resolve_intent(self, plan_id: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.exists(keys.result_marker(plan_id))
-            pipe.hgetall(keys.plan_record(plan_id))
-            pipe.get(keys.executed_marker(plan_id))
-            has_result, record, marker = await pipe.execute()
-        if has_result or not record:
+        has_result, plan, marker = await self._markers(plan_id)
+        if has_result or plan is None:
             await self.redis.zrem(keys.APPLY_INTENTS, plan_id)  # done, or its bookkeeping expired
             return
-        plan = from_fields(Plan, record)
+        record = await self.redis.hget(keys.plan_record(plan_id), "proposal_entry_id")
         log = self.log.bind(plan_id=plan_id, symbol=plan.symbol)
         self._executing.add(plan_id)
         try:
-            await self._recover(plan, record.get("proposal_entry_id", ""), marker, log)
+            await self._recover(plan, record or "", marker, log)
         finally:
             self._executing.discard(plan_id)
+
+    # --- results ----------------------------------------------------------------------------------------
 
     def _from_report(self, plan: Plan, report: OrderReport) -> Result:
         return Result(
@@ -507,30 +715,85 @@ class ApplyService(Service):
             client_order_id=report.client_order_id,
             filled_qty=report.executed_qty,
             avg_price=report.avg_price,
+            order_time_ms=report.update_time_ms,
         )
 
     def _result(self, plan: Plan, error: str, **fields: Any) -> Result:
         return Result(plan_id=plan.plan_id, symbol=plan.symbol, side=plan.side, executed=False, error=error, **fields)
 
-    async def _finish(self, plan: Plan, entry_id: str, result: Result, log: Any) -> None:
-        now = self._clock()
-        result = msgspec.structs.replace(result, at=now, latency_ms=round((now - plan.created_at) * 1000, 3))
-        published = await self._scripts.publish_result(
-            plan_id=plan.plan_id,
-            symbol=plan.symbol,
-            fields=to_fields(result),
-            proposal_entry_id=entry_id,
-            result_maxlen=STREAM_MAXLEN,
-        )
+    async def _finish(self, run: PlanRun, result: Result) -> None:
+        """Publish a result that the store's records decided (no order was sent for this plan). If the store
+        cannot vouch for them any more (it changed instance), the exchange has the last word: an order found
+        there is the result instead."""
+        if not result.executed and result.error not in PROVEN_BY_EXCHANGE and not self._still_vouched(run):
+            plan = run.plan
+            found = await self._ask_exchange(plan.plan_id, plan.symbol, plan, run.log, "store_changed_before_result")
+            if found is not None:
+                assert found.report is not None
+                self.metrics.adopted.inc()
+                run.log.warning(f"{plan.symbol}: plan {plan.plan_id} has an order on the exchange; adopting it")
+                result = replace_result(self._from_report(plan, found.report), adopted=True)
+        await self._publish(run, result)
+
+    async def _publish(self, run: PlanRun, result: Result) -> None:
+        """Publish the plan's one result and acknowledge its proposal. A store error here retries only this
+        step: the outcome is established, nothing before it is done again."""
+        plan, log = run.plan, run.log
+        backoff = Backoff()
+        while True:
+            now = self._clock.wall()
+            stamped = replace_result(result, at=now, latency_ms=round((now - plan.created_at) * 1000, 3))
+            try:
+                published = await self._scripts.publish_result(
+                    plan_id=plan.plan_id,
+                    symbol=plan.symbol,
+                    fields=to_fields(stamped),
+                    proposal_entry_id=run.entry_id,
+                    result_maxlen=STREAM_MAXLEN,
+                )
+                break
+            except STORE_ERRORS as exc:
+                log.warning("store unavailable while publishing a result; retrying it", error=str(exc))
+                await backoff.wait()
         if published:
             self.metrics.results.labels("executed" if result.executed else result.error).inc()
             log.info(
                 f"{plan.symbol}: Result published (executed={result.executed}, error={result.error or 'none'})",
                 filled_qty=str(result.filled_qty),
                 order_id=result.order_id,
-                latency_ms=result.latency_ms,
+                latency_ms=stamped.latency_ms,
+                adopted=result.adopted,
             )
 
 
+def replace_result(result: Result, **changes: Any) -> Result:
+    return msgspec.structs.replace(result, **changes)
+
+
+def _plan_stub(plan_id: str, symbol: str, side: Any, now: float) -> Plan:
+    """A stand-in for a plan whose record the store lost, to publish the result of the order found for it."""
+    return Plan(
+        plan_id=plan_id,
+        proposal_id="",
+        symbol=symbol,
+        side=side,
+        action="FULL_CLOSE",
+        qty=0,  # type: ignore[arg-type]
+        decision="SKIP",
+        reason="",
+        steps="[]",
+        plan_hash="0" * 64,
+        created_at=now,
+    )
+
+
+def _marker_detail(marker: str | None) -> dict[str, Any]:
+    try:
+        detail = json.loads(marker) if marker else {}
+    except ValueError:
+        return {}
+    return detail if isinstance(detail, dict) else {}
+
+
 def _raw(value: str | None) -> bytes | None:
-    return value.encode() if value is not None else None
+    return to_bytes(value) if value is not None else None

@@ -18,6 +18,7 @@ from quantum_trader import logs
 from quantum_trader.bus import keys
 from quantum_trader.bus.scripts import PermitWrite, Scripts
 from quantum_trader.bus.streams import dead_letter, ensure_topology, read_group
+from quantum_trader.clock import SYSTEM_CLOCK, Clock
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import AuditEntry, MalformedEntry, Plan, from_fields, to_fields
 from quantum_trader.domain.planning import plan_hash_ok
@@ -54,17 +55,20 @@ def consumer_name(configured: str, service: str) -> str:
 
 
 class Backoff:
-    """Exponential backoff for store reconnects: 0.1 s doubling to 1 s, reset on success."""
+    """Exponential backoff, by default for store reconnects: 0.1 s doubling to 1 s, reset on success. This is
+    the system's one retry policy for store calls (redis-py's own retries are off: bus/connection.py)."""
 
-    def __init__(self) -> None:
-        self.delay = BACKOFF_START_S
+    def __init__(self, start_s: float = BACKOFF_START_S, max_s: float = BACKOFF_MAX_S) -> None:
+        self.start_s = start_s
+        self.max_s = max_s
+        self.delay = start_s
 
     def reset(self) -> None:
-        self.delay = BACKOFF_START_S
+        self.delay = self.start_s
 
     async def wait(self) -> None:
         await asyncio.sleep(self.delay)
-        self.delay = min(self.delay * 2, BACKOFF_MAX_S)
+        self.delay = min(self.delay * 2, self.max_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,8 @@ class Failover:
     max_deliveries: int = 5
     dlq: str = keys.PLAN_DLQ
     claim_every_s: float = 5.0
+    # Called after an entry is dead-lettered as poison (Apply: a plan that exists still gets its one result).
+    poisoned: Handler | None = None
 
 
 async def consume_group(
@@ -119,7 +125,9 @@ async def consume_group(
             if time.monotonic() >= next_claim:
                 await reader.claim_stale()
                 next_claim = time.monotonic() + failover.claim_every_s
-            entries = await read_group(redis, stream, group, consumer, count=count, block_ms=block_ms)
+            entries = await reader.usable(
+                await read_group(redis, stream, group, consumer, count=count, block_ms=block_ms)
+            )
             store_up(True)
             backoff.reset()
             if handle_batch is not None and entries:
@@ -161,6 +169,22 @@ class GroupReader:
     service: str
     count: int
 
+    async def usable(self, entries: Entries) -> Entries:
+        """``entries`` without the defective ones (not UTF-8, duplicate or empty names, too many fields, huge
+        values: bus/entries.py), which are dead-lettered here with their reason and exact bytes."""
+        good = []
+        for entry_id, fields in entries:
+            defect = getattr(fields, "defect", "")
+            if not defect:
+                good.append((entry_id, fields))
+                continue
+            error = f"{reasons.MALFORMED_ENTRY}: {defect}"
+            await dead_letter(
+                self.redis, self.failover.dlq, self.stream, self.group, entry_id, fields, error, self.service
+            )
+            self.log.warning("unreadable entry dead-lettered", stream=self.stream, entry_id=entry_id, error=defect)
+        return good
+
     async def drain_pending(self) -> None:
         start = "0"
         while True:
@@ -168,8 +192,8 @@ class GroupReader:
             entries = reply[0][1] if reply else []
             if not entries:
                 return
-            for entry_id, fields in entries:
-                start = entry_id
+            start = entries[-1][0]
+            for entry_id, fields in await self.usable(entries):
                 await self.redeliver(entry_id, fields)
 
     async def claim_stale(self) -> None:
@@ -192,7 +216,8 @@ class GroupReader:
                 if not claimed:
                     continue  # another live consumer claimed it first
                 self.log.warning("took over an entry from a stopped consumer", entry_id=entry_id, owner=owner)
-                await self.redeliver(entry_id, claimed[0][1], owner)
+                for claimed_id, fields in await self.usable(claimed):
+                    await self.redeliver(claimed_id, fields, owner)
             start = f"({stale[-1]['message_id']}"
 
     async def redeliver(self, entry_id: str, fields: dict[str, str] | None, previous_owner: str = "") -> None:
@@ -209,6 +234,8 @@ class GroupReader:
                 self.redis, self.failover.dlq, self.stream, self.group, entry_id, fields, error, self.service
             )
             self.log.error("entry dead-lettered after too many deliveries", entry_id=entry_id, times=times)
+            if self.failover.poisoned is not None:
+                await _handle_one(self.failover.poisoned, entry_id, fields, self.log)
             return
         await _handle_one(self.handle, entry_id, fields, self.log)
 
@@ -250,13 +277,26 @@ class Service:
     name: ClassVar[str]
     metrics: Any  # the service's own metrics (services/metrics.py), set by each service
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, *, consumer: str = "", clock: Any = time.time):
+    def __init__(
+        self, settings: Settings, redis: aioredis.Redis, *, consumer: str = "", clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.settings = settings
         self.redis = redis
         self.consumer = consumer or consumer_name(settings.consumer_name, self.name)
         self.log = logs.get(self.name)
         self._scripts = Scripts(redis)
         self._clock = clock
+
+    async def until_store(self, step: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a start-up step until the store takes it (it may be restarting, loading, or refusing writes until
+        its replicas catch up: NOREPLICAS); meanwhile the service decides nothing."""
+        backoff = Backoff()
+        while True:
+            try:
+                return await step()
+            except STORE_ERRORS as exc:
+                self.log.warning("store unavailable at start, retrying", error=str(exc), retry_in_s=backoff.delay)
+                await backoff.wait()
 
     def failover(self, dlq: str, min_idle_s: float = 0.0) -> Failover:
         idle_s = max(self.settings.claim_idle_s, min_idle_s)
@@ -297,7 +337,7 @@ class Service:
             issuer=self.name,
             decision="duplicate",
             reason=f"decided by {owner}",
-            at=self._clock(),
+            at=self._clock.wall(),
             symbol=plan.symbol,
             subject=self.consumer,
         )
@@ -327,7 +367,8 @@ class Service:
             if not plan_hash_ok(plan):
                 raise MalformedEntry(f"{reasons.PLAN_HASH_MISMATCH}: plan_hash does not match the plan's fields")
         except MalformedEntry as exc:
-            await dead_letter(self.redis, keys.PLAN_DLQ, keys.PLAN_STREAM, group, entry_id, fields, str(exc), self.name)
+            error = f"{reasons.MALFORMED_ENTRY}: {exc}"
+            await dead_letter(self.redis, keys.PLAN_DLQ, keys.PLAN_STREAM, group, entry_id, fields, error, self.name)
             self.log.warning("malformed plan dead-lettered", entry_id=entry_id, error=str(exc))
             return None
         return plan

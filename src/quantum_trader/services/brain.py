@@ -23,13 +23,15 @@ from prometheus_client import CollectorRegistry
 from redis.exceptions import WatchError
 
 from quantum_trader.bus import keys
+from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.bus.scripts import PermitWrite
 from quantum_trader.bus.streams import dead_letter, ensure_topology
+from quantum_trader.clock import SYSTEM_CLOCK, Clock
 from quantum_trader.domain import reasons
 from quantum_trader.domain.brain import BrainInputs, BrainPolicy, BrainVerdict, decide_in_order
 from quantum_trader.domain.brain.snapshot_age import behind_ledger
 from quantum_trader.domain.filters import SymbolFilters
-from quantum_trader.domain.ledger import adopt_outside_growth, apply_result, reconcile
+from quantum_trader.domain.ledger import adopt_outside_growth, apply_result, reconcile, synced_at
 from quantum_trader.domain.models import (
     AuditEntry,
     Ledger,
@@ -143,6 +145,8 @@ async def record_results(
 SNAPSHOT_ATTEMPTS = 2  # polls a plan asks for before it is decided on the snapshot it has
 RESULTS_CATCH_UP_S = 1.0  # how long a plan on a symbol marked for a finished plan waits for its result's record
 RESULTS_POLL_S = 0.01  # how often it looks again meanwhile (another instance may be the one recording)
+# Deny reasons that a result on its way to the ledger can explain (the exchange already shows the fill).
+LEDGER_DISAGREES = frozenset({reasons.QTY_MISMATCH, reasons.SIDE_MISMATCH})
 
 
 def policy_from(settings: Settings) -> BrainPolicy:
@@ -177,12 +181,15 @@ class BrainService(Service):
         redis: aioredis.Redis,
         exchange: Exchange,
         *,
+        watch: StoreWatch | None = None,
         consumer: str = "",
         registry: CollectorRegistry | None = None,
-        clock: Any = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__(settings, redis, consumer=consumer, clock=clock)
         self.exchange = exchange
+        if watch is not None:
+            watch.subscribe(self._store_changed)
         self.metrics = BrainMetrics(registry or CollectorRegistry())
         self.policy = policy_from(settings)
         self.symbols = list(settings.symbols)
@@ -194,12 +201,14 @@ class BrainService(Service):
         self._dirty: set[str] = set()  # symbols asked for by the next poll
         self._polled_since = 0.0  # the start of the latest poll that ended
         self._polls_done = asyncio.Condition()
+        # the store is another instance: its ledgers may have lost results (asked for, and done, in order)
+        self._reconcile_asks = self._reconciled = 0
         for symbol in self.symbols:
             self.metrics.snapshot_age.labels(symbol).set_function(functools.partial(self.snapshot_age, symbol))
 
     async def run(self) -> None:
         self.log.info("P3.3 Position State Brain starting (event-driven mode)", consumer=self.consumer)
-        await ensure_topology(self.redis)
+        await self.until_store(lambda: ensure_topology(self.redis))
         await self._reconcile_until_done()
         self.ready.set()
         self.metrics.ready.set(1)
@@ -247,10 +256,20 @@ class BrainService(Service):
     def snapshot_age(self, symbol: str) -> float:
         """Seconds since the symbol's snapshot was written by this instance (inf before the first)."""
         at = self._snapshot_at.get(symbol)
-        return time.time() - at if at is not None else float("inf")
+        return self._clock.wall() - at if at is not None else float("inf")
 
     def _store_up(self, up: bool) -> None:
         self.metrics.store_up.set(1 if up else 0)
+
+    def _store_changed(self, before: Any, after: Any, new_epoch: bool = False) -> None:
+        """Another store instance than before (a restart from older data, a failover): the ledgers may lack
+        results it forgot. Reconcile them to the exchange at the next poll (fills already counted by the
+        reconcile are not counted again when their results come: domain/ledger.py)."""
+        if before is None:
+            return
+        self.log.warning("the store is another instance than before: reconciling the ledger", run_id=after.run_id)
+        self._reconcile_asks += 1
+        self.ask_refresh(self.symbols)
 
     # --- reconcile on start -----------------------------------------------------------------------------
 
@@ -266,29 +285,46 @@ class BrainService(Service):
                 await backoff.wait()
 
     async def reconcile(self) -> int:
-        """Set every managed symbol's ledger to the exchange's position; one audit entry per change."""
+        """Set every managed symbol's ledger to the exchange's position; one audit entry per change. A ledger
+        that moved after the exchange was asked (a result recorded meanwhile) is left for the next poll: the
+        reply may not show that fill yet."""
         self._filters = await self.exchange.filters()
+        asked_at, asked_ms = self._clock.wall(), self.exchange.now_ms()
         positions = await self.exchange.positions(self.symbols)
-        now = self._clock()
         changed = 0
         for symbol, position in positions.items():
-            ledger = _parse_or_none(Ledger, await self.redis.hgetall(keys.ledger(symbol)))
-            updated = reconcile(ledger, position.amt, now)
-            if updated is not None:
-                await self._write_ledger(symbol, ledger, updated, "reconcile")
-                changed += 1
-        await self._write_snapshots(positions, now)
+            changed += await self._reconcile_one(
+                symbol, position, asked_at, synced_at(position.update_time_ms, asked_ms)
+            )
+        await self._write_snapshots(positions, asked_at)
         for symbol in positions:
             self.metrics.ledger_drift.labels(symbol).set(0)  # the ledger was just set to the exchange
         self.log.info("ledger reconciled", symbols=len(positions), changed=changed)
         return changed
 
-    async def _write_ledger(self, symbol: str, before: Ledger | None, after: Ledger, why: str) -> None:
-        change = LedgerChange(symbol, before, after, why)
+    async def _reconcile_one(self, symbol: str, position: PositionInfo, asked_at: float, synced_ms: int) -> int:
+        key = keys.ledger(symbol)
         async with self.redis.pipeline(transaction=True) as pipe:
-            queue_ledger_write(pipe, change, self.settings.audit_maxlen)
-            await pipe.execute()
-        self._ledger_moved(change)
+            while True:
+                try:
+                    await pipe.watch(key)
+                    ledger = _parse_or_none(Ledger, await pipe.hgetall(key))
+                    if ledger is not None and ledger.updated_at > asked_at:
+                        await pipe.unwatch()
+                        return 0
+                    # dated when the exchange was asked, like the snapshot written with it
+                    updated = reconcile(ledger, position.amt, asked_at, synced_ms)
+                    if updated is None:
+                        await pipe.unwatch()
+                        return 0
+                    change = LedgerChange(symbol, ledger, updated, "reconcile")
+                    pipe.multi()
+                    queue_ledger_write(pipe, change, self.settings.audit_maxlen)
+                    await pipe.execute()
+                    self._ledger_moved(change)
+                    return 1
+                except WatchError:
+                    continue
 
     def _ledger_moved(self, change: LedgerChange) -> None:
         self.metrics.ledger_updates.labels(change.why).inc()
@@ -302,18 +338,18 @@ class BrainService(Service):
         """Every ``snapshot_interval_s`` all symbols; in between, as soon as asked, the symbols asked for (a
         fill's, or a plan's waiting for a snapshot newer than its ledger): one small request each time."""
         interval = self.settings.brain.snapshot_interval_s
-        next_full = time.monotonic() + interval  # reconcile wrote every snapshot just before this loop starts
+        next_full = self._clock.mono() + interval  # reconcile wrote every snapshot just before this loop starts
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh.wait(), max(0.0, next_full - time.monotonic()))
+                await asyncio.wait_for(self._refresh.wait(), max(0.0, next_full - self._clock.mono()))
             self._refresh.clear()
             # asked-for symbols only, unless the full poll is due (fills must not starve the other symbols)
-            full = time.monotonic() >= next_full
+            full = self._clock.mono() >= next_full
             symbols = [] if full else [s for s in self.symbols if s in self._dirty]
             self._dirty.clear()
             if full or not symbols:
-                next_full = time.monotonic() + interval
-            started = self._clock()
+                next_full = self._clock.mono() + interval
+            started = self._clock.wall()
             try:
                 await self.refresh_snapshots(symbols or None)
             except ExchangeError as exc:
@@ -340,15 +376,18 @@ class BrainService(Service):
                 pipe.hgetall(keys.ledger(symbol))
                 pipe.get(keys.p33_symbol_in_flight(symbol))
             reconcile_asked, *read = await pipe.execute()
-        if reconcile_asked:
-            await self.reconcile()
-            await self.redis.delete(keys.RECONCILE_REQUEST)
+        asks = self._reconcile_asks
+        if reconcile_asked or asks > self._reconciled:
+            await self.reconcile()  # on failure nothing is marked done: the next poll tries again
+            self._reconciled = asks
+            if reconcile_asked:
+                await self.redis.delete(keys.RECONCILE_REQUEST)
             return
         # Read before the exchange call: a fill applied meanwhile must not be mistaken for outside growth.
         before = {s: (_parse_or_none(Ledger, read[2 * i]), read[2 * i + 1]) for i, s in enumerate(symbols)}
         # The snapshot's time is when the request was sent: a reply can only show fills that happened before it
         # arrived, and every fill whose result P3.3 applied after this moment may be missing from it.
-        asked_at = self._clock()
+        asked_at, asked_ms = self._clock.wall(), self.exchange.now_ms()
         positions = await self.exchange.positions(symbols)
         await self._write_snapshots(positions, asked_at)
         for symbol, position in positions.items():
@@ -356,14 +395,14 @@ class BrainService(Service):
             if ledger is not None:
                 self.metrics.ledger_drift.labels(symbol).set(float(position.amt - ledger.last_known_amt))
             if in_flight is None and adopt_outside_growth(ledger, position.amt, asked_at) is not None:
-                await self._adopt(symbol, ledger, position.amt)
+                await self._adopt(symbol, ledger, position.amt, synced_at(position.update_time_ms, asked_ms))
 
-    async def _adopt(self, symbol: str, seen: Ledger | None, exchange_amt: Decimal) -> None:
+    async def _adopt(self, symbol: str, seen: Ledger | None, exchange_amt: Decimal, synced_ms: int) -> None:
         key = keys.ledger(symbol)
         async with self.redis.pipeline(transaction=True) as pipe:
             await pipe.watch(key)
             current = _parse_or_none(Ledger, await pipe.hgetall(key))
-            updated = adopt_outside_growth(current, exchange_amt, self._clock())
+            updated = adopt_outside_growth(current, exchange_amt, self._clock.wall(), synced_ms)
             if current != seen or updated is None:  # the ledger moved meanwhile: next poll decides
                 await pipe.unwatch()
                 return
@@ -393,15 +432,15 @@ class BrainService(Service):
         def fresh() -> bool:
             return all(self._snapshot_at.get(symbol, 0.0) >= since for symbol in symbols)
 
-        deadline = time.monotonic() + self.settings.exchange.timeout_ms / 1000 + 1
+        deadline = self._clock.mono() + self.settings.exchange.timeout_ms / 1000 + 1
         for _ in range(SNAPSHOT_ATTEMPTS):
             self.ask_refresh(symbols)
             # a poll started after this includes these symbols (it takes the asked-for ones at its start)
-            answered = functools.partial(self._answered, fresh, self._clock())
+            answered = functools.partial(self._answered, fresh, self._clock.wall())
             async with self._polls_done:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._polls_done.wait_for(answered), max(0.0, deadline - time.monotonic()))
-            if fresh() or time.monotonic() >= deadline:
+                    await asyncio.wait_for(self._polls_done.wait_for(answered), max(0.0, deadline - self._clock.mono()))
+            if fresh() or self._clock.mono() >= deadline:
                 break
         return fresh()
 
@@ -435,7 +474,7 @@ class BrainService(Service):
                 self.log.warning("malformed result dead-lettered", entry_id=entry_id, error=str(exc))
         if not results:
             return
-        for change in await record_results(self.redis, results, self._clock, self.settings.audit_maxlen):
+        for change in await record_results(self.redis, results, self._clock.wall, self.settings.audit_maxlen):
             self._ledger_moved(change)
         moved = [result.symbol for _, result in results if result.executed]
         if moved:
@@ -470,14 +509,33 @@ class BrainService(Service):
         finishing = await self._results_published(marks) if unrecorded else {}
         now_plans = [(entry_id, plan) for entry_id, plan in plans if plan.symbol not in finishing]
         if now_plans:
-            await self._decide(now_plans, inputs, started)
+            await self._decide(now_plans, inputs, started, unrecorded)
         later = [(entry_id, plan) for entry_id, plan in plans if plan.symbol in finishing]
         if later:
             await self._until_recorded(finishing)
             inputs.update((await self._inputs(list(finishing)))[0])
-            await self._decide(later, inputs, started)
+            await self._decide(later, inputs, started, unrecorded=False)
 
-    async def _decide(self, plans: list[tuple[str, Plan]], inputs: dict[str, BrainInputs], started: float) -> None:
+    async def _decide(
+        self, plans: list[tuple[str, Plan]], inputs: dict[str, BrainInputs], started: float, unrecorded: bool
+    ) -> None:
+        """Decide and issue. While results wait to be recorded, a ledger that disagrees with the exchange may
+        only be behind a fill whose result is on its way: those symbols wait for the ledger follower (at most
+        ``RESULTS_CATCH_UP_S``) and are decided again on what it then holds, instead of being denied now."""
+        verdicts = await self._verdicts(plans, inputs)
+        waiting: set[str] = set()
+        if unrecorded:
+            waiting = {p.symbol for (_, p), v in zip(plans, verdicts, strict=True) if v.reason in LEDGER_DISAGREES}
+        now_plans = [(pair, v) for pair, v in zip(plans, verdicts, strict=True) if pair[1].symbol not in waiting]
+        if now_plans:
+            await self._issue([pair for pair, _ in now_plans], [v for _, v in now_plans], started)
+        later = [pair for pair in plans if pair[1].symbol in waiting]
+        if later:
+            await self._until_results_recorded()
+            inputs.update((await self._inputs(list(waiting)))[0])
+            await self._issue(later, await self._verdicts(later, inputs), started)
+
+    async def _verdicts(self, plans: list[tuple[str, Plan]], inputs: dict[str, BrainInputs]) -> list[BrainVerdict]:
         symbols = list(dict.fromkeys(plan.symbol for _, plan in plans))
         ledgers = {s: inputs[s].ledger for s in symbols}
         behind = {  # symbol -> when its ledger last moved, for those whose snapshot predates that
@@ -490,13 +548,28 @@ class BrainService(Service):
             if not await self._snapshots_since(list(behind), max(behind.values())):
                 self.log.warning("no fresh snapshot within the exchange timeout; deciding on what is known")
             inputs.update((await self._inputs(list(behind)))[0])
-        now = self._clock()
-        verdicts = decide_in_order([plan for _, plan in plans], [inputs[p.symbol] for _, p in plans], self.policy, now)
+        return decide_in_order(
+            [plan for _, plan in plans], [inputs[p.symbol] for _, p in plans], self.policy, self._clock.wall()
+        )
+
+    async def _issue(self, plans: list[tuple[str, Plan]], verdicts: list[BrainVerdict], started: float) -> None:
+        now = self._clock.wall()
         writes = [
             self._permit_write(plan, verdict, entry_id, now)
             for (entry_id, plan), verdict in zip(plans, verdicts, strict=True)
         ]
         await self.issue_decisions(plans, verdicts, writes, started, _verdict_details)
+
+    async def _until_results_recorded(self) -> None:
+        """Wait until the ledger follower group has no result left to record (no lag, nothing pending), looking
+        every 10 ms, at most ``RESULTS_CATCH_UP_S``."""
+        deadline = self._clock.mono() + RESULTS_CATCH_UP_S
+        while self._clock.mono() < deadline:
+            await asyncio.sleep(RESULTS_POLL_S)
+            groups = await self.redis.xinfo_groups(keys.RESULT_STREAM)
+            ledger = [g for g in groups if g["name"] == keys.LEDGER_GROUP]
+            if not ledger or (not ledger[0]["pending"] and ledger[0].get("lag") == 0):
+                return
 
     async def _results_published(self, marks: dict[str, str]) -> dict[str, str]:
         """Of the symbols marked in flight (symbol -> marking plan), those whose plan has its result published
@@ -514,8 +587,8 @@ class BrainService(Service):
         in the same transaction as the ledger: by this instance or another), looking every 10 ms, at most
         ``RESULTS_CATCH_UP_S``. Not for the mark to go: its TTL can free the symbol before the ledger has the fill."""
         seen_keys = [keys.p33_result_seen(plan_id) for plan_id in finishing.values()]
-        deadline = time.monotonic() + RESULTS_CATCH_UP_S
-        while time.monotonic() < deadline:
+        deadline = self._clock.mono() + RESULTS_CATCH_UP_S
+        while self._clock.mono() < deadline:
             await asyncio.sleep(RESULTS_POLL_S)
             if await self.redis.exists(*seen_keys) == len(seen_keys):
                 return
@@ -559,9 +632,9 @@ class BrainService(Service):
             P33Permit(
                 allow=verdict.allow,
                 symbol=plan.symbol,
-                safe_close_qty=float(verdict.safe_close_qty),
-                exchange_position_amt=float(verdict.exchange_position_amt),
-                ledger_amt=float(verdict.ledger_amt) if verdict.ledger_amt is not None else None,
+                safe_close_qty=verdict.safe_close_qty,
+                exchange_position_amt=verdict.exchange_position_amt,
+                ledger_amt=verdict.ledger_amt,
                 created_at=now,
                 reason=verdict.reason,
                 plan_id=plan.plan_id,

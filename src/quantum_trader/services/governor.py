@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from decimal import Decimal, InvalidOperation
-from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
@@ -16,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from quantum_trader.bus import keys
 from quantum_trader.bus.scripts import GrantCount, PermitWrite
 from quantum_trader.bus.streams import ensure_topology
+from quantum_trader.clock import SYSTEM_CLOCK, Clock
 from quantum_trader.domain.governor import GovernorPolicy, GovernorState, decide_in_order
 from quantum_trader.domain.models import AuditEntry, GovernorPermit, Plan, to_fields
 from quantum_trader.domain.permits import encode_permit, sign
@@ -119,7 +119,7 @@ class GovernorService(Service):
         *,
         consumer: str = "",
         registry: CollectorRegistry | None = None,
-        clock: Any = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__(settings, redis, consumer=consumer, clock=clock)
         self.metrics = GovernorMetrics(registry or CollectorRegistry())
@@ -127,7 +127,7 @@ class GovernorService(Service):
         self._secret = permit_key(settings, "governor")
 
     async def run(self) -> None:
-        await ensure_topology(self.redis)
+        await self.until_store(lambda: ensure_topology(self.redis))
         self.log.info("Governor started", consumer=self.consumer, default_mode=self.settings.governor.mode)
         await consume_group(
             self.redis,
@@ -154,7 +154,7 @@ class GovernorService(Service):
             self.metrics.dead_letters.inc(dead)
         if not plans:
             return
-        now = self._clock()
+        now = self._clock.wall()
         states, mode = await self._read_states([plan for _, plan in plans], now)
         if mode == "manual" and not states[0].kill_switch:
             await self.redis.xack(keys.PLAN_STREAM, keys.GOVERNOR_GROUP, *(entry_id for entry_id, _ in plans))
@@ -167,7 +167,7 @@ class GovernorService(Service):
                 )
             return
         verdicts = decide_in_order([plan for _, plan in plans], states, self.policy, now)
-        decided_at = self._clock()
+        decided_at = self._clock.wall()
         writes = [
             governor_permit_write(
                 self.settings,

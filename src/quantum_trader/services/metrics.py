@@ -72,6 +72,22 @@ class ApplyMetrics:
             registry=registry,
         )
         self.store_up = Gauge("qt_apply_store_up", "1 while the store answers", registry=registry)
+        self.lookups = Counter(
+            "qt_apply_truth_lookups",
+            "Orders looked up on the exchange because the store could not vouch for the plan, by why",
+            ["why"],
+            registry=registry,
+        )
+        self.adopted = Counter(
+            "qt_apply_adopted_orders",
+            "Orders found on the exchange for plans the store had forgotten, published as their result",
+            registry=registry,
+        )
+        self.store_changes = Gauge(
+            "qt_apply_store_instances_changed",
+            "Times this process found the store to be another instance (restart, failover) than before",
+            registry=registry,
+        )
         self.consumer_lag = Gauge(
             "qt_apply_consumer_lag", "Entries not yet delivered to the consumer group", ["group"], registry=registry
         )

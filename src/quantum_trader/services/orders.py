@@ -3,33 +3,45 @@
 The decisions are in ``domain.execution`` (pure); this is the loop that carries them out against the exchange:
 send; on a definitive answer stop; on an unclear one look the order up by its client id until it is found in
 a final state, or proven absent (then at most one resend, inside the permit window), or the lookups run out
-(unknown: the intent stays recorded and is resolved again after a restart).
+(unknown: the intent stays recorded and is resolved again later, never resent).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any, Literal
 
-from quantum_trader.domain.execution import LATE_EXECUTION_HORIZON_MS, SendRecord, after_absent, is_final
+from quantum_trader.clock import SYSTEM_CLOCK, Clock
+from quantum_trader.domain.execution import LATE_EXECUTION_HORIZON_MS, SendRecord, Step, after_absent, is_final
 from quantum_trader.exchange.base import (
     Exchange,
     ExchangeBanned,
     ExchangeError,
     ExchangeRejected,
+    NotSent,
     OrderReport,
     OutcomeUnknown,
     Throttled,
 )
 from quantum_trader.exchange.errors import RETRYABLE_REJECTION_CODES
 
-OutcomeKind = Literal["filled", "not_filled", "rejected", "not_placed", "unknown", "banned", "throttled"]
-
 RESOLVE_TIMEOUT_S = 30.0  # how long lookups may fail before the outcome is called unknown (and left for later)
 LOOKUP_SPACING_S = 0.2  # between lookups of an order that is still open, and after a failed lookup (doubling)
+LOOKUP_SPACING_MAX_S = 2.0
+
+
+class OutcomeKind(StrEnum):
+    FILLED = "filled"  # the order exists and executed (fully or partly)
+    NOT_FILLED = "not_filled"  # the order exists and ended without a fill (expired, cancelled)
+    REJECTED = "rejected"  # the exchange refused it: no order
+    NOT_PLACED = "not_placed"  # proven absent, and no request of it can still execute
+    NOT_SENT = "not_sent"  # the permit window closed before the request could leave: nothing was sent
+    UNKNOWN = "unknown"  # could not be established (lookups failing): no result yet, the symbol stays held
+    BANNED = "banned"  # not sent: the exchange banned this IP
+    THROTTLED = "throttled"  # not sent: the rate limits left no room inside the window
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +54,15 @@ class OrderOutcome:
 
     @classmethod
     def of(cls, report: OrderReport, attempts: int = 1) -> OrderOutcome:
-        return cls("filled" if report.filled else "not_filled", report, attempts=attempts)
+        return cls(OutcomeKind.FILLED if report.filled else OutcomeKind.NOT_FILLED, report, attempts=attempts)
+
+    @property
+    def exists(self) -> bool:
+        """An order with the plan's client id is on the exchange."""
+        return self.report is not None
+
+
+Resolution = OrderOutcome | Literal[Step.RESEND]
 
 
 class OrderExecutor:
@@ -52,22 +72,20 @@ class OrderExecutor:
         log: Any,
         resolve_timeout_s: float = RESOLVE_TIMEOUT_S,
         late_horizon_ms: int = LATE_EXECUTION_HORIZON_MS,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.exchange = exchange
         self.log = log
         self.resolve_timeout_s = resolve_timeout_s
         self.late_horizon_ms = late_horizon_ms
+        self.clock = clock
 
     async def execute(
         self, symbol: str, side: str, qty: Decimal, client_order_id: str, window_end_ms: float
     ) -> OrderOutcome:
-        """Place the order; resend at most once, and only when it is proven absent and cannot land any more."""
+        """Place the order; resend at most once, and only when it is proven absent and cannot execute any more."""
         record = SendRecord(
-            1,
-            self.exchange.now_ms(),
-            self.exchange.order_recv_window_ms,
-            window_end_ms,
-            late_horizon_ms=self.late_horizon_ms,
+            1, 0.0, self.exchange.order_recv_window_ms, window_end_ms, late_horizon_ms=self.late_horizon_ms
         )
         while True:
             try:
@@ -75,9 +93,12 @@ class OrderExecutor:
                     symbol, side, qty, client_order_id, deadline_ms=window_end_ms
                 )
             except ExchangeBanned as exc:
-                return OrderOutcome("banned", code=418, message=exc.message, attempts=record.attempts)
+                return OrderOutcome(OutcomeKind.BANNED, code=418, message=exc.message, attempts=record.attempts)
             except Throttled as exc:
-                return OrderOutcome("throttled", message=exc.message, attempts=record.attempts)
+                return OrderOutcome(OutcomeKind.THROTTLED, message=exc.message, attempts=record.attempts)
+            except NotSent as exc:
+                # A resend that could not leave in time is the first attempt's outcome, which was established.
+                return OrderOutcome(OutcomeKind.NOT_SENT, message=exc.message, attempts=record.attempts)
             except ExchangeRejected as exc:
                 now = self.exchange.now_ms()
                 if (
@@ -86,38 +107,39 @@ class OrderExecutor:
                     and now < window_end_ms
                 ):
                     self.log.warning("order refused before processing; sending again", code=exc.code, msg=exc.message)
-                    record = record.resent(now)
+                    record = record.resent(exc.signed_at_ms or now)
                     continue
-                return OrderOutcome("rejected", code=exc.code, message=exc.message, attempts=record.attempts)
+                return OrderOutcome(OutcomeKind.REJECTED, code=exc.code, message=exc.message, attempts=record.attempts)
             except OutcomeUnknown as exc:
                 self.log.warning("order outcome unknown; looking it up by client order id", error=exc.message)
-                record = record.unclear(exc.code)
+                # not stamped (it failed before the adapter could say): it was signed by now at the latest
+                record = record.unclear(exc.code, exc.signed_at_ms or self.exchange.now_ms())
                 resolved = await self.resolve(symbol, client_order_id, record)
-                if resolved == "resend":
+                if resolved is Step.RESEND:
                     self.log.warning("order proven absent and past its recvWindow; sending it once more")
                     record = record.resent(self.exchange.now_ms())
                     continue
                 return resolved
-            if not is_final(report.status):  # ACK-style reply: follow it to its final state
-                return await self._finish(symbol, client_order_id, record)
+            if not is_final(report.status):  # ACK-style reply: follow it to its final state, never resend
+                return await self.follow(symbol, client_order_id, record.acknowledged())
             return OrderOutcome.of(report, record.attempts)
 
-    async def resolve(self, symbol: str, client_order_id: str, record: SendRecord) -> OrderOutcome | Literal["resend"]:
-        """What became of the order: look it up by client id, never resend on our own initiative."""
-        deadline = time.monotonic() + self.resolve_timeout_s
+    async def resolve(self, symbol: str, client_order_id: str, record: SendRecord) -> Resolution:
+        """What became of the order: look it up by client id; ``Step.RESEND`` only when ``record`` allows it."""
+        deadline = self.clock.mono() + self.resolve_timeout_s
         spacing = LOOKUP_SPACING_S
-        last_error = ""
         while True:
             try:
                 report = await self.exchange.query_order(symbol, client_order_id)
             except ExchangeBanned as exc:
-                return OrderOutcome("unknown", code=418, message=exc.message, attempts=record.attempts)
+                return OrderOutcome(OutcomeKind.UNKNOWN, code=418, message=exc.message, attempts=record.attempts)
             except ExchangeError as exc:
-                last_error = exc.message
-                if time.monotonic() > deadline:
-                    return OrderOutcome("unknown", code=exc.code, message=last_error[:200], attempts=record.attempts)
+                if self.clock.mono() > deadline:
+                    return OrderOutcome(
+                        OutcomeKind.UNKNOWN, code=exc.code, message=exc.message[:200], attempts=record.attempts
+                    )
                 await asyncio.sleep(spacing)
-                spacing = min(spacing * 2, 2.0)
+                spacing = min(spacing * 2, LOOKUP_SPACING_MAX_S)
                 continue
             if report is not None:
                 if is_final(report.status):
@@ -125,14 +147,17 @@ class OrderExecutor:
                 await asyncio.sleep(LOOKUP_SPACING_S)
                 continue
             step, when_ms = after_absent(record, self.exchange.now_ms())
-            if step == "query_later":
+            if step is Step.QUERY_LATER:
                 await asyncio.sleep(max(0.0, when_ms - self.exchange.now_ms()) / 1000)
                 continue
-            if step == "resend":
-                return "resend"
-            return OrderOutcome("not_placed", attempts=record.attempts)
+            if step is Step.RESEND:
+                return Step.RESEND
+            return OrderOutcome(OutcomeKind.NOT_PLACED, attempts=record.attempts)
 
-    async def _finish(self, symbol: str, client_order_id: str, record: SendRecord) -> OrderOutcome:
-        # The order was acknowledged, so it exists: whatever a lookup says, it is never sent again.
-        outcome = await self.resolve(symbol, client_order_id, replace(record, attempts=record.max_attempts))
-        return outcome if outcome != "resend" else OrderOutcome("unknown", attempts=record.attempts)
+    async def follow(self, symbol: str, client_order_id: str, record: SendRecord) -> OrderOutcome:
+        """Look up an order whose sends are not to be repeated (``record.may_resend`` is False) until its
+        outcome is established: found final, proven absent after every send could have shown, or unknown."""
+        assert not record.may_resend
+        outcome = await self.resolve(symbol, client_order_id, record)
+        assert outcome is not Step.RESEND  # after_absent never resends a record that may not
+        return outcome

@@ -14,8 +14,11 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from quantum_trader.bus import keys
+from quantum_trader.bus.streams import dead_letter_once
+from quantum_trader.domain import reasons
 from quantum_trader.services.base import STORE_ERRORS, Backoff
 
+MAX_AUDIT_VALUE_CHARS = 4096
 SLOT_OF_ISSUER = {"governor": "governor", "operator": "governor", "p33": "p33"}
 
 
@@ -50,6 +53,13 @@ class PermitWaiter:
     def waiting(self) -> int:
         return len(self._events)
 
+    def restart(self) -> None:
+        """The store is another instance: read from its stream's end again, and wake every waiting plan to
+        read its permits itself (decisions may have gone by unseen)."""
+        self._last_id = None
+        for event in self._events.values():
+            event.set()
+
     async def run(self) -> None:
         backoff = Backoff()
         while True:
@@ -71,7 +81,22 @@ class PermitWaiter:
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     self._last_id = entry_id
-                    self._note(fields)
+                    defect = getattr(fields, "defect", "") or _oversized(fields)
+                    if defect:
+                        await self._dead_letter(entry_id, fields, defect)
+                    else:
+                        self._note(fields)
+
+    async def _dead_letter(self, entry_id: str, fields: dict[str, str], defect: str) -> None:
+        """An unreadable audit line wakes nobody (Apply reads the permits themselves at the window's end); it
+        is dead-lettered once, whichever Apply instance sees it first."""
+        error = f"{reasons.MALFORMED_ENTRY}: {defect}"
+        try:
+            await dead_letter_once(self._redis, keys.AUDIT_DLQ, keys.AUDIT_STREAM, entry_id, fields, error, "apply")
+        except STORE_ERRORS as exc:
+            self._log.warning("audit reader: could not dead-letter an unreadable entry", error=str(exc))
+            return
+        self._log.warning("unreadable audit entry dead-lettered", entry_id=entry_id)
 
     def _note(self, fields: dict[str, str]) -> None:
         plan_id = fields.get("plan_id", "")
@@ -87,3 +112,11 @@ class PermitWaiter:
             allowed.add(slot)
             if len(allowed) == 2:
                 event.set()
+
+
+def _oversized(fields: dict[str, str]) -> str:
+    """Why an audit line is too big to be one (the longest value an issuer writes is a reason), or ""."""
+    for name, value in fields.items():
+        if len(value) > MAX_AUDIT_VALUE_CHARS:
+            return f"value of {name!r} is {len(value)} characters long (at most {MAX_AUDIT_VALUE_CHARS})"
+    return ""

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 from quantum_trader import __version__, logs
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import connect, redact, resolve_redis_url
+from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.exchange import open_exchange, sim_url_for
 from quantum_trader.exchange.base import ExchangeError
 from quantum_trader.exchange.check import HEDGE_HELP, MAX_SKEW_MS
@@ -136,13 +137,16 @@ async def service_event(redis: aioredis.Redis, kind: str, consumer: str, event: 
     try:
         await redis.xadd(keys.SERVICE_EVENTS_STREAM, fields, maxlen=keys.SERVICE_EVENTS_MAXLEN, approximate=True)
     except (RedisError, *STORE_ERRORS) as exc:  # a bookkeeping line never stops a service (e.g. an older ACL)
-        logs.get(kind).warning("could not record the service event (run `qt acl` again?)", event=event, error=str(exc))
+        logs.get(kind).warning("could not record the service event (run `qt acl` again?)", what=event, error=str(exc))
 
 
 async def serve(kind: ServiceKind, settings: Settings) -> None:
     log = logs.get(kind)
     url = resolve_redis_url(settings)
-    redis = await connect(url)
+    # Apply must know which store instance it talks to (its trust in the store's records rests on it); P3.3
+    # reconciles its ledger when the instance changes.
+    watch = StoreWatch(record_epoch=kind == "apply") if kind in ("apply", "brain") else None
+    redis = await connect(url, watch)
     exchange = None
     try:
         if kind in ("apply", "brain"):
@@ -157,7 +161,7 @@ async def serve(kind: ServiceKind, settings: Settings) -> None:
                 raise ExchangeError(f"refusing to start on {where}: {HEDGE_HELP}")
             if abs(skew) > MAX_SKEW_MS:
                 log.warning("clock skew to the exchange is large; compensating, but fix time sync", skew_ms=skew)
-        service = _build(kind, settings, redis, exchange)
+        service = _build(kind, settings, redis, exchange, watch)
         consumer = consumer_name(settings.consumer_name, "p33" if kind == "brain" else kind)
         ready = getattr(service, "ready", None) or asyncio.Event()
         if kind != "brain":
@@ -184,18 +188,18 @@ async def serve(kind: ServiceKind, settings: Settings) -> None:
         await redis.aclose()
 
 
-def _build(kind: ServiceKind, settings: Settings, redis: aioredis.Redis, exchange: Any) -> Any:
+def _build(kind: ServiceKind, settings: Settings, redis: aioredis.Redis, exchange: Any, watch: Any) -> Any:
     if kind == "apply":
         from quantum_trader.services.apply import ApplyService
 
-        return ApplyService(settings, redis, exchange)
+        return ApplyService(settings, redis, exchange, watch=watch)
     if kind == "governor":
         from quantum_trader.services.governor import GovernorService
 
         return GovernorService(settings, redis)
     from quantum_trader.services.brain import BrainService
 
-    return BrainService(settings, redis, exchange)
+    return BrainService(settings, redis, exchange, watch=watch)
 
 
 def run(kind: ServiceKind, settings: Settings) -> None:

@@ -6,7 +6,10 @@ Reproduced Binance behaviours:
   (case-insensitive) covers totalParams = query string concatenated with the request body, without the
   ``signature`` parameter (-1102 when absent, -1022 when wrong). ``timestamp`` is mandatory; a request is
   accepted when ``timestamp < serverTime + 1000`` and ``serverTime - timestamp <= recvWindow`` (default 5000,
-  more than 60000 is -1131), otherwise -1021.
+  more than 60000 is -1131), otherwise -1021. This is the gateway's check, made against the time of receipt.
+* The matching engine's own recvWindow: an order request (new order, cancel, cancel all) it processes after
+  ``timestamp + recvWindow`` on the exchange's clock is refused with -5028 and executes nothing, however long
+  a fault held it after receipt (``latency``, ``late_execution``). So no request executes later than that.
 * Request weight per fixed clock minute (Binance's ``X-MBX-USED-WEIGHT-1M`` resets on the minute) and order
   counts per 10 s and per minute, reported on every answer (order counts on order placement). Over the weight
   limit: HTTP 429 -1003 with ``Retry-After`` (seconds to the window's end); over an order limit: 429 -1015.
@@ -20,6 +23,7 @@ The admin API and the fault kinds are described in ``server.py`` and ``faults.py
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -176,6 +180,19 @@ def authenticate(config: SimConfig, now: int, request: Request, raw_query: bytes
         raise EngineError(-1021, "Timestamp for this request is outside of the recvWindow.")
 
 
+def window_end(params: Mapping[str, str]) -> int:
+    """``timestamp + recvWindow`` of a request that passed ``authenticate``: the last moment it may execute."""
+    timestamp = eng.parse_int(params, "timestamp") or 0
+    recv_window = eng.parse_int(params, "recvWindow")
+    return timestamp + (DEFAULT_RECV_WINDOW if recv_window is None else recv_window)
+
+
+def check_me_window(now: int, params: Mapping[str, str]) -> None:
+    """The matching engine's recvWindow, checked when it processes the request (the gateway checked receipt)."""
+    if now > window_end(params):
+        raise EngineError(-5028, "Timestamp for this request is outside of the ME recvWindow.")
+
+
 # ------------------------------------------------------------------------------------------------ endpoints
 
 
@@ -198,6 +215,7 @@ class Endpoint:
     weight_no_symbol: int | None = None  # Binance weighs some endpoints more without a symbol
     signed: bool = True
     orders: int = 0  # counted on the ORDERS limits
+    matching: bool = False  # processed by the matching engine, which applies its own recvWindow (-5028)
 
     def weigh(self, params: Mapping[str, str]) -> int:
         if self.weight_no_symbol is not None and not params.get("symbol"):
@@ -298,10 +316,21 @@ def _limit(params: Mapping[str, str]) -> int:
 
 
 def all_orders(call: Call) -> list[Json]:
+    """``GET /fapi/v1/allOrders``: from ``orderId`` on, or within ``startTime``..``endTime`` (order creation
+    time), oldest first; with neither, the most recent ``limit`` orders (as Binance does)."""
     spec = call.engine.symbol_param(call.params)
-    from_id = eng.parse_int(call.params, "orderId") or 0
-    orders = [o for o in call.engine.orders(spec.symbol) if o.order_id >= from_id]
-    return [shapes.order_json(call.engine, o, query=True) for o in orders[: _limit(call.params)]]
+    from_id = eng.parse_int(call.params, "orderId")
+    start, end = eng.parse_int(call.params, "startTime"), eng.parse_int(call.params, "endTime")
+    orders = call.engine.orders(spec.symbol)
+    if from_id is not None:
+        orders = [o for o in orders if o.order_id >= from_id]
+    if start is not None:
+        orders = [o for o in orders if o.time_ms >= start]
+    if end is not None:
+        orders = [o for o in orders if o.time_ms <= end]
+    limit = _limit(call.params)
+    picked = orders[-limit:] if from_id is None and start is None else orders[:limit]
+    return [shapes.order_json(call.engine, o, query=True) for o in picked]
 
 
 def user_trades(call: Call) -> list[Json]:
@@ -349,11 +378,11 @@ ENDPOINTS: Final[dict[tuple[str, str], Endpoint]] = {
     ("GET", "/fapi/v3/balance"): Endpoint(lambda call: shapes.balance_json(call.engine), 5),
     ("GET", "/fapi/v1/positionSide/dual"): Endpoint(lambda call: {"dualSidePosition": call.engine.dual}, 30),
     ("POST", "/fapi/v1/positionSide/dual"): Endpoint(change_position_mode, 1),
-    ("POST", "/fapi/v1/order"): Endpoint(new_order, 1, orders=1),
+    ("POST", "/fapi/v1/order"): Endpoint(new_order, 1, orders=1, matching=True),
     ("GET", "/fapi/v1/order"): Endpoint(query_order, 1),
-    ("DELETE", "/fapi/v1/order"): Endpoint(cancel_order, 1),
+    ("DELETE", "/fapi/v1/order"): Endpoint(cancel_order, 1, matching=True),
     ("GET", "/fapi/v1/openOrders"): Endpoint(open_orders, 1, 40),
-    ("DELETE", "/fapi/v1/allOpenOrders"): Endpoint(cancel_all_orders, 1),
+    ("DELETE", "/fapi/v1/allOpenOrders"): Endpoint(cancel_all_orders, 1, matching=True),
     ("GET", "/fapi/v1/allOrders"): Endpoint(all_orders, 5),
     ("GET", "/fapi/v1/userTrades"): Endpoint(user_trades, 5),
     ("GET", "/fapi/v1/leverageBracket"): Endpoint(leverage_bracket, 1),
@@ -364,6 +393,47 @@ ENDPOINTS: Final[dict[tuple[str, str], Endpoint]] = {
 # ------------------------------------------------------------------------------------------------ the app
 
 
+@dataclass(slots=True)
+class LateExecution:
+    """A request a ``late_execution`` rule let through the gateway, for the matching engine to execute later."""
+
+    method: str
+    path: str
+    params: Mapping[str, str]
+    received_ms: int
+    due_ms: int
+    outcome: str = "pending"  # then "executed" (HTTP 200) or "refused" (any error, -5028 among them)
+    reply: Reply | None = None
+    executed_ms: int | None = None
+    timer: asyncio.TimerHandle | None = None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True  # checked under the engine lock when the timer fires, so a racing timer is void
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def finish(self, reply: Reply, now: int) -> None:
+        self.outcome = "executed" if reply.status == 200 else "refused"
+        self.reply, self.executed_ms = reply, now
+
+    def to_json(self) -> Json:
+        params = self.params
+        return {
+            "method": self.method,
+            "path": self.path,
+            "symbol": params.get("symbol"),
+            "clientOrderId": params.get("newClientOrderId") or params.get("origClientOrderId"),
+            "receivedAt": self.received_ms,
+            "dueAt": self.due_ms,
+            "windowEnd": window_end(params) if "timestamp" in params else None,
+            "outcome": self.outcome,
+            "executedAt": self.executed_ms,
+            "httpStatus": self.reply.status if self.reply else None,
+            "reply": self.reply.body if self.reply and not isinstance(self.reply.body, bytes) else None,
+        }
+
+
 class SimState:
     """Everything one simulator app serves from."""
 
@@ -372,9 +442,14 @@ class SimState:
         self.engine = engine
         self.limiter = RateLimiter(config)
         self.faults = FaultBook()
+        self.late: list[LateExecution] = []  # every late_execution since the last reset, oldest first
 
     def reset(self) -> None:
-        self.engine.reset()
+        with self.engine.lock:
+            for late in self.late:
+                late.cancel()
+            self.late = []
+            self.engine.reset()
         self.limiter.reset()
         self.faults.clear()
 
@@ -411,44 +486,76 @@ class SimApp:
         params = dict(_parse(raw_query))
         params.update(_parse(body))
         state = self.state
-        now = state.engine.now_ms()
+        now = state.engine.now_ms()  # the request's receipt: the gateway checks its timestamp against this
         refused = state.limiter.admit(now, endpoint.weigh(params), endpoint.orders)
         if refused is not None:
             return _respond(refused, state.limiter.headers(orders=endpoint.orders > 0))
 
         def run(fill_fraction: Decimal | None) -> Reply:
-            return self.process(endpoint, request, raw_query, body, params, fill_fraction)
+            refused = self.gateway(endpoint, request, raw_query, body, params, now)
+            return refused if refused is not None else self.execute(endpoint, method, path, params, fill_fraction)
+
+        def defer(delay_ms: int) -> Reply | None:
+            refused = self.gateway(endpoint, request, raw_query, body, params, now)
+            if refused is None:
+                self.execute_later(endpoint, method, path, params, now, delay_ms)
+            return refused
 
         rule = state.faults.take(method, path)
         if rule is None:
             reply = run(None)
         else:
-            reply = await apply_fault(rule, run, params, now, state.config.weight_limit_1m)
+            reply = await apply_fault(rule, run, defer, params, now, state.config.weight_limit_1m)
         return _respond(reply, state.limiter.headers(orders=endpoint.orders > 0))
 
-    def process(
-        self,
-        endpoint: Endpoint,
-        request: Request,
-        raw_query: bytes,
-        body: bytes,
-        params: dict[str, str],
-        fill_fraction: Decimal | None,
+    def gateway(
+        self, endpoint: Endpoint, request: Request, raw_query: bytes, body: bytes, params: dict[str, str], now: int
+    ) -> Reply | None:
+        """The gateway's checks of a SIGNED request received at ``now``; the refusal, or None."""
+        if not endpoint.signed:
+            return None
+        try:
+            authenticate(self.state.config, now, request, raw_query, body, params)
+        except EngineError as error:
+            return error_reply(error)
+        return None
+
+    def execute(
+        self, endpoint: Endpoint, method: str, path: str, params: Mapping[str, str], fill_fraction: Decimal | None
     ) -> Reply:
+        """Process a request that passed the gateway, now (the matching engine's recvWindow first)."""
         state = self.state
         engine = state.engine
         try:
             with engine.lock:
                 now = engine.now_ms()
-                if endpoint.signed:
-                    authenticate(state.config, now, request, raw_query, body, params)
+                if endpoint.signed and endpoint.matching:
+                    check_me_window(now, params)
                 call = Call(engine, state.config, params, now, fill_fraction)
                 return Reply(200, endpoint.handler(call))
         except EngineError as error:
             return error_reply(error)
         except Exception:
-            log.exception("sim exchange: unexpected error on %s %s", request.method, request.scope["path"])
+            log.exception("sim exchange: unexpected error on %s %s", method, path)
             return Reply(500, {"code": -1000, "msg": "An unknown error occured while processing the request."})
+
+    def execute_later(
+        self, endpoint: Endpoint, method: str, path: str, params: Mapping[str, str], received: int, delay_ms: int
+    ) -> None:
+        """Have the engine execute the request ``delay_ms`` from now, off the request (a timer on the loop: a
+        server stopping first simply drops it)."""
+        state = self.state
+        late = LateExecution(method, path, params, received, received + delay_ms)
+        with state.engine.lock:
+            state.late.append(late)
+            late.timer = asyncio.get_running_loop().call_later(delay_ms / 1000, self._run_late, endpoint, late)
+
+    def _run_late(self, endpoint: Endpoint, late: LateExecution) -> None:
+        engine = self.state.engine
+        with engine.lock:
+            if late.cancelled:
+                return
+            late.finish(self.execute(endpoint, late.method, late.path, late.params, None), engine.now_ms())
 
     # -------------------------------------------------------------------------------------------- admin
 
@@ -607,6 +714,10 @@ def admin_clear_faults(state: SimState, request: Request, data: Any) -> Json:
     return {"ok": True}
 
 
+def admin_late_executions(state: SimState, request: Request, data: Any) -> list[Json]:
+    return [late.to_json() for late in state.late]
+
+
 AdminHandler = Callable[[SimState, Request, Any], Any]
 ADMIN_ROUTES: Final[dict[tuple[str, str], AdminHandler]] = {
     ("GET", "/_sim/state"): admin_state,
@@ -620,6 +731,7 @@ ADMIN_ROUTES: Final[dict[tuple[str, str], AdminHandler]] = {
     ("POST", "/_sim/faults"): admin_add_fault,
     ("GET", "/_sim/faults"): admin_list_faults,
     ("DELETE", "/_sim/faults"): admin_clear_faults,
+    ("GET", "/_sim/late"): admin_late_executions,
 }
 
 

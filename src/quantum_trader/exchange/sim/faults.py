@@ -10,7 +10,8 @@ many matching requests it hits (``null``: until ``DELETE /_sim/faults``). The fi
 left wins. Kinds and their fields:
 
 =====================  =====================================================================================
-latency                ``ms``; then normal processing.
+latency                ``ms``; then normal processing. The gateway checked the request at receipt, so past
+                       ``timestamp + recvWindow`` an order request is refused by the matching engine (-5028).
 timeout_after_fill     the request IS processed (the order executes), then the answer is held ``ms``
                        (default 30000) so the client times out not knowing the outcome.
 timeout_before_fill    hold ``ms`` (default 30000), then HTTP 503 -1001; nothing executed.
@@ -28,6 +29,13 @@ bad_json               HTTP 200 with a truncated JSON body; ``executed`` (defaul
 missing_fields         HTTP 200 JSON without ``fields`` (default: status, executedQty, cumQty, cumQuote,
                        avgPrice, updateTime); ``executed`` (default true) as above, otherwise only the echoed
                        request fields are returned.
+late_execution         the request passes the gateway (checked at receipt) and is answered at once with an
+                       "execution status unknown" ``answer``; the matching engine executes it ``ms`` (default
+                       2000) later in the background, unless ``timestamp + recvWindow`` has passed by then
+                       (-5028: nothing executes). ``answer``: "-1007" (HTTP 408, default), "-1000" / "-1006"
+                       (HTTP 500), "timeout" (held ``hold_ms``, default 30000, then 503 -1001), "503_html" (a
+                       gateway's HTML 503), "empty" (HTTP 200, empty body). Each outcome is listed by
+                       ``GET /_sim/late``; reset cancels the pending ones.
 =====================  =====================================================================================
 """
 
@@ -55,8 +63,11 @@ KINDS: Final = (
     "partial_fill",
     "bad_json",
     "missing_fields",
+    "late_execution",
 )
 DEFAULT_TIMEOUT_MS: Final = 30_000
+DEFAULT_LATE_MS: Final = 2000
+LATE_ANSWERS: Final = ("-1007", "-1000", "-1006", "timeout", "503_html", "empty")
 DEFAULT_DROPPED_FIELDS: Final = ("status", "executedQty", "cumQty", "cumQuote", "avgPrice", "updateTime")
 # Codes whose execution status Binance documents as unknown: only these may carry ``executed: true``.
 UNKNOWN_OUTCOME_CODES: Final = frozenset({-1000, -1006, -1007})
@@ -83,7 +94,9 @@ ERROR_CODES: Final[dict[int, tuple[int, str]]] = {
     -4164: (400, "Order's notional must be no smaller than 5 (unless you choose reduce only)."),
     -4116: (400, "ClientOrderId is duplicated."),
     -4118: (400, "ReduceOnly Order Failed. Please check your existing position and open orders."),
+    -5028: (400, "Timestamp for this request is outside of the ME recvWindow."),
 }
+GATEWAY_503_HTML: Final = b"<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>"
 HTTP_5XX_BODIES: Final[dict[int, tuple[int, str]]] = {
     500: (-1000, "An unknown error occured while processing the request."),
     503: (-1001, "Internal error; unable to process your request. Please try again."),
@@ -117,6 +130,8 @@ class FaultRule:
     fraction: str | None = None
     retry_after: int | None = None
     fields: list[str] | None = None
+    answer: str | None = None
+    hold_ms: int | None = None
     hits: int = 0
 
     @classmethod
@@ -130,6 +145,8 @@ class FaultRule:
         if kind not in KINDS:
             raise FaultError(f"kind must be one of {', '.join(KINDS)}")
         rule = cls(kind=kind, count=_int(data, "count", 1), ms=_int(data, "ms"), retry_after=_int(data, "retry_after"))
+        rule.hold_ms = _int(data, "hold_ms")
+        rule.answer = _optional_str(data, "answer")
         rule.path = _optional_str(data, "path")
         method = _optional_str(data, "method")
         rule.method = method.upper() if method else None
@@ -138,6 +155,8 @@ class FaultRule:
             raise FaultError("count must be >= 1 or null")
         if rule.ms is not None and rule.ms < 0:
             raise FaultError("ms must be >= 0")
+        if rule.hold_ms is not None and rule.hold_ms < 0:
+            raise FaultError("hold_ms must be >= 0")
         executed = data.get("executed")
         if executed is not None and not isinstance(executed, bool):
             raise FaultError("executed must be true or false")
@@ -170,6 +189,13 @@ class FaultRule:
             if raw is None or isinstance(raw, bool) or not 0 <= fraction <= 1:
                 raise FaultError("fraction must be a number in [0, 1]")
             self.fraction = str(raw)
+        if self.kind == "late_execution":
+            if self.answer is not None and self.answer not in LATE_ANSWERS:
+                raise FaultError(f"answer must be one of {', '.join(LATE_ANSWERS)}")
+            if self.hold_ms is not None and self.answer != "timeout":
+                raise FaultError('hold_ms is only for answer "timeout"')
+        elif self.answer is not None or self.hold_ms is not None:
+            raise FaultError("answer and hold_ms are only for late_execution")
 
     def matches(self, method: str, path: str) -> bool:
         return (self.path is None or self.path == path) and (self.method is None or self.method == method)
@@ -188,6 +214,11 @@ class FaultRule:
         if self.kind == "error_code":
             return bool(self.executed)
         return False
+
+    @property
+    def late_ms(self) -> int:
+        """How long after receipt a late_execution rule has the matching engine execute the request."""
+        return DEFAULT_LATE_MS if self.ms is None else self.ms
 
     def error(self) -> tuple[int, int, str]:
         """(HTTP status, code, msg) of an error_code rule."""
@@ -277,11 +308,39 @@ async def _hold(ms: int | None, default: int) -> None:
     await asyncio.sleep((default if ms is None else ms) / 1000)
 
 
+def _code_reply(code: int) -> Reply:
+    status, msg = ERROR_CODES[code]
+    return Reply(status, {"code": code, "msg": msg})
+
+
+async def late_answer(rule: FaultRule) -> Reply:
+    """What the client of a late_execution request hears: nothing that tells whether it executed."""
+    answer = rule.answer or "-1007"
+    if answer == "timeout":
+        await _hold(rule.hold_ms, DEFAULT_TIMEOUT_MS)
+        return _code_reply(-1001)
+    if answer == "503_html":
+        return Reply(503, GATEWAY_503_HTML, media_type="text/html")
+    if answer == "empty":
+        return Reply(200, b"")
+    return _code_reply(int(answer))
+
+
 async def apply_fault(
-    rule: FaultRule, run: Callable[[Decimal | None], Reply], params: Mapping[str, str], now: int, weight_limit: int
+    rule: FaultRule,
+    run: Callable[[Decimal | None], Reply],
+    defer: Callable[[int], Reply | None],
+    params: Mapping[str, str],
+    now: int,
+    weight_limit: int,
 ) -> Reply:
-    """The answer to a request hit by ``rule``; ``run`` processes the request normally (and executes orders)."""
+    """The answer to a request hit by ``rule``; ``run`` processes the request normally (and executes orders);
+    ``defer(ms)`` passes it through the gateway now and has the engine execute it ``ms`` later (a refusal by the
+    gateway is returned, None otherwise)."""
     kind = rule.kind
+    if kind == "late_execution":
+        refused = defer(rule.late_ms)
+        return refused if refused is not None else await late_answer(rule)
     if kind == "latency":
         await _hold(rule.ms, 0)
         return run(None)

@@ -18,7 +18,8 @@ GET    /_sim/state          {"serverTime", "dualSidePosition", "wallet": {"asset
 GET    /_sim/orders         [order...] every order, oldest first, shaped like GET /fapi/v1/order
                             (``?symbol=`` filters)
 POST   /_sim/reset          {} -> {"ok": true}: wallet, positions, orders, prices, position mode, rate limits
-                            and faults back to the start (order ids keep increasing)
+                            and faults back to the start (order ids keep increasing); pending late
+                            executions are cancelled
 POST   /_sim/position       {"symbol", "amt": "0.5", "entry_price"?: "…", "position_side"?: "LONG"} -> the
                             position row; a change made outside the trading system (no wallet effect)
 POST   /_sim/price          {"symbol", "price"} -> {"symbol", "markPrice"}
@@ -27,6 +28,11 @@ POST   /_sim/wallet         {"balance": "…"} -> {"asset", "balance"}
 POST   /_sim/clock          {"offset_ms": 5000} -> {"offset_ms", "serverTime"}: the exchange's clock runs
                             that far ahead of the host's (negative: behind); reset sets it back to 0
 POST   /_sim/faults         a rule (see ``faults.py``) -> the rule;  GET lists them;  DELETE clears them
+GET    /_sim/late           [{"method", "path", "symbol", "clientOrderId", "receivedAt", "dueAt", "windowEnd",
+                            "outcome": "pending"|"executed"|"refused", "executedAt", "httpStatus", "reply"}...]
+                            the requests ``late_execution`` rules deferred since the last reset, oldest
+                            first; "reply" is the engine's answer when it executed (-5028: past the ME
+                            recvWindow, nothing executed)
 ==========================  ===============================================================================
 
 Errors of the admin API are ``{"error": "..."}`` with HTTP 400.
