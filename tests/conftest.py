@@ -21,9 +21,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
 from quantum_trader.bus.embedded import EmbeddedStore
 from quantum_trader.bus.identity import StoreWatch
+from quantum_trader.bus.streams import TOPOLOGY
 from quantum_trader.exchange.binance import BinanceFutures, make_exchange
 from quantum_trader.exchange.sim.server import SimConfig, SimServer
 from quantum_trader.services.apply import ApplyService
@@ -156,6 +158,27 @@ async def wait_key(rds: aioredis.Redis, key: str) -> None:
     await until(exists)
 
 
+async def plan_waiting_for_governor(rds: aioredis.Redis, symbol: str) -> Any:
+    """A published plan that waits for its Governor permit (manual mode): a target for what goes into slots."""
+    from quantum_trader import ops
+
+    await ops.set_governor_mode(rds, "manual", "test")
+    sub = await ops.propose(rds, symbol, "FULL_CLOSE")
+    await wait_key(rds, keys.plan_record(sub.plan_id))
+    return sub
+
+
+async def assert_nothing_pending(rds: aioredis.Redis, timeout: float = 10.0) -> None:
+    """Every consumer group has acknowledged everything it read (served, skipped or dead-lettered)."""
+    import time
+
+    for stream, group in TOPOLOGY:
+        deadline = time.monotonic() + timeout
+        while (await rds.xpending(stream, group))["pending"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert (await rds.xpending(stream, group))["pending"] == 0, f"{group} left entries pending"
+
+
 # --- settings and the chain -------------------------------------------------------------------------------
 
 
@@ -205,7 +228,7 @@ class Chain:
         """Another instance of service ``name`` (its own consumer name), tracked as ``consumer``."""
         return await self.start_one(name, consumer)
 
-    async def start_one(self, name: str, consumer: str = "") -> Any:
+    async def start_one(self, name: str, consumer: str = "", *, wait_ready: bool = True) -> Any:
         # as the runner does: Apply and P3.3 check which store instance each connection reaches
         watch = StoreWatch(record_epoch=name == "apply") if name in ("apply", "brain") else None
         client = make_client(self.urls.get(name, self.settings.redis_url), watch)
@@ -221,6 +244,8 @@ class Chain:
             service = cls(self.settings, client, exchange, consumer=consumer, watch=watch)
         self.services[key] = service
         self.tasks[key] = asyncio.create_task(service.run(), name=f"test-{key}")
+        if not wait_ready:
+            return service
         if name == "brain":
             await asyncio.wait_for(service.ready.wait(), 10)
         elif name == "apply":

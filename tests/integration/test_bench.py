@@ -28,6 +28,9 @@ def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_p
         assert _ordered(report[name]), name
     assert report["seed_decided"]["samples"] == 10
     assert report["p50_ratio_seed_over_chain"] > 0
+    # a steady run: the store vouches for every plan, none is looked up on the exchange; a lookup is timed apart
+    assert report["truth_lookups_per_plan"] == 0
+    assert report["truth_lookup"]["samples"] == 20 and _ordered(report["truth_lookup"])
 
     (step,) = report["open_loop"]
     assert step["target_per_s"] == 200 and step["sent"] == 400

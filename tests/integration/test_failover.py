@@ -13,6 +13,7 @@ import pytest
 from conftest import Chain, make_settings, set_position, sim_orders, until, wait_key
 from quantum_trader import ops
 from quantum_trader.bus import keys
+from quantum_trader.domain import reasons
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +89,30 @@ async def test_an_entry_delivered_too_often_is_dead_lettered_with_its_history(si
     result = await ops.wait_result(rds, sub.plan_id, 15, sub.result_cursor)
     assert result is not None and result.error == "permit_timeout" and result.missing == "Governor"
     assert sim_orders(sim) == []
+
+
+async def test_a_poisoned_proposal_whose_plan_exists_still_ends_with_one_result(sim, rds, chain: Chain) -> None:
+    """The proposal was handed out (and killed its Apply) too often: it goes to the dead-letter stream, and the
+    plan it already had ends with exactly one result, `dead_lettered`, never an order."""
+    set_position(sim, "SOLUSDT", "40")
+    await ops.set_governor_mode(rds, "manual", "test")
+    await chain.start()
+    sub = await ops.propose(rds, "SOLUSDT", "FULL_CLOSE")
+    await wait_key(rds, keys.p33_permit(sub.plan_id))
+    await chain.crash("apply")
+    # as if it had been delivered, and had crashed its consumer, seven times
+    await rds.xclaim(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, "apply-test", 0, [sub.entry_id], retrycount=7)
+    await chain.start_one("apply")
+    result = await ops.wait_result(rds, sub.plan_id, 15, sub.result_cursor)
+    assert result is not None and not result.executed and result.error == reasons.DEAD_LETTERED, result
+    letters = [f for _, f in await rds.xrange(keys.PROPOSAL_DLQ) if f.get("source_id") == sub.entry_id]
+    assert len(letters) == 1 and "poison: delivered" in letters[0]["error"]
+    # an operator's grant now changes nothing: a plan with its result is never executed
+    with pytest.raises(ops.OperatorError, match="already has its result"):
+        await ops.decide_manually(rds, chain.settings, sub.plan_id, grant=True, reason="", operator="t")
+    await asyncio.sleep(0.5)
+    assert sim_orders(sim) == []
+    assert len([f for _, f in await rds.xrange(keys.RESULT_STREAM) if f["plan_id"] == sub.plan_id]) == 1
 
 
 async def test_a_read_whose_batch_handler_fails_is_finished_entry_by_entry(rds) -> None:

@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SIM_ADMIN, Chain, make_settings, set_position, sim_orders
+from conftest import (
+    SIM_ADMIN,
+    Chain,
+    assert_nothing_pending,
+    make_settings,
+    plan_waiting_for_governor,
+    set_position,
+    sim_orders,
+)
 from quantum_trader import ops
 from quantum_trader.bus import keys
+from quantum_trader.bus.connection import make_client
 
 pytestmark = pytest.mark.integration
 
@@ -90,18 +97,14 @@ def entries(fields: list[str]) -> st.SearchStrategy[dict[str, str]]:
 async def run(batch_proposals, batch_plans, batch_results, permits, sim, store_url: str, tmp: Path) -> None:
     settings_ = make_settings(tmp, store_url, sim.url, apply={"permit_wait_ms": 1500, "metrics_port": 0})
     chain = Chain(settings_)
-    rds = aioredis.Redis.from_url(store_url, decode_responses=True)
+    rds = make_client(store_url)
     set_position(sim, "BTCUSDT", "0.010")  # some fuzzed proposals are valid closes of this one
     set_position(sim, "ETHUSDT", "-0.5")
     set_position(sim, "SOLUSDT", "40")
     try:
         await chain.start()
         # a plan waiting for its Governor permit, whose permit slot gets garbage
-        await ops.set_governor_mode(rds, "manual", "fuzz")
-        victim = await ops.propose(rds, "ETHUSDT", "FULL_CLOSE")
-        deadline = time.monotonic() + 5
-        while not await rds.exists(keys.plan_record(victim.plan_id)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        victim = await plan_waiting_for_governor(rds, "ETHUSDT")
         for raw in permits:
             await rds.set(keys.governor_permit(victim.plan_id), raw, ex=60)
             await rds.xadd(keys.AUDIT_STREAM, {"plan_id": victim.plan_id, "issuer": "governor", "decision": "allow"})
@@ -126,16 +129,7 @@ async def run(batch_proposals, batch_plans, batch_results, permits, sim, store_u
         placed = [o["clientOrderId"] for o in sim_orders(sim)]
         assert f"qt-{good.plan_id}" in placed and len(placed) == len(set(placed)) and set(placed) <= executed
         # nothing left unhandled: every entry was acknowledged (served, skipped or dead-lettered)
-        for stream, group in (
-            (keys.PROPOSAL_STREAM, keys.APPLY_GROUP),
-            (keys.PLAN_STREAM, keys.GOVERNOR_GROUP),
-            (keys.PLAN_STREAM, keys.P33_GROUP),
-            (keys.RESULT_STREAM, keys.LEDGER_GROUP),
-        ):
-            deadline = time.monotonic() + 10
-            while (await rds.xpending(stream, group))["pending"] and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert (await rds.xpending(stream, group))["pending"] == 0, f"{group} left entries pending"
+        await assert_nothing_pending(rds)
         # and every fuzzed proposal is accounted for: dead-lettered with a reason, or (well-formed) given a result
         letters = await rds.xlen(keys.PROPOSAL_DLQ)
         results = [f for _, f in await rds.xrange(keys.RESULT_STREAM)]  # again: all proposals are acked now

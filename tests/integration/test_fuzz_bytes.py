@@ -23,7 +23,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from programs import qt
 
-from conftest import SIM_ADMIN, Chain, make_settings, set_position, sim_orders
+from conftest import (
+    SIM_ADMIN,
+    Chain,
+    assert_nothing_pending,
+    make_settings,
+    plan_waiting_for_governor,
+    set_position,
+    sim_orders,
+)
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
@@ -77,11 +85,7 @@ async def run(entries, permits, switches, sim, store_url: str, tmp: Path) -> Non
     try:
         await chain.start()
         # a plan waiting for its Governor permit, whose slots get arbitrary bytes
-        await ops.set_governor_mode(rds, "manual", "fuzz")
-        victim = await ops.propose(rds, "ETHUSDT", "FULL_CLOSE")
-        deadline = time.monotonic() + 5
-        while not await rds.exists(keys.plan_record(victim.plan_id)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        victim = await plan_waiting_for_governor(rds, "ETHUSDT")
         for slot, value in permits:
             key = keys.governor_permit(victim.plan_id) if slot == "governor" else keys.p33_permit(victim.plan_id)
             raw.set(key, value, ex=60)
@@ -132,16 +136,7 @@ async def run(entries, permits, switches, sim, store_url: str, tmp: Path) -> Non
                 kept = raw_pairs(letter)
                 assert kept == [tuple(pair) for pair in pairs], f"{stream} {entry_id}: the letter lost bytes"
         # no group left anything pending (served, skipped or dead-lettered)
-        for stream, group in (
-            (keys.PROPOSAL_STREAM, keys.APPLY_GROUP),
-            (keys.PLAN_STREAM, keys.GOVERNOR_GROUP),
-            (keys.PLAN_STREAM, keys.P33_GROUP),
-            (keys.RESULT_STREAM, keys.LEDGER_GROUP),
-        ):
-            deadline = time.monotonic() + 10
-            while (await rds.xpending(stream, group))["pending"] and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert (await rds.xpending(stream, group))["pending"] == 0, f"{group} left entries pending"
+        await assert_nothing_pending(rds)
         # the dashboard and `qt audit --dead-letters` read the letters
         state = await dashboard_state(rds, settings_)
         json.dumps(state)  # the page gets it as JSON

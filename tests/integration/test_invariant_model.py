@@ -2,14 +2,19 @@
 
 A ``RuleBasedStateMachine`` drives proposals, Governor modes and the kill switch, operator grants and denies,
 forged permits in either slot, crashes of any service at a random moment (restarted under the same or a new
-consumer name, so pending entries are redelivered or claimed), extra consumers, and pauses that let permit
-windows time out. After every step it checks, on the exchange's and the store's own records:
+consumer name, so pending entries are redelivered or claimed), extra consumers, pauses that let permit
+windows time out, and a store that forgets: a snapshot at one step, and at a later one the store comes back
+with that snapshot's data only (services left running, or killed with it). After every step it checks, on
+the exchange's records and on its own copy of every audit line and result as they appeared (the store may
+forget them):
 
 1. no order without two valid permits: every order on the simulator belongs to a plan that the Governor (or an
    operator) and P3.3 allowed, in their own audit lines, and whose both permits Apply consumed;
-2. at most one order per plan, and at most one result per plan;
-3. no plan lost: at the end of each example every proposal has its one result (bounded wait), an executed
-   result matches its one order's fill, and a plan that did not execute filled nothing.
+2. at most one order per plan, and at most one result per plan in the store; every result a plan ever had
+   (one forgotten, the next adopted from the exchange) says the same about its order;
+3. no plan lost: at the end of each example every proposal has its result (bounded wait), unless the store
+   forgot the proposal itself before anything came of it; the last result matches its one order's fill, and a
+   plan that did not execute filled nothing.
 
 One chain runs for the whole module (examples share it, as a long-running system shares its past: an order
 placed late for an earlier example's plan is still caught, by orderId). ``make test`` runs a few examples;
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -31,7 +37,6 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-import redis
 import redis.asyncio as aioredis
 from forgery import ATTACKS, P33_ATTACKS
 from hypothesis import HealthCheck, settings
@@ -41,6 +46,8 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, 
 from conftest import SIM_ADMIN, SIM_KEY, SIM_SECRET, Chain, make_settings, set_position
 from quantum_trader import ops
 from quantum_trader.bus import keys
+from quantum_trader.bus.connection import make_client
+from quantum_trader.bus.embedded import EmbeddedStore
 from quantum_trader.domain.models import Plan, from_fields
 from quantum_trader.exchange.sim.server import SimConfig, SimServer
 
@@ -67,8 +74,12 @@ class World:
     only new stream entries and new orders at each check, so a step costs the same after 10,000 examples.
     """
 
-    def __init__(self, sim: Any, store_url: str, tmp: Path) -> None:
+    def __init__(self, sim: Any, store: EmbeddedStore, store_url: str, tmp: Path) -> None:
         self.sim = sim
+        self.store = store
+        self.snapshot_path = tmp / "model-snapshot.rdb"
+        self.snapshot_taken = False
+        self.losses = 0
         self.http = httpx.Client(base_url=sim.url, headers={"X-Sim-Admin-Token": SIM_ADMIN}, timeout=10)
         self.settings = make_settings(
             tmp,
@@ -82,6 +93,7 @@ class World:
         self.thread = threading.Thread(target=self.loop.run_forever, name="model-loop", daemon=True)
         self.thread.start()
         self.chain = Chain(self.settings)
+        self.store_url = store_url
         self.rds: aioredis.Redis = self.run(self._client(store_url))
         self.instances: dict[str, list[str]] = {s: [s] for s in SERVICES}
         self.serial = 0
@@ -89,11 +101,12 @@ class World:
         self.results: dict[str, list[dict[str, str]]] = defaultdict(list)
         self.orders: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._cursors = {keys.AUDIT_STREAM: "0-0", keys.RESULT_STREAM: "0-0"}
+        self.entries: dict[str, str] = {}  # plan id -> its proposal's entry id
         self._next_order_id = 0
 
     @staticmethod
     async def _client(url: str) -> aioredis.Redis:
-        return aioredis.Redis.from_url(url, decode_responses=True)
+        return make_client(url)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -142,7 +155,27 @@ class World:
             assert governor_ok and ("p33", "allow") in allowed, f"order {coid} without two allows: {lines}"
             assert consumed == {"governor", "p33"}, f"order {coid}: Apply consumed {consumed}"
         for plan_id, results in self.results.items():
-            assert len(results) <= 1, f"plan {plan_id}: {len(results)} results"
+            said = {(r["executed"], r.get("filled_qty", "0") if r["executed"] == "true" else "") for r in results}
+            assert len(said) <= 1, f"plan {plan_id}: its results disagree: {results}"
+            assert len(results) <= 1 + self.losses, f"plan {plan_id}: {len(results)} results"
+
+    def snapshot(self) -> None:
+        self.store.snapshot(self.store_url, self.snapshot_path)
+        self.snapshot_taken = True
+
+    def lose(self, services_die: bool) -> None:
+        """The store comes back with the last snapshot's data only (host crash: with every service killed)."""
+        self.store.kill()
+        if services_die:
+            for name in list(self.chain.tasks):
+                self.run(self.chain.crash(name))
+        self.store.start_from(self.snapshot_path, self.store_url)
+        self.run(self.rds.connection_pool.disconnect())
+        self.losses += 1
+        self.snapshot_taken = False
+        if services_die:
+            self.instances = {s: [s] for s in SERVICES}
+            self.run(self.chain.start())
 
 
 class PermitChainModel(RuleBasedStateMachine):
@@ -162,6 +195,7 @@ class PermitChainModel(RuleBasedStateMachine):
             ops.propose(self.world.rds, symbol, "PARTIAL_CLOSE", qty=CLOSE[symbol] * times, source="model")
         )
         self.mine.append(sub.plan_id)
+        self.world.entries[sub.plan_id] = sub.entry_id
         return sub.plan_id
 
     @rule(mode=st.sampled_from(["auto", "manual"]))
@@ -223,6 +257,16 @@ class PermitChainModel(RuleBasedStateMachine):
         w.run(w.chain.start_named(service, name))
         w.instances[service].append(name)
 
+    @rule()
+    def store_snapshot(self) -> None:
+        self.world.snapshot()
+
+    @rule(services_die=st.booleans())
+    def store_forgets(self, services_die: bool) -> None:
+        """What the store acknowledged since the snapshot is lost (a power loss, a failover to a stale replica)."""
+        if self.world.snapshot_taken:
+            self.world.lose(services_die)
+
     @rule(ms=st.sampled_from([0, 20, WINDOW_MS + 50]))
     def pause(self, ms: int) -> None:
         time.sleep(ms / 1000)  # the longest outlasts the permit window, so waiting plans time out
@@ -238,14 +282,17 @@ class PermitChainModel(RuleBasedStateMachine):
         deadline = time.monotonic() + RESULT_WAIT_S
         while True:
             w.refresh()
-            lost = [p for p in self.mine if not w.results[p]]
+            lost = [p for p in self.mine if not w.results[p] and not w.run(_forgotten(w, p))]
             if not lost:
                 break
             assert time.monotonic() < deadline, f"plans without a result after {RESULT_WAIT_S} s: {lost}"
             time.sleep(0.02)
         w.check_promises()
         for plan_id in self.mine:
-            (result,) = w.results[plan_id]
+            if not w.results[plan_id]:
+                assert not w.orders.get(f"qt-{plan_id}"), f"plan {plan_id}: forgotten, yet it has an order"
+                continue
+            result = w.results[plan_id][-1]
             placed = w.orders.get(f"qt-{plan_id}", [])
             if result["executed"] == "true":
                 assert len(placed) == 1, f"plan {plan_id} executed without an order"
@@ -255,6 +302,16 @@ class PermitChainModel(RuleBasedStateMachine):
         # the next example starts from an ordinary state (its own rules may change it again)
         w.run(ops.set_kill_switch(w.rds, False, "model"))
         w.run(ops.set_governor_mode(w.rds, "auto", "model"))
+
+
+async def _forgotten(w: World, plan_id: str) -> bool:
+    """The store forgot the plan's proposal itself (a loss took it) and no order came of it: nothing to answer."""
+    entry_id = w.entries.get(plan_id, "")
+    return (
+        w.losses > 0
+        and not await w.rds.xrange(keys.PROPOSAL_STREAM, entry_id, entry_id)
+        and not w.orders.get(f"qt-{plan_id}")
+    )
 
 
 async def _record(rds: aioredis.Redis, plan_id: str) -> Plan | None:
@@ -267,7 +324,7 @@ async def _decide(w: World, plan_id: str, grant: bool) -> str:
 
 
 @pytest.fixture
-def world(embedded_store: str, tmp_path: Path) -> Iterator[World]:
+def world(tmp_path: Path) -> Iterator[World]:
     # A simulator of its own, with raised (VIP-like) rate limits: several brains polling every 0.5 s and a
     # reconcile at each of thousands of restarts would exhaust Binance's default 2,400 weight a minute, and
     # what this model checks is the promises, not the limits (test_exchange_check and the fault matrix do).
@@ -280,14 +337,17 @@ def world(embedded_store: str, tmp_path: Path) -> Iterator[World]:
         orders_limit_10s=10**6,
         orders_limit_1m=10**7,
     )
-    client = redis.Redis.from_url(embedded_store)
-    client.flushdb()
-    client.close()
+    # a store of its own: the model makes it forget (restarted from a snapshot)
+    store = EmbeddedStore(Path(tempfile.mkdtemp(prefix="qt-model-")), persist=False)
+    url = store.start()
     with SimServer(config) as sim:
-        running = World(sim, embedded_store, tmp_path)
+        running = World(sim, store, url, tmp_path)
         running.start()
-        yield running
-        running.stop()
+        try:
+            yield running
+        finally:
+            running.stop()
+            store.stop()
 
 
 @pytest.mark.timeout(max(300, EXAMPLES * 2))
@@ -306,3 +366,4 @@ def test_the_three_promises_hold_in_every_reachable_state(world: World) -> None:
     world.refresh()
     outcomes = Counter(r[0]["executed"] for r in world.results.values() if r)
     assert outcomes["true"] > 0 and outcomes["false"] > 0, outcomes
+    assert world.losses > 0, "the store never forgot anything: the model proved nothing about store loss"

@@ -198,3 +198,46 @@ def test_adopt_outside_growth(before: str, exchange: str, adopted: bool) -> None
 def test_no_ledger_is_not_adopted() -> None:
     assert adopt_outside_growth(None, D("1"), NOW) is None
     assert adopt_outside_growth(None, D("0"), NOW) is None
+
+
+# --- a fill the ledger already took from the exchange (a reconcile after the store forgot its result) ---------
+
+
+def test_a_result_whose_fill_the_reconcile_already_counted_does_not_move_the_ledger_again() -> None:
+    synced = reconcile(ledger("1.0"), D("0.6"), NOW, synced_at_ms=5_000)
+    assert synced is not None and synced.last_known_amt == D("0.6") and synced.synced_at_ms == 5_000
+    assert apply_result(synced, result(order_time_ms=5_000), "9-0", NOW) is None  # at the sync: in it
+    assert apply_result(synced, result(order_time_ms=4_999), "9-0", NOW) is None  # before: in it
+    later = apply_result(synced, result(order_time_ms=5_001), "9-0", NOW)  # after: not in it
+    assert later is not None and later.last_known_amt == D("0.2") and later.synced_at_ms == 5_000
+
+
+def test_a_result_without_an_order_time_always_counts() -> None:
+    synced = reconcile(ledger("1.0"), D("0.6"), NOW, synced_at_ms=5_000)
+    moved = apply_result(synced, result(order_time_ms=0), "9-0", NOW)
+    assert moved is not None and moved.last_known_amt == D("0.2")
+
+
+def test_a_reconcile_never_moves_the_sync_point_back() -> None:
+    first = reconcile(ledger("1.0"), D("0.6"), NOW, synced_at_ms=9_000)
+    assert first is not None
+    second = reconcile(first, D("0.5"), NOW, synced_at_ms=3_000)
+    assert second is not None and second.synced_at_ms == 9_000
+
+
+def test_adopted_outside_growth_is_a_sync_too() -> None:
+    grown = adopt_outside_growth(ledger("0.5"), D("0.8"), NOW, synced_at_ms=7_000)
+    assert grown is not None and grown.last_known_amt == D("0.8") and grown.synced_at_ms == 7_000
+    assert apply_result(grown, result(order_time_ms=6_000), "9-0", NOW) is None
+
+
+@pytest.mark.parametrize(
+    ("position_ms", "asked_ms", "expected"),
+    [(10_000, 9_000.0, 10_000), (1_000, 9_000.0, 9_000 - 250), (0, 9_000.7, 9_000 - 250)],
+)
+def test_a_position_read_shows_every_fill_up_to_its_own_last_change_or_its_send_time(
+    position_ms: int, asked_ms: float, expected: int
+) -> None:
+    from quantum_trader.domain.ledger import synced_at
+
+    assert synced_at(position_ms, asked_ms) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -78,9 +79,9 @@ DENY = GovernorPermit(
 P33 = P33Permit(
     allow=True,
     symbol="BTCUSDT",
-    safe_close_qty=0.5,
-    exchange_position_amt=-0.5,
-    ledger_amt=-0.5,
+    safe_close_qty=Decimal("0.500"),
+    exchange_position_amt=Decimal("-0.500"),
+    ledger_amt=Decimal("-0.500"),
     created_at=4.0,
     reason="sanity_checks_passed",
     plan_id=PLAN_ID,
@@ -208,7 +209,7 @@ def test_to_fields_text_forms() -> None:
     assert fields["kill_score"] == "0.73"
     assert to_fields(GRANT)["granted"] == "true"
     assert to_fields(DENY)["granted"] == "false"
-    assert to_fields(P33)["safe_close_qty"] == "0.5"
+    assert to_fields(P33)["safe_close_qty"] == "0.500"  # the decimal exactly as P3.3 rounded it
     # Decimals never use exponent notation on the wire.
     assert to_fields(Snapshot(position_amt=D("1E+3"), entry_price=D("1E-7"), mark_price=D(0), ts=0.0)) == {
         "position_amt": "1000",
@@ -503,3 +504,17 @@ def test_unicode_text_round_trips() -> None:
 def test_unicode_length_is_counted_in_characters() -> None:
     assert from_fields(Proposal, proposal_fields(proposal_id="é" * 128)).proposal_id == "é" * 128
     assert malformed(Proposal, proposal_fields(proposal_id="é" * 129)).startswith("proposal_id")
+
+
+def test_the_close_quantity_travels_as_a_decimal_string_never_a_float() -> None:
+    from quantum_trader.domain.permits import encode_permit
+
+    doc = json.loads(encode_permit(P33))
+    assert doc["safe_close_qty"] == "0.500" and doc["exchange_position_amt"] == "-0.500"
+    assert decode_json(P33Permit, encode_permit(P33)).safe_close_qty == Decimal("0.500")  # the exact text back
+
+
+def test_from_fields_refuses_text_that_was_not_utf8() -> None:
+    bad = b"BTC\xffUSDT".decode("utf-8", "surrogateescape")
+    with pytest.raises(MalformedEntry, match="not valid UTF-8"):
+        from_fields(Proposal, {"proposal_id": "p", "symbol": "BTCUSDT", "action": "FULL_CLOSE", "source": bad})

@@ -142,3 +142,32 @@ def test_garbage_headers_are_ignored() -> None:
     guard = RateGuard()
     guard.observe(T0, 200, {"X-MBX-USED-WEIGHT-1M": "lots", "Retry-After": "soon"})
     assert guard.used_weight == 0 and guard.wait_ms(T0, 1) == 0
+
+
+def test_sends_nobody_here_saw_are_looked_up_until_even_a_late_execution_could_show_and_never_resent() -> None:
+    unseen = SendRecord.unseen(T0, recv_window_ms=1000, late_horizon_ms=LATE_EXECUTION_HORIZON_MS)
+    step, when = after_absent(unseen, T0 + 1500)
+    assert step is Step.QUERY_LATER and when == T0 + LATE_EXECUTION_HORIZON_MS
+    assert after_absent(unseen, T0 + LATE_EXECUTION_HORIZON_MS)[0] is Step.NOT_PLACED
+
+
+def test_an_acknowledged_order_is_never_sent_again() -> None:
+    acked = record(window_end_ms=T0 + 60_000).acknowledged()
+    assert not acked.may_resend
+    assert after_absent(acked, T0 + 1000 + CLOCK_MARGIN_MS)[0] is Step.NOT_PLACED
+
+
+def test_the_proof_starts_at_the_timestamp_the_request_carried() -> None:
+    # the first attempt is stamped only when it leaves: a record that never saw it settles at the stamp
+    stamped = record(last_signed_ms=0.0).unclear(0, T0 + 700)
+    assert stamped.last_signed_ms == T0 + 700
+    assert after_absent(stamped, T0 + 1000 + CLOCK_MARGIN_MS)[0] is Step.QUERY_LATER
+    assert after_absent(stamped, T0 + 700 + 1000 + CLOCK_MARGIN_MS)[0] is Step.RESEND
+    # an earlier stamp never moves the proof back
+    assert stamped.unclear(0, T0).last_signed_ms == T0 + 700
+
+
+def test_an_earlier_execution_status_unknown_forbids_a_resend_after_later_clear_answers() -> None:
+    forbidden = record(window_end_ms=T0 + 60_000).unclear(-1007, T0).unclear(0, T0 + 100)
+    assert not forbidden.may_resend and forbidden.late_execution_possible
+    assert after_absent(forbidden, T0 + LATE_EXECUTION_HORIZON_MS + 100)[0] is Step.NOT_PLACED

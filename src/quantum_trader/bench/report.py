@@ -45,6 +45,10 @@ class BenchReport:
     seed_open_loop: list[SeedStep] = field(default_factory=list)
     decisions: list[RateStep] = field(default_factory=list)
     durability: list[DurabilityPart] = field(default_factory=list)  # everysec, always, everysec
+    # the exchange-has-the-last-word rule: lookups Apply made per sequential plan (0 when the store vouches for
+    # every plan), and what one lookup of an order by client id costs
+    truth_lookups_per_plan: float | None = None
+    truth_lookup: Latency = field(default_factory=Latency)
     sustained_plans_per_s: float | None = None
     sustained_decisions_per_s: float | None = None
     cpu_idle_pct: dict[str, float] = field(default_factory=dict)
@@ -91,6 +95,7 @@ def latency_rows(r: BenchReport) -> list[list[str]]:
         row("chain: plan -> Governor permit written", r.chain_governor),
         row("chain: plan -> P3.3 permit written", r.chain_p33),
         row("seed design: plan -> both permits seen (GET poll)", r.seed_decided),
+        row("one order lookup by client id (a plan the store cannot vouch for)", r.truth_lookup),
     ]
 
 
@@ -222,6 +227,8 @@ def markdown(r: BenchReport) -> str:
     if "sequential" in r.steps:
         lines += [*_table(["latency (ms)", "samples", "p50", "p99", "max"], latency_rows(r)), ""]
         lines += [f"p50 ratio, seed design / chain (both permits known): **{r.p50_ratio_seed_over_chain}x**", ""]
+        lines += [f"Exchange lookups per sequential plan (the store vouched for each): **{r.truth_lookups_per_plan}**;"
+                  " a plan it cannot vouch for pays one order lookup (row above).", ""]  # fmt: skip
     if r.durability:
         first = r.durability[0]
         lines += [f"Durability: the sequential chain under each appendfsync setting in turn (CONFIG SET on the "

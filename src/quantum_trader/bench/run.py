@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from quantum_trader.bench import chain, durability, seed
+from quantum_trader.bench import chain, durability, seed, truth
 from quantum_trader.bench.measure import CpuWindow, Latency, rss_mb
 from quantum_trader.bench.report import STEPS, BenchReport, SeedStep, highest_sustained
 from quantum_trader.exchange.sim.engine import DEFAULT_SYMBOLS, bench_symbols
+from quantum_trader.settings import Settings
 
 BENCH_ENV = {
     "QT_GOVERNOR__COOLDOWN_S": "0",
@@ -40,11 +41,12 @@ class Scenario:
     load_symbols: int = 60
     event_loop: str = "asyncio"
     durability_plans: int | None = None  # per appendfsync part, after a 10 % warm-up; None: as ``plans``
+    lookups: int = 200  # order lookups timed (what a plan the store cannot vouch for pays once)
     steps: tuple[str, ...] = STEPS  # which steps run (in STEPS order whatever the order here)
 
 
 QUICK = Scenario(plans=60, seed_plans=10, idle_s=5.0, rates=(200.0,), rate_s=2.0, decision_rates=(1000.0,),
-                 decision_s=1.0, load_symbols=20, durability_plans=20)  # fmt: skip
+                 decision_s=1.0, load_symbols=20, durability_plans=20, lookups=20)  # fmt: skip
 
 
 def run_bench(scenario: Scenario) -> BenchReport:
@@ -71,7 +73,8 @@ def run_bench(scenario: Scenario) -> BenchReport:
         pids = {name: system.processes[name].pid for name in (*SERVICES, "sim")}
         if system.store is not None and system.store.pid is not None:
             pids["store"] = system.store.pid  # the two machines' other tenants, for where the CPU goes
-        asyncio.run(_measure(system.urls["admin"], scenario, load, pids, report))
+        metrics_url = f"http://127.0.0.1:{system.ports.apply}/metrics"
+        asyncio.run(_measure(system.urls["admin"], scenario, load, pids, report, metrics_url, system.settings))
     if report.chain_decided.p50_ms and report.seed_decided.p50_ms:
         report.p50_ratio_seed_over_chain = round(report.seed_decided.p50_ms / report.chain_decided.p50_ms, 1)
     report.sustained_plans_per_s = highest_sustained(report.open_loop, "result")
@@ -79,7 +82,15 @@ def run_bench(scenario: Scenario) -> BenchReport:
     return report
 
 
-async def _measure(url: str, scenario: Scenario, load: list[str], pids: dict[str, int], report: BenchReport) -> None:
+async def _measure(
+    url: str,
+    scenario: Scenario,
+    load: list[str],
+    pids: dict[str, int],
+    report: BenchReport,
+    metrics_url: str,
+    settings: Settings,
+) -> None:
     redis = aioredis.Redis.from_url(url, decode_responses=True)
     window = CpuWindow(pids)
     steps = report.steps
@@ -90,9 +101,13 @@ async def _measure(url: str, scenario: Scenario, load: list[str], pids: dict[str
             report.cpu_idle_pct, report.idle_window_s = window.stop()
 
         if "sequential" in steps:
+            lookups_before = truth.lookups_so_far(metrics_url)
             window.start()
             times, client = await chain.run_sequential(redis, scenario.plans, report.warmup)
             report.cpu_load_pct, report.load_window_s = window.stop()
+            lookups = truth.lookups_so_far(metrics_url) - lookups_before
+            report.truth_lookups_per_plan = round(lookups / (scenario.plans + report.warmup), 4)
+            report.truth_lookup = await truth.lookup_latency(settings, "XRPUSDT", scenario.lookups)
             report.rss_mb = {name: rss_mb(pid) for name, pid in pids.items()}
             report.chain_decided, report.chain_result = Latency.of(times.decided), Latency.of(times.result)
             report.chain_governor, report.chain_p33 = Latency.of(times.governor), Latency.of(times.p33)

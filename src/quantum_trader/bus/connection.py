@@ -25,33 +25,24 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import DefaultParser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, RedisError
 
 from quantum_trader.bus.entries import STREAM_CALLBACKS
+from quantum_trader.bus.errors import UNAVAILABLE_REPLIES, StoreUnavailableReply
 from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.runtime import read_runtime
 from quantum_trader.settings import ConfigError, Settings
 
 SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url understands
-UNAVAILABLE_REPLIES = (
-    "READONLY",
-    "LOADING",
-    "BUSY",
-    "MASTERDOWN",
-    "UNBLOCKED",
-    "NOREPLICAS",
-    "TRYAGAIN",
-    "CLUSTERDOWN",
-)
 
 
 class StoreUnavailable(Exception):
     """The store cannot be reached; the message says where we looked."""
 
 
-class StoreUnavailableReply(RedisConnectionError):  # type: ignore[misc]
-    """The store answered that it cannot serve the command now (a replica, loading, busy, failing over)."""
+class StoreNotReady(StoreUnavailable):
+    """The store answers but cannot serve yet (loading, a replica, refusing writes until its replicas catch up):
+    a service waits for it rather than exit."""
 
 
 class _Parser(DefaultParser):  # type: ignore[misc]
@@ -110,8 +101,9 @@ def check_url(url: str) -> None:
         raise ConfigError(f"QT_REDIS_URL: {shown} is not a store URL; use redis://, rediss:// or unix://")
 
 
-def make_client(url: str, watch: StoreWatch | None = None) -> aioredis.Redis:
-    """The one way the system makes a store client (see the module docstring)."""
+def make_client(url: str, watch: StoreWatch | None = None, retry: Retry | None = None) -> aioredis.Redis:
+    """The one way the system makes a store client (see the module docstring). ``retry`` is for observers
+    that must ride out a restart (``qt chaos``); the services retry at their own level."""
     check_url(url)
     options: dict[str, Any] = {}
     if watch is not None:
@@ -121,9 +113,12 @@ def make_client(url: str, watch: StoreWatch | None = None) -> aioredis.Redis:
         decode_responses=True,
         encoding_errors="surrogateescape",
         protocol=2,
-        retry=Retry(NoBackoff(), 0),
+        retry=retry or Retry(NoBackoff(), 0),
         parser_class=_Parser,
         health_check_interval=10,
+        # a store that stops answering (a hung host, a network partition) is an outage after 5 s, not a wait
+        # forever; every blocking read here blocks for 2 s at most, so no healthy read comes near it
+        socket_timeout=5.0,
         socket_connect_timeout=2.0,
         socket_keepalive=True,
         max_connections=512,
@@ -143,6 +138,9 @@ async def connect(url: str, watch: StoreWatch | None = None) -> aioredis.Redis:
             info = await client.info("server")
         except NoPermissionError:  # a least-privilege account may not run INFO; ACL users imply Redis >= 6
             info = {"redis_version": "7"}
+    except StoreUnavailableReply as exc:
+        await client.aclose()
+        raise StoreNotReady(f"the store at {redact(url)} cannot serve yet: {exc}") from None
     except (RedisError, OSError) as exc:
         await client.aclose()
         raise StoreUnavailable(f"cannot reach the store at {redact(url)}: {exc}") from None

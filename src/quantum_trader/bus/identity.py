@@ -17,14 +17,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
 
 from quantum_trader.bus import keys
-from quantum_trader.domain.trust import Epoch, StoreIdentity, stream_id
+from quantum_trader.bus.errors import StoreUnavailableReply
+from quantum_trader.domain.trust import Epoch, StoreIdentity, started_before_ms, stream_id
 
-# The instance's epoch: kept if it names this instance, else replaced by a new one whose floor is the proposal
-# stream's last generated id (XINFO; the stream travels as an argument: Apply may only consume it).
+# The instance's epoch: kept if it names this instance, else replaced by a new one. Its floor is the proposal
+# stream's last generated id now (XINFO; the stream travels as an argument: Apply may only consume it), or the
+# instance's start on its own clock (ARGV[5], ms; "" when not known) if that is lower: an instance that has
+# been a primary since it started gave every entry added since an id past its start time.
 CLAIM_EPOCH = """
 local cur = redis.call('HMGET', KEYS[1], 'run_id', 'replid', 'floor', 'since')
 if cur[1] == ARGV[1] and cur[2] == ARGV[2] then return {cur[3], cur[4], 0} end
@@ -35,16 +37,25 @@ if type(info) == 'table' and not info.err then
     if info[i] == 'last-generated-id' then floor = info[i + 1] end
   end
 end
+if ARGV[5] ~= '' and tonumber(ARGV[5]) < tonumber(string.match(floor, '^(%d+)')) then
+  floor = ARGV[5] .. '-18446744073709551615'
+end
 redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'replid', ARGV[2], 'floor', floor, 'since', ARGV[3],
            'previous_run_id', cur[1] or '', 'previous_replid', cur[2] or '')
 return {floor, ARGV[3], 1}
 """
 
 
+# How far the store's clock may stand behind the clock that wrote the entries it loaded, at its start: NTP
+# slews rather than steps, and after a power loss the boot takes longer than any battery clock's error, so
+# only a restore onto a host whose clock is behind by more than the downtime plus this could make older
+# entries look newer than the start (docs/reliability.md states the assumption).
+START_MARGIN_MS = 250
+
 OnChange = Callable[[StoreIdentity | None, StoreIdentity, bool], None]
 
 
-class NotPrimary(RedisConnectionError):  # type: ignore[misc]
+class NotPrimary(StoreUnavailableReply):
     """The connection reached a replica (or a server in the middle of a failover): not used."""
 
 
@@ -80,8 +91,8 @@ class StoreWatch:
     async def on_connect(self, conn: Any) -> None:
         """redis-py's ``redis_connect_func``: the usual handshake, then who is this server."""
         await conn.on_connect()
-        identity, began = await self._identify(conn)
-        epoch, new_epoch = await self._claim(conn, identity, began) if self.record_epoch else (None, False)
+        identity, began, time_floor = await self._identify(conn)
+        epoch, new_epoch = await self._claim(conn, identity, began, time_floor) if self.record_epoch else (None, False)
         previous = self.identity
         if previous == identity and not new_epoch:
             return
@@ -93,9 +104,11 @@ class StoreWatch:
         if self._on_change is not None:
             self._on_change(previous, identity, new_epoch)
 
-    async def _identify(self, conn: Any) -> tuple[StoreIdentity, float]:
-        """The server's identity, and the earliest it can have become that instance: its start when it has
-        been a primary since (``second_repl_offset`` -1: never promoted), else now (promoted at some point)."""
+    async def _identify(self, conn: Any) -> tuple[StoreIdentity, float, str]:
+        """The server's identity; the latest it can have become that instance (its start if it has been a
+        primary since, ``second_repl_offset`` -1: never promoted; else now, as a promotion is not dated); and
+        that start on the server's own clock plus ``START_MARGIN_MS`` (ms, "" when not known), from when on
+        every stream id it gives is its own."""
         try:
             await conn.send_command("INFO", "server", "replication")
             info = parse_info(str(await conn.read_response()))
@@ -107,16 +120,19 @@ class StoreWatch:
         if info.get("role") != "master":
             raise NotPrimary(f"the store answered as {info.get('role', 'unknown role')}, not a primary")
         now = self._clock()
-        began = now
-        if info.get("second_repl_offset") == "-1":
+        began, time_floor = now, ""
+        if info.get("second_repl_offset") == "-1":  # a primary since it started: its start bounds everything
             try:
-                # whole seconds, rounded down: ``now - uptime`` is at or after the start, never before it
-                began = now - float(info.get("uptime_in_seconds", ""))
+                uptime_s, server_us = int(info.get("uptime_in_seconds", "")), int(info.get("server_time_usec", ""))
             except ValueError:
-                began = now
-        return StoreIdentity(info.get("run_id", ""), info.get("master_replid", "")), min(began, now)
+                pass
+            else:
+                latest_start_ms = started_before_ms(server_us // 1000, uptime_s)
+                began = now - (server_us // 1000 - latest_start_ms) / 1000
+                time_floor = str(latest_start_ms + START_MARGIN_MS)
+        return StoreIdentity(info.get("run_id", ""), info.get("master_replid", "")), min(began, now), time_floor
 
-    async def _claim(self, conn: Any, identity: StoreIdentity, began: float) -> tuple[Epoch, bool]:
+    async def _claim(self, conn: Any, identity: StoreIdentity, began: float, time_floor: str) -> tuple[Epoch, bool]:
         """The instance's epoch, and whether this call created it (no Apply had used the instance before)."""
         await conn.send_command(
             "EVAL",
@@ -127,6 +143,7 @@ class StoreWatch:
             identity.replid,
             repr(began),
             keys.PROPOSAL_STREAM,
+            time_floor,
         )
         floor, since, created = await conn.read_response()
         return Epoch(identity, stream_id(str(floor)), float(since)), bool(int(created))

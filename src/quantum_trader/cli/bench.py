@@ -36,6 +36,7 @@ def print_bench(r: BenchReport, out: Path | None) -> None:
     if "sequential" in r.steps:
         table("qt bench: sequential latency (ms)", ["measure", "samples", "p50", "p99", "max"], latency_rows(r))
         console.print(f"p50 ratio, seed design / chain: [bold]{r.p50_ratio_seed_over_chain}x[/bold]")
+    console.print(f"exchange lookups per sequential plan (the store vouched for them): {r.truth_lookups_per_plan}")
     if r.durability:
         title = "durability: appendfsync (sequential chain per setting, in this order; ms, CPU ms per plan)"
         table(title, DURABILITY_HEADER, durability_rows(r))

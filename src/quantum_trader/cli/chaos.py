@@ -1,17 +1,24 @@
 """``qt chaos``: run a private chain (separate processes, AOF store, ACL users) while killing its parts.
 
 Plans flow at a steady rate; meanwhile a random service is killed with SIGKILL and restarted every few seconds,
-and once the store itself is killed and restarted on its append-only file. Afterwards the exchange's and the
-store's own records are checked against the three promises and a table is printed. Exit status 1 when any
-promise was broken or the chain took more than 2 s to recover from the store restart.
+and once the store itself is killed and restarted on its append-only file. With ``--store-loss`` the store
+also forgets, three times (at 20, 35 and 80 % of the plans): a snapshot is taken, the flow goes on for a
+second or two, and the store comes back with the snapshot's data only, with the services left running (a
+failover to a replica that had not caught up) or killed with it (a host's power loss), alternately.
+
+An observer keeps its own copy of every audit line and result as they appear (the store may forget them
+later). Afterwards the exchange's orders, that copy and the store's final records are checked against the
+promises and a table is printed. Exit status 1 when any promise was broken or the chain took more than 2 s to
+recover from the store restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -20,15 +27,19 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quantum_trader import ops
 from quantum_trader.bus import keys
+from quantum_trader.bus.connection import make_client
 from quantum_trader.settings import Settings
 
 RECOVERY_LIMIT_S = 2.0
+# After a store loss: how long a client waits for the result of a proposal the store no longer has before it
+# calls the proposal forgotten (Apply's search for orders the store forgot runs within seconds of the loss).
+FORGOTTEN_AFTER_S = 15.0
+# with --store-loss: when this share of the plans has been proposed (away from the store restart at half)
+STORE_LOSSES = (0.2, 0.35, 0.8)
 SYMBOLS = {
     "BTCUSDT": ("100.000", "0.001"),
     "ETHUSDT": ("1000.000", "0.010"),
@@ -57,55 +68,86 @@ class ChaosReport:
     plans: int = 0
     results: int = 0
     executions: int = 0
+    orders: int = 0
     duplicate_orders: int = 0
     lost_plans: int = 0
     duplicate_results: int = 0
+    results_disagreeing_with_exchange: int = 0
     executions_without_two_permits: int = 0
     service_kills: int = 0
     store_restarts: int = 0
+    store_losses: int = 0
+    adopted_from_exchange: int = 0  # results published from an order the store had forgotten
+    forgotten_proposals: int = 0  # proposals the store forgot before anything was done: the client sends again
+    resent_after_a_fill: int = 0  # ... of which the first plan had in fact filled (would be a double close)
     max_recovery_s: float = 0.0
     seconds: float = 0.0
     # why the plans that did not execute did not: "error: reason" -> count (permit timeouts during kills, ...)
     not_executed: dict[str, int] = field(default_factory=dict)
+    # for each broken promise, up to ten of the plans that broke it (the logs tell their story)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def broken(self) -> dict[str, int]:
+        """Every promise that was broken, with how often (empty when all were kept)."""
+        counts = {
+            "duplicate orders": self.duplicate_orders,
+            "lost plans": self.lost_plans,
+            "duplicate results": self.duplicate_results,
+            "results that disagree with the exchange": self.results_disagreeing_with_exchange,
+            "executions without two permits": self.executions_without_two_permits,
+            "proposals re-sent although the first had filled": self.resent_after_a_fill,
+        }
+        return {name: n for name, n in counts.items() if n}
 
     @property
     def ok(self) -> bool:
-        broken = (self.duplicate_orders, self.lost_plans, self.duplicate_results, self.executions_without_two_permits)
-        return not any(broken) and self.max_recovery_s <= RECOVERY_LIMIT_S
+        return not self.broken and self.max_recovery_s <= RECOVERY_LIMIT_S
 
 
 def _patient_client(url: str) -> aioredis.Redis:
-    """The observer's own connection: it rides out the store restart (retries for ~20 s) instead of failing."""
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=40),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
-    )
+    """The observer's own connection: it rides out the store restarts (retries for ~20 s) instead of failing."""
+    return make_client(url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=40))
+
+
+@dataclass
+class Observed:
+    """What the observer saw appear, kept even when the store later forgets it."""
+
+    audit: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
+    results: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
 
 
 class Chaos:
-    def __init__(self, system: Any, plans: int, rate: float, seed: int) -> None:
+    def __init__(self, system: Any, plans: int, rate: float, seed: int, store_loss: bool = False) -> None:
         self.system = system
         self.plans = plans
         self.rate = rate
+        self.store_loss = store_loss
         self.rng = random.Random(seed)
-        self.submitted: list[str] = []
+        self.submitted: list[ops.Submitted] = []
+        self.symbol_of: dict[str, str] = {}
         self.report = ChaosReport()
-        self.store_down = asyncio.Event()
+        self.seen = Observed()
         self.finished = asyncio.Event()
+        self.last_loss = 0.0
 
     async def run(self) -> ChaosReport:
         started = time.monotonic()
         rds = _patient_client(self.system.urls["operator"])
+        observer = asyncio.create_task(self._observe())
         try:
             chaos = asyncio.create_task(self._kill_things())
             await self._drive(rds)
             self.finished.set()
             await chaos
             await self._settle(rds)
+            await self._resend_forgotten(rds)
+            await asyncio.sleep(1.0)  # the observer catches up with the last lines
             await self._judge(rds)
         finally:
+            observer.cancel()
+            await asyncio.gather(observer, return_exceptions=True)
             await rds.aclose()
         self.report.seconds = round(time.monotonic() - started, 1)
         return self.report
@@ -115,25 +157,51 @@ class Chaos:
         symbols = sorted(SYMBOLS)
         interval = 1 / self.rate
         for n in range(self.plans):
-            symbol = symbols[n % len(symbols)]
-            while True:
-                try:
-                    sub = await ops.propose(
-                        rds, symbol, "PARTIAL_CLOSE", qty=Decimal(SYMBOLS[symbol][1]), source="chaos"
-                    )
-                    self.submitted.append(sub.plan_id)
-                    break
-                except (RedisError, OSError):
-                    await asyncio.sleep(0.05)
+            await self._propose(rds, symbols[n % len(symbols)], "chaos")
             await asyncio.sleep(interval)
 
+    async def _propose(self, rds: aioredis.Redis, symbol: str, source: str) -> ops.Submitted:
+        while True:
+            try:
+                sub = await ops.propose(rds, symbol, "PARTIAL_CLOSE", qty=Decimal(SYMBOLS[symbol][1]), source=source)
+                self.submitted.append(sub)
+                self.symbol_of[sub.plan_id] = symbol
+                return sub
+            except (RedisError, OSError):
+                await asyncio.sleep(0.05)
+
+    async def _observe(self) -> None:
+        """Tail the audit and result streams into ``self.seen``. After a store loss new entries have ids past
+        the old cursor (ids are times), so one cursor per stream sees everything that ever appears."""
+        rds = _patient_client(self.system.urls["operator"])
+        cursors = {keys.AUDIT_STREAM: "0-0", keys.RESULT_STREAM: "0-0"}
+        into = {keys.AUDIT_STREAM: self.seen.audit, keys.RESULT_STREAM: self.seen.results}
+        try:
+            while True:
+                try:
+                    reply = await rds.xread(cursors, count=5000, block=200)
+                except (RedisError, OSError):
+                    await asyncio.sleep(0.1)
+                    continue
+                for stream, entries in reply or ():
+                    for entry_id, fields in entries:
+                        cursors[stream] = entry_id
+                        into[stream][fields.get("plan_id", "")].append(dict(fields))
+        finally:
+            await rds.aclose()
+
     async def _kill_things(self) -> None:
-        """A random service every 1-3 s; the store once, when half of the plans have been proposed."""
+        """A random service every 1-3 s; the store once, when half of the plans have been proposed; with
+        --store-loss, the store forgetting three times (``STORE_LOSSES``)."""
         restarted_store = False
+        losses = [int(self.plans * share) for share in STORE_LOSSES] if self.store_loss else []
         next_kill = time.monotonic() + self.rng.uniform(1.0, 3.0)
-        while not (self.finished.is_set() and restarted_store):
+        while not (self.finished.is_set() and restarted_store and not losses):
             await asyncio.sleep(0.05)
-            if not restarted_store and len(self.submitted) >= self.plans // 2:
+            if losses and len(self.submitted) >= losses[0]:
+                losses.pop(0)
+                await self._lose_store(host_crash=self.report.store_losses % 2 == 1)
+            elif not restarted_store and len(self.submitted) >= self.plans // 2:
                 await self._restart_store()
                 restarted_store = True
             elif not self.finished.is_set() and time.monotonic() >= next_kill:
@@ -154,60 +222,146 @@ class Chaos:
         # recovery: from the store's return until a brand-new proposal gets its result
         rds = _patient_client(self.system.urls["operator"])
         try:
-            probe = await ops.propose(rds, "XRPUSDT", "PARTIAL_CLOSE", qty=Decimal("1.0"), source="chaos-probe")
-            self.submitted.append(probe.plan_id)
+            probe = await self._propose(rds, "XRPUSDT", "chaos-probe")
             await ops.wait_result(rds, probe.plan_id, 60, probe.result_cursor)
         finally:
             await rds.aclose()
         self.report.max_recovery_s = max(self.report.max_recovery_s, round(time.monotonic() - back, 3))
 
+    async def _lose_store(self, *, host_crash: bool) -> None:
+        """Snapshot now, let the flow go on, then the store comes back with the snapshot only."""
+        store, admin = self.system.store, self.system.urls["admin"]
+        snapshot = Path(tempfile.mkdtemp(prefix="qt-chaos-snap-")) / "dump.rdb"
+        await asyncio.to_thread(store.snapshot, admin, snapshot)
+        await asyncio.sleep(self.rng.uniform(1.0, 2.0))
+        store.kill()
+        if host_crash:
+            for service in ("apply", "governor", "brain"):
+                await asyncio.to_thread(self.system.stop_service, service, kill=True)
+        await asyncio.sleep(self.rng.uniform(0.2, 0.6))
+        await asyncio.to_thread(store.start_from, snapshot, admin)
+        if host_crash:
+            await asyncio.to_thread(self.system.start_services)
+        self.report.store_losses += 1
+        self.last_loss = time.monotonic()
+
     async def _settle(self, rds: aioredis.Redis, timeout: float = 120.0) -> None:
-        """Wait (bounded) until every submitted plan has its result."""
+        """Wait (bounded) until every submitted plan has its result, or its proposal is gone from the store (it
+        forgot it) and the search for forgotten orders has had its time since the last loss."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done = {f["plan_id"] for _, f in await rds.xrange(keys.RESULT_STREAM)}
-            if all(p in done for p in self.submitted):
+            done = await self._with_results(rds)
+            waiting = [sub for sub in self.submitted if sub.plan_id not in done]
+            if not waiting:
+                return
+            if time.monotonic() > self.last_loss + FORGOTTEN_AFTER_S and not [
+                sub for sub in waiting if await rds.xrange(keys.PROPOSAL_STREAM, sub.entry_id, sub.entry_id)
+            ]:
                 return
             await asyncio.sleep(0.5)
 
+    async def _with_results(self, rds: aioredis.Redis) -> set[str]:
+        return {f.get("plan_id", "") for _, f in await rds.xrange(keys.RESULT_STREAM)}
+
+    async def _resend_forgotten(self, rds: aioredis.Redis) -> None:
+        """What a client does when the store forgot its proposal before anything came of it: no result, and the
+        proposal is no longer in the stream. It sends the close again (a new plan). Counted, and checked
+        against the exchange: had the first plan filled, the re-sent one would close twice."""
+        done = await self._with_results(rds)
+        forgotten = []
+        for sub in list(self.submitted):
+            if sub.plan_id in done:
+                continue
+            if not await rds.xrange(keys.PROPOSAL_STREAM, sub.entry_id, sub.entry_id):
+                forgotten.append(sub)
+        if not forgotten:
+            return
+        filled = self._filled_orders()
+        for sub in forgotten:
+            self.submitted.remove(sub)
+            self.report.forgotten_proposals += 1
+            if f"qt-{sub.plan_id}" in filled:
+                self.report.resent_after_a_fill += 1
+            await self._propose(rds, self.symbol_of[sub.plan_id], "chaos-resent")
+        await self._settle(rds, timeout=60.0)
+
+    def _orders(self) -> list[dict[str, Any]]:
+        admin = self.system.admin()
+        try:
+            return list(admin.orders())
+        finally:
+            admin.close()
+
+    def _filled_orders(self) -> dict[str, Decimal]:
+        return {
+            o["clientOrderId"]: Decimal(str(o.get("executedQty") or 0))
+            for o in self._orders()
+            if Decimal(str(o.get("executedQty") or 0)) > 0
+        }
+
     async def _judge(self, rds: aioredis.Redis) -> None:
         r = self.report
-        results = [f for _, f in await rds.xrange(keys.RESULT_STREAM)]
-        per_plan = Counter(f["plan_id"] for f in results)
-        r.plans = len(self.submitted)
-        r.results = sum(1 for p in self.submitted if per_plan[p] >= 1)
-        r.lost_plans = sum(1 for p in self.submitted if per_plan[p] == 0)
-        r.duplicate_results = sum(1 for p in self.submitted if per_plan[p] > 1)
-        executed = {f["plan_id"] for f in results if f.get("executed") == "true"}
+        final = [f for _, f in await rds.xrange(keys.RESULT_STREAM)]
+        per_plan = Counter(f["plan_id"] for f in final)
+        plan_ids = [sub.plan_id for sub in self.submitted]
+        r.plans = len(plan_ids)
+        r.results = sum(1 for p in plan_ids if per_plan[p] >= 1)
+        r.lost_plans = sum(1 for p in plan_ids if per_plan[p] == 0)
+        r.examples["lost plans"] = [p for p in plan_ids if per_plan[p] == 0][:10]
+        r.duplicate_results = sum(1 for p in plan_ids if per_plan[p] > 1)
+        executed = {f["plan_id"] for f in final if f.get("executed") == "true"}
         why = Counter(
             f"{f.get('error')}: {f.get('reason') or 'missing ' + f.get('missing', '?')}"
-            for f in results
+            for f in final
             if f.get("executed") != "true"
         )
         r.not_executed = dict(why.most_common())
         r.executions = len(executed)
-        admin = self.system.admin()
-        placed = admin.orders()
-        admin.close()
+        r.adopted_from_exchange = sum(1 for f in final if f.get("adopted") == "true")
+        placed = self._orders()
+        r.orders = len(placed)
         orders = Counter(o["clientOrderId"] for o in placed)
-        r.duplicate_orders = sum(1 for coid, n in orders.items() if n > 1)
-        audit = [f for _, f in await rds.xrange(keys.AUDIT_STREAM)]
-        allowed: dict[str, set[str]] = {}
+        r.duplicate_orders = sum(1 for n in orders.values() if n > 1)
+        r.examples["duplicate orders"] = [coid for coid, n in orders.items() if n > 1][:10]
+        filled = {o["clientOrderId"]: Decimal(str(o.get("executedQty") or 0)) for o in placed}
+        # every result ever seen, and every final one, must say what the exchange says about its plan's order
+        seen_results = [f for results in self.seen.results.values() for f in results] + final
+        disagreeing = [f for f in seen_results if not _agrees(f, filled.get(f"qt-{f.get('plan_id', '')}", Decimal(0)))]
+        r.results_disagreeing_with_exchange = len(disagreeing)
+        r.examples["results that disagree with the exchange"] = [
+            f"{f.get('plan_id')} executed={f.get('executed')} error={f.get('error')} filled={f.get('filled_qty')}"
+            f" exchange={filled.get('qt-' + f.get('plan_id', ''), 0)}"
+            for f in disagreeing[:10]
+        ]
+        # no order without two permits, judged from the observer's own copy of the audit trail
+        allowed: dict[str, set[str]] = defaultdict(set)
         consumed: Counter[str] = Counter()
-        for f in audit:
-            if f.get("decision") == "allow":
-                allowed.setdefault(f["plan_id"], set()).add("governor" if f["issuer"] == "operator" else f["issuer"])
-            elif f.get("decision") == "consumed":
-                consumed[f["plan_id"]] += 1
+        for plan_id, lines in self.seen.audit.items():
+            for f in lines:
+                if f.get("decision") == "allow":
+                    allowed[plan_id].add("governor" if f.get("issuer") == "operator" else f.get("issuer", ""))
+                elif f.get("decision") == "consumed":
+                    consumed[plan_id] += 1
         r.executions_without_two_permits = sum(
-            1 for p in executed if allowed.get(p, set()) != {"governor", "p33"} or consumed[p] != 2
+            1
+            for coid, qty in filled.items()
+            if qty > 0 and (allowed[coid[3:]] != {"governor", "p33"} or consumed[coid[3:]] < 2)
         )
-        # a fill on the exchange that no executed result accounts for is an execution without its story
-        filled = {o["clientOrderId"] for o in placed if Decimal(str(o.get("executedQty") or 0)) > 0}
-        r.executions_without_two_permits += sum(1 for coid in filled if coid[3:] not in executed)
 
 
-def run_chaos(settings: Settings, plans: int, rate: float, seed: int) -> tuple[ChaosReport, Path]:
+def _agrees(result: dict[str, str], filled: Decimal) -> bool:
+    """A result agrees with the exchange: executed with the order's fill, or not executed and nothing filled."""
+    if result.get("executed") == "true":
+        try:
+            return filled > 0 and Decimal(result.get("filled_qty", "")) == filled
+        except ArithmeticError:
+            return False
+    return filled == 0
+
+
+def run_chaos(
+    settings: Settings, plans: int, rate: float, seed: int, store_loss: bool = False
+) -> tuple[ChaosReport, Path]:
     from quantum_trader.system import LocalSystem
 
     system = LocalSystem.private("qt-chaos-", env=CHAOS_ENV, persist_store=True, sim_args=CHAOS_SIM_ARGS)
@@ -215,7 +369,7 @@ def run_chaos(settings: Settings, plans: int, rate: float, seed: int) -> tuple[C
         system.start_infra()
         system.open_positions({symbol: amount for symbol, (amount, _) in SYMBOLS.items()})
         system.start_services()
-        report = asyncio.run(Chaos(system, plans, rate, seed).run())
+        report = asyncio.run(Chaos(system, plans, rate, seed, store_loss).run())
     return report, system.settings.state_dir
 
 
@@ -237,12 +391,18 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
         ("plans", report.plans, ""),
         ("results", report.results, "= plans"),
         ("executions", report.executions, ""),
+        ("orders on the exchange", report.orders, ""),
         ("duplicate orders", report.duplicate_orders, "0"),
         ("lost plans", report.lost_plans, "0"),
         ("duplicate results", report.duplicate_results, "0"),
+        ("results that disagree with the exchange", report.results_disagreeing_with_exchange, "0"),
         ("executions without two permits", report.executions_without_two_permits, "0"),
         ("service kills (SIGKILL)", report.service_kills, ""),
         ("store restarts", report.store_restarts, ""),
+        ("store losses (back from a snapshot)", report.store_losses, ""),
+        ("results adopted from the exchange", report.adopted_from_exchange, ""),
+        ("proposals the store forgot (sent again)", report.forgotten_proposals, ""),
+        ("  of which the first plan had filled", report.resent_after_a_fill, "0"),
         ("max recovery after store restart (s)", report.max_recovery_s, f"<= {RECOVERY_LIMIT_S}"),
         ("run time (s)", report.seconds, ""),
     ]
@@ -250,5 +410,7 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
     for name, value, bound in rows:
         table.add_row(name, str(value), bound)
     console.print(table)
+    for name in report.broken:
+        console.print(f"{name}: " + "; ".join(report.examples.get(name, [])))
     verdict = "[green]all promises kept[/green]" if report.ok else "[red]PROMISE BROKEN[/red]"
     console.print(f"{verdict} (logs: {state_dir / 'logs'})")

@@ -323,17 +323,22 @@ def chaos_cmd(
     plans: Annotated[int, typer.Option(min=1, help="how many plans to send")] = 1000,
     rate: Annotated[float, typer.Option(min=0.5, help="plans per second")] = 20.0,
     seed: Annotated[int, typer.Option(help="seed of the random kills")] = 1,
+    store_loss: Annotated[
+        bool, typer.Option("--store-loss", help="also make the store forget, three times (back from a snapshot)")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Run a private chain while killing its services (SIGKILL) and once its store; check the promises.
 
-    Exit 1 if any plan was lost or doubled, any order duplicated or executed without two permits, or recovery
-    after the store restart took more than 2 s. Loopback only; bounded by the plan count and rate.
+    With --store-loss the store also comes back three times with older data only (a failover to a replica
+    behind, a host's power loss). Exit 1 if any plan was lost or doubled, any order duplicated or executed
+    without two permits, any result disagrees with the exchange, or recovery after the store restart took more
+    than 2 s. Loopback only; bounded by the plan count and rate.
     """
     from quantum_trader.cli.chaos import print_report, run_chaos
 
     settings = settings_or_exit()
-    report, state_dir = run_chaos(settings, plans, rate, seed)
+    report, state_dir = run_chaos(settings, plans, rate, seed, store_loss)
     print_report(report, state_dir, json_out)
     raise typer.Exit(0 if report.ok else EXIT_FAILED)
 

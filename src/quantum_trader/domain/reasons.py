@@ -360,6 +360,17 @@ ORDER_NOT_SENT = _r(
     "A slow exchange answer before the send, rate-limit waits, or a window too short for the exchange's latency.",
     "Nothing for one; for many, lengthen QT_APPLY__PERMIT_WAIT_MS or look at the exchange latency.",
 )
+STORE_CHANGED = _r(
+    "store_changed",
+    "error",
+    "apply",
+    "The proposal is older than the store instance Apply now talks to (the store restarted, came back with "
+    "older data, or failed over to a replica), so the store cannot vouch that the plan was not answered "
+    "already: it is never executed now. The exchange was asked first: an order of the plan would have been "
+    "its result instead; there is none, and none can still execute.",
+    "A store restart or failover while the proposal waited (or while its plan waited for permits).",
+    "Nothing; the strategy may propose again (a fresh proposal is handled normally).",
+)
 DEAD_LETTERED = _r(
     "dead_lettered",
     "error",

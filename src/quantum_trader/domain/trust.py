@@ -47,20 +47,28 @@ class Epoch:
             return False
 
 
+def started_before_ms(server_now_ms: int, uptime_s: int) -> int:
+    """The latest moment (server clock, ms) a server can have started, given its ``uptime_in_seconds``: that is
+    whole seconds of now minus whole seconds of the start, so it may exceed the real uptime by up to a second
+    (never fall short of it by one). A bound later than the start is safe to use; an earlier one is not."""
+    return server_now_ms - (uptime_s - 1) * 1000
+
+
 def trusted(epoch: Epoch | None, proposal_entry_id: str) -> bool:
     return epoch is not None and epoch.trusts(proposal_entry_id)
 
 
 def prior_sends_signed_before(epoch: Epoch | None, plan_created_at: float | None, window_s: float, now: float) -> float:
-    """The latest wall time (epoch s) at which an earlier, forgotten attempt at a plan can have signed its
-    order request, for a plan the store cannot vouch for.
+    """The latest wall time (epoch s) at which any attempt at a plan, seen here or not, can have signed its order
+    request: every send leaves inside the plan's permit window (its deadline is checked right before the
+    request is signed).
 
-    Any such attempt consumed the permits on an earlier instance, so before ``epoch.since``; its plan was
-    created before that, and every send leaves inside the plan's permit window (the deadline is checked
-    right before the request is signed). A plan record that predates the instance bounds it more tightly.
-    With no epoch yet, nothing is known: the bound is ``now`` plus the window.
+    With the plan's record, its own window bounds it: the record is the plan's only incarnation (a record that
+    predates the instance survived the change; one made on this instance is for a proposal newer than it, as an
+    older one is never planned again). Without a record, an attempt the store forgot consumed its permits on
+    an earlier instance, so before ``epoch.since``, inside a window that began before that. With no epoch
+    known either, only ``now`` bounds it.
     """
-    start = epoch.since if epoch is not None else now
     if plan_created_at is not None:
-        start = min(start, plan_created_at)
-    return start + window_s
+        return plan_created_at + window_s
+    return (epoch.since if epoch is not None else now) + window_s

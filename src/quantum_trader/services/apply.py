@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from enum import Enum
 from typing import Any
 
@@ -266,11 +267,17 @@ class ApplyService(Service):
             return
         vouched = self._vouching(entry_id)
         if vouched is None:
+            # Older than the store instance: it may have been answered already (the answer forgotten), so it is
+            # never executed now. The exchange says whether it was: an order found is its result.
             found = await self._ask_exchange(plan_id, proposal.symbol, plan, log, "older_than_store")
+            stand_in = plan or _plan_stub(plan_id, proposal.symbol, "NONE", self._clock.wall())
+            run = PlanRun(stand_in, entry_id, log, self.watch.epoch)
             if found is not None:
-                await self._adopt(plan_id, proposal.symbol, plan, entry_id, found, log)
-                return
-            vouched = self.watch.epoch
+                await self._adopt(run, found)
+            else:
+                log.warning(f"{proposal.symbol}: proposal older than the store instance; not executing it")
+                await self._publish(run, self._result(stand_in, reasons.STORE_CHANGED))
+            return
         if plan is not None:
             await self._resume(PlanRun(plan, entry_id, log, vouched))
         else:
@@ -413,19 +420,18 @@ class ApplyService(Service):
             )
             await backoff.wait()
 
-    async def _adopt(
-        self, plan_id: str, symbol: str, plan: Plan | None, entry_id: str, found: OrderOutcome, log: Any
-    ) -> None:
-        """An order the store forgot is the plan's outcome: its result is published (the ledger follows it)."""
-        assert found.report is not None
+    async def _adopt(self, run: PlanRun, found: OrderOutcome) -> None:
+        """An order the store forgot is the plan's outcome: its result is published (the ledger follows it).
+        For a plan whose record is gone too, the side is the one the order closed."""
+        report = found.report
+        assert report is not None
         self.metrics.adopted.inc()
-        side = plan.side if plan is not None else close_side(-1 if found.report.side == "BUY" else 1)  # type: ignore[arg-type]
-        log.warning(
-            f"{symbol}: found order {found.report.client_order_id} for plan {plan_id} on the exchange; adopting it"
-        )
-        stand_in = plan or _plan_stub(plan_id, symbol, side, self._clock.wall())
-        result = replace_result(self._from_report(stand_in, found.report), adopted=True)
-        await self._publish(PlanRun(stand_in, entry_id, log, self.watch.epoch), result)
+        plan = run.plan
+        if plan.side == "NONE":
+            plan = msgspec.structs.replace(plan, side=close_side(Decimal(-1 if report.side == "BUY" else 1)))
+        run.log.warning(f"{plan.symbol}: found order {report.client_order_id} for plan {plan.plan_id}; adopting it")
+        result = replace_result(self._from_report(plan, report), adopted=True)
+        await self._publish(PlanRun(plan, run.entry_id, run.log, run.vouched), result)
 
     # --- waiting for permits ----------------------------------------------------------------------------
 
@@ -564,12 +570,16 @@ class ApplyService(Service):
         self._executing.add(plan.plan_id)
         try:
             if not self._still_vouched(run):
-                # the store changed instance since the plan was vouched for: what it said may be forgotten
+                # The store changed instance since the plan was vouched for: what it said may be forgotten, and
+                # the plan is now older than the store. Never sent: an order the exchange has is its result.
                 found = await self._ask_exchange(plan.plan_id, plan.symbol, plan, run.log, "store_changed_before_send")
+                run.vouched = self.watch.epoch
                 if found is not None:
                     await self._conclude(run, coid, found)
-                    return
-                run.vouched = self.watch.epoch
+                else:
+                    run.log.warning(f"{plan.symbol}: the store changed instance before the send; not sending")
+                    await self._publish(run, self._result(plan, reasons.STORE_CHANGED, client_order_id=coid))
+                return
             window_end_ms = self.exchange.now_ms() + max(0.0, deadline - self._clock.mono()) * 1000
             qty = p33.permit.safe_close_qty
             outcome = await self.executor.execute(plan.symbol, order_side(plan.side), qty, coid, window_end_ms)
@@ -684,7 +694,8 @@ class ApplyService(Service):
                     continue
                 entry_id = await self.redis.hget(keys.plan_record(plan_id), "proposal_entry_id") if plan else ""
                 log = self.log.bind(plan_id=plan_id, symbol=symbol)
-                await self._adopt(plan_id, symbol, plan, entry_id or "", OrderOutcome.of(report), log)
+                stand_in = plan or _plan_stub(plan_id, symbol, "NONE", self._clock.wall())
+                await self._adopt(PlanRun(stand_in, entry_id or "", log, epoch), OrderOutcome.of(report))
                 adopted += 1
         self.log.info("searched the exchange for orders the store forgot", adopted=adopted, since_ms=round(since_ms))
 
@@ -729,10 +740,8 @@ class ApplyService(Service):
             plan = run.plan
             found = await self._ask_exchange(plan.plan_id, plan.symbol, plan, run.log, "store_changed_before_result")
             if found is not None:
-                assert found.report is not None
-                self.metrics.adopted.inc()
-                run.log.warning(f"{plan.symbol}: plan {plan.plan_id} has an order on the exchange; adopting it")
-                result = replace_result(self._from_report(plan, found.report), adopted=True)
+                await self._adopt(run, found)
+                return
         await self._publish(run, result)
 
     async def _publish(self, run: PlanRun, result: Result) -> None:

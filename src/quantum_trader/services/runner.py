@@ -19,12 +19,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from quantum_trader import __version__, logs
 from quantum_trader.bus import keys
-from quantum_trader.bus.connection import connect, redact, resolve_redis_url
+from quantum_trader.bus.connection import StoreNotReady, connect, redact, resolve_redis_url
 from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.exchange import open_exchange, sim_url_for
 from quantum_trader.exchange.base import ExchangeError
 from quantum_trader.exchange.check import HEDGE_HELP, MAX_SKEW_MS
-from quantum_trader.services.base import STORE_ERRORS, cancel_and_wait, consumer_name
+from quantum_trader.services.base import STORE_ERRORS, Backoff, cancel_and_wait, consumer_name
 from quantum_trader.services.metrics import build_info, serve_metrics
 from quantum_trader.settings import Settings
 
@@ -146,7 +146,7 @@ async def serve(kind: ServiceKind, settings: Settings) -> None:
     # Apply must know which store instance it talks to (its trust in the store's records rests on it); P3.3
     # reconciles its ledger when the instance changes.
     watch = StoreWatch(record_epoch=kind == "apply") if kind in ("apply", "brain") else None
-    redis = await connect(url, watch)
+    redis = await connect_when_ready(url, watch, log)
     exchange = None
     try:
         if kind in ("apply", "brain"):
@@ -186,6 +186,19 @@ async def serve(kind: ServiceKind, settings: Settings) -> None:
         if exchange is not None:
             await exchange.close()
         await redis.aclose()
+
+
+async def connect_when_ready(url: str, watch: StoreWatch | None, log: Any) -> aioredis.Redis:
+    """The store client, once the store can serve. A store that answers but cannot serve yet (loading, a
+    replica, refusing writes until its replicas catch up) is waited for: restarting would change nothing.
+    One that does not answer, or refuses this account, is an error to fix: StoreUnavailable, exit 1."""
+    backoff = Backoff(max_s=5.0)
+    while True:
+        try:
+            return await connect(url, watch)
+        except StoreNotReady as exc:
+            log.warning("the store cannot serve yet; waiting for it", error=str(exc), retry_in_s=backoff.delay)
+            await backoff.wait()
 
 
 def _build(kind: ServiceKind, settings: Settings, redis: aioredis.Redis, exchange: Any, watch: Any) -> Any:
