@@ -6,6 +6,7 @@ Services start brain first, then Governor, then Apply (the seed's order: permits
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -173,7 +174,7 @@ class LocalSystem:
         """Start (or restart, on the same port and data) the embedded store. It loads an ACL file with one user
         per service (and PING only for the anonymous default user), so its users survive restarts too."""
         from quantum_trader.bus.acl import ROLES, USERS, acl_file
-        from quantum_trader.bus.connection import acl_password_file, with_credentials
+        from quantum_trader.bus.connection import acl_password_file, record_epoch, with_credentials
 
         passwords = {role: read_secret_file(acl_password_file(self.settings, role)) for role in ROLES}
         aclfile = key_dir(self.settings) / "users.acl"
@@ -185,6 +186,7 @@ class LocalSystem:
         for role in ROLES:
             user = USERS[role].name if role in USERS else "qt-admin"
             self.urls[role] = with_credentials(self.redis_url, user, acl_password_file(self.settings, role))
+        asyncio.run(record_epoch(self.urls["admin"]))  # before anyone can send a proposal to the new instance
 
     def start_services(self, services: tuple[str, ...] = SERVICES) -> None:
         for service in services:
@@ -296,7 +298,7 @@ class LocalSystem:
         process = self.processes[service]
         consumer = self.child_env(service)["QT_CONSUMER_NAME"]
         key = keys.health(service, consumer)
-        client = redis.Redis.from_url(self.urls["admin"], decode_responses=True)
+        client = redis.Redis.from_url(self.urls["admin"], decode_responses=True, encoding_errors="surrogateescape")
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             while time.monotonic() < deadline:

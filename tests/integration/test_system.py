@@ -100,6 +100,17 @@ def test_a_second_up_on_the_same_state_dir_is_refused(env: dict[str, str]) -> No
         assert up.stop() == 0
 
 
+def test_a_short_chaos_run_with_store_losses_keeps_every_promise(env: dict[str, str]) -> None:
+    """`qt chaos --store-loss`: the store also comes back three times with older data only (failover and host
+    crash): judged from the exchange and the observer's own copy, nothing doubled, nothing contradicted."""
+    done = qt("chaos", "--plans", "60", "--rate", "15", "--seed", "4", "--store-loss", "--json", env=env, timeout=300)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0, report
+    assert report["ok"] and report["store_losses"] == 3 and report["executions"] > 0
+    assert report["duplicate_orders"] == report["results_disagreeing_with_exchange"] == 0
+    assert report["lost_plans"] == report["executions_without_two_permits"] == report["resent_after_a_fill"] == 0
+
+
 def test_a_short_chaos_run_keeps_every_promise(env: dict[str, str]) -> None:
     """`qt chaos` with real processes: SIGKILLs of services and a store restart while plans flow."""
     done = qt("chaos", "--plans", "60", "--rate", "15", "--seed", "3", "--json", env=env, timeout=300)

@@ -151,10 +151,12 @@ def test_sends_nobody_here_saw_are_looked_up_until_even_a_late_execution_could_s
     assert after_absent(unseen, T0 + LATE_EXECUTION_HORIZON_MS)[0] is Step.NOT_PLACED
 
 
-def test_an_acknowledged_order_is_never_sent_again() -> None:
-    acked = record(window_end_ms=T0 + 60_000).acknowledged()
+def test_an_acknowledged_order_is_never_sent_again_nor_called_absent_at_once() -> None:
+    # the first attempt's record has no stamp yet (it succeeded): the acknowledgement dates it
+    acked = record(last_signed_ms=0.0, window_end_ms=T0 + 60_000).acknowledged(T0 + 100)
     assert not acked.may_resend
-    assert after_absent(acked, T0 + 1000 + CLOCK_MARGIN_MS)[0] is Step.NOT_PLACED
+    assert after_absent(acked, T0 + 1000 + CLOCK_MARGIN_MS)[0] is Step.QUERY_LATER  # records may lag the ACK
+    assert after_absent(acked, T0 + 100 + LATE_EXECUTION_HORIZON_MS)[0] is Step.NOT_PLACED
 
 
 def test_the_proof_starts_at_the_timestamp_the_request_carried() -> None:

@@ -32,11 +32,20 @@ EPOCH = Epoch(IDENTITY, (1_700_000_000_000, 3), since=1_700_000_100.0)
     ],
 )
 def test_only_proposals_after_the_floor_are_vouched_for(entry_id: str, expected: bool) -> None:
-    assert trusted(EPOCH, entry_id) is expected
+    assert trusted(EPOCH, entry_id, now=1_700_000_100.0) is expected
 
 
 def test_without_an_epoch_nothing_is_vouched_for() -> None:
-    assert trusted(None, "9999999999999-0") is False
+    assert trusted(None, "9999999999999-0", now=1_700_000_100.0) is False
+
+
+def test_a_proposal_nearly_as_old_as_the_records_live_is_not_vouched_for() -> None:
+    """Its plan's markers may have expired (a day): the store's silence about it proves nothing."""
+    from quantum_trader.domain.trust import TRUST_MAX_AGE_S
+
+    young = f"{1_700_000_001_000}-0"
+    assert trusted(EPOCH, young, now=1_700_000_001.0 + TRUST_MAX_AGE_S - 1) is True
+    assert trusted(EPOCH, young, now=1_700_000_001.0 + TRUST_MAX_AGE_S + 1) is False
 
 
 @given(a=st.tuples(st.integers(0, 2**48), st.integers(0, 99)), b=st.tuples(st.integers(0, 2**48), st.integers(0, 99)))
@@ -66,3 +75,13 @@ def test_the_start_bound_from_whole_second_uptime_is_never_before_the_real_start
     uptime_s = now_ms // 1000 - start_ms // 1000
     bound = started_before_ms(now_ms, uptime_s)
     assert start_ms <= bound <= start_ms + 2000
+
+
+def test_an_epoch_read_again_is_the_same_epoch_whatever_was_learnt_since() -> None:
+    from dataclasses import replace
+
+    again = replace(EPOCH, searched=True)
+    assert EPOCH.same_as(again) and again.same_as(EPOCH)
+    assert not EPOCH.same_as(replace(EPOCH, floor=(1_700_000_000_001, 0)))
+    assert not EPOCH.same_as(replace(EPOCH, identity=StoreIdentity("run-2", "repl-1")))
+    assert not EPOCH.same_as(None)

@@ -129,6 +129,17 @@ def make_client(url: str, watch: StoreWatch | None = None, retry: Retry | None =
     return client
 
 
+async def record_epoch(url: str) -> None:
+    """Record the store instance's epoch now (bus/identity.py), as Apply's first connection would. Done right
+    after a store starts (`qt up`, and the private systems of demo, chaos and bench): the floor is then exact,
+    so proposals sent right after the start are vouched for even before an Apply has connected."""
+    client = make_client(url, StoreWatch(record_epoch=True))
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
 async def connect(url: str, watch: StoreWatch | None = None) -> aioredis.Redis:
     """A client whose server answered PING and is Redis >= 7 / Valkey (streams with XAUTOCLAIM)."""
     client = make_client(url, watch)

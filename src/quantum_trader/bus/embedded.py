@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 APPENDFSYNC = "everysec"  # the choice, and what each setting costs and can lose: docs/reliability.md
+MAX_BULK = "16mb"
 
 
 class EmbeddedStore:
@@ -105,6 +106,9 @@ def _server(data_dir: Path, port: int | None, aclfile: Path | None, appendfsync:
     # nothing; a host crash can lose the last second or two. The order path does not depend on it (the
     # exchange has the last word on what was sent: docs/reliability.md). With appendfsync None: no AOF.
     config: dict[str, Any] = {"appendonly": "yes", "appendfsync": appendfsync} if appendfsync else {}
+    # No value beyond 16 MiB: a reader holds a whole reply in memory before it can refuse an entry, so the store
+    # itself refuses what no entry of the chain comes near (the readers' own limit is 8 MiB: bus/entries.py).
+    config["proto-max-bulk-len"] = MAX_BULK
     if aclfile is not None:
         config["aclfile"] = str(aclfile)
     return ValkeyServer(port=port, data_dir=data_dir, persist=True, **config)

@@ -7,7 +7,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 # READONLY: a replica (or a primary being demoted); LOADING: loading its data after a start; BUSY: a script or
 # module blocks it; MASTERDOWN: a replica cut off from its primary; UNBLOCKED: a blocked read cut short (a
 # demotion, the stream deleted); NOREPLICAS: min-replicas-to-write not met; TRYAGAIN/CLUSTERDOWN: a cluster
-# in the middle of a change.
+# in the middle of a change; MISCONF: it cannot persist (a failed save or AOF write) and refuses writes; OOM: it
+# is full (``noeviction``) and refuses writes.
 UNAVAILABLE_REPLIES = (
     "READONLY",
     "LOADING",
@@ -17,6 +18,8 @@ UNAVAILABLE_REPLIES = (
     "NOREPLICAS",
     "TRYAGAIN",
     "CLUSTERDOWN",
+    "MISCONF",
+    "OOM",
 )
 
 

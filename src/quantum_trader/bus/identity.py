@@ -6,9 +6,8 @@ With ``record_epoch`` (Apply), the connection also reads or creates the instance
 domain/trust.py) in the same round trip as nothing else can interleave: one short script.
 
 When a connection reaches an instance other than the one before (or the first), ``on_change(previous, now,
-new_epoch)`` is called: Apply starts distrusting older plans, and when it has just recorded the instance's
-epoch (nobody had used the instance before) searches the exchange for orders the store may have forgotten;
-P3.3 reconciles its ledger.
+epoch_unsearched)`` is called: Apply starts distrusting older plans, and while nobody has searched the exchange
+for orders the instance may have forgotten, does so; P3.3 reconciles its ledger.
 """
 
 from __future__ import annotations
@@ -23,26 +22,43 @@ from quantum_trader.bus import keys
 from quantum_trader.bus.errors import StoreUnavailableReply
 from quantum_trader.domain.trust import Epoch, StoreIdentity, started_before_ms, stream_id
 
-# The instance's epoch: kept if it names this instance, else replaced by a new one. Its floor is the proposal
-# stream's last generated id now (XINFO; the stream travels as an argument: Apply may only consume it), or the
-# instance's start on its own clock (ARGV[5], ms; "" when not known) if that is lower: an instance that has
-# been a primary since it started gave every entry added since an id past its start time.
+# The instance's epoch: kept if it names this instance (and is whole), else replaced by a new one. ``last_id``
+# is the proposal stream's last generated id now (XINFO; the stream travels as an argument: Apply may only
+# consume it; only a missing stream means "none": any other error refuses the claim). The floor is that, or
+# the instance's start on its own clock (ARGV[5], ms; "" when not known) if lower: an instance that has been
+# a primary since it started gave every entry added since an id past its start. ``searched`` is set once an
+# Apply has searched the exchange for orders the instance forgot.
 CLAIM_EPOCH = """
-local cur = redis.call('HMGET', KEYS[1], 'run_id', 'replid', 'floor', 'since')
-if cur[1] == ARGV[1] and cur[2] == ARGV[2] then return {cur[3], cur[4], 0} end
-local floor = '0-0'
+local cur = redis.call('HMGET', KEYS[1], 'run_id', 'replid', 'floor', 'since', 'last_id', 'searched')
+if cur[1] == ARGV[1] and cur[2] == ARGV[2] and cur[3] and cur[4] and cur[5] then
+  return {cur[3], cur[4], 0, cur[5], cur[6] or ''}
+end
+local last = '0-0'
 local info = redis.pcall('XINFO', 'STREAM', ARGV[4])
-if type(info) == 'table' and not info.err then
+if type(info) == 'table' and info.err then
+  if not string.find(string.lower(info.err), 'no such key', 1, true) then return redis.error_reply(info.err) end
+else
   for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then floor = info[i + 1] end
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
   end
 end
-if ARGV[5] ~= '' and tonumber(ARGV[5]) < tonumber(string.match(floor, '^(%d+)')) then
+local floor = last
+if ARGV[5] ~= '' and tonumber(ARGV[5]) < tonumber(string.match(last, '^(%d+)')) then
   floor = ARGV[5] .. '-18446744073709551615'
 end
+redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'replid', ARGV[2], 'floor', floor, 'since', ARGV[3],
-           'previous_run_id', cur[1] or '', 'previous_replid', cur[2] or '')
-return {floor, ARGV[3], 1}
+           'last_id', last, 'previous_run_id', cur[1] or '', 'previous_replid', cur[2] or '')
+return {floor, ARGV[3], 1, last, ''}
+"""
+
+# The search for forgotten orders is done: recorded in the epoch, if it is still this instance's.
+MARK_SEARCHED = """
+if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'replid') ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'searched', '1')
+return 1
 """
 
 
@@ -69,40 +85,60 @@ def parse_info(text: str) -> dict[str, str]:
 
 
 class StoreWatch:
-    """The identity (and for Apply the epoch) of the store instance one client talks to."""
+    """The identity (and for Apply the epoch) of the store instance one client talks to.
 
-    def __init__(
-        self,
-        *,
-        record_epoch: bool = False,
-        clock: Callable[[], float] = time.time,
-        on_change: OnChange | None = None,
-    ) -> None:
+    ``on_change(previous, now, epoch_unsearched)`` is called when a connection reaches another instance than
+    before, or the first; a change seen before anyone subscribed (the first connection of a service is made
+    before the service exists) is delivered on ``subscribe``."""
+
+    def __init__(self, *, record_epoch: bool = False, clock: Callable[[], float] = time.time) -> None:
         self.record_epoch = record_epoch
         self.identity: StoreIdentity | None = None
         self.epoch: Epoch | None = None
         self.changes = 0  # instances seen after the first
         self._clock = clock
-        self._on_change = on_change
+        self._on_change: OnChange | None = None
+        self._undelivered: tuple[StoreIdentity | None, StoreIdentity, bool] | None = None
 
     def subscribe(self, on_change: OnChange) -> None:
         self._on_change = on_change
+        if self._undelivered is not None:
+            undelivered, self._undelivered = self._undelivered, None
+            on_change(*undelivered)
 
     async def on_connect(self, conn: Any) -> None:
-        """redis-py's ``redis_connect_func``: the usual handshake, then who is this server."""
+        """redis-py's ``redis_connect_func``: the usual handshake, then who is this server. Anything unreadable
+        in the answer fails the connection (a RedisError: redis-py then drops it, never uses it unchecked)."""
         await conn.on_connect()
-        identity, began, time_floor = await self._identify(conn)
-        epoch, new_epoch = await self._claim(conn, identity, began, time_floor) if self.record_epoch else (None, False)
+        try:
+            identity, began, time_floor = await self._identify(conn)
+            epoch = await self._claim(conn, identity, began, time_floor) if self.record_epoch else None
+        except (ValueError, TypeError) as exc:
+            raise StoreUnavailableReply(f"the store's identity or epoch record is unreadable: {exc}") from None
         previous = self.identity
-        if previous == identity and not new_epoch:
+        same_epoch = epoch is None or epoch.same_as(self.epoch)
+        if previous == identity and same_epoch:
+            if epoch is not None:
+                self.epoch = epoch  # e.g. now marked searched
             return
         self.identity = identity
         if epoch is not None:
             self.epoch = epoch
         if previous is not None and previous != identity:
             self.changes += 1
-        if self._on_change is not None:
-            self._on_change(previous, identity, new_epoch)
+        unsearched = epoch is not None and not epoch.searched
+        if self._on_change is None:
+            before = self._undelivered[0] if self._undelivered else previous
+            self._undelivered = (before, identity, unsearched)
+        else:
+            self._on_change(previous, identity, unsearched)
+
+    async def mark_searched(self, redis: Any) -> None:
+        """Record in the instance's epoch that its forgotten orders were searched for."""
+        epoch = self.epoch
+        if epoch is not None:
+            ident = epoch.identity
+            await redis.eval(MARK_SEARCHED, 1, keys.STORE_EPOCH, ident.run_id, ident.replid)
 
     async def _identify(self, conn: Any) -> tuple[StoreIdentity, float, str]:
         """The server's identity; the latest it can have become that instance (its start if it has been a
@@ -132,8 +168,8 @@ class StoreWatch:
                 time_floor = str(latest_start_ms + START_MARGIN_MS)
         return StoreIdentity(info.get("run_id", ""), info.get("master_replid", "")), min(began, now), time_floor
 
-    async def _claim(self, conn: Any, identity: StoreIdentity, began: float, time_floor: str) -> tuple[Epoch, bool]:
-        """The instance's epoch, and whether this call created it (no Apply had used the instance before)."""
+    async def _claim(self, conn: Any, identity: StoreIdentity, began: float, time_floor: str) -> Epoch:
+        """The instance's epoch (created now if no Apply had used the instance before)."""
         await conn.send_command(
             "EVAL",
             CLAIM_EPOCH,
@@ -145,5 +181,5 @@ class StoreWatch:
             keys.PROPOSAL_STREAM,
             time_floor,
         )
-        floor, since, created = await conn.read_response()
-        return Epoch(identity, stream_id(str(floor)), float(since)), bool(int(created))
+        floor, since, _, last_id, searched = await conn.read_response()
+        return Epoch(identity, stream_id(str(floor)), float(since), stream_id(str(last_id)), searched == "1")

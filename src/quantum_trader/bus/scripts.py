@@ -15,9 +15,11 @@ issue_permit: the first decision per issuer and plan wins (claim key, SET NX); t
     already seen the plan's result).
 hold_for_intent: an order whose outcome is unknown holds its symbol for as long as its intent is recorded
     (the intent lives as long as the plan's bookkeeping): the hold cannot outlive the intent it stands for.
-publish_result: the plan has no result yet → publish it, set the result marker, free the symbol; always
-    close the order intent; the proposal is acknowledged in the same script. A second publisher (a
-    redelivery, a racing Apply) changes nothing.
+publish_result: the plan has no result yet → publish it, set the result marker, free the symbol, close the
+    order intent, and acknowledge the proposal, in one script. A second publisher (a redelivery, a racing
+    Apply) changes nothing but the acknowledgement. A result that says no order was sent (``no_order``: a
+    timeout, a deny, a skip) is refused while the plan's executed marker exists: another handler consumed
+    its permits and may have sent it, and only the order's outcome may be the result.
 """
 
 from __future__ import annotations
@@ -60,15 +62,18 @@ return 'ok'
 """
 
 PUBLISH_RESULT = """
-local published = false
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  published = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 7))
-  redis.call('SET', KEYS[1], published, 'EX', ARGV[2])
-  if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  if ARGV[6] ~= '' then redis.call('XACK', ARGV[4], ARGV[5], ARGV[6]) end
+  return {'exists', ''}
 end
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[5]) == 1 then return {'executed', ''} end
+local published = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 8))
+redis.call('SET', KEYS[1], published, 'EX', ARGV[2])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 redis.call('ZREM', KEYS[4], ARGV[1])
 if ARGV[6] ~= '' then redis.call('XACK', ARGV[4], ARGV[5], ARGV[6]) end
-return published
+return {'published', published}
 """
 
 ISSUE_PERMIT = """
@@ -304,14 +309,17 @@ class Scripts:
         fields: dict[str, str],
         proposal_entry_id: str,
         result_maxlen: int,
-    ) -> str | None:
-        """Publish the plan's one result (unless it has one) and ack its proposal, in one script."""
-        published: Any = await self._publish(
+        no_order: bool = False,
+    ) -> Literal["published", "exists", "executed"]:
+        """Publish the plan's one result (unless it has one) and ack its proposal, in one script. "executed":
+        refused, the result says no order was sent (``no_order``) and the plan's permits were consumed."""
+        status, _ = await self._publish(
             keys=[
                 keys.result_marker(plan_id),
                 keys.RESULT_STREAM,
                 keys.symbol_in_flight(symbol),
                 keys.APPLY_INTENTS,
+                keys.executed_marker(plan_id),
             ],
             args=[
                 plan_id,
@@ -320,7 +328,13 @@ class Scripts:
                 keys.PROPOSAL_STREAM,
                 keys.APPLY_GROUP,
                 proposal_entry_id,
+                "1" if no_order else "0",
                 *flatten(fields),
             ],
         )
-        return str(published) if published else None
+        outcomes: dict[str, Literal["published", "exists", "executed"]] = {
+            "published": "published",
+            "exists": "exists",
+            "executed": "executed",
+        }
+        return outcomes[str(status)]

@@ -86,9 +86,13 @@ class SendRecord:
             may_resend=self.may_resend and not late,
         )
 
-    def acknowledged(self) -> SendRecord:
-        """The exchange took the order (an ACK or an open order): it exists, so it is never sent again."""
-        return replace(self, may_resend=False)
+    def acknowledged(self, now_ms: float) -> SendRecord:
+        """The exchange took the order (an ACK or an open order) by ``now_ms``: it exists, so it is never sent
+        again, and a lookup that does not find it yet (the exchange's records can lag its answer) is not the
+        end of it until the late-execution horizon after that moment."""
+        return replace(
+            self, may_resend=False, late_execution_possible=True, last_signed_ms=max(self.last_signed_ms, now_ms)
+        )
 
     def resent(self, signed_at_ms: float) -> SendRecord:
         return replace(self, attempts=self.attempts + 1, last_signed_ms=signed_at_ms)

@@ -34,17 +34,36 @@ class Epoch:
     """The store instance Apply talks to, as recorded in it by the first Apply that used it."""
 
     identity: StoreIdentity
-    floor: StreamId  # the proposal stream's last id when the instance was first used
+    floor: StreamId  # proposals above it were added to this instance (its start, or when it was first used)
     # wall time (epoch s) at or after the moment it became this instance: its start if it has been a primary
     # since (a restart), else when an Apply first saw it (a promoted replica: the promotion is not dated)
     since: float
+    last_id: StreamId = (0, 0)  # the proposal stream's last id when first used: the newest proposal it kept
+    searched: bool = False  # an Apply has searched the exchange for orders this instance forgot
 
-    def trusts(self, proposal_entry_id: str) -> bool:
-        """The proposal lived its whole life on this instance (so did its plan, permits, markers and order)."""
+    def same_as(self, other: Epoch | None) -> bool:
+        """The same epoch of the same instance (what was learnt about it since, e.g. ``searched``, aside)."""
+        return other is not None and (self.identity, self.floor, self.since) == (
+            other.identity,
+            other.floor,
+            other.since,
+        )
+
+    def trusts(self, proposal_entry_id: str, now: float) -> bool:
+        """The proposal lived its whole life on this instance (so did its plan, permits, markers and order), and
+        is young enough that the plan's records cannot have expired (they live ``RECORDS_LIVE_S``): an older
+        one may have had an order whose records are gone."""
         try:
-            return stream_id(proposal_entry_id) > self.floor
+            entry = stream_id(proposal_entry_id)
         except ValueError:
             return False
+        return entry > self.floor and entry[0] > (now - TRUST_MAX_AGE_S) * 1000
+
+
+# A plan's records (plan, markers, intent, result) live a day (bus/keys.py PLAN_BOOKKEEPING_TTL_S); a proposal
+# still unanswered close to that age is looked up, whatever its place relative to the instance.
+RECORDS_LIVE_S = 24 * 3600
+TRUST_MAX_AGE_S = RECORDS_LIVE_S - 3600
 
 
 def started_before_ms(server_now_ms: int, uptime_s: int) -> int:
@@ -54,8 +73,8 @@ def started_before_ms(server_now_ms: int, uptime_s: int) -> int:
     return server_now_ms - (uptime_s - 1) * 1000
 
 
-def trusted(epoch: Epoch | None, proposal_entry_id: str) -> bool:
-    return epoch is not None and epoch.trusts(proposal_entry_id)
+def trusted(epoch: Epoch | None, proposal_entry_id: str, now: float) -> bool:
+    return epoch is not None and epoch.trusts(proposal_entry_id, now)
 
 
 def prior_sends_signed_before(epoch: Epoch | None, plan_created_at: float | None, window_s: float, now: float) -> float:

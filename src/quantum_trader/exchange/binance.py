@@ -296,9 +296,14 @@ class BinanceFutures:
         self, symbol: str, side: str, qty: Decimal, client_order_id: str, deadline_ms: float | None = None
     ) -> OrderReport:
         """Send one reduce-only MARKET order. Raises ExchangeRejected (nothing placed), OutcomeUnknown (maybe
-        placed: look it up, never resend blindly), Throttled / ExchangeBanned (not sent)."""
-        await self._ensure_time()
-        filters = (await self.filters()).get(symbol)
+        placed: look it up, never resend blindly), Throttled / ExchangeBanned / NotSent (not sent)."""
+        try:
+            await self._ensure_time()
+            filters = (await self.filters()).get(symbol)
+        except (ExchangeBanned, Throttled):
+            raise
+        except ExchangeError as exc:  # the clock or the filters could not be read: nothing was sent
+            raise NotSent(f"could not prepare the order: {exc.message}", exc.code) from None
         request: dict[str, Any] = {
             "symbol": symbol,
             "side": side,
@@ -319,10 +324,11 @@ class BinanceFutures:
         except Exception as exc:
             error = classify_order_error(exc)
             error.signed_at_ms = request.get("timestamp")
-            if error.code == TIMESTAMP_OUTSIDE_WINDOW:
-                await self.sync_time()
-            elif error.code in FILTER_CODES:
-                await self.filters(refresh=True)
+            with contextlib.suppress(ExchangeError):  # best effort: the order's own error is what the caller needs
+                if error.code == TIMESTAMP_OUTSIDE_WINDOW:
+                    await self.sync_time()
+                elif error.code in FILTER_CODES:
+                    await self.filters(refresh=True)
             raise error from None
         try:
             return parse_order(reply)
@@ -339,7 +345,12 @@ class BinanceFutures:
         found: list[OrderReport] = []
         params: dict[str, Any] = {"symbol": symbol, "startTime": int(since_ms), "limit": ORDERS_PAGE}
         while True:
-            rows = await self._read("fapiPrivateGetAllOrders", params, WEIGHTS["allOrders"])
+            try:
+                rows = await self._read("fapiPrivateGetAllOrders", params, WEIGHTS["allOrders"])
+            except ExchangeUnavailable as exc:
+                if exc.code == INVALID_SYMBOL:
+                    return found  # a symbol the exchange does not know has no orders
+                raise
             if not isinstance(rows, list):
                 raise ExchangeUnavailable(f"unexpected allOrders reply: {truncate(str(rows))}")
             for row in rows:

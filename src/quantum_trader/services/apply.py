@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from enum import Enum
@@ -72,11 +73,6 @@ ORPHAN_SEARCH_MARGIN_S = 60.0
 ORPHAN_SEARCH_MAX_S = keys.PLAN_BOOKKEEPING_TTL_S - 3600
 TRUTH_RETRY_MAX_S = 5.0  # while the exchange cannot say whether a plan's order exists, ask again this often
 
-# Errors of results that are the exchange's own word (an order report, a definitive refusal, a proven absence):
-# they need no lookup before they are published, whatever the store has forgotten.
-PROVEN_BY_EXCHANGE = frozenset(
-    {reasons.EXCHANGE_REJECTED, reasons.ORDER_NOT_PLACED, reasons.ORDER_NOT_FILLED, reasons.EXCHANGE_BANNED}
-)
 NOT_EXECUTED = {
     OutcomeKind.REJECTED: reasons.EXCHANGE_REJECTED,
     OutcomeKind.NOT_PLACED: reasons.ORDER_NOT_PLACED,
@@ -137,7 +133,6 @@ class ApplyService(Service):
             settings.exchange.late_execution_horizon_ms,
             clock,
         )
-        watch.subscribe(self._store_changed)
         self._executing: set[str] = set()  # plans whose order this process is sending or resolving now
         guard = getattr(exchange, "guard", None)
         if guard is not None:
@@ -148,7 +143,8 @@ class ApplyService(Service):
         self._wait_s = settings.apply.permit_wait_ms / 1000
         self._slots = asyncio.Semaphore(settings.apply.max_in_flight)
         self._active: dict[str, asyncio.Task[None]] = {}
-        self._orphan_search = asyncio.Event()  # set when the store changed instance: orders it forgot
+        self._orphan_search = asyncio.Event()  # set while the store instance's forgotten orders are not searched
+        watch.subscribe(self._store_changed)  # last: a change already seen is delivered at once
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -177,13 +173,13 @@ class ApplyService(Service):
         finally:
             await cancel_and_wait([reader, sweeper, *self._active.values()])
 
-    def _store_changed(self, before: StoreIdentity | None, after: StoreIdentity, new_epoch: bool) -> None:
+    def _store_changed(self, before: StoreIdentity | None, after: StoreIdentity, unsearched: bool) -> None:
         """A connection reached another store instance than before: plans published on the old one are looked
-        up before they are sent, and the audit reader starts again at the new stream's end. If no Apply had
-        used the instance yet, orders it may have forgotten are searched for on the exchange."""
-        if new_epoch:
+        up before they are sent, and the audit reader starts again at the new stream's end. While nobody has
+        searched the exchange for orders the instance may have forgotten, this Apply does."""
+        if unsearched:
             self._orphan_search.set()
-        if before is None:
+        if before is None or before == after:
             return
         self.metrics.store_changes.set(self.watch.changes)
         self.log.warning(
@@ -304,10 +300,10 @@ class ApplyService(Service):
     def _vouching(self, entry_id: str) -> Epoch | None:
         """The current epoch if the store can vouch for the plan of this proposal entry, else None."""
         epoch = self.watch.epoch
-        return epoch if trusted(epoch, entry_id) else None
+        return epoch if trusted(epoch, entry_id, self._clock.wall()) else None
 
     def _still_vouched(self, run: PlanRun) -> bool:
-        return run.vouched is not None and run.vouched is self.watch.epoch
+        return run.vouched is not None and run.vouched.same_as(self.watch.epoch)
 
     async def _plan_and_run(
         self, proposal: Proposal, plan_id: str, entry_id: str, log: Any, vouched: Epoch | None
@@ -427,7 +423,7 @@ class ApplyService(Service):
         assert report is not None
         self.metrics.adopted.inc()
         plan = run.plan
-        if plan.side == "NONE":
+        if plan.side == "NONE" and report.side in ("BUY", "SELL"):  # a BUY closes a short, a SELL a long
             plan = msgspec.structs.replace(plan, side=close_side(Decimal(-1 if report.side == "BUY" else 1)))
         run.log.warning(f"{plan.symbol}: found order {report.client_order_id} for plan {plan.plan_id}; adopting it")
         result = replace_result(self._from_report(plan, report), adopted=True)
@@ -578,7 +574,8 @@ class ApplyService(Service):
                     await self._conclude(run, coid, found)
                 else:
                     run.log.warning(f"{plan.symbol}: the store changed instance before the send; not sending")
-                    await self._publish(run, self._result(plan, reasons.STORE_CHANGED, client_order_id=coid))
+                    result = self._result(plan, reasons.STORE_CHANGED, client_order_id=coid)
+                    await self._publish(run, result, consumed_here=True)
                 return
             window_end_ms = self.exchange.now_ms() + max(0.0, deadline - self._clock.mono()) * 1000
             qty = p33.permit.safe_close_qty
@@ -594,7 +591,8 @@ class ApplyService(Service):
         if outcome.kind is OutcomeKind.UNKNOWN:
             # No result until the truth is known: hold the symbol (for as long as the intent is recorded) so no
             # other close can stack on this one.
-            await self._scripts.hold_for_intent(plan_id=plan.plan_id, symbol=plan.symbol)
+            if not await self._scripts.hold_for_intent(plan_id=plan.plan_id, symbol=plan.symbol):
+                log.warning(f"{plan.symbol}: the intent of {coid} is no longer recorded; not holding the symbol")
             log.error(
                 f"{plan.symbol}: order {coid} outcome unknown; symbol held, resolving in the background",
                 error=outcome.message,
@@ -610,7 +608,7 @@ class ApplyService(Service):
             (log.error if outcome.kind is OutcomeKind.BANNED else log.warning)(
                 f"{plan.symbol}: order not executed ({error})", code=outcome.code, msg=outcome.message
             )
-        await self._publish(run, result)
+        await self._publish(run, result, consumed_here=True)
 
     async def _recover(self, plan: Plan, entry_id: str, marker: str | None, log: Any) -> None:
         """An executed plan without a result (a restart, a racing handler): look the order up, never resend.
@@ -644,50 +642,70 @@ class ApplyService(Service):
         await self._finish(run, self._result(plan, reasons.DEAD_LETTERED, reason="delivered too often"))
 
     async def _sweep_intents(self) -> None:
-        """Every few seconds (and at start): orders whose outcome is still unestablished, found by client id.
+        """Every few seconds (and at start): orders whose outcome is still unestablished, found by client id;
+        and, while the store's instance has not had it, the search for orders it forgot.
 
         Covers what a redelivered proposal does not: an unknown outcome that outlived its plan's handler, and
-        intents of a consumer that no longer exists (renamed host). Never resends.
+        intents of a consumer that no longer exists (renamed host). Never resends. One intent that cannot be
+        resolved (the exchange, the store, an unreadable record) does not hold back the others.
         """
         # Older than a whole window plus a whole resolution: no live handler is still working on it.
         stale_s = self._wait_s + self.executor.resolve_timeout_s + 1
         interval = min(INTENT_SWEEP_S, max(0.5, self.executor.resolve_timeout_s / 2))
         while True:
-            try:
-                if self._orphan_search.is_set():
-                    self._orphan_search.clear()
-                    await self._adopt_orphans()
+            if self._orphan_search.is_set():
+                with self._sweep_step("the search for orders the store forgot"):
+                    if await self._adopt_orphans():
+                        self._orphan_search.clear()
+            due: list[str] = []
+            with self._sweep_step("the intents"):
                 due = await self.redis.zrangebyscore(keys.APPLY_INTENTS, "-inf", self._clock.wall() - stale_s)
                 self.metrics.unresolved.set(await self.redis.zcard(keys.APPLY_INTENTS))
-                for plan_id in due:
-                    if plan_id not in self._executing:
+            for plan_id in due:
+                if plan_id not in self._executing:
+                    with self._sweep_step(f"intent {plan_id}"):
                         await self._resolve_intent(plan_id)
-            except STORE_ERRORS as exc:
-                self.log.warning("intent sweep: store unavailable", error=str(exc))
-            except ExchangeError as exc:
-                self._orphan_search.set()  # the search for forgotten orders is done again next round
-                self.log.warning("intent sweep: exchange unavailable", error=exc.message)
-            except Exception:  # one bad intent must not stop the sweep for the others
-                self.log.exception("intent sweep failed; trying again")
             await asyncio.sleep(interval)
 
-    async def _adopt_orphans(self) -> None:
-        """After the store changed instance: orders of ours on the exchange whose plan the store has no result
-        for, not even an intent (its proposal may be forgotten too, so no redelivery would bring it back), get
-        their result from the exchange. Searched from a little before the newest proposal the store still has
-        (orders of older plans have their results, or the redelivery of their proposals finds them)."""
+    @contextlib.contextmanager
+    def _sweep_step(self, what: str) -> Iterator[None]:
+        """One step of the sweep: whatever it raises is logged and the sweep goes on (next step, next round)."""
+        try:
+            yield
+        except STORE_ERRORS as exc:
+            self.log.warning(f"intent sweep: store unavailable ({what})", error=str(exc))
+        except ExchangeError as exc:
+            self.log.warning(f"intent sweep: exchange unavailable ({what})", error=exc.message)
+        except Exception:
+            self.log.exception(f"intent sweep: {what} failed; trying again next round")
+
+    async def _adopt_orphans(self) -> bool:
+        """On a store instance nobody had searched yet: orders of ours on the exchange whose plan the store has
+        no result for, not even an intent (its proposal may be forgotten too, so no redelivery would bring it
+        back), get their result from the exchange. Searched from a minute before the newest proposal the
+        instance kept (a forgotten proposal, and so its order, is newer than that), at most a day back.
+        Returns True when every symbol was searched (then recorded in the epoch); False: search again later."""
         epoch = self.watch.epoch
         if epoch is None:
-            return
-        floor_ms = max(epoch.floor[0], (self._clock.wall() - ORPHAN_SEARCH_MAX_S) * 1000)
-        since_ms = floor_ms - ORPHAN_SEARCH_MARGIN_S * 1000
-        adopted = 0
+            return False
+        newest_kept_ms = min(epoch.last_id[0], epoch.floor[0])
+        since_ms = (
+            max(newest_kept_ms, (self._clock.wall() - ORPHAN_SEARCH_MAX_S) * 1000) - ORPHAN_SEARCH_MARGIN_S * 1000
+        )
+        adopted, complete = 0, True
         for symbol in sorted(self._allowlist):
-            for report in await self.exchange.orders_since(symbol, since_ms):
+            try:
+                found = await self.exchange.orders_since(symbol, since_ms)
+            except ExchangeError as exc:
+                self.log.warning(f"{symbol}: cannot search for forgotten orders now", error=exc.message)
+                complete = False
+                continue
+            for report in found:
                 plan_id = report.client_order_id.removeprefix("qt-")
-                if report.client_order_id == plan_id or not is_plan_id(plan_id) or not is_final(report.status):
+                if report.client_order_id == plan_id or not is_plan_id(plan_id) or plan_id in self._executing:
                     continue
-                if plan_id in self._executing:
+                if not is_final(report.status):
+                    complete = False  # still open: looked at again in the next search
                     continue
                 has_result, plan, marker = await self._markers(plan_id)
                 if has_result or marker:  # done, or the intent's resolution will publish it
@@ -697,7 +715,10 @@ class ApplyService(Service):
                 stand_in = plan or _plan_stub(plan_id, symbol, "NONE", self._clock.wall())
                 await self._adopt(PlanRun(stand_in, entry_id or "", log, epoch), OrderOutcome.of(report))
                 adopted += 1
-        self.log.info("searched the exchange for orders the store forgot", adopted=adopted, since_ms=round(since_ms))
+        self.log.info("searched the exchange for orders the store forgot", adopted=adopted, complete=complete)
+        if complete:
+            await self.watch.mark_searched(self.redis)
+        return complete
 
     async def _resolve_intent(self, plan_id: str) -> None:
         has_result, plan, marker = await self._markers(plan_id)
@@ -736,7 +757,7 @@ class ApplyService(Service):
         """Publish a result that the store's records decided (no order was sent for this plan). If the store
         cannot vouch for them any more (it changed instance), the exchange has the last word: an order found
         there is the result instead."""
-        if not result.executed and result.error not in PROVEN_BY_EXCHANGE and not self._still_vouched(run):
+        if not result.executed and not self._still_vouched(run):
             plan = run.plan
             found = await self._ask_exchange(plan.plan_id, plan.symbol, plan, run.log, "store_changed_before_result")
             if found is not None:
@@ -744,27 +765,38 @@ class ApplyService(Service):
                 return
         await self._publish(run, result)
 
-    async def _publish(self, run: PlanRun, result: Result) -> None:
+    async def _publish(self, run: PlanRun, result: Result, *, consumed_here: bool = False) -> None:
         """Publish the plan's one result and acknowledge its proposal. A store error here retries only this
-        step: the outcome is established, nothing before it is done again."""
+        step: the outcome is established, nothing before it is done again.
+
+        A result decided without this handler consuming the permits (``consumed_here``: its own order's
+        outcome, or the exchange's word) that says no order was sent (a timeout, a deny, a skip) is refused
+        while the plan's permits are consumed: another handler got them, and may have sent the order. That
+        plan is recovered from its intent instead, so only its order's outcome becomes its result."""
         plan, log = run.plan, run.log
+        no_order = not result.executed and not result.order_id and not consumed_here
         backoff = Backoff()
         while True:
             now = self._clock.wall()
             stamped = replace_result(result, at=now, latency_ms=round((now - plan.created_at) * 1000, 3))
             try:
-                published = await self._scripts.publish_result(
+                status = await self._scripts.publish_result(
                     plan_id=plan.plan_id,
                     symbol=plan.symbol,
                     fields=to_fields(stamped),
                     proposal_entry_id=run.entry_id,
                     result_maxlen=STREAM_MAXLEN,
+                    no_order=no_order,
                 )
                 break
             except STORE_ERRORS as exc:
                 log.warning("store unavailable while publishing a result; retrying it", error=str(exc))
                 await backoff.wait()
-        if published:
+        if status == "executed":
+            log.warning(f"{plan.symbol}: plan {plan.plan_id} was executed by another handler; recovering its outcome")
+            await self._recover(plan, run.entry_id, await self.redis.get(keys.executed_marker(plan.plan_id)), log)
+            return
+        if status == "published":
             self.metrics.results.labels("executed" if result.executed else result.error).inc()
             log.info(
                 f"{plan.symbol}: Result published (executed={result.executed}, error={result.error or 'none'})",

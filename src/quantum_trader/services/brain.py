@@ -188,8 +188,6 @@ class BrainService(Service):
     ) -> None:
         super().__init__(settings, redis, consumer=consumer, clock=clock)
         self.exchange = exchange
-        if watch is not None:
-            watch.subscribe(self._store_changed)
         self.metrics = BrainMetrics(registry or CollectorRegistry())
         self.policy = policy_from(settings)
         self.symbols = list(settings.symbols)
@@ -205,6 +203,8 @@ class BrainService(Service):
         self._reconcile_asks = self._reconciled = 0
         for symbol in self.symbols:
             self.metrics.snapshot_age.labels(symbol).set_function(functools.partial(self.snapshot_age, symbol))
+        if watch is not None:
+            watch.subscribe(self._store_changed)  # last: a change already seen is delivered at once
 
     async def run(self) -> None:
         self.log.info("P3.3 Position State Brain starting (event-driven mode)", consumer=self.consumer)
@@ -291,18 +291,21 @@ class BrainService(Service):
         self._filters = await self.exchange.filters()
         asked_at, asked_ms = self._clock.wall(), self.exchange.now_ms()
         positions = await self.exchange.positions(self.symbols)
-        changed = 0
+        changed = skipped = 0
         for symbol, position in positions.items():
-            changed += await self._reconcile_one(
-                symbol, position, asked_at, synced_at(position.update_time_ms, asked_ms)
-            )
+            done = await self._reconcile_one(symbol, position, asked_at, synced_at(position.update_time_ms, asked_ms))
+            changed += done is True
+            skipped += done is None
+        if skipped:  # a ledger moved while the exchange was read: reconcile again at the next poll
+            self._reconcile_asks += 1
         await self._write_snapshots(positions, asked_at)
         for symbol in positions:
             self.metrics.ledger_drift.labels(symbol).set(0)  # the ledger was just set to the exchange
         self.log.info("ledger reconciled", symbols=len(positions), changed=changed)
         return changed
 
-    async def _reconcile_one(self, symbol: str, position: PositionInfo, asked_at: float, synced_ms: int) -> int:
+    async def _reconcile_one(self, symbol: str, position: PositionInfo, asked_at: float, synced_ms: int) -> bool | None:
+        """Whether the ledger changed; None when it moved after the exchange was asked (not reconciled now)."""
         key = keys.ledger(symbol)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -311,18 +314,18 @@ class BrainService(Service):
                     ledger = _parse_or_none(Ledger, await pipe.hgetall(key))
                     if ledger is not None and ledger.updated_at > asked_at:
                         await pipe.unwatch()
-                        return 0
+                        return None
                     # dated when the exchange was asked, like the snapshot written with it
                     updated = reconcile(ledger, position.amt, asked_at, synced_ms)
                     if updated is None:
                         await pipe.unwatch()
-                        return 0
+                        return False
                     change = LedgerChange(symbol, ledger, updated, "reconcile")
                     pipe.multi()
                     queue_ledger_write(pipe, change, self.settings.audit_maxlen)
                     await pipe.execute()
                     self._ledger_moved(change)
-                    return 1
+                    return True
                 except WatchError:
                     continue
 

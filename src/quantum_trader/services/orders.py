@@ -121,7 +121,7 @@ class OrderExecutor:
                     continue
                 return resolved
             if not is_final(report.status):  # ACK-style reply: follow it to its final state, never resend
-                return await self.follow(symbol, client_order_id, record.acknowledged())
+                return await self.follow(symbol, client_order_id, record.acknowledged(self.exchange.now_ms()))
             return OrderOutcome.of(report, record.attempts)
 
     async def resolve(self, symbol: str, client_order_id: str, record: SendRecord) -> Resolution:
@@ -144,6 +144,9 @@ class OrderExecutor:
             if report is not None:
                 if is_final(report.status):
                     return OrderOutcome.of(report, record.attempts)
+                if self.clock.mono() > deadline:  # found, but not final within the bound: left for later
+                    message = f"order {client_order_id} still {report.status}"
+                    return OrderOutcome(OutcomeKind.UNKNOWN, message=message, attempts=record.attempts)
                 await asyncio.sleep(LOOKUP_SPACING_S)
                 continue
             step, when_ms = after_absent(record, self.exchange.now_ms())

@@ -23,7 +23,7 @@ SLOT_OF_ISSUER = {"governor": "governor", "operator": "governor", "p33": "p33"}
 
 
 class PermitWaiter:
-    def __init__(self, redis: aioredis.Redis, log: Any, block_ms: int = 1000, count: int = 1000) -> None:
+    def __init__(self, redis: aioredis.Redis, log: Any, block_ms: int = 1000, count: int = 256) -> None:
         self._redis = redis
         self._log = log
         self._block_ms = block_ms
@@ -76,6 +76,10 @@ class PermitWaiter:
                 backoff.reset()
             except STORE_ERRORS as exc:
                 self._log.warning("audit reader: store unavailable", error=str(exc), retry_in_s=backoff.delay)
+                await backoff.wait()
+                continue
+            except Exception:  # it must not die: every waiting plan would wait its whole window
+                self._log.exception("audit reader: unexpected error; reading again", retry_in_s=backoff.delay)
                 await backoff.wait()
                 continue
             for _, entries in reply or ():
