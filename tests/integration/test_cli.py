@@ -67,6 +67,16 @@ def test_no_running_system_is_one_clear_line(env: dict[str, str]) -> None:
     assert "no store" in one_line_error(done) and "qt up" in done.stderr
 
 
+@pytest.mark.parametrize("url", ["foo://127.0.0.1:6379/0", "127.0.0.1:6379", "redis+sentinel://h1:26379/mymaster"])
+def test_a_store_url_redis_py_cannot_use_is_one_line_and_exit_2(env: dict[str, str], url: str) -> None:
+    """Seen in issue 11: a raw ValueError traceback from redis-py in every service."""
+    env["QT_REDIS_URL"] = url
+    for args in (("apply",), ("brain",), ("governor",), ("status",)):
+        done = qt(*args, env=env)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "QT_REDIS_URL" in one_line_error(done)
+
+
 def test_unreachable_store_is_one_clear_line_for_services_and_commands(env: dict[str, str]) -> None:
     env["QT_REDIS_URL"] = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     for args in (("apply",), ("governor",), ("governor", "kill-switch", "on")):
