@@ -36,6 +36,7 @@ from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
 from quantum_trader.bus.entries import MAX_FIELDS, MAX_VALUE_CHARS, defect_of, raw_pairs
+from quantum_trader.cli.audit import fetch_report, fetch_story
 from quantum_trader.web.app import dashboard_state
 
 pytestmark = pytest.mark.integration
@@ -48,6 +49,8 @@ STREAMS = {
     keys.RESULT_STREAM: keys.RESULT_DLQ,
     keys.AUDIT_STREAM: keys.AUDIT_DLQ,
 }
+# streams only observers read (`qt report`, `qt audit`, the dashboard): nothing to dead-letter, nothing may break
+OBSERVED = (keys.OPS_AUDIT_STREAM, keys.SERVICE_EVENTS_STREAM, keys.LEDGER_AUDIT_STREAM)
 NOT_UTF8 = st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80abc", b"ok\xfe"])
 ANY_BYTES = st.one_of(st.binary(max_size=30), NOT_UTF8, st.builds(lambda a, b: a + b, st.binary(max_size=5), NOT_UTF8))
 FIELD_NAMES = [b"proposal_id", b"symbol", b"action", b"qty", b"plan_id", b"issuer", b"decision", b"executed"]
@@ -105,6 +108,8 @@ async def run(entries, permits, switches, sim, store_url: str, tmp: Path) -> Non
         for stream, pairs in entries:
             entry_id = raw.execute_command("XADD", stream, "*", *[part for pair in pairs for part in pair]).decode()
             written[stream].append((entry_id, pairs))
+            for observed in OBSERVED:  # the same bytes where only people read them
+                raw.execute_command("XADD", observed, "*", *[part for pair in pairs for part in pair])
         victim_result = await ops.wait_result(rds, victim.plan_id, 10, victim.result_cursor)
         assert victim_result is not None and not victim_result.executed
         raw.delete(keys.KILL_SWITCH)
@@ -137,6 +142,12 @@ async def run(entries, permits, switches, sim, store_url: str, tmp: Path) -> Non
                 assert kept == [tuple(pair) for pair in pairs], f"{stream} {entry_id}: the letter lost bytes"
         # no group left anything pending (served, skipped or dead-lettered)
         await assert_nothing_pending(rds)
+        # the operator's views read everything, hostile entries included, without failing
+        report = await fetch_report(rds, 3600)
+        assert report.plans >= 1 and json.dumps(report.as_dict())
+        for plan_id in (victim.plan_id, good.plan_id):
+            _, events = await fetch_story(rds, plan_id)
+            assert events
         # the dashboard and `qt audit --dead-letters` read the letters
         state = await dashboard_state(rds, settings_)
         json.dumps(state)  # the page gets it as JSON
