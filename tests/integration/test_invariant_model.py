@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import redis
 import redis.asyncio as aioredis
 from forgery import ATTACKS, P33_ATTACKS
 from hypothesis import HealthCheck, settings
@@ -164,7 +165,15 @@ class World:
         self.snapshot_taken = True
 
     def lose(self, services_die: bool) -> None:
-        """The store comes back with the last snapshot's data only (host crash: with every service killed)."""
+        """The store comes back with the last snapshot's data only (host crash: with every service killed).
+        The model reads everything written until then first (writes paused while it does): what the store is
+        about to forget happened, and the checks must know it."""
+        control = redis.Redis.from_url(self.store_url)
+        try:
+            control.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+            self.refresh()
+        finally:
+            control.close()
         self.store.kill()
         if services_die:
             for name in list(self.chain.tasks):

@@ -38,6 +38,7 @@ RECOVERY_LIMIT_S = 2.0
 # After a store loss: how long a client waits for the result of a proposal the store no longer has before it
 # calls the proposal forgotten (Apply's search for orders the store forgot runs within seconds of the loss).
 FORGOTTEN_AFTER_S = 15.0
+OBSERVER_CATCH_UP_S = 0.5  # the observer's reads block 200 ms at most
 # with --store-loss: when this share of the plans has been proposed (away from the store restart at half)
 STORE_LOSSES = (0.2, 0.35, 0.8)
 SYMBOLS = {
@@ -234,6 +235,9 @@ class Chaos:
         snapshot = Path(tempfile.mkdtemp(prefix="qt-chaos-snap-")) / "dump.rdb"
         await asyncio.to_thread(store.snapshot, admin, snapshot)
         await asyncio.sleep(self.rng.uniform(1.0, 2.0))
+        # what the store is about to forget happened: pause its writes and let the observer read everything
+        await asyncio.to_thread(_pause_writes, admin)
+        await asyncio.sleep(OBSERVER_CATCH_UP_S)
         store.kill()
         if host_crash:
             for service in ("apply", "governor", "brain"):
@@ -347,6 +351,16 @@ class Chaos:
             for coid, qty in filled.items()
             if qty > 0 and (allowed[coid[3:]] != {"governor", "p33"} or consumed[coid[3:]] < 2)
         )
+
+
+def _pause_writes(admin_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(admin_url)
+    try:
+        client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+    finally:
+        client.close()
 
 
 def _agrees(result: dict[str, str], filled: Decimal) -> bool:
