@@ -23,7 +23,17 @@ import pytest
 import redis
 from programs import program_env
 
-from conftest import GOVERNOR_KEY, P33_KEY, SIM_KEY, SIM_SECRET, Chain, make_settings, set_position, sim_orders
+from conftest import (
+    GOVERNOR_KEY,
+    P33_KEY,
+    SIM_KEY,
+    SIM_SECRET,
+    Chain,
+    make_settings,
+    set_position,
+    sim_orders,
+    wait_key,
+)
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
@@ -107,7 +117,7 @@ async def test_a_primary_demoted_and_promoted_again_is_a_new_instance(sim, store
         await chain.start()
         await ops.set_governor_mode(rds, "manual", "test")
         waiting = await ops.propose(rds, "ETHUSDT", "FULL_CLOSE")
-        await _until(rds, keys.plan_record(waiting.plan_id))
+        await wait_key(rds, keys.plan_record(waiting.plan_id))
         replid = control.info("replication")["master_replid"]
         control.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a primary that is not there
         await asyncio.sleep(1.5)
@@ -132,13 +142,6 @@ async def test_a_primary_demoted_and_promoted_again_is_a_new_instance(sim, store
         control.close()
         await chain.stop()
         await rds.aclose()
-
-
-async def _until(rds, key: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await rds.exists(key):
-        assert time.monotonic() < deadline, f"{key} never appeared"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_store_busy_with_a_long_script_answers_busy_and_nothing_breaks(sim, store, tmp_path) -> None:
@@ -178,7 +181,7 @@ async def test_a_store_that_stops_answering_is_an_outage_and_the_chain_comes_bac
         await chain.start()
         await ops.set_governor_mode(rds, "manual", "test")
         sub = await ops.propose(rds, "SOLUSDT", "FULL_CLOSE")
-        await _until(rds, keys.plan_record(sub.plan_id))
+        await wait_key(rds, keys.plan_record(sub.plan_id))
         assert store.pid is not None
         os.kill(store.pid, signal.SIGSTOP)
         started = time.monotonic()

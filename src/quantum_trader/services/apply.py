@@ -391,9 +391,10 @@ class ApplyService(Service):
         """The sends of a plan this process did not see, as far as they can be bounded (domain/trust.py)."""
         now = self._clock.wall()
         signed_before = prior_sends_signed_before(self.watch.epoch, plan_created_at, self._wait_s, now)
-        skew_ms = now * 1000 - self.exchange.now_ms()
         return SendRecord.unseen(
-            signed_before * 1000 - skew_ms, self.exchange.order_recv_window_ms, self.executor.late_horizon_ms
+            signed_before * 1000 - self.exchange_skew_ms(),
+            self.exchange.order_recv_window_ms,
+            self.executor.late_horizon_ms,
         )
 
     async def _ask_exchange(
