@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-long lint up clean lock docs
+.PHONY: demo test test-fast test-long lint up clean lock docs mutation except-coverage
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,8 @@ up: $(STAMP)
 	$(BIN)/qt up
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests tools
+	$(BIN)/ruff format --check src tests tools
 	$(BIN)/mypy
 
 # The dashboard test drives Debian's Chromium; install it when missing (needs root and Debian's packages).
@@ -41,6 +41,22 @@ test-long: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -x -q tests/unit
+
+# Mutation testing of the order path (docs/mutation.md): domain/ against the unit tests, the order path's
+# services against a few integration tests, and the hand-listed Lua mutants. Bounded: MUTATION_MINUTES for the
+# whole run; MUTATION_STAGES=domain,order-path,lua picks stages; MUTATION_FRESH=1 forgets earlier results.
+# The report: .qt/mutation/report.md. Uses the test store DB of QT_TEST_REDIS_URL like the tests.
+MUTATION_MINUTES ?= 20
+mutation: $(STAMP)
+	MUTATION_MINUTES=$(MUTATION_MINUTES) $(BIN)/python tools/mutation.py
+
+# Every `except` handler must run in some test (issue 11): the whole suite under branch coverage, in every
+# process it starts (pyproject's [tool.coverage.run]), then the handlers that never ran, minus the reasoned
+# allow-list in tools/except_allowed.txt. About 1.5x the time of `make test`.
+except-coverage: $(STAMP)
+	rm -rf .coverage-data && mkdir -p .coverage-data
+	-QT_CHROMIUM=$(CHROMIUM) $(BIN)/coverage run -m pytest -q -p no:cacheprovider
+	$(BIN)/python tools/except_coverage.py
 
 # Regenerate docs that are derived from code (a test fails when they drift).
 docs: $(STAMP)

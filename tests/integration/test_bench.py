@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from programs import program_env, qt
+
+from quantum_trader.bench import seed
 
 pytestmark = pytest.mark.integration
 
@@ -61,3 +64,22 @@ def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_p
     assert "Open loop through the whole chain" in markdown and "Decisions (plans straight" in markdown
     assert "| always | 20 |" in markdown and "appendfsync always against everysec" in markdown
     assert (out / "latency-vs-rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def _our_clients(rds: aioredis.Redis, db: int) -> set[str]:
+    return {c["id"] for c in await rds.client_list() if int(c.get("db", 0)) == db}
+
+
+async def test_the_seed_open_loop_answers_every_plan_and_leaves_nothing_behind(
+    store_url: str, rds: aioredis.Redis
+) -> None:
+    """The seed design's open loop at 400/s (issue 12: it hung at 1,000/s): every plan decided or given up on,
+    none failed, its issuers stopped, its connections closed and its keys gone when it returns."""
+    db = int(rds.connection_pool.connection_kwargs.get("db", 0))
+    await rds.ping()
+    before = await _our_clients(rds, db)
+    run = await seed.run_seed_open_loop(store_url, 400.0, 0.5)
+    assert len(run.latencies) + run.unanswered == 200 and run.errors == 0, run.first_error
+    assert len(run.latencies) > 0
+    assert await _our_clients(rds, db) <= before  # no client of the design is left connected
+    assert [key async for key in rds.scan_iter(match=f"{seed.PREFIX}:*")] == []

@@ -83,11 +83,15 @@ async def test_a_plan_with_its_result_cannot_be_consumed_and_an_unknown_holds_on
     # no intent recorded: no hold
     assert await scripts.hold_for_intent(plan_id=plan_id, symbol=symbol) is False
     assert not await rds.exists(keys.symbol_in_flight(symbol))
-    # an intent: the hold lasts as long as the plan's bookkeeping, and goes with the result
+    # an intent: the hold lasts as long as the plan's record (whose expiry ends the intent), and goes with the
+    # result
     await rds.zadd(keys.APPLY_INTENTS, {plan_id: time.time()})
+    await rds.hset(keys.plan_record(plan_id), mapping={"plan_id": plan_id})
+    await rds.expire(keys.plan_record(plan_id), keys.PLAN_BOOKKEEPING_TTL_S - 60)  # published a minute ago
     assert await scripts.hold_for_intent(plan_id=plan_id, symbol=symbol) is True
     ttl_ms = await rds.pttl(keys.symbol_in_flight(symbol))
-    assert keys.PLAN_BOOKKEEPING_TTL_S * 1000 - 5000 < ttl_ms <= keys.PLAN_BOOKKEEPING_TTL_S * 1000
+    record_ms = (keys.PLAN_BOOKKEEPING_TTL_S - 60) * 1000
+    assert record_ms - 5000 < ttl_ms <= record_ms
     await rds.delete(keys.result_marker(plan_id))
     await scripts.publish_result(
         plan_id=plan_id, symbol=symbol, fields={"plan_id": plan_id}, proposal_entry_id="", result_maxlen=1000

@@ -703,7 +703,9 @@ async def test_ccxt_timeout_leaves_an_executed_order(exchange: Any, client: Bina
     assert (fetched["status"], fetched["filled"]) == ("closed", 0.1)
 
 
-async def test_ccxt_sustains_300_orders_per_second() -> None:
+async def test_ccxt_places_600_concurrent_orders_each_exactly_once() -> None:
+    """Concurrency, not speed: 600 orders in flight at once through ccxt each land once with their own id. (The
+    rate is printed for the curious; speed is `qt bench`'s to measure, not a timed assert's.)"""
     config = SimConfig(orders_limit_10s=100_000, orders_limit_1m=100_000, weight_limit_1m=100_000)
     with SimServer(config) as server:
         ex = make_ccxt(server)
@@ -724,4 +726,4 @@ async def test_ccxt_sustains_300_orders_per_second() -> None:
             await ex.close()
         assert len({r["orderId"] for r in results}) == count
         assert len(server.engine.orders()) == count
-        assert rate >= 300, f"{rate:.0f} orders/s"
+        print(f"600 concurrent orders through ccxt: {rate:.0f} orders/s")

@@ -6,7 +6,9 @@ a failover to a replica that had not caught up.
 Either the services die with it (host crash: restarted afterwards, P3.3 reconciles on start) or they are left
 running (failover: they reconnect to an instance that has forgotten). Every case: exactly one order on the
 exchange, the plan's last result agrees with it, P3.3's ledger ends equal to the exchange, and the chain
-still executes a new plan afterwards.
+still executes a new plan afterwards. The independent oracle (domain/oracle.py) judges each case too, from
+the audit lines and plans observed before the loss and after it: both orders' consumed permits verified with
+the issuers' keys, one result each in the store, agreeing with the exchange.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
 from quantum_trader.bus.embedded import EmbeddedStore
 from quantum_trader.bus.streams import ensure_group
+from quantum_trader.domain import oracle
 from quantum_trader.domain.models import Ledger, from_fields
+from quantum_trader.secrets import permit_key
 
 pytestmark = pytest.mark.integration
 
@@ -73,6 +77,26 @@ class Run:
         )
         self.chain = Chain(self.settings)
         self.rds = make_client(self.url)
+        # the observer's copy of the audit and plan streams: what the store forgets stays here
+        self.seen: dict[str, dict[str, dict[str, str]]] = {keys.AUDIT_STREAM: {}, keys.PLAN_STREAM: {}}
+
+    async def observe(self) -> None:
+        for stream, copy in self.seen.items():
+            copy.update(await self.rds.xrange(stream))
+
+    async def judge(self, plan_ids: list[str]) -> oracle.Findings:
+        """The oracle over the exchange's orders for ``plan_ids``, the observed evidence and the store's results."""
+        await self.observe()
+        coids = {f"qt-{p}" for p in plan_ids}
+        return oracle.check(
+            [o for o in sim_orders(self.sim, SYMBOL) if o["clientOrderId"] in coids],
+            self.seen[keys.AUDIT_STREAM].values(),
+            self.seen[keys.PLAN_STREAM].values(),
+            [f for _, f in await self.rds.xrange(keys.RESULT_STREAM)],
+            oracle.IssuerKeys(permit_key(self.settings, "governor"), permit_key(self.settings, "p33")),
+            expected=plan_ids,
+            ttl_s=self.settings.permit_ttl_s,
+        )
 
     async def drive_to(self, point: str) -> ops.Submitted:
         """Propose one close and take the snapshot at ``point``; returns when the flow has finished."""
@@ -148,6 +172,7 @@ class Run:
     async def lose(self, services_die: bool) -> None:
         """The store comes back with the snapshot's data only; with ``services_die`` (host crash) the services
         die with it and start again afterwards, otherwise they ride it out (failover)."""
+        await self.observe()  # what the store is about to forget happened
         self.store.kill()
         if services_die:
             for name in list(self.chain.tasks):
@@ -218,6 +243,9 @@ async def test_a_store_that_forgets_never_causes_a_second_order_nor_a_false_resu
         assert result is not None and result.executed, f"{point}: the next plan did not execute: {result}"
         assert sim_position(sim, SYMBOL) == START - 2 * CLOSE
         await until(ledger_agrees, timeout=20)
+        found = await run.judge([sub.plan_id, after.plan_id])
+        assert found.ok, f"{point}: the oracle: {found.describe()}"
+        assert (found.orders_checked, found.orders_verified, found.plans_checked) == (2, 2, 2)
     finally:
         await run.close()
 
@@ -237,7 +265,9 @@ async def test_a_plan_the_store_forgot_before_the_send_is_not_sent_while_an_earl
         await wait_key(run.rds, keys.plan_record(sub.plan_id))
         run.store.snapshot(run.url, run.snapshot)  # the plan is published; its consumption is yet to come
         await wait_key(run.rds, keys.executed_marker(sub.plan_id))
+        consumed = [i for i, f in await run.rds.xrange(keys.AUDIT_STREAM) if f.get("decision") == "consumed"]
         await run.lose(services_die=False)  # while the order request is held by the exchange
+        assert len(consumed) == 2 and not await run.rds.xrange(keys.AUDIT_STREAM, consumed[0], consumed[-1])
         started = time.monotonic()
 
         async def has_result() -> bool:
@@ -249,5 +279,7 @@ async def test_a_plan_the_store_forgot_before_the_send_is_not_sent_while_an_earl
         last = (await results_of(run.rds, sub.plan_id))[-1]
         assert last["executed"] == "true" and Decimal(last["filled_qty"]) == CLOSE, last
         assert time.monotonic() - started < 40
+        found = await run.judge([sub.plan_id])
+        assert found.ok and found.orders_verified == found.plans_checked == 1, found.describe()
     finally:
         await run.close()

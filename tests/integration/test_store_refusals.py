@@ -10,6 +10,7 @@ wait for a store that refuses writes at their start instead of dying on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from programs import program_env
@@ -26,6 +28,7 @@ from programs import program_env
 from conftest import (
     GOVERNOR_KEY,
     P33_KEY,
+    SIM_ADMIN,
     SIM_KEY,
     SIM_SECRET,
     Chain,
@@ -250,3 +253,80 @@ def test_the_programs_wait_for_a_store_that_refuses_writes_at_their_start(sim, s
         for name, process in processes.items():
             output = process.communicate(timeout=20)[0]
             assert "Traceback" not in output, f"{name}:\n{output[-3000:]}"
+
+
+async def test_a_result_the_store_refuses_is_published_once_it_accepts_writes_again(sim, store, tmp_path) -> None:
+    """After the order is sent only the result's publication is retried: a store that refuses writes when the
+    reply comes back delays the result, it does not start the plan over (one order, one result)."""
+    set_position(sim, "SOLUSDT", "40")
+    settings = make_settings(tmp_path, store.url, sim.url, exchange={"timeout_ms": 5000, "order_recv_window_ms": 5000})
+    chain = Chain(settings)
+    rds = make_client(store.url)
+    control = admin(store)
+    rule = {"kind": "latency", "ms": 1500, "path": "/fapi/v1/order", "method": "POST", "count": 1}
+    httpx.post(f"{sim.url}/_sim/faults", json=rule, headers={"X-Sim-Admin-Token": SIM_ADMIN}).raise_for_status()
+    try:
+        await chain.start()
+        sub = await ops.propose(rds, "SOLUSDT", "FULL_CLOSE")
+        await wait_key(rds, keys.executed_marker(sub.plan_id))  # permits consumed: the order is on its way
+        control.config_set("min-replicas-to-write", "1")
+        await asyncio.sleep(3.0)  # the reply has come back; every publication of its result is refused
+        assert not await rds.exists(keys.result_marker(sub.plan_id))
+        await alive(chain)
+        control.config_set("min-replicas-to-write", "0")
+        result = await ops.wait_result(rds, sub.plan_id, 20, sub.result_cursor)
+        assert result is not None and result.executed, result
+        assert len(sim_orders(sim)) == 1
+        assert len([f for _, f in await rds.xrange(keys.RESULT_STREAM) if f["plan_id"] == sub.plan_id]) == 1
+    finally:
+        control.config_set("min-replicas-to-write", "0")
+        control.close()
+        await chain.stop()
+        await rds.aclose()
+
+
+def test_a_program_started_while_the_store_is_busy_waits_for_it(store, tmp_path) -> None:
+    """A store busy with a long script answers BUSY even to PING: `qt governor` waits for it (one line saying
+    so) instead of exiting, and becomes ready once the script is killed."""
+    control = admin(store)
+    control.config_set("busy-reply-threshold", "100")
+    spin = "local s = tonumber(redis.call('TIME')[1]) + 60 while tonumber(redis.call('TIME')[1]) < s do end return 1"
+    busy = threading.Thread(target=lambda: suppress_script_killed(admin(store), spin), daemon=True)
+    busy.start()
+    time.sleep(0.5)
+    env = program_env(tmp_path)
+    env.update({"QT_REDIS_URL": store.url, "QT_KEYS__GOVERNOR": GOVERNOR_KEY, "QT_CONSUMER_NAME": "governor-1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "quantum_trader", "governor"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any("cannot serve yet" in line for line in lines):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)[-2000:]
+            time.sleep(0.1)
+        control.script_kill()  # the script ends: the store serves again
+        busy.join(10)
+        while control.hget(keys.health("governor", "governor-1"), "ready") != "1":
+            assert process.poll() is None, f"governor exited: {''.join(lines)[-2000:]}"
+            assert time.monotonic() < deadline, "governor never became ready"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+        reader.join(5)
+        control.close()
+    output = "".join(lines)
+    assert "BUSY" in output, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+def suppress_script_killed(client: redis.Redis, script: str) -> None:
+    with contextlib.suppress(redis.ResponseError):  # "Script killed by user with SCRIPT KILL"
+        client.eval(script, 0)

@@ -6,15 +6,18 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from quantum_trader.bench.bounds import StepStatus
 from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.durability import DurabilityPart, part
 from quantum_trader.bench.measure import Latency
 from quantum_trader.bench.report import (
     BenchReport,
     SeedStep,
+    decision_rows,
     durability_rows,
     durability_summary,
     highest_sustained,
+    load_rows,
     markdown,
     plot_json,
     sustained,
@@ -139,3 +142,33 @@ def test_markdown_of_a_durability_only_run_has_only_that_section() -> None:
     assert "sequential plans" not in text and "latency (ms)" not in text and "RSS MB" not in text
     assert "| everysec | 10 | 2.00 | 2.00 |" in text
     assert "sequential plans after 1 warm-up\n" in markdown(BenchReport(plans=10, warmup=1))  # a whole run
+
+
+def test_a_step_that_did_not_finish_shows_in_its_row_and_under_the_tables() -> None:
+    report = BenchReport(machine={"cpus": 2, "python": "3.11"}, plans=10, warmup=1)
+    report.open_loop = [_step(200, 10.0), _step(1000, 30.0)]
+    report.seed_open_loop = [
+        SeedStep(200, 200.0, Latency(99, 101.0, 103.0, 104.0), unanswered=1),
+        SeedStep(1000, outcome="timed out"),
+    ]
+    report.decisions = [RateStep(target_per_s=2000, outcome="failed")]
+    waited = (
+        "1,412 of 3,000 plans decided, 1,588 still polling, waiting for results from group p33 (1,412 permits written)"
+    )
+    report.step_status = [
+        StepStatus("open loop 1000/s", 95.0, 12.5),
+        StepStatus("seed open loop 1000/s", 64.2, 64.2, "timed out", waited),
+        StepStatus("decisions 2000/s", 95.6, 0.4, "failed", "RuntimeError: boom"),
+    ]
+    assert [s.name for s in report.unfinished()] == ["seed open loop 1000/s", "decisions 2000/s"]
+    rows = load_rows(report)
+    assert rows[0][-3:] == ["101.00", "103.00", "99/100"]  # the seed's plans decided, of those it published
+    assert rows[1][-3:] == ["-", "-", "timed out"] and rows[1][2] == "100/100"  # the chain's part was measured
+    assert decision_rows(report)[0][:4] == ["2000", "-", "-", "failed"]
+    text = markdown(report)
+    assert "Steps that did not finish (their figures above are missing or partial):" in text
+    assert f"- seed open loop 1000/s: timed out after 64.2 s, {waited}" in text
+    assert "- decisions 2000/s: failed after 0.4 s: RuntimeError: boom" in text
+    assert "open loop 1000/s: done" not in text
+    assert report.step_status[0].line() == "open loop 1000/s: done in 12.5 s"
+    assert highest_sustained(report.decisions, "decided") is None  # a step that did not finish is not sustained

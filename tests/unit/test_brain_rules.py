@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from quantum_trader.domain import reasons
 from quantum_trader.domain.brain import RULES, BrainInputs, BrainPolicy, BrainVerdict, decide
 from quantum_trader.domain.brain.close_qty import safe_close_qty
+from quantum_trader.domain.brain.snapshot_age import behind_ledger
 from quantum_trader.domain.filters import SymbolFilters
 from quantum_trader.domain.models import Ledger, Plan, Snapshot
 
@@ -330,7 +331,9 @@ def test_safe_close_qty_never_above_requested_with_long_decimals() -> None:
     requested = D("9.999999999999999999999999999")
     filters = SymbolFilters(symbol="BTCUSDT", step_size=D("5"), min_qty=D("5"), max_qty=D("1000"))
     got = safe_close_qty(plan(action="PARTIAL_CLOSE", qty=requested), D("20"), filters)
-    assert isinstance(got, str) or got <= requested
+    # 9.999... rounded down to a step of 5 is 5; 28-digit arithmetic would round the quotient up to 2 (10)
+    assert got == D("5")
+    assert isinstance(got, Decimal) and got.as_tuple() == D("5").as_tuple()
 
 
 def test_a_snapshot_taken_before_the_ledgers_last_fill_is_stale() -> None:
@@ -338,6 +341,20 @@ def test_a_snapshot_taken_before_the_ledgers_last_fill_is_stale() -> None:
     assert reason(i=behind) == reasons.STALE_SNAPSHOT
     ahead = inputs(snapshot=snapshot(ts=NOW - 1), ledger=replace_ledger(updated_at=NOW - 2))
     assert reason(i=ahead) == reasons.SANITY_CHECKS_PASSED
+
+
+def test_a_snapshot_taken_when_the_ledger_last_changed_is_not_stale() -> None:
+    """Equal times are fresh: a snapshot's time is when its request was sent, so it shows every fill before
+    then (docs/design-notes.md, P3.3), and only one *older* than the ledger's last change is behind it. A
+    reconcile dates the ledger with the very time of the snapshot written with it (services/brain.py), so
+    treating equal as stale would deny every plan after a reconcile until the next poll."""
+    same = inputs(snapshot=snapshot(ts=NOW - 1), ledger=replace_ledger(updated_at=NOW - 1))
+    assert behind_ledger(same.snapshot, same.ledger) is False
+    assert reason(i=same) == reasons.SANITY_CHECKS_PASSED
+    # a millisecond earlier is behind
+    behind = inputs(snapshot=snapshot(ts=NOW - 1.001), ledger=replace_ledger(updated_at=NOW - 1))
+    assert behind_ledger(behind.snapshot, behind.ledger) is True
+    assert reason(i=behind) == reasons.STALE_SNAPSHOT
 
 
 def replace_ledger(**changes: Any) -> Ledger:

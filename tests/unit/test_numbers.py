@@ -66,14 +66,17 @@ def test_round_down_properties(qty: Decimal, step: Decimal) -> None:
 
 
 @pytest.mark.parametrize(
-    ("qty", "step"),
+    ("qty", "step", "expected"),
     [
-        ("9.999999999999999999999999999", "5"),
-        ("0.0029999999999999999999999999999", "0.001"),
+        # more digits than Decimal's default 28: a rounded quotient would give 10 and 0.003, above the qty
+        ("9.999999999999999999999999999", "5", "5"),
+        ("0.0029999999999999999999999999999", "0.001", "0.002"),
     ],
 )
-def test_round_down_never_exceeds_qty_with_long_decimals(qty: str, step: str) -> None:
-    assert round_down_to_step(D(qty), D(step)) <= D(qty)
+def test_round_down_never_exceeds_qty_with_long_decimals(qty: str, step: str, expected: str) -> None:
+    got = round_down_to_step(D(qty), D(step))
+    assert got == D(expected)
+    assert got.as_tuple() == D(expected).as_tuple()  # with the step's exponent, as format_qty sends it
 
 
 # --- format_qty -------------------------------------------------------------------------------------------

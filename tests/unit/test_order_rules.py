@@ -3,6 +3,8 @@ the rate guard that keeps requests inside Binance's limits."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,8 +22,8 @@ from quantum_trader.exchange.throttle import Banned, RateGuard
 T0 = 1_800_000_000_000.0
 
 
-def record(**kw) -> SendRecord:
-    values = {"attempts": 1, "last_signed_ms": T0, "recv_window_ms": 1000, "window_end_ms": T0 + 5000}
+def record(**kw: Any) -> SendRecord:
+    values: dict[str, Any] = {"attempts": 1, "last_signed_ms": T0, "recv_window_ms": 1000, "window_end_ms": T0 + 5000}
     values.update(kw)
     return SendRecord(**values)
 
@@ -66,7 +68,9 @@ def test_other_unclear_outcomes_keep_the_resend_possible() -> None:
     now=st.floats(0, 200_000),
     late=st.booleans(),
 )
-def test_a_resend_only_ever_follows_a_settled_request_inside_the_window(attempts, sent, recv, window, now, late):
+def test_a_resend_only_ever_follows_a_settled_request_inside_the_window(
+    attempts: int, sent: float, recv: int, window: float, now: float, late: bool
+) -> None:
     rec = SendRecord(attempts, T0 + sent, recv, T0 + window, may_resend=not late, late_execution_possible=late)
     step, when = after_absent(rec, T0 + now)
     if step is Step.RESEND:
@@ -79,7 +83,15 @@ def test_a_resend_only_ever_follows_a_settled_request_inside_the_window(attempts
 
 @pytest.mark.parametrize(
     ("status", "final"),
-    [("FILLED", True), ("EXPIRED", True), ("CANCELED", True), ("NEW", False), ("PARTIALLY_FILLED", False)],
+    [
+        ("FILLED", True),
+        ("EXPIRED", True),
+        ("CANCELED", True),
+        ("REJECTED", True),
+        ("EXPIRED_IN_MATCH", True),
+        ("NEW", False),
+        ("PARTIALLY_FILLED", False),
+    ],
 )
 def test_final_statuses(status: str, final: bool) -> None:
     assert is_final(status) is final
@@ -173,3 +185,14 @@ def test_an_earlier_execution_status_unknown_forbids_a_resend_after_later_clear_
     forbidden = record(window_end_ms=T0 + 60_000).unclear(-1007, T0).unclear(0, T0 + 100)
     assert not forbidden.may_resend and forbidden.late_execution_possible
     assert after_absent(forbidden, T0 + LATE_EXECUTION_HORIZON_MS + 100)[0] is Step.NOT_PLACED
+
+
+@pytest.mark.parametrize("later", [0, -1001])
+def test_a_later_clear_answer_does_not_shorten_the_look_up_after_execution_status_unknown(later: int) -> None:
+    """After a -1007 the order may still execute until the late-execution horizon; an unclear answer with
+    another code later on (the resend never happens, but a record may be updated again) keeps that horizon."""
+    once = record(window_end_ms=T0 + 60_000).unclear(-1007, T0)
+    again = once.unclear(later, T0)
+    assert again.settles_at_ms == once.settles_at_ms == T0 + LATE_EXECUTION_HORIZON_MS
+    # past the recvWindow, inside the horizon: still only "look again", never "not placed" nor a resend
+    assert after_absent(again, T0 + 2000) == (Step.QUERY_LATER, T0 + LATE_EXECUTION_HORIZON_MS)

@@ -21,6 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from quantum_trader import ops
+from quantum_trader.bench.bounds import Waiting
 from quantum_trader.bench.measure import CpuWindow, Latency, entries_since, r3, send_at_rate, stream_end
 from quantum_trader.bus import keys
 from quantum_trader.bus.streams import STREAM_MAXLEN
@@ -59,6 +60,7 @@ class RateStep:
     result: Latency = field(default_factory=Latency)
     end_to_end: Latency = field(default_factory=Latency)
     cpu_pct: dict[str, float] = field(default_factory=dict)
+    outcome: str = ""  # "" when measured; "timed out" / "failed" for a step that did not finish (nothing above)
 
 
 async def chain_times(
@@ -85,19 +87,27 @@ async def chain_times(
 
 
 async def run_sequential(
-    redis: aioredis.Redis, plans: int, warmup: int, sent: Callable[[], None] | None = None
+    redis: aioredis.Redis,
+    plans: int,
+    warmup: int,
+    sent: Callable[[], None] | None = None,
+    waiting: Waiting | None = None,
 ) -> tuple[ChainTimes, Latency]:
     """One close at a time through the whole chain; the services' times and the client's (proposal sent ->
     result seen by the bench), warm-up excluded. ``sent`` is called once the last result was seen, before the
     streams are read back (so a CPU window can end there)."""
+    waiting = waiting or Waiting()
     symbols = sorted(SEQUENTIAL_SYMBOLS)
+    waiting.on("the ends of the audit and result streams")
     audit_from, result_from = await stream_end(redis, keys.AUDIT_STREAM), await stream_end(redis, keys.RESULT_STREAM)
     plan_ids, client_ms = [], []
     for n in range(plans + warmup):
         symbol = symbols[n % len(symbols)]
         qty = Decimal(SEQUENTIAL_SYMBOLS[symbol][1])
         started = time.perf_counter()
+        waiting.on(f"Apply to take proposal {n + 1} of {plans + warmup} ({symbol})")
         sub = await ops.propose(redis, symbol, "PARTIAL_CLOSE", qty=qty, source="bench")
+        waiting.on(f"the result of plan {sub.plan_id} ({n + 1} of {plans + warmup}, {symbol})")
         result = await ops.wait_result(redis, sub.plan_id, 30, sub.result_cursor)
         client_ms.append((time.perf_counter() - started) * 1000)
         if result is None or not result.executed:
@@ -105,6 +115,7 @@ async def run_sequential(
         plan_ids.append(sub.plan_id)
     if sent is not None:
         sent()
+    waiting.on("reading the audit and result streams back")
     audit = await entries_since(redis, keys.AUDIT_STREAM, audit_from)
     results = await entries_since(redis, keys.RESULT_STREAM, result_from)
     return await chain_times(audit, results, plan_ids[warmup:]), Latency.of(client_ms[warmup:])
@@ -126,9 +137,15 @@ async def _wait_for(redis: aioredis.Redis, stream: str, after: str, done: Any, d
 
 
 async def run_open_loop(
-    redis: aioredis.Redis, rate: float, seconds: float, symbols: list[str], cpu: CpuWindow
+    redis: aioredis.Redis,
+    rate: float,
+    seconds: float,
+    symbols: list[str],
+    cpu: CpuWindow,
+    waiting: Waiting | None = None,
 ) -> RateStep:
     """Proposals at ``rate`` for ``seconds`` over ``symbols``, without waiting for answers; then every result."""
+    waiting = waiting or Waiting()
     total = max(1, round(rate * seconds))
     warmup = total // 10
     audit_from, result_from = await stream_end(redis, keys.AUDIT_STREAM), await stream_end(redis, keys.RESULT_STREAM)
@@ -160,8 +177,10 @@ async def run_open_loop(
             created[plan_id] = sent_at
 
     cpu.start()
+    waiting.on(lambda: f"sending proposals ({len(plan_ids):,} of {total:,} sent)")
     took = await send_at_rate(total, rate, send)
     pending = set(plan_ids)
+    waiting.on(lambda: f"results from Apply: {total - len(pending):,} of {total:,} plans answered")
 
     def answered(fields: dict[str, Any]) -> bool:
         pending.discard(fields.get("plan_id", ""))
@@ -170,6 +189,7 @@ async def run_open_loop(
     await _wait_for(redis, keys.RESULT_STREAM, result_from, answered, time.monotonic() + DRAIN_S)
     step = RateStep(target_per_s=rate, sent=total, offered_per_s=r3(total / took))
     step.cpu_pct, _ = cpu.stop()
+    waiting.on(f"reading the result and audit streams back ({total - len(pending):,} of {total:,} answered)")
     results = await entries_since(redis, keys.RESULT_STREAM, result_from)
     audit = await entries_since(redis, keys.AUDIT_STREAM, audit_from)
     mine = [(i, f) for i, f in results if f.get("plan_id") in created]
@@ -200,12 +220,19 @@ def _outcome(result: dict[str, Any]) -> str:
 
 
 async def run_decisions(
-    redis: aioredis.Redis, rate: float, seconds: float, symbols: list[str], cpu: CpuWindow
+    redis: aioredis.Redis,
+    rate: float,
+    seconds: float,
+    symbols: list[str],
+    cpu: CpuWindow,
+    waiting: Waiting | None = None,
 ) -> RateStep:
     """Plans published at ``rate`` (built beforehand, each stamped with the moment it is due) for both issuers
     to decide; no Apply, no orders. ``decided`` = plan created -> the later of the two permits written."""
+    waiting = waiting or Waiting()
     total = max(1, round(rate * seconds))
     warmup = total // 10
+    waiting.on(f"building {total:,} plans")
     lead_s = 0.5 + total / 20_000  # time to build the plans before the first is due
     start_wall = time.time() + lead_s
     ctx = PlanningContext(frozenset(symbols), Decimal(LOAD_POSITION))
@@ -226,9 +253,23 @@ async def run_decisions(
             await pipe.execute()
 
     cpu.start()
-    took = await send_at_rate(total, rate, send)
+    sent = 0
+
+    async def send_counted(batch: range) -> None:
+        nonlocal sent
+        await send(batch)
+        sent = batch.stop
+
+    waiting.on(lambda: f"publishing plans ({sent:,} of {total:,} published)")
+    took = await send_at_rate(total, rate, send_counted)
     wanted = set(plan_ids)
     decisions: dict[str, int] = Counter()
+
+    def decided_by() -> str:
+        both = sum(1 for n in decisions.values() if n >= 2)
+        return f"the issuers' decisions: {both:,} of {total:,} plans decided by both, {len(decisions) - both:,} by one"
+
+    waiting.on(decided_by)
 
     def all_decided(fields: dict[str, Any]) -> bool:
         if fields.get("plan_id") in wanted and fields.get("decision") in ("allow", "deny"):
@@ -238,6 +279,7 @@ async def run_decisions(
     await _wait_for(redis, keys.AUDIT_STREAM, audit_from, all_decided, time.monotonic() + DRAIN_S)
     step = RateStep(target_per_s=rate, sent=total, offered_per_s=r3(total / took))
     step.cpu_pct, _ = cpu.stop()
+    waiting.on(f"reading the audit stream back ({decided_by()})")
     audit = await entries_since(redis, keys.AUDIT_STREAM, audit_from)
     both: dict[str, list[float]] = {}
     last_at = 0.0

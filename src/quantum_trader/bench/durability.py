@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from quantum_trader.bench.bounds import Waiting, within
 from quantum_trader.bench.chain import run_sequential
 from quantum_trader.bench.measure import CpuWindow, Latency
 
@@ -50,10 +51,17 @@ async def _set(redis: aioredis.Redis, setting: str) -> None:
 
 
 async def run_durability(
-    redis: aioredis.Redis, plans: int, warmup: int, cpu: CpuWindow, settings: tuple[str, ...] = SETTINGS
+    redis: aioredis.Redis,
+    plans: int,
+    warmup: int,
+    cpu: CpuWindow,
+    settings: tuple[str, ...] = SETTINGS,
+    waiting: Waiting | None = None,
 ) -> list[DurabilityPart]:
     """``plans`` sequential plans after ``warmup`` under each of ``settings`` in turn; ``redis`` may run
-    CONFIG. The store's setting from before the step is restored afterwards."""
+    CONFIG. The store's setting from before the step is restored afterwards (also when the step is cut short)."""
+    waiting = waiting or Waiting()
+    waiting.on("the store's INFO persistence and CONFIG GET appendfsync")
     info = await redis.info("persistence")
     if int(info.get("aof_enabled", 0)) != 1:
         raise RuntimeError("the store runs without the append-only file: appendfsync would change nothing")
@@ -61,17 +69,21 @@ async def run_durability(
     parts: list[DurabilityPart] = []
     used: list[tuple[dict[str, float], float]] = []  # per part: the CPU window, ended when the last result is seen
     try:
-        for setting in settings:
+        for n, setting in enumerate(settings):
+            part_waiting = waiting.sub(f"part {n + 1} of {len(settings)}, appendfsync {setting}")
+            part_waiting.on("CONFIG SET appendfsync and its read-back")
             await _set(redis, setting)
             before = await redis.info("persistence")
             cpu.start()
-            times, _ = await run_sequential(redis, plans, warmup, sent=lambda: used.append(cpu.stop_seconds()))
+            times, _ = await run_sequential(
+                redis, plans, warmup, sent=lambda: used.append(cpu.stop_seconds()), waiting=part_waiting
+            )
             after = await redis.info("persistence")
             if (got := await appendfsync(redis)) != setting:
                 raise RuntimeError(f"appendfsync changed to {got!r} during the {setting} part")
             parts.append(part(setting, plans, warmup, times.decided, times.result, *used[-1], before, after))
     finally:
-        await redis.config_set("appendfsync", original)
+        await within(redis.config_set("appendfsync", original), 10.0, f"restoring appendfsync {original}")
     return parts
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from quantum_trader import __version__
+from quantum_trader.bench.bounds import StepStatus
 from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.durability import DurabilityPart
 from quantum_trader.bench.measure import Latency
@@ -23,7 +24,10 @@ class SeedStep:
     target_per_s: float
     offered_per_s: float | None = None
     decided: Latency = field(default_factory=Latency)
-    unanswered: int = 0
+    unanswered: int = 0  # plans that did not see both permits in their 12 polls
+    errors: int = 0  # plans whose publish or a poll failed (first_error says how)
+    first_error: str = ""
+    outcome: str = ""  # "" when measured; "timed out" / "failed" for a step that did not finish
 
 
 @dataclass
@@ -56,6 +60,10 @@ class BenchReport:
     rss_mb: dict[str, float] = field(default_factory=dict)
     idle_window_s: float = 0.0
     load_window_s: float = 0.0
+    step_status: list[StepStatus] = field(default_factory=list)  # every bounded step, in the order they ran
+
+    def unfinished(self) -> list[StepStatus]:
+        return [s for s in self.step_status if not s.ok]
 
 
 def sustained(step: RateStep, latency: Latency) -> bool:
@@ -100,19 +108,26 @@ def latency_rows(r: BenchReport) -> list[list[str]]:
 
 
 LOAD_HEADER = ["offered/s", "answered/s", "plans", "executed", "decided p50", "p99", "result p50", "p99",
-               "end-to-end p50", "p99", "seed p50", "p99"]  # fmt: skip
+               "end-to-end p50", "p99", "seed p50", "p99", "seed decided"]  # fmt: skip
 
 
-def load_rows(r: BenchReport) -> list[list[str]]:
+def _seed_decided(seed: SeedStep) -> str:
+    if seed.outcome:
+        return seed.outcome
+    return f"{seed.decided.samples}/{seed.decided.samples + seed.unanswered + seed.errors}"
+
+
+def load_rows(r: BenchReport, steps: list[RateStep] | None = None) -> list[list[str]]:
+    """The open-loop table's rows (of ``steps``, default every open-loop step), each with its seed step."""
     seeds = {s.target_per_s: s for s in r.seed_open_loop}
     rows = []
-    for s in r.open_loop:
+    for s in r.open_loop if steps is None else steps:
         seed = seeds.get(s.target_per_s, SeedStep(s.target_per_s))
         rows.append(
             [
-                _num(s.offered_per_s),
+                _num(s.offered_per_s or s.target_per_s),
                 _num(s.completed_per_s),
-                f"{s.completed}/{s.sent}",
+                s.outcome or f"{s.completed}/{s.sent}",
                 str(s.executed),
                 _ms(s.decided.p50_ms),
                 _ms(s.decided.p99_ms),
@@ -122,6 +137,7 @@ def load_rows(r: BenchReport) -> list[list[str]]:
                 _ms(s.end_to_end.p99_ms),
                 _ms(seed.decided.p50_ms),
                 _ms(seed.decided.p99_ms),
+                _seed_decided(seed),
             ]
         )
     return rows
@@ -130,19 +146,19 @@ def load_rows(r: BenchReport) -> list[list[str]]:
 DECISION_HEADER = ["offered plans/s", "decided plans/s", "decisions/s", "plans", "p50", "p99", "max", "sustained"]
 
 
-def decision_rows(r: BenchReport) -> list[list[str]]:
+def decision_rows(r: BenchReport, steps: list[RateStep] | None = None) -> list[list[str]]:
     return [
         [
-            _num(s.offered_per_s),
+            _num(s.offered_per_s or s.target_per_s),
             _num(s.completed_per_s),
             _num(2 * s.completed_per_s if s.completed_per_s else None),
-            f"{s.completed}/{s.sent}",
+            s.outcome or f"{s.completed}/{s.sent}",
             _ms(s.decided.p50_ms),
             _ms(s.decided.p99_ms),
             _ms(s.decided.max_ms),
             "yes" if sustained(s, s.decided) else "no",
         ]
-        for s in r.decisions
+        for s in (r.decisions if steps is None else steps)
     ]
 
 
@@ -250,7 +266,10 @@ def markdown(r: BenchReport) -> str:
         lines += [f"highest sustained: **{_num(best)} plans/s = {_num(2 * best if best else None)} decisions/s**", ""]
     if r.rss_mb:
         lines += [*_table(cost_header(r), cost_rows(r)), ""]
-        lines += [f"idle window {r.idle_window_s} s, sequential window {r.load_window_s} s (one core = 100 %)."]
+        lines += [f"idle window {r.idle_window_s} s, sequential window {r.load_window_s} s (one core = 100 %).", ""]
+    if unfinished := r.unfinished():
+        lines += ["Steps that did not finish (their figures above are missing or partial):", ""]
+        lines += [f"- {s.line()}" for s in unfinished]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -1,19 +1,31 @@
-"""Start a private system in production shape and run the scenarios in order."""
+"""Start a private system in production shape and run the scenarios in order.
+
+Every step is bounded (``bench.bounds``): one that does not finish in its bound is cancelled, reported with what
+it was waiting for, and the run goes on to the next step. Each step's figures are shown as the step ends, so a
+run that is killed still shows what it measured.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 
 from quantum_trader.bench import chain, durability, seed, truth
+from quantum_trader.bench.bounds import StepStatus, Waiting, bounded, run_loop, within
+from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.measure import CpuWindow, Latency, rss_mb
 from quantum_trader.bench.report import STEPS, BenchReport, SeedStep, highest_sustained
 from quantum_trader.exchange.sim.engine import DEFAULT_SYMBOLS, bench_symbols
 from quantum_trader.settings import Settings
+
+T = TypeVar("T")
 
 BENCH_ENV = {
     "QT_GOVERNOR__COOLDOWN_S": "0",
@@ -49,9 +61,44 @@ QUICK = Scenario(plans=60, seed_plans=10, idle_s=5.0, rates=(200.0,), rate_s=2.0
                  decision_s=1.0, load_symbols=20, durability_plans=20, lookups=20)  # fmt: skip
 
 
-def run_bench(scenario: Scenario) -> BenchReport:
+# The bounds: what each step should take, plus slack for reading the streams back on a loaded machine. Only a
+# step that is stuck reaches its bound; a slow one still finishes (and says so in its figures).
+SLACK_S = 30.0
+PER_SEQUENTIAL_PLAN_S = 0.1  # ~5 ms each on a quiet machine
+PER_LOOKUP_S = 0.1  # ~2 ms each; one is bounded by the exchange client's timeout (5 s)
+STORE_TIMEOUT_S = 10.0  # any one store command of the bench's own client (its blocking reads block <= 1 s)
+
+Show = Callable[[str, BenchReport], None]
+"""Called as each part of the run ends, with the report so far: "idle", "sequential" (the chain, the lookups and
+the seed design's sequential run), "durability", "open-loop" (one rate: the last entries of ``open_loop`` and
+``seed_open_loop``), "decisions" (one rate: the last entry of ``decisions``) and "status" (a step that did not
+finish: the last entry of ``step_status``)."""
+
+
+def sequential_bound(plans: int) -> float:
+    return 2 * SLACK_S + PER_SEQUENTIAL_PLAN_S * plans
+
+
+def seed_sequential_bound(plans: int) -> float:
+    return SLACK_S + plans * (seed.POLLS * seed.POLL_S + 0.2)  # a plan gives up after its 12th poll
+
+
+def open_loop_bound(seconds: float) -> float:
+    return seconds + chain.DRAIN_S + 2 * SLACK_S
+
+
+def seed_open_loop_bound(seconds: float) -> float:
+    return seconds + seed.POLLS * seed.POLL_S + 2 * SLACK_S
+
+
+def run_bench(scenario: Scenario, show: Show | None = None) -> BenchReport:
+    """The whole run; ``show`` (default: ``qt bench``'s printer) gets each step's figures as the step ends."""
     from quantum_trader.system import SERVICES, LocalSystem
 
+    if show is None:
+        from quantum_trader.cli.bench import show_step
+
+        show = show_step
     load = [spec.symbol for spec in bench_symbols(scenario.load_symbols)]
     env = {
         **BENCH_ENV,
@@ -65,7 +112,7 @@ def run_bench(scenario: Scenario) -> BenchReport:
     steps = [step for step in STEPS if step in scenario.steps]
     report = BenchReport(plans=scenario.plans, warmup=warmup, event_loop=scenario.event_loop, steps=steps)
     report.machine = {"cpus": os.cpu_count() or 0, "python": platform.python_version(), "system": platform.platform()}
-    with system:
+    with system:  # stops every process it started, also when a step fails or the run is interrupted
         system.start_infra()
         positions = {symbol: amount for symbol, (amount, _) in chain.SEQUENTIAL_SYMBOLS.items()}
         system.open_positions({**positions, **dict.fromkeys(load, chain.LOAD_POSITION)})
@@ -74,61 +121,157 @@ def run_bench(scenario: Scenario) -> BenchReport:
         if system.store is not None and system.store.pid is not None:
             pids["store"] = system.store.pid  # the two machines' other tenants, for where the CPU goes
         metrics_url = f"http://127.0.0.1:{system.ports.apply}/metrics"
-        asyncio.run(_measure(system.urls["admin"], scenario, load, pids, report, metrics_url, system.settings))
-    if report.chain_decided.p50_ms and report.seed_decided.p50_ms:
-        report.p50_ratio_seed_over_chain = round(report.seed_decided.p50_ms / report.chain_decided.p50_ms, 1)
+        run = _Run(system.urls["admin"], scenario, load, pids, report, metrics_url, system.settings, show)
+        run_loop(run.measure())
     report.sustained_plans_per_s = highest_sustained(report.open_loop, "result")
     report.sustained_decisions_per_s = highest_sustained(report.decisions, "decided")
     return report
 
 
-async def _measure(
-    url: str,
-    scenario: Scenario,
-    load: list[str],
-    pids: dict[str, int],
-    report: BenchReport,
-    metrics_url: str,
-    settings: Settings,
-) -> None:
-    redis = aioredis.Redis.from_url(url, decode_responses=True)
-    window = CpuWindow(pids)
-    steps = report.steps
-    try:
-        if "idle" in steps:
-            window.start()
-            await asyncio.sleep(scenario.idle_s)
-            report.cpu_idle_pct, report.idle_window_s = window.stop()
+@dataclass
+class _Run:
+    url: str
+    scenario: Scenario
+    load: list[str]
+    pids: dict[str, int]
+    report: BenchReport
+    metrics_url: str
+    settings: Settings
+    show: Show
+    redis: aioredis.Redis = field(init=False)  # the bench's own client, for the run
+    window: CpuWindow = field(init=False)
 
-        if "sequential" in steps:
-            lookups_before = truth.lookups_so_far(metrics_url)
-            window.start()
-            times, client = await chain.run_sequential(redis, scenario.plans, report.warmup)
-            report.cpu_load_pct, report.load_window_s = window.stop()
-            lookups = truth.lookups_so_far(metrics_url) - lookups_before
-            report.truth_lookups_per_plan = round(lookups / (scenario.plans + report.warmup), 4)
-            report.truth_lookup = await truth.lookup_latency(settings, "XRPUSDT", scenario.lookups)
-            report.rss_mb = {name: rss_mb(pid) for name, pid in pids.items()}
-            report.chain_decided, report.chain_result = Latency.of(times.decided), Latency.of(times.result)
-            report.chain_governor, report.chain_p33 = Latency.of(times.governor), Latency.of(times.p33)
-            report.chain_client = client
-            report.seed_decided = Latency.of((await seed.run_seed_sequential(url, scenario.seed_plans + 1))[1:])
+    async def step(
+        self, name: str, bound_s: float, work: Callable[[Waiting], Awaitable[T]]
+    ) -> tuple[T | None, StepStatus]:
+        """One bounded step; one that did not finish is recorded and shown at once, and the run goes on."""
+        result, status = await bounded(name, bound_s, work)
+        self.report.step_status.append(status)
+        if not status.ok:
+            self.show("status", self.report)
+        return result, status
 
-        if "durability" in steps:  # before the load steps: the file is still small, no rewrite forks mid-step
-            plans = scenario.durability_plans or scenario.plans
-            report.durability = await durability.run_durability(redis, plans, max(1, plans // 10), window)
+    async def measure(self) -> None:
+        self.redis = aioredis.Redis.from_url(
+            self.url, decode_responses=True, socket_timeout=STORE_TIMEOUT_S, socket_connect_timeout=STORE_TIMEOUT_S
+        )
+        self.window = CpuWindow(self.pids)
+        steps = self.report.steps
+        try:
+            if "idle" in steps:
+                await self.idle()
+            if "sequential" in steps:
+                await self.sequential()
+            if "durability" in steps:  # before the load steps: the file is still small, no rewrite forks mid-step
+                await self.durability()
+            for rate in self.scenario.rates if "open-loop" in steps else ():
+                await self.open_loop(rate)
+                await asyncio.sleep(1.0)  # P3.3's in-flight marks and Apply's holds from the step are gone
+            for rate in self.scenario.decision_rates if "decisions" in steps else ():
+                if not await self.decisions(rate):
+                    break  # the ceiling is found (or the step did not finish): higher rates only queue more
+                await asyncio.sleep(1.5)  # P3.3's in-flight marks (1 s) from this step expire
+        finally:
+            with contextlib.suppress(Exception):
+                await within(self.redis.aclose(), STORE_TIMEOUT_S, "closing the bench's store client")
 
-        for rate in scenario.rates if "open-loop" in steps else ():
-            report.open_loop.append(await chain.run_open_loop(redis, rate, scenario.rate_s, load, window))
-            latencies, offered, unanswered = await seed.run_seed_open_loop(url, rate, min(scenario.rate_s, 3.0))
-            report.seed_open_loop.append(SeedStep(rate, round(offered, 3), Latency.of(latencies), unanswered))
-            await asyncio.sleep(1.0)  # P3.3's in-flight marks and Apply's holds from the step are gone
+    async def idle(self) -> None:
+        async def idle(waiting: Waiting) -> tuple[dict[str, float], float]:
+            waiting.on(f"the end of the idle window ({self.scenario.idle_s:g} s)")
+            self.window.start()
+            await asyncio.sleep(self.scenario.idle_s)
+            return self.window.stop()
 
-        for rate in scenario.decision_rates if "decisions" in steps else ():
-            step = await chain.run_decisions(redis, rate, scenario.decision_s, load, window)
-            report.decisions.append(step)
-            if highest_sustained([step], "decided") is None:
-                break  # the ceiling is found: higher rates only queue more
-            await asyncio.sleep(1.5)  # P3.3's in-flight marks (1 s) from this step expire
-    finally:
-        await redis.aclose()
+        got, _ = await self.step("idle", self.scenario.idle_s + SLACK_S, idle)
+        if got is not None:
+            self.report.cpu_idle_pct, self.report.idle_window_s = got
+        self.show("idle", self.report)
+
+    async def sequential(self) -> None:
+        r, plans = self.report, self.scenario.plans
+
+        async def sequential(waiting: Waiting) -> tuple[chain.ChainTimes, Latency, float]:
+            waiting.on("Apply's count of truth lookups (GET /metrics)")
+            before = await truth.lookups_so_far(self.metrics_url)
+            self.window.start()
+            times, client = await chain.run_sequential(self.redis, plans, r.warmup, waiting=waiting)
+            r.cpu_load_pct, r.load_window_s = self.window.stop()
+            waiting.on("Apply's count of truth lookups (GET /metrics)")
+            return times, client, await truth.lookups_so_far(self.metrics_url) - before
+
+        got, _ = await self.step("sequential chain", sequential_bound(plans + r.warmup), sequential)
+        if got is not None:
+            times, r.chain_client, lookups = got
+            r.truth_lookups_per_plan = round(lookups / (plans + r.warmup), 4)
+            r.chain_decided, r.chain_result = Latency.of(times.decided), Latency.of(times.result)
+            r.chain_governor, r.chain_p33 = Latency.of(times.governor), Latency.of(times.p33)
+        r.rss_mb = {name: rss_mb(pid) for name, pid in self.pids.items()}
+
+        lookups = self.scenario.lookups
+
+        def lookup(waiting: Waiting) -> Awaitable[Latency]:
+            return truth.lookup_latency(self.settings, "XRPUSDT", lookups, waiting)
+
+        found, _ = await self.step("order lookups", SLACK_S + PER_LOOKUP_S * lookups, lookup)
+        r.truth_lookup = found or Latency()
+
+        count = self.scenario.seed_plans + 1  # the first one is a warm-up
+
+        def seed_sequential(waiting: Waiting) -> Awaitable[list[float]]:
+            return seed.run_seed_sequential(self.url, count, waiting)
+
+        seen, _ = await self.step("seed sequential", seed_sequential_bound(count), seed_sequential)
+        r.seed_decided = Latency.of(seen[1:]) if seen is not None else Latency()
+        if r.chain_decided.p50_ms and r.seed_decided.p50_ms:
+            r.p50_ratio_seed_over_chain = round(r.seed_decided.p50_ms / r.chain_decided.p50_ms, 1)
+        self.show("sequential", r)
+
+    async def durability(self) -> None:
+        plans = self.scenario.durability_plans or self.scenario.plans
+        warmup = max(1, plans // 10)
+
+        def run(waiting: Waiting) -> Awaitable[list[durability.DurabilityPart]]:
+            return durability.run_durability(self.redis, plans, warmup, self.window, waiting=waiting)
+
+        bound = len(durability.SETTINGS) * sequential_bound(plans + warmup)
+        parts, _ = await self.step("durability", bound, run)
+        self.report.durability = parts or []
+        self.show("durability", self.report)
+
+    async def open_loop(self, rate: float) -> None:
+        seconds = self.scenario.rate_s
+
+        def through_chain(waiting: Waiting) -> Awaitable[RateStep]:
+            return chain.run_open_loop(self.redis, rate, seconds, self.load, self.window, waiting)
+
+        step, status = await self.step(f"open loop {rate:g}/s", open_loop_bound(seconds), through_chain)
+        self.report.open_loop.append(step or RateStep(target_per_s=rate, outcome=status.outcome))
+
+        seed_s = min(seconds, 3.0)
+
+        def seed_design(waiting: Waiting) -> Awaitable[seed.SeedRun]:
+            return seed.run_seed_open_loop(self.url, rate, seed_s, waiting)
+
+        got, status = await self.step(f"seed open loop {rate:g}/s", seed_open_loop_bound(seed_s), seed_design)
+        if got is None:
+            self.report.seed_open_loop.append(SeedStep(rate, outcome=status.outcome))
+        else:
+            decided = Latency.of(got.latencies)
+            offered = round(got.offered_per_s, 3)
+            self.report.seed_open_loop.append(
+                SeedStep(rate, offered, decided, got.unanswered, got.errors, got.first_error)
+            )
+        self.show("open-loop", self.report)
+
+    async def decisions(self, rate: float) -> bool:
+        """One rate of the ramp; False when it was not sustained (or did not finish)."""
+        seconds = self.scenario.decision_s
+
+        def decide(waiting: Waiting) -> Awaitable[RateStep]:
+            return chain.run_decisions(self.redis, rate, seconds, self.load, self.window, waiting)
+
+        lead = 0.5 + rate * seconds / 20_000  # the plans are built before the first is due
+        step, status = await self.step(f"decisions {rate:g}/s", lead + open_loop_bound(seconds), decide)
+        self.report.decisions.append(step or RateStep(target_per_s=rate, outcome=status.outcome))
+        self.show("decisions", self.report)
+        return step is not None and highest_sustained([step], "decided") is not None

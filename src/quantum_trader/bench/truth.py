@@ -15,26 +15,33 @@ import time
 
 import httpx
 
+from quantum_trader.bench.bounds import Waiting, within
 from quantum_trader.bench.measure import Latency
 from quantum_trader.exchange import open_exchange
 from quantum_trader.settings import Settings
 
 LOOKUP_METRIC = "qt_apply_truth_lookups_total"
+HTTP_TIMEOUT_S = 5.0
 
 
-def lookups_so_far(metrics_url: str) -> float:
+async def lookups_so_far(metrics_url: str) -> float:
     """Apply's count of truth lookups, from its Prometheus endpoint (all reasons summed)."""
-    text = httpx.get(metrics_url, timeout=5.0).text
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
+        text = (await client.get(metrics_url)).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(LOOKUP_METRIC))
 
 
-async def lookup_latency(settings: Settings, symbol: str, count: int) -> Latency:
-    """``count`` lookups of client order ids that do not exist, one after another, in ms."""
+async def lookup_latency(settings: Settings, symbol: str, count: int, waiting: Waiting | None = None) -> Latency:
+    """``count`` lookups of client order ids that do not exist, one after another, in ms (each request bounded
+    by the exchange client's own timeout, ``exchange.timeout_ms``)."""
+    waiting = waiting or Waiting()
     exchange = open_exchange(settings)
     samples: list[float] = []
     try:
+        waiting.on("the exchange's time (sync_time)")
         await exchange.sync_time()
         for n in range(count + 1):
+            waiting.on(f"order lookup {n + 1} of {count + 1} (qt-bench{n:011d})")
             started = time.perf_counter()
             found = await exchange.query_order(symbol, f"qt-bench{n:011d}")
             if found is not None:
@@ -42,5 +49,5 @@ async def lookup_latency(settings: Settings, symbol: str, count: int) -> Latency
             if n:  # the first one also opened the HTTP connection
                 samples.append((time.perf_counter() - started) * 1000)
     finally:
-        await exchange.close()
+        await within(exchange.close(), HTTP_TIMEOUT_S, "closing the exchange client")
     return Latency.of(samples)

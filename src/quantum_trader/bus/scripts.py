@@ -6,8 +6,9 @@ publish_plan: a plan is published once: its record and its stream entry together
     nothing is published and Apply publishes a SKIP plan instead.
 consume_permits: both permits are exactly the ones Apply verified, the plan was never executed and has no
     result yet (a result ends a plan: nothing may be executed after it) → delete
-    both permits, set the executed marker, record the order intent, audit two ``consumed`` entries. Any other
-    state → nothing changes.
+    both permits, set the executed marker, record the order intent, audit two ``consumed`` entries (each with
+    the consumed permit's exact bytes, ``permit``: what was consumed can be verified afterwards by anyone with
+    the key, without trusting Apply's check). Any other state → nothing changes.
 issue_permit: the first decision per issuer and plan wins (claim key, SET NX); the winner's permit, its audit
     entry, an optional marker (P3.3's order-in-flight key) and, for a Governor allow, its rate-limit count are
     written together, and the plan entry is acknowledged in the same script. A later decision only
@@ -53,10 +54,11 @@ if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 'p33_permit_changed' end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
+local permits = {governor = ARGV[1], p33 = ARGV[2]}
 for _, issuer in ipairs({'governor', 'p33'}) do
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'plan_id', ARGV[5], 'issuer', 'apply',
              'decision', 'consumed', 'reason', issuer, 'subject', issuer, 'at', ARGV[6],
-             'latency_ms', ARGV[9], 'symbol', ARGV[7])
+             'latency_ms', ARGV[9], 'symbol', ARGV[7], 'permit', permits[issuer])
 end
 return 'ok'
 """
@@ -106,7 +108,10 @@ return {1, ARGV[1]}
 
 HOLD_FOR_INTENT = """
 if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local left = redis.call('PTTL', KEYS[3])
+if left == -2 then return 0 end
+if left == -1 then left = ARGV[2] end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', left)
 return 1
 """
 
@@ -208,9 +213,11 @@ class Scripts:
         self._hold = redis.register_script(HOLD_FOR_INTENT)
 
     async def hold_for_intent(self, *, plan_id: str, symbol: str) -> bool:
-        """Hold ``symbol`` for the plan while its intent is recorded; False when it no longer is (resolved)."""
+        """Hold ``symbol`` for the plan while its intent is recorded; False when it no longer is (resolved).
+        The hold expires with the plan's record: the intent sweep drops an intent whose record is gone, so a
+        hold that lived longer would stand for nothing."""
         held: Any = await self._hold(
-            keys=[keys.symbol_in_flight(symbol), keys.APPLY_INTENTS],
+            keys=[keys.symbol_in_flight(symbol), keys.APPLY_INTENTS, keys.plan_record(plan_id)],
             args=[plan_id, keys.PLAN_BOOKKEEPING_TTL_S * 1000],
         )
         return bool(held)
@@ -278,6 +285,8 @@ class Scripts:
         latency_ms: float,
         audit_maxlen: int,
     ) -> str:
+        """Consume both permits if they are still ``governor_raw`` / ``p33_raw`` (see CONSUME_PERMITS); each
+        ``consumed`` audit line carries its permit's bytes (``permit``). Returns "ok" or why not."""
         result: Any = await self._consume(
             keys=[
                 keys.governor_permit(plan_id),

@@ -6,9 +6,18 @@ also forgets, three times (at 20, 35 and 80 % of the plans): a snapshot is taken
 second or two, and the store comes back with the snapshot's data only, with the services left running (a
 failover to a replica that had not caught up) or killed with it (a host's power loss), alternately.
 
-An observer keeps its own copy of every audit line and result as they appear (the store may forget them
+Half of the service kills, and the store restart, are aimed: they wait (at most a second) for a moment when a
+plan is inside the order path (its permits consumed, no result yet) and count where they landed. At the end,
+with the Governor in manual mode, one forged Governor permit per attack is written into a waiting plan's
+slot: each must be rejected, and none may execute.
+
+An observer keeps its own copy of every audit line, plan and result as they appear (the store may forget them
 later). Afterwards the exchange's orders, that copy and the store's final records are checked against the
-promises and a table is printed. Exit status 1 when any promise was broken or the chain took more than 2 s to
+promises, by the counts below and by the independent oracle (domain/oracle.py: it verifies the permits
+consumed for every order itself, from the bytes in the ``consumed`` audit lines), and a table is printed. The
+verdict (:func:`verdict`) also requires that the run did something: plans executed, services killed (and the
+store lost, with --store-loss) with some of it landing inside the order path, forgeries attempted and
+rejected. Exit status 1 when any promise was broken, the run proved nothing, or the chain took more than 2 s to
 recover from the store restart.
 """
 
@@ -24,6 +33,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -32,6 +42,10 @@ from redis.exceptions import RedisError
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
+from quantum_trader.domain import oracle
+from quantum_trader.domain.models import GovernorPermit, Plan, from_fields
+from quantum_trader.domain.permits import encode_permit, sign
+from quantum_trader.secrets import permit_key
 from quantum_trader.settings import Settings
 
 RECOVERY_LIMIT_S = 2.0
@@ -39,6 +53,8 @@ RECOVERY_LIMIT_S = 2.0
 # calls the proposal forgotten (Apply's search for orders the store forgot runs within seconds of the loss).
 FORGOTTEN_AFTER_S = 15.0
 OBSERVER_CATCH_UP_S = 0.5  # the observer's reads block 200 ms at most
+AIM_S = 1.0  # an aimed kill waits at most this long for a plan inside the order path
+IN_ORDER_PATH_S = 10.0  # an intent recorded this recently is a plan inside the order path (older: stuck, not live)
 # with --store-loss: when this share of the plans has been proposed (away from the store restart at half)
 STORE_LOSSES = (0.2, 0.35, 0.8)
 SYMBOLS = {
@@ -83,6 +99,18 @@ class ChaosReport:
     resent_after_a_fill: int = 0  # ... of which the first plan had in fact filled (would be a double close)
     max_recovery_s: float = 0.0
     seconds: float = 0.0
+    store_loss_run: bool = False  # --store-loss: store losses are required
+    # where the faults landed: a kill (or the store restart) while a plan's permits were consumed and its result
+    # not out; a loss that made the store forget a consumption the observer had seen
+    kills_in_order_path: int = 0
+    losses_in_order_path: int = 0
+    forgotten_consumptions: int = 0
+    forgeries_attempted: int = 0
+    forgeries_rejected: int = 0  # forged permits Apply audited as rejected
+    forgeries_executed: int = 0  # plans with a forged permit that have an order (must be 0)
+    # the independent oracle (domain/oracle.py): its named counts, and how many orders it verified itself
+    oracle: dict[str, int] = field(default_factory=lambda: dict.fromkeys(oracle.KINDS, 0))
+    orders_verified: int = 0
     # why the plans that did not execute did not: "error: reason" -> count (permit timeouts during kills, ...)
     not_executed: dict[str, int] = field(default_factory=dict)
     # for each broken promise, up to ten of the plans that broke it (the logs tell their story)
@@ -98,12 +126,40 @@ class ChaosReport:
             "results that disagree with the exchange": self.results_disagreeing_with_exchange,
             "executions without two permits": self.executions_without_two_permits,
             "proposals re-sent although the first had filled": self.resent_after_a_fill,
+            "forged permits that executed": self.forgeries_executed,
+            **{f"oracle: {kind}": n for kind, n in self.oracle.items()},
         }
         return {name: n for name, n in counts.items() if n}
 
     @property
     def ok(self) -> bool:
-        return not self.broken and self.max_recovery_s <= RECOVERY_LIMIT_S
+        return not verdict(self)
+
+
+def verdict(report: ChaosReport) -> list[str]:
+    """Why the run failed (empty: it passed). A run fails when a promise was broken, recovery was too slow, or
+    it proved nothing: nothing executed, nothing killed, no fault inside the order path, no forgery rejected."""
+    failures = [f"{name}: {n}" for name, n in report.broken.items()]
+    if report.max_recovery_s > RECOVERY_LIMIT_S:
+        failures.append(f"recovery after the store restart took {report.max_recovery_s} s > {RECOVERY_LIMIT_S} s")
+    if report.executions == 0:
+        failures.append("nothing executed")
+    if report.store_restarts == 0:
+        failures.append("the store was never restarted")
+    if report.store_loss_run:  # the losses take most of a short run: they are its faults, kills may not come
+        if report.store_losses == 0:
+            failures.append("the store never forgot anything")
+        elif report.losses_in_order_path == 0:
+            failures.append("no store loss forgot a consumption")
+    elif report.service_kills == 0:
+        failures.append("no service was killed")
+    elif report.kills_in_order_path == 0:
+        failures.append("no kill landed inside the order path")
+    if report.forgeries_attempted == 0:
+        failures.append("no forgery was attempted")
+    elif report.forgeries_rejected == 0:
+        failures.append("no forgery was rejected")
+    return failures
 
 
 def _patient_client(url: str) -> aioredis.Redis:
@@ -117,6 +173,8 @@ class Observed:
 
     audit: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
     results: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
+    plans: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
+    consumed: list[tuple[str, str]] = field(default_factory=list)  # (audit entry id, plan id) of consumptions
 
 
 class Chaos:
@@ -128,7 +186,8 @@ class Chaos:
         self.rng = random.Random(seed)
         self.submitted: list[ops.Submitted] = []
         self.symbol_of: dict[str, str] = {}
-        self.report = ChaosReport()
+        self.report = ChaosReport(store_loss_run=store_loss)
+        self.forged: dict[str, str] = {}  # plan id -> the attack written into its Governor slot
         self.seen = Observed()
         self.finished = asyncio.Event()
         self.last_loss = 0.0
@@ -138,12 +197,17 @@ class Chaos:
         rds = _patient_client(self.system.urls["operator"])
         observer = asyncio.create_task(self._observe())
         try:
-            chaos = asyncio.create_task(self._kill_things())
+            chaos = asyncio.create_task(self._kill_things(rds))
             await self._drive(rds)
             self.finished.set()
             await chaos
             await self._settle(rds)
             await self._resend_forgotten(rds)
+            try:
+                await self._forge(rds)
+                await self._settle(rds, timeout=60.0)
+            finally:  # only now: back in auto mode the Governor would still grant a forged plan that is waiting
+                await ops.set_governor_mode(rds, "auto", "chaos")
             await asyncio.sleep(1.0)  # the observer catches up with the last lines
             await self._judge(rds)
         finally:
@@ -175,8 +239,12 @@ class Chaos:
         """Tail the audit and result streams into ``self.seen``. After a store loss new entries have ids past
         the old cursor (ids are times), so one cursor per stream sees everything that ever appears."""
         rds = _patient_client(self.system.urls["operator"])
-        cursors = {keys.AUDIT_STREAM: "0-0", keys.RESULT_STREAM: "0-0"}
-        into = {keys.AUDIT_STREAM: self.seen.audit, keys.RESULT_STREAM: self.seen.results}
+        cursors = {keys.AUDIT_STREAM: "0-0", keys.RESULT_STREAM: "0-0", keys.PLAN_STREAM: "0-0"}
+        into = {
+            keys.AUDIT_STREAM: self.seen.audit,
+            keys.RESULT_STREAM: self.seen.results,
+            keys.PLAN_STREAM: self.seen.plans,
+        }
         try:
             while True:
                 try:
@@ -188,12 +256,32 @@ class Chaos:
                     for entry_id, fields in entries:
                         cursors[stream] = entry_id
                         into[stream][fields.get("plan_id", "")].append(dict(fields))
+                        if stream == keys.AUDIT_STREAM and fields.get("decision") == "consumed":
+                            self.seen.consumed.append((entry_id, fields.get("plan_id", "")))
         finally:
             await rds.aclose()
 
-    async def _kill_things(self) -> None:
-        """A random service every 1-3 s; the store once, when half of the plans have been proposed; with
-        --store-loss, the store forgetting three times (``STORE_LOSSES``)."""
+    async def _in_order_path(self, rds: aioredis.Redis) -> int:
+        """How many plans are inside the order path now: permits consumed (intent recorded), no result yet."""
+        try:
+            return int(
+                await asyncio.wait_for(rds.zcount(keys.APPLY_INTENTS, time.time() - IN_ORDER_PATH_S, "+inf"), 1.0)
+            )
+        except (RedisError, OSError, TimeoutError):
+            return 0
+
+    async def _aim(self, rds: aioredis.Redis) -> bool:
+        """Wait (at most ``AIM_S``) until a plan is inside the order path; whether one is."""
+        deadline = time.monotonic() + AIM_S
+        while time.monotonic() < deadline:
+            if await self._in_order_path(rds):
+                return True
+            await asyncio.sleep(0.002)
+        return False
+
+    async def _kill_things(self, rds: aioredis.Redis) -> None:
+        """A random service every 1-3 s (every other one aimed at the order path); the store once, when half of
+        the plans have been proposed; with --store-loss, the store forgetting three times (``STORE_LOSSES``)."""
         restarted_store = False
         losses = [int(self.plans * share) for share in STORE_LOSSES] if self.store_loss else []
         next_kill = time.monotonic() + self.rng.uniform(1.0, 3.0)
@@ -203,19 +291,25 @@ class Chaos:
                 losses.pop(0)
                 await self._lose_store(host_crash=self.report.store_losses % 2 == 1)
             elif not restarted_store and len(self.submitted) >= self.plans // 2:
-                await self._restart_store()
+                await self._restart_store(rds)
                 restarted_store = True
             elif not self.finished.is_set() and time.monotonic() >= next_kill:
                 service = self.rng.choice(("apply", "governor", "brain"))
+                landed = (
+                    await self._aim(rds) if self.report.service_kills % 2 == 0 else bool(await self._in_order_path(rds))
+                )
                 await asyncio.to_thread(self.system.stop_service, service, kill=True)
+                self.report.kills_in_order_path += landed
                 await asyncio.sleep(self.rng.uniform(0.1, 1.0))
                 await asyncio.to_thread(self.system.start_service, service)
                 self.report.service_kills += 1
                 next_kill = time.monotonic() + self.rng.uniform(1.0, 3.0)
 
-    async def _restart_store(self) -> None:
+    async def _restart_store(self, rds: aioredis.Redis) -> None:
         port = int(self.system.redis_url.rsplit(":", 1)[1])
+        landed = await self._aim(rds)
         self.system.store.kill()  # SIGKILL: no shutdown save, only what the append-only file holds
+        self.report.kills_in_order_path += landed
         await asyncio.sleep(self.rng.uniform(0.3, 1.0))
         await asyncio.to_thread(self.system.start_store, port)  # same data, same port, same users
         back = time.monotonic()
@@ -233,6 +327,7 @@ class Chaos:
         """Snapshot now, let the flow go on, then the store comes back with the snapshot only."""
         store, admin = self.system.store, self.system.urls["admin"]
         snapshot = Path(tempfile.mkdtemp(prefix="qt-chaos-snap-")) / "dump.rdb"
+        seen_before = len(self.seen.consumed)  # consumptions the observer saw after this may be forgotten
         await asyncio.to_thread(store.snapshot, admin, snapshot)
         await asyncio.sleep(self.rng.uniform(1.0, 2.0))
         # what the store is about to forget happened: pause its writes and let the observer read everything
@@ -244,10 +339,67 @@ class Chaos:
                 await asyncio.to_thread(self.system.stop_service, service, kill=True)
         await asyncio.sleep(self.rng.uniform(0.2, 0.6))
         await asyncio.to_thread(store.start_from, snapshot, admin)
+        # which consumptions the store came back without (read at once: nothing has consumed them again yet)
+        candidates = {plan_id for _, plan_id in self.seen.consumed[seen_before:]}
+        forgot = await self._forgotten_consumptions(candidates)
+        self.report.forgotten_consumptions += forgot
+        self.report.losses_in_order_path += forgot > 0
         if host_crash:
             await asyncio.to_thread(self.system.start_services)
         self.report.store_losses += 1
         self.last_loss = time.monotonic()
+
+    async def _forgotten_consumptions(self, plan_ids: set[str]) -> int:
+        """How many of these consumed plans the store no longer has an executed marker for."""
+        rds = _patient_client(self.system.urls["admin"])
+        try:
+            names = sorted(plan_ids)
+            present = await rds.exists(*[keys.executed_marker(p) for p in names]) if names else 0
+            return len(names) - int(present)
+        except (RedisError, OSError):
+            return 0
+        finally:
+            await rds.aclose()
+
+    async def _forge(self, rds: aioredis.Redis) -> None:
+        """With the Governor in manual mode (no real permit comes), write one forged Governor permit per attack
+        into a fresh plan's slot, as an attacker with write access to the permit keys would. Apply reads the
+        slot at the latest when the window ends: every forgery must be rejected, the plan must time out."""
+        governor_key, p33_key = permit_key(self.system.settings, "governor"), permit_key(self.system.settings, "p33")
+
+        def forged(plan: Plan, attack: str) -> bytes:
+            permit = GovernorPermit(
+                granted=attack != "tampered_deny_to_grant",
+                plan_id=plan.plan_id,
+                plan_hash="0" * 64 if attack == "plan_hash_mismatch" else plan.plan_hash,
+                issuer="p33" if attack == "wrong_issuer" else "governor",
+                reason="policy_passed",
+                created_at=time.time(),
+            )
+            signed = sign(permit, p33_key if attack == "signed_with_p33_key" else governor_key)
+            if attack == "tampered_deny_to_grant":  # genuinely signed as a deny, then flipped
+                signed = msgspec.structs.replace(signed, granted=True)
+            return encode_permit(signed)
+
+        attacks = ("tampered_deny_to_grant", "signed_with_p33_key", "plan_hash_mismatch", "wrong_issuer")
+        await ops.set_governor_mode(rds, "manual", "chaos")  # the caller sets it back once the plans are done
+        for attack, symbol in zip(attacks, sorted(SYMBOLS), strict=False):
+            sub = await self._propose(rds, symbol, "chaos-forgery")
+            plan = await self._published(rds, sub.plan_id)
+            if plan is None or plan.decision != "EXECUTE":
+                continue  # the symbol was busy (a SKIP plan): no permit is waited for, nothing to forge
+            await rds.set(keys.governor_permit(plan.plan_id), forged(plan, attack), ex=60)
+            self.forged[plan.plan_id] = attack
+            self.report.forgeries_attempted += 1
+
+    async def _published(self, rds: aioredis.Redis, plan_id: str, timeout: float = 10.0) -> Plan | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            fields = await rds.hgetall(keys.plan_record(plan_id))
+            if fields:
+                return from_fields(Plan, fields)
+            await asyncio.sleep(0.005)
+        return None
 
     async def _settle(self, rds: aioredis.Redis, timeout: float = 120.0) -> None:
         """Wait (bounded) until every submitted plan has its result, or its proposal is gone from the store (it
@@ -351,6 +503,31 @@ class Chaos:
             for coid, qty in filled.items()
             if qty > 0 and (allowed[coid[3:]] != {"governor", "p33"} or consumed[coid[3:]] < 2)
         )
+        # the forgeries: each audited as rejected (from the observer's copy), none with an order
+        r.forgeries_rejected = sum(
+            1
+            for plan_id in self.forged
+            if any(f.get("decision") == "rejected" and f.get("subject") == "governor" for f in self.seen.audit[plan_id])
+        )
+        r.forgeries_executed = sum(1 for plan_id in self.forged if f"qt-{plan_id}" in orders)
+        r.examples["forged permits that executed"] = [
+            f"{p} ({a})" for p, a in self.forged.items() if f"qt-{p}" in orders
+        ]
+        # the independent oracle, from what was observed (the store may have forgotten some of it)
+        settings = self.system.settings
+        found = oracle.check(
+            placed,
+            (f for lines in self.seen.audit.values() for f in lines),
+            (f for entries in self.seen.plans.values() for f in entries),
+            final,
+            oracle.IssuerKeys(permit_key(settings, "governor"), permit_key(settings, "p33")),
+            expected=plan_ids,
+            ttl_s=settings.permit_ttl_s,
+        )
+        r.oracle = dict(found.counts)
+        r.orders_verified = found.orders_verified
+        for kind, shown in found.examples.items():
+            r.examples[f"oracle: {kind}"] = shown
 
 
 def _pause_writes(admin_url: str) -> None:
@@ -391,7 +568,9 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
     import json
 
     if as_json:
-        print(json.dumps({**asdict(report), "ok": report.ok, "logs": str(state_dir / "logs")}, indent=2))
+        failures = verdict(report)
+        doc = {**asdict(report), "ok": not failures, "failures": failures, "logs": str(state_dir / "logs")}
+        print(json.dumps(doc, indent=2))
         return
     from rich.table import Table
 
@@ -401,6 +580,7 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("must be", justify="right")
+    kills_bound = "" if report.store_loss_run else "> 0"
     rows = [
         ("plans", report.plans, ""),
         ("results", report.results, "= plans"),
@@ -411,9 +591,17 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
         ("duplicate results", report.duplicate_results, "0"),
         ("results that disagree with the exchange", report.results_disagreeing_with_exchange, "0"),
         ("executions without two permits", report.executions_without_two_permits, "0"),
-        ("service kills (SIGKILL)", report.service_kills, ""),
-        ("store restarts", report.store_restarts, ""),
-        ("store losses (back from a snapshot)", report.store_losses, ""),
+        ("orders whose permits the oracle verified", report.orders_verified, "= orders"),
+        *((f"oracle: {kind.replace('_', ' ')}", n, "0") for kind, n in report.oracle.items()),
+        ("service kills (SIGKILL)", report.service_kills, "" if report.store_loss_run else "> 0"),
+        ("store restarts", report.store_restarts, "> 0"),
+        ("  kills inside the order path (consumed, no result)", report.kills_in_order_path, kills_bound),
+        ("store losses (back from a snapshot)", report.store_losses, "> 0" if report.store_loss_run else ""),
+        ("  losses that forgot a consumption", report.losses_in_order_path, "> 0" if report.store_loss_run else ""),
+        ("  consumptions the store forgot", report.forgotten_consumptions, ""),
+        ("forged permits written", report.forgeries_attempted, "> 0"),
+        ("  rejected by Apply", report.forgeries_rejected, "> 0"),
+        ("  executed", report.forgeries_executed, "0"),
         ("results adopted from the exchange", report.adopted_from_exchange, ""),
         ("proposals the store forgot (sent again)", report.forgotten_proposals, ""),
         ("  of which the first plan had filled", report.resent_after_a_fill, "0"),
@@ -426,5 +614,8 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
     console.print(table)
     for name in report.broken:
         console.print(f"{name}: " + "; ".join(report.examples.get(name, [])))
-    verdict = "[green]all promises kept[/green]" if report.ok else "[red]PROMISE BROKEN[/red]"
-    console.print(f"{verdict} (logs: {state_dir / 'logs'})")
+    failures = verdict(report)
+    for failure in failures:
+        console.print(f"[red]{failure}[/red]")
+    said = "[green]all promises kept[/green]" if not failures else "[red]FAILED[/red]"
+    console.print(f"{said} (logs: {state_dir / 'logs'})")

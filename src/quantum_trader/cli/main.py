@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar, cast
 
 import typer
 from typer.exceptions import TyperException
@@ -86,14 +86,59 @@ def configure_logging(settings: Settings, service: str = "") -> None:
 def with_store(settings: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
     """Run ``action(redis)`` against the running system's store; a clear one-line error when there is none."""
 
-    async def main() -> T:
+    async def main() -> tuple[bool, T | None]:
         redis = await connect(resolve_redis_url(settings))
         try:
-            return await action(redis)
+            return await _interruptible(action(redis))
         finally:
             await redis.aclose()
 
-    return asyncio.run(main())
+    interrupted, result = asyncio.run(main())
+    if interrupted:
+        raise KeyboardInterrupt  # typer: exit 130
+    return cast(T, result)
+
+
+async def _interruptible(work: Awaitable[T]) -> tuple[bool, T | None]:
+    """Run ``work``; Ctrl-C cancels it, and cancels it again while it is not done: redis-py sends every command
+    through ``asyncio.wait_for``, which on Python 3.11 can drop a cancellation that lands as a reply arrives
+    (CPython gh-86296), and one lost Ctrl-C would leave the operator waiting out the whole timeout."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    interrupted = False
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        interrupted = True
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+    except (ValueError, RuntimeError):  # not the main thread: Ctrl-C stays Python's KeyboardInterrupt
+        return False, await task
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.2)
+            if interrupted and not task.done():
+                task.cancel()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    if interrupted and task.cancelled():
+        return True, None
+    return False, task.result()
+
+
+def until_stopped(action: Callable[[], T]) -> T:
+    """Run a command that starts a system: SIGTERM and SIGHUP stop it exactly as Ctrl-C does (every process it
+    started is stopped) and it exits with 128 + the signal."""
+    from quantum_trader.runtime import Interrupted, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            return action()
+    except Interrupted as exc:
+        print(f"qt: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code) from None
 
 
 def operator_name() -> str:
@@ -202,19 +247,21 @@ def sim_exchange_cmd(
     key, secret = exchange_credentials(settings)
     token = read_secret_file(key_dir(settings) / "sim-admin.token") if admin else None
     port = port or settings.exchange.sim_port
-    print(f"simulator on http://127.0.0.1:{port} (admin API {'on' if admin else 'off'})", flush=True)
-    serve(
-        SimConfig(
-            port=port,
-            api_key=key,
-            api_secret=secret,
-            admin_token=token,
-            weight_limit_1m=weight_limit,
-            orders_limit_10s=orders_10s_limit,
-            orders_limit_1m=orders_1m_limit,
-            symbols=DEFAULT_SYMBOLS + synthetic_markets(bench_symbols),
-        )
+    config = SimConfig(
+        port=port,
+        api_key=key,
+        api_secret=secret,
+        admin_token=token,
+        weight_limit_1m=weight_limit,
+        orders_limit_10s=orders_10s_limit,
+        orders_limit_1m=orders_1m_limit,
+        symbols=DEFAULT_SYMBOLS + synthetic_markets(bench_symbols),
     )
+    print(f"simulator on http://127.0.0.1:{port} (admin API {'on' if admin else 'off'})", flush=True)
+    try:
+        serve(config)
+    except OSError as exc:  # the port is taken, or not ours to bind
+        fail(f"the simulator cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}")
 
 
 @exchange_app.command("check")
@@ -266,36 +313,33 @@ def up_cmd(
     if running is not None:
         fail(f"a system is already running (pid {running.pid}, store {running.redis_url}); stop it first")
     system = LocalSystem(settings, ports=Ports.from_settings(settings))
-    stop = False
 
-    def on_signal(*_: Any) -> None:
-        nonlocal stop
-        stop = True
+    def serve() -> str:
+        """Until Ctrl-C, SIGTERM or SIGHUP (all a normal stop: exit 0), or a child exits; the failure, if any."""
+        try:
+            try:
+                system.start_infra()
+                if open_positions:
+                    system.open_positions(DEMO_POSITIONS)
+                system.start_services()
+                system.start_web()
+                print(_where(system), flush=True)
+                while not (exited := [n for n, p in system.processes.items() if p.poll() is not None]):
+                    time.sleep(0.5)
+                code = system.processes[exited[0]].returncode
+                print(f"qt: {exited[0]} exited with code {code}; stopping", file=sys.stderr)
+            except KeyboardInterrupt:
+                pass
+            print("stopping…", flush=True)
+        except (StartupError, StoreUnavailable, ConfigError) as exc:
+            return str(exc)
+        finally:
+            system.stop()  # a second signal meanwhile waits for it (and then exits with 128 + that signal)
+        return ""
 
-    signal.signal(signal.SIGTERM, on_signal)
-    # Ctrl-C stops it even when started in the background by a non-interactive shell, which starts
-    # background commands with SIGINT ignored (Python then installs no KeyboardInterrupt handler).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        system.start_infra()
-        if open_positions:
-            system.open_positions(DEMO_POSITIONS)
-        system.start_services()
-        system.start_web()
-        print(_where(system), flush=True)
-        while not stop:
-            time.sleep(0.5)
-            for name, process in system.processes.items():
-                if process.poll() is not None:
-                    print(f"qt: {name} exited with code {process.returncode}; stopping", file=sys.stderr)
-                    stop = True
-    except KeyboardInterrupt:
-        pass
-    except (StartupError, StoreUnavailable, ConfigError) as exc:
-        system.stop()
-        fail(str(exc))
-    print("stopping…", flush=True)
-    system.stop()
+    failure = until_stopped(serve)
+    if failure:
+        fail(failure)
     print("stopped")
 
 
@@ -338,7 +382,7 @@ def chaos_cmd(
     from quantum_trader.cli.chaos import print_report, run_chaos
 
     settings = settings_or_exit()
-    report, state_dir = run_chaos(settings, plans, rate, seed, store_loss)
+    report, state_dir = until_stopped(lambda: run_chaos(settings, plans, rate, seed, store_loss))
     print_report(report, state_dir, json_out)
     raise typer.Exit(0 if report.ok else EXIT_FAILED)
 
@@ -387,7 +431,7 @@ def bench_cmd(
     scenario = dataclasses.replace(
         scenario, plans=plans or scenario.plans, rates=chosen, event_loop=event_loop, steps=steps
     )
-    print_bench(run_bench(scenario), out)
+    print_bench(until_stopped(lambda: run_bench(scenario)), out)
 
 
 @app.command("demo")
@@ -396,7 +440,7 @@ def demo_cmd() -> None:
     from quantum_trader.cli.scenarios import run_demo
 
     settings = settings_or_exit()
-    raise typer.Exit(run_demo(settings))
+    raise typer.Exit(until_stopped(lambda: run_demo(settings)))
 
 
 @app.command("proof")
@@ -408,7 +452,7 @@ def proof_cmd(
     from quantum_trader.cli.scenarios import run_proof
 
     settings = settings_or_exit()
-    raise typer.Exit(run_proof(settings, json_out=json_out, private=private))
+    raise typer.Exit(until_stopped(lambda: run_proof(settings, json_out=json_out, private=private)))
 
 
 # --- operating it -----------------------------------------------------------------------------------------

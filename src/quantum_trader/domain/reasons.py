@@ -202,9 +202,10 @@ LEDGER_MISSING = _r(
     "ledger_missing",
     "deny",
     "p33",
-    "There is no ledger entry for the symbol.",
-    "The brain has not reconciled this symbol (it was added while the brain ran, or the key was deleted).",
-    "Restart the brain: it reconciles the ledger to the exchange on start.",
+    "There is no readable ledger entry for the symbol.",
+    "The brain has not reconciled this symbol (it was added while the brain ran), or the key was deleted or "
+    "overwritten with fields that do not parse.",
+    "`qt reconcile` (or restart the brain: it reconciles the ledger to the exchange on start).",
 )
 SIDE_MISMATCH = _r(
     "side_mismatch",

@@ -271,6 +271,8 @@ class BinanceFutures:
         await self._ensure_time()
         params = {"symbol": symbols[0]} if len(symbols) == 1 else {}
         rows = await self._read("fapiPrivateV2GetPositionRisk", params, WEIGHTS["positionRisk"])
+        if not isinstance(rows, list):  # an empty body or an object has no rows: never read that as "flat"
+            raise ExchangeUnavailable(f"unexpected positionRisk reply: {truncate(str(rows))}")
         wanted = set(symbols)
         try:
             parsed = [parse_position(row) for row in rows if row.get("symbol") in wanted]
@@ -380,7 +382,8 @@ class BinanceFutures:
                 return None  # no order has this id (an unknown symbol cannot have one either)
             if found is not None and found[0] == TIMESTAMP_OUTSIDE_WINDOW:
                 await self.sync_time()
-            raise ExchangeUnavailable(classify_read_error(exc).message) from None
+            failure = classify_read_error(exc)
+            raise ExchangeUnavailable(failure.message, failure.code) from None
         try:
             return parse_order(reply)
         except (ValueError, TypeError) as exc:

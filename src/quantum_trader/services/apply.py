@@ -675,9 +675,7 @@ class ApplyService(Service):
             yield
         except STORE_ERRORS as exc:
             self.log.warning(f"intent sweep: store unavailable ({what})", error=str(exc))
-        except ExchangeError as exc:
-            self.log.warning(f"intent sweep: exchange unavailable ({what})", error=exc.message)
-        except Exception:
+        except Exception:  # (the exchange's failures are handled inside each step: lookups retry, searches resume)
             self.log.exception(f"intent sweep: {what} failed; trying again next round")
 
     async def _adopt_orphans(self) -> bool:

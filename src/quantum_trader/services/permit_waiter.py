@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from quantum_trader.bus import keys
 from quantum_trader.bus.streams import dead_letter_once
@@ -97,7 +98,7 @@ class PermitWaiter:
         error = f"{reasons.MALFORMED_ENTRY}: {defect}"
         try:
             await dead_letter_once(self._redis, keys.AUDIT_DLQ, keys.AUDIT_STREAM, entry_id, fields, error, "apply")
-        except STORE_ERRORS as exc:
+        except (RedisError, *STORE_ERRORS) as exc:  # an outage, or a dead-letter key a writer broke: skip it
             self._log.warning("audit reader: could not dead-letter an unreadable entry", error=str(exc))
             return
         self._log.warning("unreadable audit entry dead-lettered", entry_id=entry_id)

@@ -27,8 +27,8 @@ partial_fill           ``fraction`` (0..1): a MARKET order executes that share r
 bad_json               HTTP 200 with a truncated JSON body; ``executed`` (default true) chooses whether the
                        request was processed.
 missing_fields         HTTP 200 JSON without ``fields`` (default: status, executedQty, cumQty, cumQuote,
-                       avgPrice, updateTime); ``executed`` (default true) as above, otherwise only the echoed
-                       request fields are returned.
+                       avgPrice, updateTime; in a list reply, from every row); ``executed`` (default true) as
+                       above, otherwise only the echoed request fields are returned.
 late_execution         the request passes the gateway (checked at receipt) and is answered at once with an
                        "execution status unknown" ``answer``; the matching engine executes it ``ms`` (default
                        2000) later in the background, unless ``timestamp + recvWindow`` has passed by then
@@ -382,4 +382,6 @@ async def apply_fault(
     body = reply.body
     if isinstance(body, dict):
         body = {key: value for key, value in body.items() if key not in dropped}
+    elif isinstance(body, list):  # a list reply (positions, orders): every row loses the fields
+        body = [{k: v for k, v in row.items() if k not in dropped} if isinstance(row, dict) else row for row in body]
     return Reply(200, body)

@@ -1,0 +1,103 @@
+"""`qt chaos`'s verdict (cli/chaos.py ``verdict``): a run passes only when every promise held AND it did
+something: plans executed, the store restarted, services killed with some kill inside the order path (with
+--store-loss: the store lost, with a consumption forgotten), forgeries attempted and rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from quantum_trader.cli.chaos import RECOVERY_LIMIT_S, ChaosReport, verdict
+from quantum_trader.domain import oracle
+
+
+def a_run(**changes: Any) -> ChaosReport:
+    """A run that did everything and broke nothing."""
+    report = ChaosReport(
+        plans=64,
+        results=64,
+        executions=40,
+        orders=40,
+        orders_verified=40,
+        service_kills=2,
+        store_restarts=1,
+        kills_in_order_path=1,
+        store_loss_run=False,
+        store_losses=0,
+        losses_in_order_path=0,
+        forgotten_consumptions=0,
+        forgeries_attempted=4,
+        forgeries_rejected=4,
+        max_recovery_s=0.4,
+    )
+    return dataclasses.replace(report, **changes)
+
+
+LOSSY = {"store_loss_run": True, "store_losses": 3, "losses_in_order_path": 2, "forgotten_consumptions": 9}
+
+
+def test_a_run_that_did_everything_and_broke_nothing_passes() -> None:
+    report = a_run()
+    assert verdict(report) == [] and report.ok
+    assert verdict(a_run(**LOSSY)) == []
+    # a --store-loss run's faults are its losses: it needs no service kill
+    assert verdict(a_run(**LOSSY, service_kills=0, kills_in_order_path=0)) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "failure"),
+    [
+        ({"executions": 0}, "nothing executed"),  # e.g. every plan denied or timed out
+        ({"service_kills": 0, "kills_in_order_path": 0}, "no service was killed"),
+        ({"store_restarts": 0}, "the store was never restarted"),
+        ({"kills_in_order_path": 0}, "no kill landed inside the order path"),
+        ({**LOSSY, "store_losses": 0, "losses_in_order_path": 0}, "the store never forgot anything"),
+        ({**LOSSY, "losses_in_order_path": 0}, "no store loss forgot a consumption"),
+        ({"forgeries_attempted": 0, "forgeries_rejected": 0}, "no forgery was attempted"),
+        ({"forgeries_rejected": 0}, "no forgery was rejected"),
+        ({"max_recovery_s": RECOVERY_LIMIT_S + 0.1}, "recovery after the store restart took"),
+    ],
+)
+def test_a_run_that_proved_nothing_or_recovered_slowly_fails(changes: dict[str, Any], failure: str) -> None:
+    report = a_run(**changes)
+    failures = verdict(report)
+    assert any(f.startswith(failure) for f in failures), failures
+    assert not report.ok
+
+
+@pytest.mark.parametrize(
+    ("changes", "name"),
+    [
+        ({"duplicate_orders": 1}, "duplicate orders"),
+        ({"lost_plans": 1}, "lost plans"),
+        ({"duplicate_results": 2}, "duplicate results"),
+        ({"results_disagreeing_with_exchange": 1}, "results that disagree with the exchange"),
+        ({"executions_without_two_permits": 1}, "executions without two permits"),
+        ({"resent_after_a_fill": 1}, "proposals re-sent although the first had filled"),
+        ({"forgeries_executed": 1}, "forged permits that executed"),
+    ],
+)
+def test_a_broken_promise_fails(changes: dict[str, Any], name: str) -> None:
+    report = a_run(**changes)
+    n = next(iter(changes.values()))
+    assert verdict(report) == [f"{name}: {n}"] and not report.ok
+
+
+@pytest.mark.parametrize("kind", oracle.KINDS)
+def test_every_oracle_finding_fails(kind: str) -> None:
+    report = a_run(oracle={**dict.fromkeys(oracle.KINDS, 0), kind: 3})
+    assert verdict(report) == [f"oracle: {kind}: 3"] and not report.ok
+
+
+def test_the_store_loss_requirements_only_apply_to_store_loss_runs() -> None:
+    plain = a_run()
+    assert plain.ok
+    assert verdict(dataclasses.replace(plain, store_loss_run=True)) == ["the store never forgot anything"]
+
+
+def test_a_default_report_proves_nothing() -> None:
+    failures = verdict(ChaosReport())
+    assert {"nothing executed", "no service was killed", "no forgery was attempted"} <= set(failures)
+    assert "the store never forgot anything" in verdict(ChaosReport(store_loss_run=True))

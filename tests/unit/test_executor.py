@@ -1,0 +1,569 @@
+"""OrderExecutor's own rules, against a scripted exchange: for each sequence of answers, how many orders it
+sends and what it calls the outcome.
+
+Every exchange answer is scripted and comes with the exchange-clock time it is given at, so the executor's
+waits (``after_absent``'s "look again at t") are a millisecond each: a lookup scripted just before the moment
+an order settles, the next one at it. The monotonic clock is fake too; a lookup may move it past the resolve
+deadline. A send or a lookup nobody scripted fails the test (it is an order or a lookup too many).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from quantum_trader.domain.execution import CLOCK_MARGIN_MS, LATE_EXECUTION_HORIZON_MS, MAY_EXECUTE_LATE, SendRecord
+from quantum_trader.domain.filters import SymbolFilters
+from quantum_trader.exchange.base import (
+    ExchangeBanned,
+    ExchangeError,
+    ExchangeRejected,
+    ExchangeUnavailable,
+    NotSent,
+    OrderReport,
+    OutcomeUnknown,
+    PositionInfo,
+    Throttled,
+)
+from quantum_trader.exchange.errors import REJECTION_CODES, RETRYABLE_REJECTION_CODES
+from quantum_trader.services.orders import OrderExecutor, OrderOutcome, OutcomeKind
+
+D = Decimal
+T0 = 1_800_000_000_000.0  # exchange clock (ms) when the first request is signed
+RECV_MS = 1000
+SETTLED = T0 + RECV_MS + CLOCK_MARGIN_MS  # from when a request signed at T0 can no longer execute
+WINDOW_END = T0 + 5000  # the plan's permit window, on the exchange clock
+RESOLVE_S = 30.0
+COID = "qt-0123456789abcdef"
+
+Answer = OrderReport | ExchangeError | None  # a report, "no such order" (lookups only), or a failure
+
+
+@dataclass(frozen=True, slots=True)
+class At:
+    """``answer``, given when the exchange clock reads ``ms`` (None: as it reads now); the monotonic clock moves
+    ``mono_s`` on first (past the resolve deadline, for a lookup that fails or finds the order still open)."""
+
+    answer: Answer
+    ms: float | None = None
+    mono_s: float = 0.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.wall_s = T0 / 1000
+        self.mono_s = 100.0
+
+    def wall(self) -> float:
+        return self.wall_s
+
+    def mono(self) -> float:
+        return self.mono_s
+
+
+@dataclass
+class Call:
+    kind: str  # "place" or "query"
+    at_ms: float  # the exchange clock when it was answered
+    client_order_id: str
+    deadline_ms: float | None = None
+    symbol: str = ""
+    side: str = ""  # sends only
+    qty: Decimal | None = None  # sends only
+    mono_s: float = 0.0  # the monotonic clock when it was answered
+
+
+@dataclass
+class ScriptedExchange:
+    """The ``Exchange`` protocol, answering each send and lookup with the next scripted answer."""
+
+    clock: FakeClock
+    places: list[At]
+    lookups: list[At] = field(default_factory=list)
+    ms: float = T0
+    recv_window_ms: int = RECV_MS
+    calls: list[Call] = field(default_factory=list)
+
+    def _next(self, script: list[At], what: str) -> Answer:
+        if not script:
+            raise AssertionError(f"unscripted {what}: the executor did one more than it may")
+        step = script.pop(0)
+        if step.ms is not None:
+            self.ms = step.ms
+        self.clock.mono_s += step.mono_s
+        return step.answer
+
+    async def place_reduce_only_market(
+        self, symbol: str, side: str, qty: Decimal, client_order_id: str, deadline_ms: float | None = None
+    ) -> OrderReport:
+        answer = self._next(self.places, "send")
+        self.calls.append(Call("place", self.ms, client_order_id, deadline_ms, symbol, side, qty, self.clock.mono_s))
+        if isinstance(answer, ExchangeError):
+            raise answer
+        assert answer is not None, "a send answers with a report or fails"
+        return answer
+
+    async def query_order(self, symbol: str, client_order_id: str) -> OrderReport | None:
+        answer = self._next(self.lookups, "lookup")
+        self.calls.append(Call("query", self.ms, client_order_id, symbol=symbol, mono_s=self.clock.mono_s))
+        if isinstance(answer, ExchangeError):
+            raise answer
+        return answer
+
+    def now_ms(self) -> float:
+        return self.ms
+
+    @property
+    def order_recv_window_ms(self) -> int:
+        return self.recv_window_ms
+
+    @property
+    def sends(self) -> int:
+        return sum(call.kind == "place" for call in self.calls)
+
+    @property
+    def queries(self) -> int:
+        return sum(call.kind == "query" for call in self.calls)
+
+    def kinds(self) -> list[str]:
+        return [call.kind for call in self.calls]
+
+    async def positions(self, symbols: list[str]) -> dict[str, PositionInfo]:
+        raise AssertionError("the executor reads no positions")
+
+    async def filters(self) -> dict[str, SymbolFilters]:
+        raise AssertionError("the executor reads no filters")
+
+    async def orders_since(self, symbol: str, since_ms: float) -> list[OrderReport]:
+        raise AssertionError("the executor searches no orders")
+
+    async def close(self) -> None:
+        return None
+
+
+class RecordingLog:
+    def __init__(self) -> None:
+        self.warnings: list[tuple[str, dict[str, object]]] = []
+
+    def warning(self, message: str, /, **fields: object) -> None:
+        self.warnings.append((message, fields))
+
+    def fields(self) -> list[dict[str, object]]:
+        return [fields for _, fields in self.warnings]
+
+
+def report(status: str, executed: str = "0") -> OrderReport:
+    return OrderReport("42", COID, status, D(executed), D("100") if D(executed) else D(0), side="SELL")
+
+
+FILLED = report("FILLED", "1")
+
+
+def timeout(signed_at_ms: float | None = T0) -> OutcomeUnknown:
+    return OutcomeUnknown("RequestTimeout: no reply", 0, signed_at_ms=signed_at_ms)
+
+
+def executor(exchange: ScriptedExchange, late_horizon_ms: int = LATE_EXECUTION_HORIZON_MS) -> OrderExecutor:
+    return OrderExecutor(exchange, RecordingLog(), RESOLVE_S, late_horizon_ms, exchange.clock)
+
+
+def assert_about_the_plans_order(exchange: ScriptedExchange) -> None:
+    """Every send and lookup is of the plan's order: its symbol and client id; every send its side and qty."""
+    assert all(call.symbol == "BTCUSDT" and call.client_order_id == COID for call in exchange.calls)
+    assert all((call.side, call.qty) == ("SELL", D("1")) for call in exchange.calls if call.kind == "place")
+
+
+async def run(places: list[At], lookups: list[At] | None = None) -> tuple[OrderOutcome, ScriptedExchange]:
+    exchange = ScriptedExchange(FakeClock(), places, lookups or [])
+    outcome = await executor(exchange).execute("BTCUSDT", "SELL", D("1"), COID, WINDOW_END)
+    assert not exchange.places and not exchange.lookups, "the executor stopped before the script's end"
+    assert_about_the_plans_order(exchange)
+    return outcome, exchange
+
+
+# --- definitive answers -------------------------------------------------------------------------------------
+
+
+async def test_a_filled_reply_is_the_outcome_with_one_send_and_no_lookup() -> None:
+    outcome, exchange = await run([At(FILLED)])
+    assert outcome.kind is OutcomeKind.FILLED and outcome.report == FILLED and outcome.attempts == 1
+    assert exchange.kinds() == ["place"]
+    assert exchange.calls[0].client_order_id == COID and exchange.calls[0].deadline_ms == WINDOW_END
+
+
+@pytest.mark.parametrize("status", ["REJECTED", "EXPIRED", "CANCELED", "EXPIRED_IN_MATCH"])
+async def test_a_final_status_without_a_fill_is_the_outcome_without_polling(status: str) -> None:
+    outcome, exchange = await run([At(report(status))])
+    assert outcome.kind is OutcomeKind.NOT_FILLED and outcome.report == report(status) and outcome.attempts == 1
+    assert exchange.kinds() == ["place"]
+
+
+async def test_an_expired_order_with_a_partial_fill_is_filled() -> None:
+    outcome, exchange = await run([At(report("EXPIRED", "0.4"))])
+    assert outcome.kind is OutcomeKind.FILLED and outcome.report is not None
+    assert outcome.report.executed_qty == D("0.4")
+    assert exchange.kinds() == ["place"]
+
+
+@pytest.mark.parametrize("code", sorted(REJECTION_CODES))
+async def test_a_definitive_rejection_is_never_sent_again(code: int) -> None:
+    outcome, exchange = await run([At(ExchangeRejected("refused", code, signed_at_ms=T0))])
+    assert (outcome.kind, outcome.code, outcome.message, outcome.attempts) == (OutcomeKind.REJECTED, code, "refused", 1)
+    assert exchange.kinds() == ["place"]
+
+
+@pytest.mark.parametrize("code", sorted(RETRYABLE_REJECTION_CODES))
+async def test_a_retryable_rejection_is_sent_again_at_most_once(code: int) -> None:
+    refused = ExchangeRejected("not processed", code, signed_at_ms=T0)
+    outcome, exchange = await run([At(refused, T0 + 10), At(refused, T0 + 20)])
+    assert (outcome.kind, outcome.code, outcome.attempts) == (OutcomeKind.REJECTED, code, 2)
+    assert exchange.kinds() == ["place", "place"]
+    assert {call.client_order_id for call in exchange.calls} == {COID}
+
+
+@pytest.mark.parametrize("code", sorted(RETRYABLE_REJECTION_CODES))
+async def test_a_retryable_rejection_then_a_fill_is_the_fill_of_the_second_send(code: int) -> None:
+    outcome, exchange = await run([At(ExchangeRejected("not processed", code, signed_at_ms=T0)), At(FILLED)])
+    assert outcome.kind is OutcomeKind.FILLED and outcome.attempts == 2
+    assert exchange.sends == 2
+
+
+async def test_a_retryable_rejection_after_the_window_closed_is_not_sent_again() -> None:
+    outcome, exchange = await run([At(ExchangeRejected("outside recvWindow", -1021), WINDOW_END)])
+    assert (outcome.kind, outcome.code, outcome.attempts) == (OutcomeKind.REJECTED, -1021, 1)
+    assert exchange.sends == 1
+
+
+async def test_an_unclear_outcome_of_the_send_after_a_retryable_rejection_is_never_sent_a_third_time() -> None:
+    # until the resend says when it was signed, the record dates it with the refused request's stamp, T0 + 100
+    places = [At(ExchangeRejected("ahead", -1021, signed_at_ms=T0 + 100)), At(timeout(signed_at_ms=None))]
+    outcome, exchange = await run(places, [At(None, SETTLED + 99), At(None, SETTLED + 100)])
+    assert outcome.kind is OutcomeKind.NOT_PLACED and outcome.attempts == 2
+    assert exchange.kinds() == ["place", "place", "query", "query"]
+
+
+# --- nothing left: not sent, throttled, banned ---------------------------------------------------------------
+
+NOT_LEAVING = [
+    (NotSent("the permit window closed"), OutcomeKind.NOT_SENT),
+    (Throttled("no room inside the window"), OutcomeKind.THROTTLED),
+    (ExchangeBanned("IP banned until later", 418), OutcomeKind.BANNED),
+]
+
+
+@pytest.mark.parametrize(("failure", "kind"), NOT_LEAVING)
+async def test_a_send_that_could_not_leave_ends_it(failure: ExchangeError, kind: OutcomeKind) -> None:
+    outcome, exchange = await run([At(failure)])
+    assert (outcome.kind, outcome.message, outcome.attempts) == (kind, failure.message, 1)
+    assert outcome.code == (418 if kind is OutcomeKind.BANNED else 0)  # a ban is always 418, whatever it carried
+    assert exchange.kinds() == ["place"]
+
+
+@pytest.mark.parametrize(("failure", "kind"), NOT_LEAVING)
+async def test_a_resend_that_could_not_leave_ends_it(failure: ExchangeError, kind: OutcomeKind) -> None:
+    outcome, exchange = await run([At(timeout()), At(failure)], [At(None, SETTLED)])
+    assert (outcome.kind, outcome.attempts) == (kind, 2)
+    assert exchange.kinds() == ["place", "query", "place"]
+
+
+# --- unclear outcomes: looked up, resent only when proven absent and unable to land -------------------------
+
+
+async def test_a_timeout_then_absent_past_the_recv_window_is_sent_exactly_once_more() -> None:
+    outcome, exchange = await run([At(timeout(), T0 + 30), At(FILLED)], [At(None, SETTLED)])
+    assert outcome.kind is OutcomeKind.FILLED and outcome.attempts == 2
+    assert exchange.kinds() == ["place", "query", "place"]
+    resend = exchange.calls[2]
+    assert resend.client_order_id == COID and resend.deadline_ms == WINDOW_END and resend.at_ms == SETTLED
+
+
+async def test_absent_inside_the_recv_window_is_looked_up_again_and_not_resent_yet() -> None:
+    outcome, exchange = await run([At(timeout()), At(FILLED)], [At(None, SETTLED - 1), At(None, SETTLED)])
+    assert outcome.kind is OutcomeKind.FILLED and outcome.attempts == 2
+    assert exchange.kinds() == ["place", "query", "query", "place"]  # the first absent sent nothing
+
+
+async def test_absent_inside_the_recv_window_then_found_is_the_first_sends_outcome() -> None:
+    outcome, exchange = await run([At(timeout())], [At(None, SETTLED - 1), At(FILLED, SETTLED)])
+    assert outcome.kind is OutcomeKind.FILLED and outcome.attempts == 1 and outcome.report == FILLED
+    assert exchange.kinds() == ["place", "query", "query"]
+
+
+async def test_the_recv_window_runs_from_the_timestamp_the_request_carried() -> None:
+    # signed at T0 + 700: still able to land at T0 + 1949 although a request signed at T0 could not
+    stamped = SETTLED + 700
+    outcome, exchange = await run([At(timeout(T0 + 700)), At(FILLED)], [At(None, stamped - 1), At(None, stamped)])
+    assert outcome.attempts == 2
+    assert exchange.kinds() == ["place", "query", "query", "place"]
+
+
+async def test_an_unstamped_unclear_send_counts_as_signed_when_it_failed() -> None:
+    failed_at = T0 + 400
+    outcome, exchange = await run(
+        [At(timeout(None), failed_at), At(FILLED)], [At(None, SETTLED + 399), At(None, SETTLED + 400)]
+    )
+    assert outcome.attempts == 2
+    assert exchange.kinds() == ["place", "query", "query", "place"]
+
+
+async def test_absent_past_the_recv_window_after_the_permit_window_closed_is_not_placed() -> None:
+    exchange = ScriptedExchange(FakeClock(), [At(timeout())], [At(None, SETTLED)])
+    outcome = await executor(exchange).execute("BTCUSDT", "SELL", D("1"), COID, SETTLED)
+    assert outcome.kind is OutcomeKind.NOT_PLACED and outcome.attempts == 1
+    assert exchange.kinds() == ["place", "query"]
+
+
+@pytest.mark.parametrize("code", sorted(MAY_EXECUTE_LATE))
+async def test_execution_status_unknown_then_absent_is_never_resent_and_not_placed_only_after_the_horizon(
+    code: int,
+) -> None:
+    unknown = OutcomeUnknown("Internal error; unable to process your request", code, signed_at_ms=T0)
+    horizon = T0 + LATE_EXECUTION_HORIZON_MS
+    # the first lookup is long past the recvWindow (a timeout would be resent there) but inside the horizon
+    outcome, exchange = await run([At(unknown, T0 + 50)], [At(None, horizon - 1), At(None, horizon)])
+    assert outcome.kind is OutcomeKind.NOT_PLACED and outcome.attempts == 1
+    assert exchange.kinds() == ["place", "query", "query"]
+
+
+async def test_execution_status_unknown_then_a_late_fill_is_the_fill() -> None:
+    unknown = OutcomeUnknown("unknown", -1007, signed_at_ms=T0)
+    horizon = T0 + LATE_EXECUTION_HORIZON_MS
+    outcome, exchange = await run([At(unknown)], [At(None, horizon - 1), At(FILLED, horizon)])
+    assert outcome.kind is OutcomeKind.FILLED and outcome.attempts == 1
+    assert exchange.sends == 1
+
+
+async def test_the_late_horizon_is_the_executors_setting() -> None:
+    exchange = ScriptedExchange(
+        FakeClock(),
+        [At(OutcomeUnknown("unknown", -1007, signed_at_ms=T0))],
+        [At(None, T0 + 1999), At(None, T0 + 2000)],
+    )
+    outcome = await executor(exchange, late_horizon_ms=2000).execute("BTCUSDT", "SELL", D("1"), COID, WINDOW_END)
+    assert outcome.kind is OutcomeKind.NOT_PLACED
+    assert exchange.kinds() == ["place", "query", "query"]
+
+
+@pytest.mark.parametrize("second", [0, -1001, -1007])
+async def test_a_second_unclear_outcome_after_the_resend_is_never_sent_a_third_time(second: int) -> None:
+    resend_unclear = OutcomeUnknown("again", second, signed_at_ms=SETTLED)
+    settles = SETTLED + (LATE_EXECUTION_HORIZON_MS if second in MAY_EXECUTE_LATE else RECV_MS + CLOCK_MARGIN_MS)
+    outcome, exchange = await run([At(timeout()), At(resend_unclear)], [At(None, SETTLED), At(None, settles)])
+    assert outcome.kind is OutcomeKind.NOT_PLACED and outcome.attempts == 2
+    assert exchange.kinds() == ["place", "query", "place", "query"]
+
+
+async def test_lookups_failing_past_the_resolve_bound_after_an_unclear_send_are_unknown_never_resent() -> None:
+    down = ExchangeUnavailable("Service Unavailable (code -1001)", -1001)
+    outcome, exchange = await run([At(timeout())], [At(None, SETTLED - 1), At(down, SETTLED, RESOLVE_S + 1)])
+    assert (outcome.kind, outcome.code, outcome.attempts) == (OutcomeKind.UNKNOWN, -1001, 1)
+    assert exchange.kinds() == ["place", "query", "query"]
+
+
+async def test_a_ban_while_looking_up_is_unknown_never_resent() -> None:
+    outcome, exchange = await run([At(timeout())], [At(ExchangeBanned("banned", -1003), SETTLED)])
+    assert (outcome.kind, outcome.code, outcome.message, outcome.attempts) == (OutcomeKind.UNKNOWN, 418, "banned", 1)
+    assert exchange.sends == 1
+
+
+async def test_the_last_failed_lookups_message_is_kept_cut_to_200_characters() -> None:
+    long = "Service Unavailable: " + "x" * 300
+    down = ExchangeUnavailable(long, -1001)
+    outcome, _ = await run([At(timeout())], [At(down, SETTLED, RESOLVE_S + 1)])
+    assert (outcome.kind, outcome.code, outcome.message) == (OutcomeKind.UNKNOWN, -1001, long[:200])
+
+
+# --- acknowledgements: the order exists, it is followed and never sent again -------------------------------
+
+
+async def test_an_ack_then_failing_lookups_is_unknown_never_resent() -> None:
+    acked_at = T0 + 20
+    down = ExchangeUnavailable("Service Unavailable", -1001)
+    lookups = [At(None, acked_at + LATE_EXECUTION_HORIZON_MS - 1), At(down, None, RESOLVE_S + 1)]
+    outcome, exchange = await run([At(report("NEW"), acked_at)], lookups)
+    assert (outcome.kind, outcome.report, outcome.attempts) == (OutcomeKind.UNKNOWN, None, 1)
+    assert exchange.kinds() == ["place", "query", "query"]
+
+
+async def test_an_ack_still_open_past_the_resolve_bound_is_unknown_never_resent() -> None:
+    outcome, exchange = await run([At(report("NEW"))], [At(report("PARTIALLY_FILLED", "0.5"), None, RESOLVE_S + 1)])
+    assert outcome.kind is OutcomeKind.UNKNOWN and outcome.message == f"order {COID} still PARTIALLY_FILLED"
+    assert exchange.kinds() == ["place", "query"]
+
+
+async def test_an_ack_then_found_final_is_that_outcome() -> None:
+    outcome, exchange = await run([At(report("NEW"))], [At(FILLED)])
+    assert outcome.kind is OutcomeKind.FILLED and outcome.report == FILLED and outcome.attempts == 1
+    assert exchange.kinds() == ["place", "query"]
+
+
+async def test_an_ack_never_found_is_not_resent_even_with_the_permit_window_open() -> None:
+    acked_at = T0 + 20
+    settles = acked_at + LATE_EXECUTION_HORIZON_MS
+    exchange = ScriptedExchange(FakeClock(), [At(report("NEW"), acked_at)], [At(None, settles - 1), At(None, settles)])
+    outcome = await executor(exchange).execute("BTCUSDT", "SELL", D("1"), COID, settles + 60_000)
+    assert outcome.kind is OutcomeKind.NOT_PLACED and outcome.attempts == 1
+    assert exchange.kinds() == ["place", "query", "query"]
+
+
+# --- follow: sends this process did not see ------------------------------------------------------------------
+
+
+def unseen() -> SendRecord:
+    return SendRecord.unseen(T0, RECV_MS, LATE_EXECUTION_HORIZON_MS)
+
+
+@pytest.mark.parametrize(
+    ("lookups", "kind"),
+    [
+        ([At(None, T0 + LATE_EXECUTION_HORIZON_MS - 1), At(None, T0 + LATE_EXECUTION_HORIZON_MS)],
+         OutcomeKind.NOT_PLACED),
+        ([At(None, SETTLED + 8749), At(FILLED)], OutcomeKind.FILLED),
+        ([At(report("CANCELED"))], OutcomeKind.NOT_FILLED),
+        ([At(ExchangeUnavailable("down", -1001), None, RESOLVE_S + 1)], OutcomeKind.UNKNOWN),
+        ([At(ExchangeBanned("banned", 418))], OutcomeKind.UNKNOWN),
+        ([At(report("NEW"), None, RESOLVE_S + 1)], OutcomeKind.UNKNOWN),  # still open at the bound
+    ],
+)  # fmt: skip
+async def test_following_unseen_sends_never_sends(lookups: list[At], kind: OutcomeKind) -> None:
+    exchange = ScriptedExchange(FakeClock(), [], list(lookups))
+    outcome = await executor(exchange).follow("BTCUSDT", COID, unseen())
+    assert outcome.kind is kind and outcome.attempts == 0  # the record's count, whatever the way out
+    assert exchange.sends == 0 and exchange.queries == len(lookups)
+    assert_about_the_plans_order(exchange)
+
+
+def test_an_outcome_of_a_report_counts_one_send_unless_told() -> None:
+    """Apply adopts an order found on the exchange with ``OrderOutcome.of(report)``: one send."""
+    assert (OrderOutcome.of(FILLED).kind, OrderOutcome.of(FILLED).attempts) == (OutcomeKind.FILLED, 1)
+    assert OrderOutcome.of(report("CANCELED"), 2).attempts == 2
+
+
+# --- what the executor tells the log: the exchange's code and message ----------------------------------------
+
+
+async def test_a_resend_after_a_retryable_rejection_logs_its_code_and_message() -> None:
+    exchange = ScriptedExchange(
+        FakeClock(), [At(ExchangeRejected("not processed", -1021, signed_at_ms=T0)), At(FILLED)]
+    )
+    log = RecordingLog()
+    await OrderExecutor(exchange, log, RESOLVE_S, clock=exchange.clock).execute(
+        "BTCUSDT", "SELL", D("1"), COID, WINDOW_END
+    )
+    assert log.fields() == [{"code": -1021, "msg": "not processed"}]
+
+
+async def test_an_unclear_send_logs_its_error_before_the_lookups() -> None:
+    exchange = ScriptedExchange(FakeClock(), [At(timeout())], [At(FILLED, SETTLED)])
+    log = RecordingLog()
+    await OrderExecutor(exchange, log, RESOLVE_S, clock=exchange.clock).execute(
+        "BTCUSDT", "SELL", D("1"), COID, WINDOW_END
+    )
+    assert log.fields() == [{"error": "RequestTimeout: no reply"}]
+
+
+async def test_the_first_send_is_dated_by_its_own_stamp_even_at_the_clocks_zero() -> None:
+    """The record starts from no send at all: a request signed at exchange time 0 settles at exactly
+    recvWindow + margin, where it is absent and sent once more (no lookup later than that)."""
+    settled = RECV_MS + CLOCK_MARGIN_MS
+    exchange = ScriptedExchange(FakeClock(), [At(timeout(0.0)), At(FILLED)], [At(None, settled)], ms=0.0)
+    outcome = await executor(exchange).execute("BTCUSDT", "SELL", D("1"), COID, settled + 1000)
+    assert outcome.kind is OutcomeKind.FILLED and outcome.attempts == 2
+    assert exchange.kinds() == ["place", "query", "place"] and not exchange.lookups
+
+
+# --- waits between lookups, in virtual time ------------------------------------------------------------------
+
+
+class VirtualTimeSelector(selectors.DefaultSelector):
+    """Never blocks: a wait for the next timer moves the fake monotonic clock to it instead (nothing here
+    waits on I/O, so whenever nothing is ready the loop is waiting for a timer)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(0)
+        if not ready:
+            assert timeout is not None, "nothing scheduled and nothing ready: the executor would wait forever"
+            self.clock.mono_s += timeout
+        return ready
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock is the executor's fake monotonic clock: ``asyncio.sleep(d)`` takes no real
+    time and moves ``clock.mono_s`` on by exactly ``d``, so the waits themselves can be read off the calls."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(VirtualTimeSelector(clock))
+        self.clock = clock
+
+    def time(self) -> float:
+        return self.clock.mono_s
+
+
+def in_virtual_time(clock: FakeClock, work: Coroutine[Any, Any, OrderOutcome]) -> OrderOutcome:
+    loop = VirtualTimeLoop(clock)
+    try:
+        return loop.run_until_complete(work)
+    finally:
+        loop.close()
+
+
+def run_in_virtual_time(places: list[At], lookups: list[At]) -> tuple[OrderOutcome, ScriptedExchange, list[float]]:
+    """``run``, with the executor's waits in virtual time; also the monotonic time of each lookup, from the
+    first send."""
+    exchange = ScriptedExchange(FakeClock(), places, lookups)
+    start = exchange.clock.mono_s
+    outcome = in_virtual_time(exchange.clock, executor(exchange).execute("BTCUSDT", "SELL", D("1"), COID, WINDOW_END))
+    assert not exchange.places and not exchange.lookups, "the executor stopped before the script's end"
+    assert_about_the_plans_order(exchange)
+    return outcome, exchange, [call.mono_s - start for call in exchange.calls if call.kind == "query"]
+
+
+def test_failing_lookups_back_off_doubling_to_two_seconds_until_the_resolve_bound() -> None:
+    down = ExchangeUnavailable("Service Unavailable", -1001)
+    waits = [0.2, 0.4, 0.8, 1.6] + [2.0] * 14  # 0.2 doubling, at most 2 s: the 19th lookup is past 30 s
+    expected = [sum(waits[:n]) for n in range(len(waits) + 1)]
+    outcome, exchange, queried_at = run_in_virtual_time([At(timeout())], [At(down) for _ in expected])
+    assert (outcome.kind, outcome.code, outcome.attempts) == (OutcomeKind.UNKNOWN, -1001, 1)
+    assert queried_at == pytest.approx(expected, abs=1e-9)
+    assert expected[-2] <= RESOLVE_S < expected[-1] and exchange.sends == 1
+
+
+def test_a_failed_lookup_right_at_the_resolve_bound_is_tried_again() -> None:
+    down = ExchangeUnavailable("Service Unavailable", -1001)
+    outcome, exchange, queried_at = run_in_virtual_time([At(timeout())], [At(down, SETTLED, RESOLVE_S), At(FILLED)])
+    assert outcome.kind is OutcomeKind.FILLED and outcome.attempts == 1 and exchange.sends == 1
+    assert queried_at == pytest.approx([RESOLVE_S, RESOLVE_S + 0.2], abs=1e-9)
+
+
+def test_an_open_order_is_looked_up_every_200_ms_until_final() -> None:
+    outcome, _, queried_at = run_in_virtual_time(
+        [At(report("NEW"))], [At(report("NEW")), At(report("PARTIALLY_FILLED", "0.5")), At(FILLED)]
+    )
+    assert outcome.kind is OutcomeKind.FILLED and outcome.report == FILLED and outcome.attempts == 1
+    assert queried_at == pytest.approx([0.0, 0.2, 0.4], abs=1e-9)  # no doubling: it is there, only not final
+
+
+def test_an_open_order_found_right_at_the_resolve_bound_is_looked_up_again() -> None:
+    outcome, _, queried_at = run_in_virtual_time([At(report("NEW"))], [At(report("NEW"), None, RESOLVE_S), At(FILLED)])
+    assert outcome.kind is OutcomeKind.FILLED
+    assert queried_at == pytest.approx([RESOLVE_S, RESOLVE_S + 0.2], abs=1e-9)
+
+
+def test_absent_before_it_settles_waits_exactly_until_it_settles() -> None:
+    """Half a millisecond early: the wait is that half millisecond (``after_absent``'s time, no minimum)."""
+    outcome, exchange, queried_at = run_in_virtual_time(
+        [At(timeout()), At(FILLED)], [At(None, SETTLED - 0.5), At(None, SETTLED)]
+    )
+    assert outcome.kind is OutcomeKind.FILLED and outcome.attempts == 2
+    assert queried_at == pytest.approx([0.0, 0.0005], abs=1e-12)
+    assert exchange.kinds() == ["place", "query", "query", "place"]

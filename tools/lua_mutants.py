@@ -1,0 +1,431 @@
+"""Hand-listed mutants of the Lua scripts in bus/scripts.py (Python mutation tools see them as opaque strings).
+
+Each mutant is a textual replacement in one script constant: drop a guard line, flip a comparison, drop an
+XACK, an EXPIRE/EX/PX, an NX. The checked-in file is never touched: each mutant runs in its own pytest process
+with this module loaded as a plugin (``-p lua_mutants``, ``QT_LUA_MUTANT=<id>``); the plugin replaces the
+script string in quantum_trader.bus.scripts before any test module is imported, and the Scripts class reads
+the module constant when it registers the script, so every script the tests run is the mutant.
+
+A mutant whose ``old`` text is not exactly once in its script is an error (the script changed: update this
+list), not a survivor. Killed: pytest failed (exit 1). Survived: it passed (exit 0). Anything else (usage
+error, no tests, crash) is reported as an error, and a run past ``per_mutant_s`` as a timeout.
+
+The tests: tests/integration/test_scripts.py plus the few integration tests that drive one script through
+the services (``extra``), on the embedded Valkey only (``-k valkey``): the scripts are the same Lua on both
+stores, and the time bound matters more than the second store here. ``LUA_TESTS`` (comma-separated) replaces
+the selection.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = "QT_LUA_MUTANT"
+BASE_TESTS = ["tests/integration/test_scripts.py"]
+
+
+@dataclass(frozen=True)
+class LuaMutant:
+    id: str
+    script: str  # the constant's name in quantum_trader.bus.scripts
+    old: str
+    new: str
+    why: str  # what the mutant breaks, in one line
+    extra: tuple[str, ...] = ()  # further tests that drive this script
+
+
+def drop(id_: str, script: str, line: str, why: str, extra: tuple[str, ...] = ()) -> LuaMutant:
+    return LuaMutant(id_, script, line + "\n", "", why, extra)
+
+
+RATE = ("tests/integration/test_flow.py",)
+
+MUTANTS: list[LuaMutant] = [
+    # publish_plan
+    drop(
+        "plan-no-exists-guard",
+        "PUBLISH_PLAN",
+        "if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end",
+        "a plan is published twice",
+    ),
+    LuaMutant(
+        "plan-exists-flip",
+        "PUBLISH_PLAN",
+        "EXISTS', KEYS[2]) == 1",
+        "EXISTS', KEYS[2]) == 0",
+        "a new plan is never published, a known one is published again",
+    ),
+    LuaMutant(
+        "plan-hold-flip",
+        "PUBLISH_PLAN",
+        "if ARGV[4] ~= '0' then",
+        "if ARGV[4] == '0' then",
+        "an executing plan takes no symbol hold",
+    ),
+    drop(
+        "plan-no-busy",
+        "PUBLISH_PLAN",
+        "  if not held and redis.call('GET', KEYS[3]) ~= ARGV[5] then return 2 end",
+        "a plan is published while another holds its symbol",
+    ),
+    LuaMutant(
+        "plan-busy-owner-flip",
+        "PUBLISH_PLAN",
+        "GET', KEYS[3]) ~= ARGV[5]",
+        "GET', KEYS[3]) == ARGV[5]",
+        "the hold's owner is refused, another plan is let through",
+    ),
+    LuaMutant(
+        "plan-hold-no-nx",
+        "PUBLISH_PLAN",
+        "ARGV[5], 'NX', 'PX', ARGV[4]",
+        "ARGV[5], 'PX', ARGV[4]",
+        "a plan overwrites another plan's symbol hold",
+    ),
+    LuaMutant(
+        "plan-hold-no-px",
+        "PUBLISH_PLAN",
+        "ARGV[5], 'NX', 'PX', ARGV[4]",
+        "ARGV[5], 'NX'",
+        "the symbol hold never expires",
+    ),
+    drop("plan-no-expire", "PUBLISH_PLAN", "redis.call('EXPIRE', KEYS[2], ARGV[2])", "the plan record never expires"),
+    # consume_permits
+    drop(
+        "consume-no-executed-guard",
+        "CONSUME_PERMITS",
+        "if redis.call('EXISTS', KEYS[3]) == 1 then return 'already_executed' end",
+        "a plan is executed twice",
+    ),
+    LuaMutant(
+        "consume-executed-flip",
+        "CONSUME_PERMITS",
+        "EXISTS', KEYS[3]) == 1",
+        "EXISTS', KEYS[3]) == 0",
+        "a fresh plan is refused as executed, an executed one consumed again",
+    ),
+    drop(
+        "consume-no-finished-guard",
+        "CONSUME_PERMITS",
+        "if redis.call('EXISTS', KEYS[6]) == 1 then return 'already_finished' end",
+        "a plan is executed after its result",
+    ),
+    drop(
+        "consume-no-governor-check",
+        "CONSUME_PERMITS",
+        "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'governor_permit_changed' end",
+        "a swapped Governor permit is consumed",
+    ),
+    drop(
+        "consume-no-p33-check",
+        "CONSUME_PERMITS",
+        "if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 'p33_permit_changed' end",
+        "a swapped P3.3 permit is consumed",
+    ),
+    drop("consume-no-del", "CONSUME_PERMITS", "redis.call('DEL', KEYS[1], KEYS[2])", "the permits outlive their use"),
+    drop(
+        "consume-no-marker",
+        "CONSUME_PERMITS",
+        "redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])",
+        "no executed marker: nothing stops a second execution",
+    ),
+    LuaMutant(
+        "consume-marker-no-ex",
+        "CONSUME_PERMITS",
+        "ARGV[3], 'EX', ARGV[4])",
+        "ARGV[3])",
+        "the executed marker never expires",
+    ),
+    drop(
+        "consume-no-intent",
+        "CONSUME_PERMITS",
+        "redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])",
+        "the order intent is not recorded",
+    ),
+    LuaMutant(
+        "consume-audit-no-permit",
+        "CONSUME_PERMITS",
+        "'permit', permits[issuer]",
+        "'permit', ''",
+        "the consumed audit line does not carry the permit's bytes",
+    ),
+    # publish_result
+    LuaMutant(
+        "result-no-exists-guard",
+        "PUBLISH_RESULT",
+        "if redis.call('EXISTS', KEYS[1]) == 1 then",
+        "if false then",
+        "a plan gets a second result",
+    ),
+    LuaMutant(
+        "result-exists-no-ack",
+        "PUBLISH_RESULT",
+        "  if ARGV[6] ~= '' then redis.call('XACK', ARGV[4], ARGV[5], ARGV[6]) end\n  return {'exists', ''}",
+        "  return {'exists', ''}",
+        "a redelivered proposal whose plan has a result stays pending",
+    ),
+    drop(
+        "result-no-executed-guard",
+        "PUBLISH_RESULT",
+        "if ARGV[7] == '1' and redis.call('EXISTS', KEYS[5]) == 1 then return {'executed', ''} end",
+        "a no-order result hides an order that may have been sent",
+    ),
+    LuaMutant(
+        "result-no-order-flip",
+        "PUBLISH_RESULT",
+        "if ARGV[7] == '1' and",
+        "if ARGV[7] == '0' and",
+        "the order's own result is refused, a no-order one let through",
+    ),
+    LuaMutant(
+        "result-marker-no-ex",
+        "PUBLISH_RESULT",
+        "published, 'EX', ARGV[2])",
+        "published)",
+        "the result marker never expires",
+    ),
+    drop(
+        "result-no-free",
+        "PUBLISH_RESULT",
+        "if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end",
+        "the symbol stays held after the result",
+    ),
+    LuaMutant(
+        "result-free-flip",
+        "PUBLISH_RESULT",
+        "GET', KEYS[3]) == ARGV[1] then",
+        "GET', KEYS[3]) ~= ARGV[1] then",
+        "another plan's hold is freed, this one's kept",
+    ),
+    LuaMutant(
+        "result-no-intent-close",
+        "PUBLISH_RESULT",
+        "redis.call('ZREM', KEYS[4], ARGV[1])\nif ARGV[6]",
+        "if ARGV[6]",
+        "the order intent stays open",
+    ),
+    LuaMutant(
+        "result-no-ack",
+        "PUBLISH_RESULT",
+        "if ARGV[6] ~= '' then redis.call('XACK', ARGV[4], ARGV[5], ARGV[6]) end\nreturn {'published'",
+        "return {'published'",
+        "the proposal stays pending after its result",
+    ),
+    # issue_permit
+    LuaMutant(
+        "permit-ack-dropped",
+        "ISSUE_PERMIT",
+        "  if ARGV[11] ~= '' then redis.call('XACK', ARGV[9], ARGV[10], ARGV[11]) end\n",
+        "",
+        "plan entries are never acknowledged",
+    ),
+    LuaMutant(
+        "permit-claim-no-nx",
+        "ISSUE_PERMIT",
+        "ARGV[1], 'NX', 'EX', ARGV[2]",
+        "ARGV[1], 'EX', ARGV[2]",
+        "a later decision overwrites the first",
+    ),
+    LuaMutant(
+        "permit-claim-no-owner-check",
+        "ISSUE_PERMIT",
+        "  if owner ~= ARGV[1] then",
+        "  if false then",
+        "a losing decision writes its permit",
+    ),
+    LuaMutant("permit-no-ex", "ISSUE_PERMIT", "ARGV[3], 'EX', ARGV[5])", "ARGV[3])", "permits never expire"),
+    LuaMutant(
+        "permit-mark-unless-flip",
+        "ISSUE_PERMIT",
+        "EXISTS', KEYS[5]) == 0",
+        "EXISTS', KEYS[5]) == 1",
+        "the in-flight mark is set after the result was seen, not before",
+    ),
+    LuaMutant(
+        "permit-mark-unless-always",
+        "ISSUE_PERMIT",
+        "(ARGV[8] == '0' or ",
+        "(",
+        "a mark without an unless key tests the claim key instead",
+    ),
+    LuaMutant(
+        "permit-mark-no-ex", "ISSUE_PERMIT", "ARGV[6], 'EX', ARGV[7])", "ARGV[6])", "the in-flight mark never expires"
+    ),
+    drop(
+        "permit-no-count",
+        "ISSUE_PERMIT",
+        "    redis.call('ZADD', KEYS[i], ARGV[13], ARGV[12])",
+        "a Governor allow is not counted in the rate limit",
+        RATE,
+    ),
+    drop(
+        "permit-no-trim",
+        "ISSUE_PERMIT",
+        "    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[14])",
+        "old allows are never trimmed from the rate-limit window",
+        RATE,
+    ),
+    drop(
+        "permit-count-no-expire",
+        "ISSUE_PERMIT",
+        "    redis.call('EXPIRE', KEYS[i], ARGV[15])",
+        "the rate-limit sets never expire",
+        RATE,
+    ),
+    LuaMutant(
+        "permit-no-final-ack",
+        "ISSUE_PERMIT",
+        "ack()\nreturn {1, ARGV[1]}",
+        "return {1, ARGV[1]}",
+        "the winning decision's plan entry stays pending",
+    ),
+    LuaMutant(
+        "permit-loser-no-ack",
+        "ISSUE_PERMIT",
+        "    ack()\n    return {0",
+        "    return {0",
+        "a losing decision's plan entry stays pending",
+    ),
+    # hold_for_intent
+    drop(
+        "hold-no-intent-guard",
+        "HOLD_FOR_INTENT",
+        "if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end",
+        "the hold outlives the intent it stands for",
+    ),
+    LuaMutant("hold-no-px", "HOLD_FOR_INTENT", "ARGV[1], 'PX', left)", "ARGV[1])", "the hold never expires"),
+    drop(
+        "hold-no-record-check",
+        "HOLD_FOR_INTENT",
+        "if left == -2 then return 0 end",
+        "a hold is taken for an intent whose plan record is gone",
+    ),
+    LuaMutant(
+        "hold-px-not-record",
+        "HOLD_FOR_INTENT",
+        "'PX', left)",
+        "'PX', ARGV[2])",
+        "the hold outlives the plan record it stands for",
+    ),
+    drop(
+        "hold-no-persist-default",
+        "HOLD_FOR_INTENT",
+        "if left == -1 then left = ARGV[2] end",
+        "a record without expiry gets no hold (PX -1 is refused)",
+    ),
+]
+
+BY_ID = {m.id: m for m in MUTANTS}
+
+
+def mutated(mutant: LuaMutant, source: str) -> str:
+    count = source.count(mutant.old)
+    if count != 1:
+        raise ValueError(f"lua mutant {mutant.id}: its text is {count} times in {mutant.script}, not once")
+    return source.replace(mutant.old, mutant.new)
+
+
+# --- the pytest plugin (loaded in the mutant's own process) ------------------------------------------------
+
+
+def pytest_configure(config: Any) -> None:
+    mutant_id = os.environ.get(ENV)
+    if not mutant_id:
+        return
+    from quantum_trader.bus import scripts
+
+    mutant = BY_ID[mutant_id]
+    original = getattr(scripts, mutant.script)
+    setattr(scripts, mutant.script, mutated(mutant, original))
+    # the check that the tests really run the mutant: the module now holds the mutated text
+    if getattr(scripts, mutant.script) == original:
+        raise RuntimeError(f"lua mutant {mutant_id} changed nothing")
+
+
+# --- the runner --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    hit_bound: bool = False
+    status: dict[str, str] = field(default_factory=dict)  # id -> killed | survived | timeout | error | not run
+
+    def as_result(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for status in self.status.values():
+            counts[status] = counts.get(status, 0) + 1
+        survivors = [
+            {"mutant": f"lua:{i}", "diff": f"{BY_ID[i].script}: {BY_ID[i].why}\n-{BY_ID[i].old!r}\n+{BY_ID[i].new!r}"}
+            for i, s in self.status.items()
+            if s == "survived"
+        ]
+        return {
+            "files": {"src/quantum_trader/bus/scripts.py (Lua)": _columns(counts)},
+            "survivors": survivors,
+            "equivalent": [],
+            "stale_equivalents": [],
+            "errors": {i: s for i, s in self.status.items() if s == "error"},
+        }
+
+
+def _columns(counts: dict[str, int]) -> dict[str, int]:
+    # the report's column names: an unrun mutant is "not checked", an error "other"
+    renamed = {"not run": "not checked", "error": "other"}
+    out: dict[str, int] = {}
+    for k, v in counts.items():
+        out[renamed.get(k, k)] = out.get(renamed.get(k, k), 0) + v
+    return out
+
+
+def run_one(mutant: LuaMutant, timeout_s: float) -> str:
+    from quantum_trader.bus import scripts
+
+    mutated(mutant, getattr(scripts, mutant.script))  # a stale entry fails here, before a pytest run
+    selection = os.environ.get("LUA_TESTS")
+    tests = selection.split(",") if selection else [*BASE_TESTS, *mutant.extra]
+    env = {**os.environ, ENV: mutant.id, "PYTHONPATH": str(ROOT / "tools")}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "lua_mutants"]
+    cmd += ["-k", "valkey", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    return {1: "killed", 0: "survived"}.get(proc.returncode, "error")
+
+
+def run_all(budget_s: float, per_mutant_s: float = 300.0) -> Outcome:
+    deadline = time.monotonic() + budget_s
+    outcome = Outcome()
+    only = os.environ.get("LUA_MUTANTS")
+    chosen = [m for m in MUTANTS if not only or m.id in only.split(",")]
+    for mutant in chosen:
+        left = deadline - time.monotonic()
+        if left <= 5:
+            outcome.hit_bound = True
+            outcome.status[mutant.id] = "not run"
+            continue
+        try:
+            status = run_one(mutant, min(per_mutant_s, left))
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            status = "error"
+        if status == "timeout" and deadline - time.monotonic() <= 5:
+            status, outcome.hit_bound = "not run", True
+        outcome.status[mutant.id] = status
+        print(f"lua mutant {mutant.id}: {status}", flush=True)
+    return outcome
+
+
+if __name__ == "__main__":
+    # tools/lua_mutants.py [id ...]: run these (default: all), 20 minutes at most
+    if len(sys.argv) > 1:
+        os.environ["LUA_MUTANTS"] = ",".join(sys.argv[1:])
+    result = run_all(budget_s=float(os.environ.get("MUTATION_MINUTES", "20")) * 60)
+    print(result.as_result())

@@ -1,0 +1,396 @@
+"""make mutation: mutation testing of the order path, bounded in time, with a per-file report.
+
+Stages, run in this order (``MUTATION_STAGES`` picks some, comma-separated):
+
+- ``domain``: mutmut over src/quantum_trader/domain/ against tests/unit (the [tool.mutmut] section of
+  pyproject.toml is this stage).
+- ``order-path``: mutmut over services/orders.py, services/apply.py, services/permit_waiter.py and
+  bus/scripts.py against tests/unit plus the few integration tests that drive them (``ORDER_PATH_TESTS``).
+- ``lua``: the hand-listed Lua mutants of tools/lua_mutants.py, one pytest run each.
+
+Each mutmut stage runs in its own workspace, .qt/mutation/<stage>/ (symlinks to src, tests, docs, deploy and a
+pyproject.toml whose [tool.mutmut] has the stage's files and tests), because mutmut keeps one test selection
+per mutants/ folder and the domain mutants must not wait for integration tests. mutmut keeps its results
+there: a later run resumes (killed mutants of unchanged functions stay killed; survivors, interrupted and
+unchecked mutants are run again, so a new test shows at once). ``MUTATION_FRESH=1`` deletes the workspaces.
+
+The whole run is bounded by ``MUTATION_MINUTES`` (default 20): each stage gets an equal share of what is
+left when it starts (time a stage does not use goes to the next ones); a stage that reaches its share is
+interrupted and reports how far it got (mutants not checked). The report is .qt/mutation/report.md (and
+report.json): per file, mutants, killed, survived, timed out, equivalent (a survivor listed in
+mutation/equivalent.toml with its reason), no tests, not checked; then every survivor that is not listed,
+with its diff line, and listed equivalents that no longer match their mutant (stale).
+Exit status: 0 when the report was written, whatever it says (the tool measures; it does not gate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / ".qt" / "mutation"
+EQUIVALENTS = ROOT / "mutation" / "equivalent.toml"
+VENV_BIN = Path(sys.executable).parent
+# What the tests read besides src/ and tests/ (mutmut copies tests/ and pyproject.toml itself).
+LINKED = ("src", "tests", "docs", "deploy")
+
+ORDER_PATH_TESTS = [
+    "tests/unit",
+    "tests/integration/test_scripts.py",
+    "tests/integration/test_order_path_edges.py",
+]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    mutate: list[str]  # only_mutate globs, relative to the workspace (src/...)
+    tests: list[str]
+
+
+def stages() -> list[Stage]:
+    base = mutmut_section()
+    extra = os.environ.get("ORDER_PATH_TESTS")
+    return [
+        Stage("domain", list(base["only_mutate"]), list(base["pytest_add_cli_args_test_selection"])),
+        Stage(
+            "order-path",
+            [
+                "src/quantum_trader/services/orders.py",
+                "src/quantum_trader/services/apply.py",
+                "src/quantum_trader/services/permit_waiter.py",
+                "src/quantum_trader/bus/scripts.py",
+            ],
+            extra.split(",") if extra else ORDER_PATH_TESTS,
+        ),
+    ]
+
+
+def mutmut_section() -> dict[str, Any]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    section: dict[str, Any] = data["tool"]["mutmut"]
+    return section
+
+
+# --- workspace ----------------------------------------------------------------------------------------------
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string of these characters is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def stage_pyproject(stage: Stage) -> str:
+    """pyproject.toml as it is, with [tool.mutmut] replaced by the stage's (pytest's own config stays)."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "[tool.mutmut]")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    section = dict(mutmut_section())
+    section["only_mutate"] = stage.mutate
+    section["pytest_add_cli_args_test_selection"] = stage.tests
+    body = [f"{key} = {toml_value(value)}" for key, value in section.items()]
+    return "\n".join([*lines[:start], "[tool.mutmut]", *body, *lines[end:]]) + "\n"
+
+
+def workspace(stage: Stage) -> Path:
+    ws = OUT / stage.name
+    ws.mkdir(parents=True, exist_ok=True)
+    for name in LINKED:
+        link = ws / name
+        if not link.is_symlink():
+            link.symlink_to(ROOT / name)
+    pyproject = ws / "pyproject.toml"
+    text = stage_pyproject(stage)
+    # rewritten only on a change, so mutmut's cache (keyed on the config) survives runs
+    if not pyproject.exists() or pyproject.read_text(encoding="utf-8") != text:
+        pyproject.write_text(text, encoding="utf-8")
+    return ws
+
+
+def meta_files(ws: Path) -> list[Path]:
+    return sorted((ws / "mutants" / "src").rglob("*.py.meta"))
+
+
+def retry_unsettled(ws: Path) -> int:
+    """Mark survivors and interrupted mutants as not checked, so this run tries them again (a test added
+    since may kill them; mutmut itself keeps every recorded verdict)."""
+    reset = 0
+    for meta in meta_files(ws):
+        data = json.loads(meta.read_text(encoding="utf-8"))
+        codes: dict[str, int | None] = data["exit_code_by_key"]
+        for key, code in codes.items():
+            if code in (0, 2):
+                codes[key] = None
+                reset += 1
+        meta.write_text(json.dumps(data, indent=4), encoding="utf-8")
+    return reset
+
+
+# --- running ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageRun:
+    name: str
+    budget_s: float
+    seconds: float = 0.0
+    hit_bound: bool = False
+    reached_mutants: bool = False  # mutmut got past its stats and clean-test runs
+    exit_code: int | None = None
+    note: str = ""
+
+
+def run_mutmut(stage: Stage, budget_s: float) -> StageRun:
+    ws = workspace(stage)
+    retry_unsettled(ws)
+    log = ws / "run.log"
+    started = time.monotonic()
+    result = StageRun(stage.name, budget_s)
+    with log.open("w", encoding="utf-8") as out:
+        # its own session, so a hung stage can be ended with every worker it forked
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "mutmut"), "run", "--max-children", "1"],
+            cwd=ws,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            result.exit_code = proc.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            result.hit_bound = True
+            proc.send_signal(signal.SIGINT)  # mutmut stops its workers and keeps every recorded verdict
+            try:
+                result.exit_code = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                result.exit_code = proc.wait()
+    result.seconds = time.monotonic() - started
+    text = log.read_text(encoding="utf-8", errors="replace")
+    result.reached_mutants = "Running mutation testing" in text
+    if not result.reached_mutants:
+        result.note = "stopped before testing mutants (stats or clean-test run); see " + str(log.relative_to(ROOT))
+    elif result.exit_code not in (0, None) and not result.hit_bound:
+        result.note = f"mutmut exited {result.exit_code}; see {log.relative_to(ROOT)}"
+    return result
+
+
+# --- results ------------------------------------------------------------------------------------------------
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 37: "killed"}
+TIMEOUT_CODES = {36, -24, 24, 152, 255}
+
+
+def status_of(code: int | None) -> str:
+    if code is None:
+        return "not checked"
+    if code in TIMEOUT_CODES:
+        return "timeout"
+    if code == 2:
+        return "not checked"  # interrupted by the bound
+    return STATUS.get(code, "suspicious")
+
+
+@dataclass
+class Equivalent:
+    name: str
+    mutation: str  # the mutant's + line, as mutmut shows it: a listed entry must still describe its mutant
+    reason: str
+
+
+def load_equivalents() -> dict[str, Equivalent]:
+    if not EQUIVALENTS.exists():
+        return {}
+    data = tomllib.loads(EQUIVALENTS.read_text(encoding="utf-8"))
+    return {
+        e["mutant"]: Equivalent(e["mutant"], e["mutation"].strip(), e["reason"]) for e in data.get("equivalent", [])
+    }
+
+
+def diff_lines(ws: Path, names: list[str]) -> dict[str, str]:
+    """The changed lines (-old / +new) of each mutant, read from mutmut's generated files."""
+    if not names:
+        return {}
+    script = (
+        "import json, sys\n"
+        "from mutmut.mutation.diff_apply import get_diff_for_mutant\n"
+        "out = {}\n"
+        "for name, path in json.load(sys.stdin):\n"
+        "    d = get_diff_for_mutant(name, path=path).splitlines()\n"
+        "    out[name] = '\\n'.join(x for x in d if x[:1] in '+-' and x[:3] not in ('+++', '---'))\n"
+        "print(json.dumps(out))\n"
+    )
+    pairs = [[name, path_of(name)] for name in names]
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ws, input=json.dumps(pairs), capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        return {name: f"(diff unavailable: {proc.stderr.strip().splitlines()[-1:]})" for name in names}
+    diffs: dict[str, str] = json.loads(proc.stdout)
+    return diffs
+
+
+def path_of(mutant: str) -> str:
+    module = mutant.partition(".x_")[0].partition(".xǁ")[0]
+    rel = Path("src", *module.split("."))
+    return str(rel.with_suffix(".py")) if (ROOT / rel.with_suffix(".py")).exists() else str(rel / "__init__.py")
+
+
+def plus_line(diff: str) -> str:
+    return "\n".join(line[1:].strip() for line in diff.splitlines() if line.startswith("+"))
+
+
+def collect(ws: Path, equivalents: dict[str, Equivalent]) -> dict[str, Any]:
+    per_file: dict[str, Counter[str]] = {}
+    survivors: list[str] = []
+    for meta in meta_files(ws):
+        rel = str(meta.relative_to(ws / "mutants"))[: -len(".meta")]
+        data = json.loads(meta.read_text(encoding="utf-8"))
+        counts: Counter[str] = Counter()
+        for name, code in data["exit_code_by_key"].items():
+            status = status_of(code)
+            counts[status] += 1
+            if status == "survived":
+                survivors.append(name)
+        if counts:
+            per_file[rel] = counts
+    diffs = diff_lines(ws, survivors)
+    unlisted, stale, equivalent = [], [], []
+    for name in survivors:
+        diff = diffs.get(name, "")
+        listed = equivalents.get(name)
+        rel = path_of(name)
+        if listed and listed.mutation == plus_line(diff):
+            per_file[rel]["survived"] -= 1
+            per_file[rel]["equivalent"] += 1
+            equivalent.append(name)
+        else:
+            unlisted.append({"mutant": name, "diff": diff})
+            if listed:
+                stale.append(name)
+    return {
+        "files": {k: dict(v) for k, v in per_file.items()},
+        "survivors": unlisted,
+        "equivalent": equivalent,
+        "stale_equivalents": stale,
+    }
+
+
+# --- report -------------------------------------------------------------------------------------------------
+
+COLUMNS = ["mutants", "killed", "survived", "timeout", "equivalent", "no tests", "not checked", "other"]
+
+
+def row(counts: dict[str, int]) -> list[int]:
+    known = {"killed", "survived", "timeout", "equivalent", "no tests", "not checked"}
+    return [
+        sum(counts.values()),
+        *(counts.get(c, 0) for c in COLUMNS[1:-1]),
+        sum(v for k, v in counts.items() if k not in known),
+    ]
+
+
+def table(files: dict[str, dict[str, int]]) -> list[str]:
+    lines = ["| file | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    total: Counter[str] = Counter()
+    for name, counts in sorted(files.items()):
+        total.update(counts)
+        lines.append(f"| {name} | " + " | ".join(str(n) for n in row(counts)) + " |")
+    lines.append("| **all** | " + " | ".join(f"**{n}**" for n in row(dict(total))) + " |")
+    return lines
+
+
+def write_report(runs: list[StageRun], results: dict[str, dict[str, Any]], bound_min: float) -> Path:
+    md = [
+        "# Mutation report",
+        "",
+        f"Bound: {bound_min:g} min for the whole run. How to read this: docs/mutation.md.",
+        "",
+    ]
+    for run in runs:
+        res = results[run.name]
+        md += [f"## {run.name}", ""]
+        state = "reached its share of the bound; interrupted" if run.hit_bound else "finished"
+        md += [f"{run.seconds / 60:.1f} min of a {run.budget_s / 60:.1f} min share: {state}."]
+        if run.note:
+            md += ["", f"Note: {run.note}"]
+        md += ["", *table(res["files"]), ""]
+        if res.get("stale_equivalents"):
+            md += ["Listed as equivalent but the mutant no longer matches its entry (counted as survived):", ""]
+            md += [f"- {name}" for name in res["stale_equivalents"]] + [""]
+        if res["survivors"]:
+            md += ["Survivors not listed as equivalent:", ""]
+            for s in res["survivors"]:
+                md += [f"- `{s['mutant']}`", "", "  ```diff", *("  " + x for x in s["diff"].splitlines()), "  ```"]
+            md += [""]
+    path = OUT / "report.md"
+    path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    (OUT / "report.json").write_text(
+        json.dumps({"runs": [r.__dict__ for r in runs], "results": results}, indent=2), encoding="utf-8"
+    )
+    return path
+
+
+def main() -> int:
+    bound_min = float(os.environ.get("MUTATION_MINUTES", "20"))
+    wanted = [s for s in os.environ.get("MUTATION_STAGES", "domain,order-path,lua").split(",") if s]
+    known = {s.name for s in stages()} | {"lua"}
+    unknown = set(wanted) - known
+    if unknown:
+        print(f"unknown stage(s) {sorted(unknown)}; known: {sorted(known)}", file=sys.stderr)
+        return 2
+    if os.environ.get("MUTATION_FRESH") == "1":
+        shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + bound_min * 60
+    equivalents = load_equivalents()
+    runs: list[StageRun] = []
+    results: dict[str, dict[str, Any]] = {}
+    by_name = {s.name: s for s in stages()}
+    for i, name in enumerate(wanted):
+        share = max(deadline - time.monotonic(), 0.0) / (len(wanted) - i)
+        print(f"mutation: stage {name}, {share / 60:.1f} min", flush=True)
+        if name == "lua":
+            sys.path.insert(0, str(ROOT / "tools"))
+            import lua_mutants
+
+            run = StageRun(name, share)
+            started = time.monotonic()
+            outcome = lua_mutants.run_all(budget_s=share)
+            run.seconds = time.monotonic() - started
+            run.hit_bound = outcome.hit_bound
+            results[name] = outcome.as_result()
+        else:
+            run = run_mutmut(by_name[name], share)
+            results[name] = collect(OUT / name, equivalents)
+        runs.append(run)
+        total = Counter[str]()
+        for counts in results[name]["files"].values():
+            total.update(counts)
+        print(f"mutation: {name}: {dict(total)} in {run.seconds / 60:.1f} min", flush=True)
+    path = write_report(runs, results, bound_min)
+    print(f"mutation: report in {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
