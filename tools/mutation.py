@@ -131,14 +131,14 @@ def meta_files(ws: Path) -> list[Path]:
 
 
 def retry_unsettled(ws: Path) -> int:
-    """Mark survivors and interrupted mutants as not checked, so this run tries them again (a test added
-    since may kill them; mutmut itself keeps every recorded verdict)."""
+    """Mark survivors, interrupted mutants and those no test reached as not checked, so this run tries them
+    again (a test added since may reach or kill them; mutmut itself keeps every recorded verdict)."""
     reset = 0
     for meta in meta_files(ws):
         data = json.loads(meta.read_text(encoding="utf-8"))
         codes: dict[str, int | None] = data["exit_code_by_key"]
         for key, code in codes.items():
-            if code in (0, 2):
+            if code in (0, 2, 5, 33):  # survived, interrupted, no tests (pytest's 5, mutmut's 33)
                 codes[key] = None
                 reset += 1
         meta.write_text(json.dumps(data, indent=4), encoding="utf-8")

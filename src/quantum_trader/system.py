@@ -375,12 +375,12 @@ def _check_store_answers(url: str) -> None:
         client.close()
 
 
-def _stop_group(process: subprocess.Popen[bytes], sig: int) -> None:
+def _stop_group(process: subprocess.Popen[bytes], sig: int, grace_s: float = 10.0) -> None:
     """Signal the child's process group (it leads one), wait for the child, then SIGKILL what is left in it."""
     if process.poll() is None:
         _signal_group(process.pid, sig)
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             _signal_group(process.pid, signal.SIGKILL)
             process.wait()

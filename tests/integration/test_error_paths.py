@@ -399,3 +399,17 @@ def test_the_simulator_on_a_port_that_is_taken_says_so_in_one_line(env: dict[str
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert last_line(done.stderr).startswith(f"qt: the simulator cannot listen on 127.0.0.1:{port}"), done.stderr
+
+
+def test_up_with_a_store_url_redis_cannot_read_says_so_in_one_line(env: dict[str, str]) -> None:
+    env["QT_REDIS_URL"] = "redis://127.0.0.1:notaport/0"
+    done = qt("up", "--no-open-positions", env=env)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert last_line(done.stderr).startswith("qt: QT_REDIS_URL is not a store URL:"), done.stderr
+
+
+def test_bench_rates_that_are_not_numbers_are_a_usage_error(env: dict[str, str]) -> None:
+    done = qt("bench", "--rates", "100,fast", env=env)
+    assert done.returncode == 2, done.stderr
+    assert one_line_error(done) == "qt: --rates: not a comma-separated list of numbers: '100,fast'"

@@ -120,6 +120,7 @@ class World:
         self.plans_judged = 0
         self.crashes = 0
         self.forgeries = 0
+        self.forgeries_rejected = 0
 
     @staticmethod
     async def _client(url: str) -> aioredis.Redis:
@@ -382,6 +383,31 @@ async def _forgotten(w: World, plan_id: str) -> bool:
     )
 
 
+async def _forgery_that_lands(w: World) -> str:
+    """A plan waiting for the operator (Governor in manual mode) gets a Governor permit signed with the wrong
+    key in its slot: Apply must reject it, audit the rejection, and never send the order."""
+    await ops.set_kill_switch(w.rds, False, "model")
+    await ops.set_governor_mode(w.rds, "manual", "model")
+    for symbol in POSITIONS:
+        sub = await ops.propose(w.rds, symbol, "PARTIAL_CLOSE", qty=Decimal(1))
+        deadline = time.monotonic() + 20
+        while not await w.rds.exists(keys.p33_permit(sub.plan_id), keys.result_marker(sub.plan_id)):
+            assert time.monotonic() < deadline, f"plan {sub.plan_id}: no P3.3 decision"
+            await asyncio.sleep(0.02)
+        plan = await _record(w.rds, sub.plan_id)
+        if plan is None or plan.decision != "EXECUTE" or not await w.rds.exists(keys.p33_permit(sub.plan_id)):
+            continue  # skipped (symbol busy) or denied: another symbol
+        await w.rds.set(keys.governor_permit(sub.plan_id), ATTACKS["wrong_key"](plan, plan), ex=60)
+        w.forgeries += 1
+        result = await ops.wait_result(w.rds, sub.plan_id, 30, sub.result_cursor)
+        assert result is not None and not result.executed, result
+        rejected = [e for e in await ops.plan_audit(w.rds, sub.plan_id) if e.decision == "rejected"]
+        assert rejected, f"plan {sub.plan_id}: the forged permit was not rejected in the audit trail"
+        w.forgeries_rejected += 1
+        return sub.plan_id
+    raise AssertionError("no symbol could be planned for the forgery")
+
+
 async def _record(rds: aioredis.Redis, plan_id: str) -> Plan | None:
     fields = await rds.hgetall(keys.plan_record(plan_id))
     return from_fields(Plan, fields) if fields else None
@@ -436,10 +462,13 @@ def test_the_three_promises_hold_in_every_reachable_state(world: World) -> None:
     assert outcomes["true"] > 0 and outcomes["false"] > 0, outcomes
     assert world.losses > 0, "the store never forgot anything: the model proved nothing about store loss"
     assert world.crashes > 0, "no service was ever crashed"
-    # forgeries were written (whether one lands inside a plan's permit window is up to the steps' timing: with
-    # the Governor in auto mode a plan is usually consumed before the forgery comes; the oracle checks anyway
-    # that no order ever rests on a forged permit)
-    assert world.forgeries > 0, "no permit was ever forged"
+    # whether a forgery of the random steps lands inside a plan's permit window is up to their timing (with the
+    # Governor in auto mode a plan is usually consumed before the forgery comes; the oracle checks anyway that
+    # no order ever rests on a forged permit), so one more lands for certain: it must be rejected
+    forged = world.run(_forgery_that_lands(world), timeout=180)
+    world.refresh()
+    assert not world.orders.get(f"qt-{forged}"), "an order rests on a forged permit"
+    assert world.forgeries > 0 and world.forgeries_rejected > 0
     # the oracle did bite: it verified the permits of orders itself, and judged plans' results
     assert world.orders_verified > 0 and world.orders_verified == sum(len(o) for o in world.orders.values())
     assert world.plans_judged > 0

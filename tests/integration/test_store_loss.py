@@ -261,9 +261,11 @@ async def test_a_plan_the_store_forgot_before_the_send_is_not_sent_while_an_earl
     try:
         add_fault(sim, kind="latency", ms=700, path="/fapi/v1/order", method="POST", count=1)
         await run.chain.start()
+        await ops.set_governor_mode(run.rds, "manual", "test")  # nothing is consumed before the snapshot
         sub = await ops.propose(run.rds, SYMBOL, "PARTIAL_CLOSE", qty=CLOSE)
-        await wait_key(run.rds, keys.plan_record(sub.plan_id))
+        await wait_key(run.rds, keys.p33_permit(sub.plan_id))
         run.store.snapshot(run.url, run.snapshot)  # the plan is published; its consumption is yet to come
+        await ops.decide_manually(run.rds, run.chain.settings, sub.plan_id, grant=True, reason="", operator="t")
         await wait_key(run.rds, keys.executed_marker(sub.plan_id))
         consumed = [i for i, f in await run.rds.xrange(keys.AUDIT_STREAM) if f.get("decision") == "consumed"]
         await run.lose(services_die=False)  # while the order request is held by the exchange

@@ -330,3 +330,38 @@ def test_a_program_started_while_the_store_is_busy_waits_for_it(store, tmp_path)
 def suppress_script_killed(client: redis.Redis, script: str) -> None:
     with contextlib.suppress(redis.ResponseError):  # "Script killed by user with SCRIPT KILL"
         client.eval(script, 0)
+
+
+async def test_the_intent_sweep_rides_out_a_store_that_cannot_serve_reads(sim, store, tmp_path, capsys) -> None:
+    """A replica cut off from its primary with `replica-serve-stale-data no` cannot serve even reads (MASTERDOWN;
+    a new connection is refused as a replica): the intent sweep logs the outage and goes on sweeping; once the
+    store serves again the chain does too."""
+    set_position(sim, "SOLUSDT", "40")
+    settings = make_settings(tmp_path, store.url, sim.url, apply={"order_resolve_timeout_s": 1, "metrics_port": 0})
+    chain = Chain(settings)
+    rds = make_client(store.url)
+    control = admin(store)
+    seen = ""
+    try:
+        await chain.start()
+        control.config_set("replica-serve-stale-data", "no")
+        control.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a primary that is not there
+        deadline = time.monotonic() + 20
+        while "intent sweep: store unavailable" not in seen:
+            assert time.monotonic() < deadline, seen[-3000:]
+            await asyncio.sleep(0.2)
+            captured = capsys.readouterr()
+            seen += captured.out + captured.err
+        await alive(chain)
+        control.execute_command("REPLICAOF", "NO", "ONE")
+        await rds.connection_pool.disconnect()
+        await asyncio.sleep(1.0)  # past the new instance's trust floor (entries right at its start: store_changed)
+        fresh = await ops.propose(rds, "SOLUSDT", "FULL_CLOSE")
+        result = await ops.wait_result(rds, fresh.plan_id, 30, fresh.result_cursor)
+        assert result is not None and result.executed, result
+        await alive(chain)
+    finally:
+        control.execute_command("REPLICAOF", "NO", "ONE")
+        control.close()
+        await chain.stop()
+        await rds.aclose()

@@ -74,3 +74,49 @@ def test_a_runtime_file_of_a_process_that_is_gone_is_no_running_system(tmp_path:
     (tmp_path / RUNTIME_FILE).write_text(json.dumps(record | {"pid": os.getpid()}), encoding="utf-8")
     running = read_runtime(settings)
     assert running is not None and running.redis_url == "redis://127.0.0.1:1/0"
+
+
+def test_a_chaos_result_with_an_unreadable_fill_does_not_agree() -> None:
+    from decimal import Decimal
+
+    from quantum_trader.cli.chaos import _agrees
+
+    assert _agrees({"executed": "true", "filled_qty": "1.5"}, Decimal("1.5"))
+    assert not _agrees({"executed": "true", "filled_qty": "lots"}, Decimal("1.5"))
+    assert not _agrees({"executed": "true"}, Decimal("1.5"))
+
+
+def test_a_store_command_run_off_the_main_thread_is_interruptible_by_python_alone() -> None:
+    """Signal handlers can only be set in the main thread: elsewhere the work just runs (Ctrl-C stays Python's
+    KeyboardInterrupt in the main thread)."""
+    import asyncio
+    import threading
+
+    from quantum_trader.cli.main import _interruptible
+
+    async def work() -> str:
+        await asyncio.sleep(0)
+        return "done"
+
+    got: list[tuple[bool, str | None]] = []
+    thread = threading.Thread(target=lambda: got.append(asyncio.run(_interruptible(work()))))
+    thread.start()
+    thread.join(10)
+    assert got == [(False, "done")]
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period() -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from quantum_trader.system import _stop_group
+
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
+    assert child.stdout is not None and child.stdout.readline() == b"up\n"
+    started = time.monotonic()
+    _stop_group(child, signal.SIGTERM, grace_s=0.5)
+    assert child.returncode == -signal.SIGKILL
+    assert time.monotonic() - started < 10  # killed after the grace, not after its 60 s sleep

@@ -319,3 +319,18 @@ def test_findings_merge_and_keep_at_most_ten_examples() -> None:
     merged = oracle.Findings().merge(many).merge(many)
     assert merged.counts[oracle.DUPLICATE_ORDERS] == 30
     assert len(merged.examples[oracle.DUPLICATE_ORDERS]) == oracle.MAX_EXAMPLES
+
+
+def test_an_order_whose_fill_is_unreadable_counts_as_no_fill() -> None:
+    """The simulator's own list is the evidence: a fill it cannot read is no fill, so a result that says
+    executed disagrees with it."""
+    found = run(orders=[an_order(executedQty="lots")])
+    assert found.broken == {"results_disagreeing": 1} and found.orders_verified == 1, found.describe()
+
+
+def test_a_consumed_line_with_an_unreadable_time_still_proves_its_permit() -> None:
+    """The consumption time only bounds the permit's age; the permit's own signature is the proof."""
+    line = consumed("governor", governor_raw())
+    line["at"] = "soon"
+    found = run(audit=[line, consumed("p33", p33_raw())], ttl_s=60)
+    assert found.ok and found.orders_verified == 1, found.describe()

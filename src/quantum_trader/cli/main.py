@@ -682,10 +682,9 @@ def run() -> None:
     """Entry point: one-line errors for everything an operator can cause, exit codes as documented."""
     try:
         # With standalone_mode off, click returns a typer.Exit's code instead of exiting: pass it on.
+        # (typer's own _main catches every typer.Exit, and turns a KeyboardInterrupt inside a command into one.)
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
     except TyperException as exc:  # typer's own (vendored click) usage errors: bad option, missing argument

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import ROUND_DOWN, Decimal, InvalidOperation, localcontext
+from decimal import Decimal, InvalidOperation
 
 
 def to_decimal(value: float | int | str | Decimal) -> Decimal:
@@ -21,18 +21,28 @@ def to_decimal(value: float | int | str | Decimal) -> Decimal:
 
 
 def round_down_to_step(qty: Decimal, step: Decimal) -> Decimal:
-    """Largest multiple of ``step`` not above ``qty`` (never rounds a close up past the position)."""
+    """Largest multiple of ``step`` not above ``qty`` (never rounds a close up past the position), with the
+    step's exponent. Exact for every finite input: computed on integers, so no context precision can round the
+    quotient up (a 28- or even 120-digit context can, for long enough quantities)."""
+    if not (qty.is_finite() and step.is_finite()):
+        raise ValueError(f"quantity and step must be finite, got {qty} and {step}")
     if step <= 0:
         raise ValueError(f"step must be positive, got {step}")
-    if qty <= 0:
+    if qty < step:  # (also keeps the integers small: a hostile 1E-999999 never becomes 10**999999)
         return Decimal(0)
-    with localcontext() as ctx:
-        ctx.prec = 120  # exact for any realistic quantity: the default 28 digits can round the quotient up
-        steps = (qty / step).to_integral_value(rounding=ROUND_DOWN)
-        result = steps * step
-        if result > qty:  # belt and braces: never above what was asked
-            result -= step
-        return result.quantize(step) if result.adjusted() < 60 else result
+    q_coeff, q_exp = _integer(qty)
+    s_coeff, s_exp = _integer(step)
+    low = min(q_exp, s_exp)  # both as integers in units of 10**low
+    steps = (q_coeff * 10 ** (q_exp - low)) // (s_coeff * 10 ** (s_exp - low))
+    return Decimal((0, tuple(int(d) for d in str(steps * s_coeff)), s_exp))  # built exactly, no context
+
+
+def _integer(value: Decimal) -> tuple[int, int]:
+    """(coefficient, exponent) of a finite Decimal: value == coefficient * 10**exponent."""
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    coefficient = int("".join(map(str, digits)) or "0")
+    return -coefficient if sign else coefficient, exponent
 
 
 def format_qty(qty: Decimal, step: Decimal) -> str:
