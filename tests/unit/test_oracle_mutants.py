@@ -14,61 +14,21 @@ from typing import Any
 
 import msgspec
 import pytest
+from test_oracle import KEYS, NOW, PLAN, a_plan, governor_raw, p33_raw  # the same real permits as there
 
 from quantum_trader.domain import oracle
-from quantum_trader.domain.models import GovernorPermit, P33Permit, Plan, Proposal, to_fields
+from quantum_trader.domain.models import Plan, to_fields
 from quantum_trader.domain.oracle import (
     Findings,
-    IssuerKeys,
     check_orders,
     check_results,
     plan_hash_of,
     verify_permit,
 )
-from quantum_trader.domain.permits import _mac, encode_permit, sign
-from quantum_trader.domain.planning import PlanningContext, make_plan, plan_id_for
+from quantum_trader.domain.permits import _mac
 
-NOW = 1_700_000_000.0
-KEYS = IssuerKeys(governor=b"governor-mutant-key-0123456789", p33=b"p33-mutant-key-0123456789")
-
-
-def a_plan(n: int = 1) -> Plan:
-    proposal = Proposal(proposal_id=f"prop-{n}", symbol="BTCUSDT", action="FULL_CLOSE")
-    ctx = PlanningContext(frozenset({"BTCUSDT", "ETHUSDT"}), Decimal("0.5"))
-    return make_plan(proposal, ctx, plan_id_for(f"1700000000000-{n}", f"prop-{n}"), NOW - 0.5)
-
-
-PLAN = a_plan()
 COID = f"qt-{PLAN.plan_id}"
 HASHES = frozenset({PLAN.plan_hash})
-
-
-def governor_raw(plan: Plan = PLAN, key: bytes = KEYS.governor, **changes: Any) -> str:
-    permit = GovernorPermit(
-        granted=True,
-        plan_id=plan.plan_id,
-        plan_hash=plan.plan_hash,
-        issuer="governor",
-        reason="policy_passed",
-        created_at=NOW - 0.2,
-    )
-    return encode_permit(sign(msgspec.structs.replace(permit, **changes), key)).decode()
-
-
-def p33_raw(plan: Plan = PLAN, key: bytes = KEYS.p33, **changes: Any) -> str:
-    permit = P33Permit(
-        allow=True,
-        symbol=plan.symbol,
-        safe_close_qty=plan.qty,
-        exchange_position_amt=plan.qty,
-        ledger_amt=plan.qty,
-        created_at=NOW - 0.1,
-        reason="sanity_checks_passed",
-        plan_id=plan.plan_id,
-        plan_hash=plan.plan_hash,
-        issuer="p33",
-    )
-    return encode_permit(sign(msgspec.structs.replace(permit, **changes), key)).decode()
 
 
 def resigned(raw: str, key: bytes, drop: tuple[str, ...] = (), **changes: Any) -> str:
