@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
@@ -29,10 +31,16 @@ from quantum_trader.bus.streams import TOPOLOGY
 from quantum_trader.exchange.binance import BinanceFutures, make_exchange
 from quantum_trader.exchange.sim.server import SimConfig, SimServer
 from quantum_trader.services.apply import ApplyService
-from quantum_trader.services.base import cancel_and_wait
 from quantum_trader.services.brain import BrainService
+from quantum_trader.services.consumer import cancel_and_wait
 from quantum_trader.services.governor import GovernorService
 from quantum_trader.settings import Settings
+
+# No time limits on examples: speed is measured by the benchmarks, and two test workers on two cores (each
+# starting stores, simulators and services) make any per-example deadline or "generation is slow" check a coin
+# toss. The properties themselves are untouched.
+hypothesis_settings.register_profile("qt", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile("qt")
 
 
 def _worker_db(url: str) -> str:

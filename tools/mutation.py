@@ -4,7 +4,7 @@ Stages, run in this order (``MUTATION_STAGES`` picks some, comma-separated):
 
 - ``domain``: mutmut over src/quantum_trader/domain/ against tests/unit (the [tool.mutmut] section of
   pyproject.toml is this stage).
-- ``order-path``: mutmut over services/orders.py, services/apply.py, services/permit_waiter.py and
+- ``order-path``: mutmut over services/apply/ (the executor, the handler, the permit wait, ...) and
   bus/scripts.py against tests/unit plus the few integration tests that drive them (``ORDER_PATH_TESTS``).
 - ``lua``: the hand-listed Lua mutants of tools/lua_mutants.py, one pytest run each.
 
@@ -67,9 +67,7 @@ def stages() -> list[Stage]:
         Stage(
             "order-path",
             [
-                "src/quantum_trader/services/orders.py",
-                "src/quantum_trader/services/apply.py",
-                "src/quantum_trader/services/permit_waiter.py",
+                "src/quantum_trader/services/apply/*.py",
                 "src/quantum_trader/bus/scripts.py",
             ],
             extra.split(",") if extra else ORDER_PATH_TESTS,

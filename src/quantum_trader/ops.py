@@ -12,6 +12,7 @@ from decimal import Decimal
 import redis.asyncio as aioredis
 
 from quantum_trader.bus import keys
+from quantum_trader.bus.permit_writes import governor_permit_write
 from quantum_trader.bus.scripts import Scripts
 from quantum_trader.bus.streams import STREAM_MAXLEN
 from quantum_trader.domain import reasons
@@ -19,7 +20,6 @@ from quantum_trader.domain.models import AuditEntry, MalformedEntry, Plan, Resul
 from quantum_trader.domain.planning import plan_id_for
 from quantum_trader.domain.verdict import Verdict
 from quantum_trader.secrets import permit_key
-from quantum_trader.services.governor import governor_permit_write
 from quantum_trader.settings import Settings
 
 

@@ -17,6 +17,11 @@ from quantum_trader.settings import ConfigError, Settings
 KEY_DIR = "secrets"
 
 
+# The store's ACL users, one password file each: one per service and operator role (bus/acl.py defines their
+# rights), and the admin that sets the store up. Named here, below the bus, because the secrets are made here.
+ACL_ROLES = ("apply", "governor", "brain", "operator", "web", "admin")
+
+
 def read_secret_file(path: Path) -> str:
     """The file's content (stripped). Refuses files readable by group or others."""
     try:
@@ -98,10 +103,8 @@ def exchange_credentials(settings: Settings) -> tuple[str, str]:
 def ensure_local_secrets(settings: Settings) -> None:
     """Generate the keys a local system needs (permit keys, simulator credentials) if they do not exist."""
     directory = key_dir(settings)
-    from quantum_trader.bus.acl import ROLES
-
     names = ["governor.key", "p33.key", "sim-api.key", "sim-api.secret", "sim-admin.token", "web-operator.token"]
-    names += [f"acl-{role}.pass" for role in ROLES]
+    names += [f"acl-{role}.pass" for role in ACL_ROLES]
     for name in names:
         path = directory / name
         if not path.exists():

@@ -275,7 +275,7 @@ async def test_a_plan_asking_for_a_fresh_snapshot_is_not_failed_by_an_earlier_po
     add_fault(sim, kind="http_5xx", status=503, path="/fapi/v2/positionRisk", method="GET", count=1)
     brain.ask_refresh(["XRPUSDT"])
     await until(lambda: _faults_left_none(sim), timeout=5)  # that poll ran into the 503
-    assert await brain._snapshots_since(["XRPUSDT"], since)
+    assert await brain.snapshots.snapshots_since(["XRPUSDT"], since)
 
 
 async def _faults_left_none(sim) -> bool:

@@ -15,7 +15,7 @@ from quantum_trader.bus.connection import make_client
 from quantum_trader.bus.scripts import GrantCount, PermitWrite, Scripts
 from quantum_trader.bus.streams import ensure_topology
 from quantum_trader.domain.models import Ledger, Result, from_fields, to_fields
-from quantum_trader.services.brain import record_results
+from quantum_trader.services.brain.ledger import record_results
 
 pytestmark = pytest.mark.integration
 

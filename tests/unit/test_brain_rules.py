@@ -346,7 +346,7 @@ def test_a_snapshot_taken_before_the_ledgers_last_fill_is_stale() -> None:
 def test_a_snapshot_taken_when_the_ledger_last_changed_is_not_stale() -> None:
     """Equal times are fresh: a snapshot's time is when its request was sent, so it shows every fill before
     then (docs/design-notes.md, P3.3), and only one *older* than the ledger's last change is behind it. A
-    reconcile dates the ledger with the very time of the snapshot written with it (services/brain.py), so
+    reconcile dates the ledger with the very time of the snapshot written with it (services/brain/snapshots.py), so
     treating equal as stale would deny every plan after a reconcile until the next poll."""
     same = inputs(snapshot=snapshot(ts=NOW - 1), ledger=replace_ledger(updated_at=NOW - 1))
     assert behind_ledger(same.snapshot, same.ledger) is False

@@ -32,7 +32,7 @@ from quantum_trader.exchange.base import (
     Throttled,
 )
 from quantum_trader.exchange.errors import REJECTION_CODES, RETRYABLE_REJECTION_CODES
-from quantum_trader.services.orders import OrderExecutor, OrderOutcome, OutcomeKind
+from quantum_trader.services.apply.orders import OrderExecutor, OrderOutcome, OutcomeKind
 
 D = Decimal
 T0 = 1_800_000_000_000.0  # exchange clock (ms) when the first request is signed

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from quantum_trader.exchange.base import ExchangeUnavailable, PositionInfo
-from quantum_trader.services.position_reads import PositionReads
+from quantum_trader.services.apply.position_reads import PositionReads
 
 
 class RecordingExchange:

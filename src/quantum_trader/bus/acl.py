@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantum_trader.bus import keys
+from quantum_trader.secrets import ACL_ROLES
 
 # Commands every service account needs: the data types the chain uses, scripts (EVALSHA of the bus scripts),
 # and connection housekeeping. Then everything dangerous or administrative is taken away again.
@@ -200,4 +201,4 @@ async def apply_acl(admin: Any, passwords: dict[str, str], *, disable_default: b
         await admin.execute_command("ACL", "SETUSER", "default", "off")
 
 
-ROLES = (*USERS, "admin")
+ROLES = ACL_ROLES  # every role has a password file (secrets.py); the users above are these roles but admin

@@ -13,15 +13,15 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from quantum_trader.bus import keys
-from quantum_trader.bus.scripts import GrantCount, PermitWrite
+from quantum_trader.bus.permit_writes import governor_permit_write
+from quantum_trader.bus.replies import in_groups
 from quantum_trader.bus.streams import ensure_topology
 from quantum_trader.clock import SYSTEM_CLOCK, Clock
 from quantum_trader.domain.governor import GovernorPolicy, GovernorState, decide_in_order
-from quantum_trader.domain.models import AuditEntry, GovernorPermit, Plan, to_fields
-from quantum_trader.domain.permits import encode_permit, sign
-from quantum_trader.domain.verdict import Verdict
+from quantum_trader.domain.models import Plan
 from quantum_trader.secrets import permit_key
-from quantum_trader.services.base import Entries, Service, consume_group
+from quantum_trader.services.consumer import Entries, consume_group
+from quantum_trader.services.issuer import PermitIssuer
 from quantum_trader.services.metrics import GovernorMetrics
 from quantum_trader.settings import Settings
 
@@ -54,62 +54,7 @@ def _float(value: str | None) -> float | None:
         return None
 
 
-def governor_permit_write(
-    settings: Settings,
-    secret: bytes,
-    plan: Plan,
-    verdict: Verdict,
-    *,
-    issuer: str,
-    claim_owner: str,
-    now: float,
-    entry_id: str = "",
-) -> PermitWrite:
-    """The signed Governor-slot permit for ``plan``, its audit entry and (for an allow) its rate-limit count."""
-    permit = sign(
-        GovernorPermit(
-            granted=verdict.allow,
-            plan_id=plan.plan_id,
-            plan_hash=plan.plan_hash,
-            issuer=issuer,  # type: ignore[arg-type]
-            reason=verdict.reason,
-            created_at=now,
-        ),
-        secret,
-    )
-    audit = AuditEntry(
-        plan_id=plan.plan_id,
-        issuer=issuer,
-        decision="allow" if verdict.allow else "deny",
-        reason=verdict.reason,
-        at=now,
-        latency_ms=round((now - plan.created_at) * 1000, 3),
-        symbol=plan.symbol,
-    )
-    window_s = settings.governor.rate_window_s
-    # An allow counts against the rate limits (grants per symbol and overall) in the same script as its permit.
-    count = GrantCount(
-        keys=(keys.GOVERNOR_GRANTS, keys.governor_symbol_grants(plan.symbol)),
-        member=plan.plan_id,
-        at=now,
-        window_start=now - window_s,
-        expire_s=int(window_s) + 60,
-    )
-    return PermitWrite(
-        claim_key=keys.decision_claim("governor", plan.plan_id),
-        claim_value=claim_owner,
-        permit_key=keys.governor_permit(plan.plan_id),
-        permit_json=encode_permit(permit).decode(),
-        permit_ttl_s=settings.permit_ttl_s,
-        audit_fields=to_fields(audit),
-        audit_maxlen=settings.audit_maxlen,
-        group=keys.GOVERNOR_GROUP if entry_id else "",
-        entry_id=entry_id,
-        count=count if verdict.allow else None,
-    )
-
-
-class GovernorService(Service):
+class GovernorService(PermitIssuer):
     name = "governor"
 
     def __init__(
@@ -197,8 +142,7 @@ class GovernorService(Service):
                 pipe.hmget(keys.snapshot(symbol), "mark_price", "ts")
             kill, mode, total, *per_symbol = await pipe.execute()
         by_symbol = {}
-        for n, symbol in enumerate(symbols):
-            count, last, price = per_symbol[3 * n : 3 * n + 3]
+        for symbol, (count, last, price) in zip(symbols, in_groups(per_symbol, 3), strict=True):
             by_symbol[symbol] = GovernorState(
                 kill_switch=kill == "1",
                 grants_symbol=int(count),

@@ -24,7 +24,7 @@ from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.exchange import open_exchange, sim_url_for
 from quantum_trader.exchange.base import ExchangeError
 from quantum_trader.exchange.check import HEDGE_HELP, MAX_SKEW_MS
-from quantum_trader.services.base import STORE_ERRORS, Backoff, cancel_and_wait, consumer_name
+from quantum_trader.services.consumer import STORE_ERRORS, Backoff, cancel_and_wait, consumer_name
 from quantum_trader.services.metrics import build_info, serve_metrics
 from quantum_trader.settings import Settings
 

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from quantum_trader.bus import keys
 from quantum_trader.bus.streams import dead_letter_once
 from quantum_trader.domain import reasons
-from quantum_trader.services.base import STORE_ERRORS, Backoff
+from quantum_trader.services.consumer import STORE_ERRORS, Backoff
 
 MAX_AUDIT_VALUE_CHARS = 4096
 SLOT_OF_ISSUER = {"governor": "governor", "operator": "governor", "p33": "p33"}

@@ -1,34 +1,27 @@
-"""What every service loop shares: read a consumer group forever, survive store outages, report health."""
+"""Reading a consumer group forever: pending entries first, entries stuck with dead peers, then new ones;
+surviving store outages (one backoff policy) and giving up on poison (dead letters)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from quantum_trader import logs
 from quantum_trader.bus import keys
-from quantum_trader.bus.scripts import PermitWrite, Scripts
 from quantum_trader.bus.streams import dead_letter, ensure_topology, read_group
-from quantum_trader.clock import SYSTEM_CLOCK, Clock
 from quantum_trader.domain import reasons
-from quantum_trader.domain.models import AuditEntry, MalformedEntry, Plan, from_fields, to_fields
-from quantum_trader.domain.planning import plan_hash_ok
-from quantum_trader.settings import Settings
 
 STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 1.0  # a store coming back is used within a second (the chaos run's recovery bound is 2 s)
-
-SEED_NAMES = {"governor": "Governor", "p33": "P3.3"}  # issuer names as the seed's log lines spell them
 
 Handler = Callable[[str, dict[str, str]], Awaitable[None]]
 Entries = list[tuple[str, dict[str, str]]]
@@ -270,106 +263,3 @@ async def _still_pending(redis: aioredis.Redis, stream: str, group: str, consume
         stream, group, min=entries[0][0], max=entries[-1][0], count=len(entries), consumername=consumer
     )
     return {item["message_id"] for item in pending}
-
-
-class Service:
-    """What every service instance holds: its settings, store client, consumer name, logger, scripts, clock."""
-
-    name: ClassVar[str]
-    metrics: Any  # the service's own metrics (services/metrics.py), set by each service
-
-    def __init__(
-        self, settings: Settings, redis: aioredis.Redis, *, consumer: str = "", clock: Clock = SYSTEM_CLOCK
-    ) -> None:
-        self.settings = settings
-        self.redis = redis
-        self.consumer = consumer or consumer_name(settings.consumer_name, self.name)
-        self.log = logs.get(self.name)
-        self._scripts = Scripts(redis)
-        self._clock = clock
-
-    async def until_store(self, step: Callable[[], Awaitable[Any]]) -> Any:
-        """Run a start-up step until the store takes it (it may be restarting, loading, or refusing writes until
-        its replicas catch up: NOREPLICAS); meanwhile the service decides nothing."""
-        backoff = Backoff()
-        while True:
-            try:
-                return await step()
-            except STORE_ERRORS as exc:
-                self.log.warning("store unavailable at start, retrying", error=str(exc), retry_in_s=backoff.delay)
-                await backoff.wait()
-
-    def failover(self, dlq: str, min_idle_s: float = 0.0) -> Failover:
-        idle_s = max(self.settings.claim_idle_s, min_idle_s)
-        return Failover(claim_idle_ms=round(idle_s * 1000), max_deliveries=self.settings.max_deliveries, dlq=dlq)
-
-    async def issue_decisions(
-        self,
-        plans: list[tuple[str, Plan]],
-        verdicts: Sequence[Any],
-        writes: list[PermitWrite],
-        started: float,
-        details: Callable[[Any], dict[str, str]] = lambda verdict: {},
-    ) -> None:
-        """Write an issuer's permits for plans decided together (one pipeline), then count and log each; a
-        plan another instance decided first is audited as a duplicate. ``verdicts`` have ``allow`` and ``reason``;
-        ``self.metrics`` has ``permits``, ``duplicates`` and ``decision_seconds``."""
-        issued = await self._scripts.issue_permits(writes)
-        took = (time.perf_counter() - started) / len(plans)
-        for (_, plan), verdict, (written, owner) in zip(plans, verdicts, issued, strict=True):
-            if not written:
-                self.metrics.duplicates.inc()
-                await self.audit_duplicate(plan, owner)
-                continue
-            self.metrics.permits.labels("allow" if verdict.allow else "deny", verdict.reason).inc()
-            self.metrics.decision_seconds.observe(took)
-            self.log.info(
-                f"{plan.symbol}: {SEED_NAMES[self.name]} {'ALLOW' if verdict.allow else 'DENY'} {plan.plan_id}",
-                reason=verdict.reason,
-                plan_id=plan.plan_id,
-                symbol=plan.symbol,
-                **details(verdict),
-            )
-
-    async def audit_duplicate(self, plan: Plan, owner: str) -> None:
-        """A second decision for a plan this issuer already decided (another instance won): record, drop."""
-        entry = AuditEntry(
-            plan_id=plan.plan_id,
-            issuer=self.name,
-            decision="duplicate",
-            reason=f"decided by {owner}",
-            at=self._clock.wall(),
-            symbol=plan.symbol,
-            subject=self.consumer,
-        )
-        await self.redis.xadd(keys.AUDIT_STREAM, to_fields(entry), maxlen=self.settings.audit_maxlen, approximate=True)
-        self.log.info("plan already decided by another instance; dropped", plan_id=plan.plan_id, owner=owner)
-
-    async def accept_plans(self, entries: Entries, group: str) -> tuple[list[tuple[str, Plan]], int]:
-        """The plans to decide among plan-stream entries, with their entry ids; malformed ones are
-        dead-lettered (their number is returned), SKIP plans acknowledged."""
-        plans, skipped, dead = [], [], 0
-        for entry_id, fields in entries:
-            plan = await self.accept_plan(entry_id, fields, group)
-            if plan is None:
-                dead += 1
-            elif plan.decision != "EXECUTE":
-                skipped.append(entry_id)
-            else:
-                plans.append((entry_id, plan))
-        if skipped:
-            await self.redis.xack(keys.PLAN_STREAM, group, *skipped)
-        return plans, dead
-
-    async def accept_plan(self, entry_id: str, fields: dict[str, str], group: str) -> Plan | None:
-        """The plan in a plan-stream entry; None after dead-lettering it (malformed, or plan_hash mismatch)."""
-        try:
-            plan = from_fields(Plan, fields)
-            if not plan_hash_ok(plan):
-                raise MalformedEntry(f"{reasons.PLAN_HASH_MISMATCH}: plan_hash does not match the plan's fields")
-        except MalformedEntry as exc:
-            error = f"{reasons.MALFORMED_ENTRY}: {exc}"
-            await dead_letter(self.redis, keys.PLAN_DLQ, keys.PLAN_STREAM, group, entry_id, fields, error, self.name)
-            self.log.warning("malformed plan dead-lettered", entry_id=entry_id, error=str(exc))
-            return None
-        return plan

@@ -1,0 +1,353 @@
+"""One proposal's path through Apply (services/apply/__init__.py has the steps): plan it, wait for its permits,
+send its one order, publish its one result; or, for a plan handled before (a restart, a racing handler, a
+forgetful store), resume, recover or adopt from what the store and the exchange say."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from quantum_trader.bus import keys
+from quantum_trader.bus.scripts import Scripts
+from quantum_trader.bus.streams import STREAM_MAXLEN, dead_letter
+from quantum_trader.clock import Clock
+from quantum_trader.domain import reasons
+from quantum_trader.domain.models import MalformedEntry, P33Permit, Plan, Proposal, Result, from_fields, to_fields
+from quantum_trader.domain.permits import SlotCheck
+from quantum_trader.domain.planning import (
+    PlanningContext,
+    client_order_id,
+    close_side,
+    make_plan,
+    order_side,
+    plan_id_for,
+    static_skip_reason,
+)
+from quantum_trader.domain.trust import Epoch
+from quantum_trader.exchange.base import ExchangeError
+from quantum_trader.services.apply.orders import OrderExecutor, OrderOutcome, OutcomeKind
+from quantum_trader.services.apply.permit_waiter import PermitWaiter
+from quantum_trader.services.apply.permits import PermitGate, WaitEnd
+from quantum_trader.services.apply.plan_run import PlanRun, read_markers
+from quantum_trader.services.apply.position_reads import PositionReads
+from quantum_trader.services.apply.results import (
+    NOT_EXECUTED,
+    ResultPublisher,
+    from_report,
+    not_executed,
+    plan_stub,
+    replace_result,
+)
+from quantum_trader.services.apply.truth import ExchangeTruth
+from quantum_trader.services.metrics import ApplyMetrics
+from quantum_trader.settings import Settings
+
+
+class PlanHandler:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        scripts: Scripts,
+        *,
+        waiter: PermitWaiter,
+        gate: PermitGate,
+        truth: ExchangeTruth,
+        positions: PositionReads,
+        executor: OrderExecutor,
+        publisher: ResultPublisher,
+        metrics: ApplyMetrics,
+        clock: Clock,
+        log: Any,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self._scripts = scripts
+        self.waiter = waiter
+        self.gate = gate
+        self.truth = truth
+        self.positions = positions
+        self.executor = executor
+        self.publisher = publisher
+        self.metrics = metrics
+        self._clock = clock
+        self.log = log
+        self.executing: set[str] = set()  # plans whose order this process is sending or resolving now
+        self.allowlist = frozenset(settings.symbols)
+        self.wait_s = settings.apply.permit_wait_ms / 1000
+
+    async def handle_proposal(self, entry_id: str, fields: dict[str, str]) -> None:
+        try:
+            proposal = from_fields(Proposal, fields)
+        except MalformedEntry as exc:
+            await dead_letter(
+                self.redis,
+                keys.PROPOSAL_DLQ,
+                keys.PROPOSAL_STREAM,
+                keys.APPLY_GROUP,
+                entry_id,
+                fields,
+                f"{reasons.MALFORMED_ENTRY}: {exc}",
+                "apply",
+            )
+            self.metrics.dead_letters.inc()
+            self.log.warning("malformed proposal dead-lettered", entry_id=entry_id, error=str(exc))
+            return
+        plan_id = plan_id_for(entry_id, proposal.proposal_id)
+        log = self.log.bind(plan_id=plan_id, symbol=proposal.symbol)
+        markers = await read_markers(self.redis, plan_id)
+        plan = markers.plan
+        if markers.has_result:
+            await self.redis.xack(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, entry_id)
+            return
+        if markers.executed:
+            assert plan is not None  # the marker is only ever set for a published plan
+            log.warning(f"{plan.symbol}: recovering plan {plan_id}: executed, no result yet")
+            await self.recover(plan, entry_id, markers.executed, log)
+            return
+        vouched = self.truth.vouching(entry_id)
+        if vouched is None:
+            await self._unvouched(proposal, plan_id, plan, entry_id, log)
+        elif plan is not None:
+            await self._resume(PlanRun(plan, entry_id, log, vouched))
+        else:
+            await self._plan_and_run(proposal, plan_id, entry_id, log, vouched)
+
+    async def _unvouched(self, proposal: Proposal, plan_id: str, plan: Plan | None, entry_id: str, log: Any) -> None:
+        """Older than the store instance: it may have been answered already (the answer forgotten), so it is
+        never executed now. The exchange says whether it was: an order found is its result."""
+        found = await self.truth.ask(plan_id, proposal.symbol, plan, log, "older_than_store")
+        stand_in = plan or plan_stub(plan_id, proposal.symbol, "NONE", self._clock.wall())
+        run = PlanRun(stand_in, entry_id, log, self.truth.watch.epoch)
+        if found is not None:
+            await self.adopt(run, found)
+        else:
+            log.warning(f"{proposal.symbol}: proposal older than the store instance; not executing it")
+            await self.publish(run, not_executed(stand_in, reasons.STORE_CHANGED))
+
+    async def _plan_and_run(
+        self, proposal: Proposal, plan_id: str, entry_id: str, log: Any, vouched: Epoch | None
+    ) -> None:
+        min_score = self.settings.apply.min_kill_score
+        position = None
+        if static_skip_reason(proposal, self.allowlist, min_score) is None:
+            try:
+                position = await self.positions.amount(proposal.symbol)
+            except ExchangeError as exc:
+                log.warning(f"{proposal.symbol}: position unavailable", error=exc.message)
+        ctx = PlanningContext(self.allowlist, position, False, min_score)
+        started = self._clock.mono()  # the permit window runs from the plan's creation, as the seed measures it
+        plan = make_plan(proposal, ctx, plan_id, self._clock.wall())
+        executing = plan.decision == "EXECUTE"
+        if executing:
+            self.waiter.register(plan_id)  # before publishing: no decision can slip past unseen
+        try:
+            published = await self._publish_plan(plan, entry_id)
+            if published == "busy":  # another close of this symbol is under way: this plan is a SKIP
+                plan = make_plan(proposal, replace(ctx, symbol_busy=True), plan_id, plan.created_at)
+                executing = False
+                published = await self._publish_plan(plan, entry_id)
+            if published == "exists":  # another handler of this very proposal published it: follow that plan
+                record = await self.redis.hgetall(keys.plan_record(plan_id))
+                await self._resume(PlanRun(from_fields(Plan, record), entry_id, log, vouched))
+                return
+            run = PlanRun(plan, entry_id, log, vouched)
+            self.metrics.plans.labels(plan.decision, plan.reason).inc()
+            steps = len(json.loads(plan.steps))
+            log.info(
+                f"{plan.symbol}: Plan {plan_id} published (decision={plan.decision}, steps={steps})",
+                reason=plan.reason,
+                side=plan.side,
+                qty=str(plan.qty),
+            )
+            if not executing:
+                await self.finish(run, not_executed(plan, reasons.SKIPPED, reason=plan.reason))
+                return
+            await self._await_and_execute(run, started + self.wait_s)
+        finally:
+            self.waiter.release(plan_id)
+
+    async def _resume(self, run: PlanRun) -> None:
+        """A plan published before a restart: wait out what is left of its window, never longer."""
+        plan = run.plan
+        if plan.decision != "EXECUTE":
+            await self.finish(run, not_executed(plan, reasons.SKIPPED, reason=plan.reason))
+            return
+        left_s = plan.created_at + self.wait_s - self._clock.wall()
+        run.log.info(f"{plan.symbol}: resuming plan {plan.plan_id}", window_left_ms=round(left_s * 1000))
+        self.waiter.register(plan.plan_id)
+        try:
+            await self._await_and_execute(run, self._clock.mono() + left_s, resumed=True)
+        finally:
+            self.waiter.release(plan.plan_id)
+
+    def handling_bound_s(self) -> float:
+        """The longest a live handler keeps one proposal: window, sends, lookups, late-execution horizon."""
+        return (
+            self.wait_s
+            + 2 * self.settings.exchange.timeout_ms / 1000
+            + self.settings.apply.order_resolve_timeout_s
+            + self.settings.exchange.late_execution_horizon_ms / 1000
+        )
+
+    async def _publish_plan(self, plan: Plan, entry_id: str) -> str:
+        """Publish the plan once; an executing plan takes its symbol in the same step ("busy" if another holds it).
+
+        The hold lasts the whole order path; its TTL only frees a symbol whose Apply died, and an unknown
+        outcome extends it for as long as the order's intent is recorded."""
+        executing = plan.decision == "EXECUTE"
+        return await self._scripts.publish_plan(
+            plan_id=plan.plan_id,
+            fields=to_fields(plan),
+            proposal_entry_id=entry_id,
+            maxlen=STREAM_MAXLEN,
+            hold_key=keys.symbol_in_flight(plan.symbol) if executing else "",
+            hold_ms=round((self.handling_bound_s() + 5) * 1000),
+        )
+
+    async def _await_and_execute(self, run: PlanRun, deadline: float, *, resumed: bool = False) -> None:
+        plan, log = run.plan, run.log
+        published = self._clock.mono()
+        window_open = deadline > published
+        end, outcome, checks = await self.gate.wait(plan, deadline, log, check_first=resumed, consume=window_open)
+        waited_ms = (self._clock.mono() - published) * 1000
+        if not resumed:
+            self.metrics.permit_wait.labels(end.value).observe(waited_ms / 1000)
+        if end is WaitEnd.CONSUMED:
+            await self._execute(run, checks[1], deadline)
+        elif end is WaitEnd.ALREADY_EXECUTED:
+            await self.recover(plan, run.entry_id, await self.redis.get(keys.executed_marker(plan.plan_id)), log)
+        elif end is not WaitEnd.ALREADY_FINISHED:
+            await self.finish(run, self.gate.unexecuted_result(plan, end, outcome, checks, waited_ms, log))
+
+    async def _execute(self, run: PlanRun, p33: SlotCheck, deadline: float) -> None:
+        assert isinstance(p33.permit, P33Permit)
+        plan = run.plan
+        coid = client_order_id(plan.plan_id)
+        self.executing.add(plan.plan_id)
+        try:
+            if not self.truth.still_vouched(run):
+                # The store changed instance since the plan was vouched for: what it said may be forgotten, and
+                # the plan is now older than the store. Never sent: an order the exchange has is its result.
+                found = await self.truth.ask(plan.plan_id, plan.symbol, plan, run.log, "store_changed_before_send")
+                run.vouched = self.truth.watch.epoch
+                if found is not None:
+                    await self._conclude(run, coid, found)
+                else:
+                    run.log.warning(f"{plan.symbol}: the store changed instance before the send; not sending")
+                    result = not_executed(plan, reasons.STORE_CHANGED, client_order_id=coid)
+                    await self.publish(run, result, consumed_here=True)
+                return
+            window_end_ms = self.truth.exchange.now_ms() + max(0.0, deadline - self._clock.mono()) * 1000
+            qty = p33.permit.safe_close_qty
+            outcome = await self.executor.execute(plan.symbol, order_side(plan.side), qty, coid, window_end_ms)
+            self.metrics.orders.labels(outcome.kind.value).inc()
+            await self._conclude(run, coid, outcome)
+        finally:
+            self.executing.discard(plan.plan_id)
+
+    async def _conclude(self, run: PlanRun, coid: str, outcome: OrderOutcome) -> None:
+        """Publish the result an order outcome proves; for an unknown one, publish nothing and hold the symbol."""
+        plan, log = run.plan, run.log
+        if outcome.kind is OutcomeKind.UNKNOWN:
+            # No result until the truth is known: hold the symbol (for as long as the intent is recorded) so no
+            # other close can stack on this one.
+            if not await self._scripts.hold_for_intent(plan_id=plan.plan_id, symbol=plan.symbol):
+                log.warning(f"{plan.symbol}: the intent of {coid} is no longer recorded; not holding the symbol")
+            log.error(
+                f"{plan.symbol}: order {coid} outcome unknown; symbol held, resolving in the background",
+                error=outcome.message,
+            )
+            return
+        if outcome.report is not None:
+            result = from_report(plan, outcome.report)
+        else:
+            error = NOT_EXECUTED[outcome.kind]
+            result = not_executed(
+                plan, error, reason=outcome.message[:200], client_order_id=coid, exchange_code=outcome.code
+            )
+            (log.error if outcome.kind is OutcomeKind.BANNED else log.warning)(
+                f"{plan.symbol}: order not executed ({error})", code=outcome.code, msg=outcome.message
+            )
+        await self.publish(run, result, consumed_here=True)
+
+    async def recover(self, plan: Plan, entry_id: str, marker: str | None, log: Any) -> None:
+        """An executed plan without a result (a restart, a racing handler): look the order up, never resend.
+
+        What the other handler sent is unknown here, but not when: every send of a plan, the one resend
+        included, is signed before the plan's window ends (the deadline is checked right before). So "absent"
+        is final only once a request signed at the window's end could no longer execute or show."""
+        detail = _marker_detail(marker)
+        coid = str(detail.get("client_order_id") or client_order_id(plan.plan_id))
+        unseen = self.truth.unseen_sends(plan.created_at)
+        consumed_ms = float(detail.get("at") or plan.created_at) * 1000 - self.truth.skew_ms()
+        record = replace(unseen, last_signed_ms=max(unseen.last_signed_ms, consumed_ms))
+        outcome = await self.executor.follow(plan.symbol, coid, record)
+        await self._conclude(PlanRun(plan, entry_id, log, self.truth.watch.epoch), coid, outcome)
+
+    async def finish_poisoned(self, entry_id: str, fields: dict[str, str]) -> None:
+        """A proposal dead-lettered as poison whose plan exists still ends with its one result."""
+        try:
+            proposal = from_fields(Proposal, fields)
+        except MalformedEntry:
+            return  # never planned: the dead letter is its end
+        plan_id = plan_id_for(entry_id, proposal.proposal_id)
+        markers = await read_markers(self.redis, plan_id)
+        plan = markers.plan
+        if markers.has_result or plan is None or markers.executed:
+            return  # done; never published; or executed: the intent sweep establishes and publishes its outcome
+        log = self.log.bind(plan_id=plan_id, symbol=plan.symbol)
+        run = PlanRun(plan, entry_id, log, None)  # a result without an order: the exchange is asked first
+        await self.finish(run, not_executed(plan, reasons.DEAD_LETTERED, reason="delivered too often"))
+
+    async def adopt(self, run: PlanRun, found: OrderOutcome) -> None:
+        """An order the store forgot is the plan's outcome: its result is published (the ledger follows it).
+        For a plan whose record is gone too, the side is the one the order closed."""
+        report = found.report
+        assert report is not None
+        self.metrics.adopted.inc()
+        plan = run.plan
+        if plan.side == "NONE" and report.side in ("BUY", "SELL"):  # a BUY closes a short, a SELL a long
+            plan = msgspec.structs.replace(plan, side=close_side(Decimal(-1 if report.side == "BUY" else 1)))
+        run.log.warning(f"{plan.symbol}: found order {report.client_order_id} for plan {plan.plan_id}; adopting it")
+        result = replace_result(from_report(plan, report), adopted=True)
+        await self.publish(PlanRun(plan, run.entry_id, run.log, run.vouched), result)
+
+    async def finish(self, run: PlanRun, result: Result) -> None:
+        """Publish a result that the store's records decided (no order was sent for this plan). If the store
+        cannot vouch for them any more (it changed instance), the exchange has the last word: an order found
+        there is the result instead."""
+        if not result.executed and not self.truth.still_vouched(run):
+            plan = run.plan
+            found = await self.truth.ask(plan.plan_id, plan.symbol, plan, run.log, "store_changed_before_result")
+            if found is not None:
+                await self.adopt(run, found)
+                return
+        await self.publish(run, result)
+
+    async def publish(self, run: PlanRun, result: Result, *, consumed_here: bool = False) -> None:
+        """Publish the plan's one result (services/apply/results.py).
+
+        A result decided without this handler consuming the permits (``consumed_here``: its own order's
+        outcome, or the exchange's word) that says no order was sent (a timeout, a deny, a skip) is refused
+        while the plan's permits are consumed: another handler got them, and may have sent the order. That
+        plan is recovered from its intent instead, so only its order's outcome becomes its result."""
+        plan, log = run.plan, run.log
+        no_order = not result.executed and not result.order_id and not consumed_here
+        status = await self.publisher.publish(run, result, no_order=no_order)
+        if status == "executed":
+            log.warning(f"{plan.symbol}: plan {plan.plan_id} was executed by another handler; recovering its outcome")
+            await self.recover(plan, run.entry_id, await self.redis.get(keys.executed_marker(plan.plan_id)), log)
+
+
+def _marker_detail(marker: str | None) -> dict[str, Any]:
+    try:
+        detail = json.loads(marker) if marker else {}
+    except ValueError:
+        return {}
+    return detail if isinstance(detail, dict) else {}

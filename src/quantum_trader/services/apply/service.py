@@ -1,0 +1,171 @@
+"""The Apply service: reads proposals as group ``apply`` and hands each to its own task (at most
+``max_in_flight`` at once), next to the shared audit reader and the intent sweep."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from quantum_trader.bus import keys
+from quantum_trader.bus.identity import StoreWatch
+from quantum_trader.bus.streams import ensure_topology
+from quantum_trader.clock import SYSTEM_CLOCK, Clock
+from quantum_trader.domain.trust import StoreIdentity
+from quantum_trader.exchange.base import Exchange
+from quantum_trader.secrets import permit_key
+from quantum_trader.services.apply.handler import PlanHandler
+from quantum_trader.services.apply.orders import OrderExecutor
+from quantum_trader.services.apply.permit_waiter import PermitWaiter
+from quantum_trader.services.apply.permits import PermitGate
+from quantum_trader.services.apply.position_reads import PositionReads
+from quantum_trader.services.apply.results import ResultPublisher
+from quantum_trader.services.apply.sweep import IntentSweeper
+from quantum_trader.services.apply.truth import ExchangeTruth
+from quantum_trader.services.consumer import STORE_ERRORS, Backoff, cancel_and_wait, consume_group
+from quantum_trader.services.metrics import ApplyMetrics
+from quantum_trader.services.service import Service
+from quantum_trader.settings import Settings
+
+
+class ApplyService(Service):
+    name = "apply"
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        exchange: Exchange,
+        *,
+        watch: StoreWatch,
+        consumer: str = "",
+        registry: CollectorRegistry | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        super().__init__(settings, redis, consumer=consumer, clock=clock)
+        if not watch.record_epoch:
+            raise ValueError("Apply needs a StoreWatch that records the store's epoch (record_epoch=True)")
+        self.exchange = exchange
+        self.watch = watch
+        self.metrics = ApplyMetrics(registry or CollectorRegistry())
+        self.waiter = PermitWaiter(redis, self.log)
+        executor = OrderExecutor(
+            exchange,
+            self.log,
+            settings.apply.order_resolve_timeout_s,
+            settings.exchange.late_execution_horizon_ms,
+            clock,
+        )
+        guard = getattr(exchange, "guard", None)
+        if guard is not None:
+            self.metrics.exchange_banned.set_function(lambda: float(guard.banned_until_ms > exchange.now_ms()))
+            self.metrics.exchange_weight.set_function(lambda: float(guard.used_weight))
+        wait_s = settings.apply.permit_wait_ms / 1000
+        permit_keys = {"governor": permit_key(settings, "governor"), "p33": permit_key(settings, "p33")}
+        self.handler = PlanHandler(
+            settings,
+            redis,
+            self._scripts,
+            waiter=self.waiter,
+            gate=PermitGate(settings, redis, self._scripts, self.waiter, permit_keys, self.metrics, clock, self.log),
+            truth=ExchangeTruth(watch, exchange, executor, self.metrics, clock, wait_s),
+            positions=PositionReads(exchange),
+            executor=executor,
+            publisher=ResultPublisher(self._scripts, self.metrics, clock),
+            metrics=self.metrics,
+            clock=clock,
+            log=self.log,
+        )
+        self.sweeper = IntentSweeper(self.handler, self.log, clock)
+        self._slots = asyncio.Semaphore(settings.apply.max_in_flight)
+        self._active: dict[str, asyncio.Task[None]] = {}
+        watch.subscribe(self._store_changed)  # last: a change already seen is delivered at once
+
+    async def run(self) -> None:
+        await self.until_store(lambda: ensure_topology(self.redis))
+        reader = asyncio.create_task(self.waiter.run(), name="apply-audit-reader")
+        sweeper = asyncio.create_task(self.sweeper.run(), name="apply-intent-sweeper")
+        try:
+            await self.waiter.ready.wait()
+            self.log.info("Apply started", consumer=self.consumer, permit_wait_ms=self.settings.apply.permit_wait_ms)
+            await consume_group(
+                self.redis,
+                stream=keys.PROPOSAL_STREAM,
+                group=keys.APPLY_GROUP,
+                consumer=self.consumer,
+                handle=self._dispatch,
+                log=self.log,
+                store_up=lambda up: self.metrics.store_up.set(1 if up else 0),
+                failover=replace(
+                    self.failover(keys.PROPOSAL_DLQ, min_idle_s=self.handler.handling_bound_s() + 15),
+                    poisoned=self._dispatch_poisoned,
+                ),
+                service=self.name,
+                count=64,
+            )
+        finally:
+            await cancel_and_wait([reader, sweeper, *self._active.values()])
+            await self.handler.positions.aclose()
+
+    async def handle_proposal(self, entry_id: str, fields: dict[str, str]) -> None:
+        """Handle one proposal here and now (what each proposal's task does; tests drive it directly)."""
+        await self.handler.handle_proposal(entry_id, fields)
+
+    def _store_changed(self, before: StoreIdentity | None, after: StoreIdentity, unsearched: bool) -> None:
+        """A connection reached another store instance than before: plans published on the old one are looked
+        up before they are sent, and the audit reader starts again at the new stream's end. While nobody has
+        searched the exchange for orders the instance may have forgotten, this Apply does."""
+        if unsearched:
+            self.sweeper.orphan_search.set()
+        if before is None or before == after:
+            return
+        self.metrics.store_changes.set(self.watch.changes)
+        self.log.warning(
+            "the store is another instance than before (restart or failover): plans it cannot vouch for are "
+            "looked up on the exchange",
+            run_id=after.run_id,
+            previous_run_id=before.run_id,
+        )
+        self.waiter.restart()
+
+    async def _dispatch(self, entry_id: str, fields: dict[str, str]) -> None:
+        await self._start(entry_id, self._retrying(entry_id, lambda: self.handler.handle_proposal(entry_id, fields)))
+
+    async def _dispatch_poisoned(self, entry_id: str, fields: dict[str, str]) -> None:
+        await self._start(entry_id, self._retrying(entry_id, lambda: self.handler.finish_poisoned(entry_id, fields)))
+
+    async def _start(self, entry_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Handle one proposal concurrently; wait for a free slot first (backpressure)."""
+        if entry_id in self._active:  # re-read after a reconnect while still being handled
+            work.close()
+            return
+        await self._slots.acquire()
+        task = asyncio.create_task(work, name=f"proposal-{entry_id}")
+        self._active[entry_id] = task
+        self.metrics.in_flight.set(len(self._active))
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._active.pop(entry_id, None)
+            self._slots.release()
+            self.metrics.in_flight.set(len(self._active))
+
+        task.add_done_callback(done)
+
+    async def _retrying(self, entry_id: str, step: Callable[[], Awaitable[None]]) -> None:
+        """Handling before the send is idempotent (every step checks its marker), so a store outage there just
+        means: again. (After the send only the result's publication is retried: results.py.)"""
+        backoff = Backoff()
+        while True:
+            try:
+                await step()
+                return
+            except STORE_ERRORS as exc:
+                self.log.warning("store unavailable mid-plan, retrying", entry_id=entry_id, error=str(exc))
+                await backoff.wait()
+            except Exception:
+                self.log.exception("unexpected error; proposal left pending", entry_id=entry_id)
+                return
