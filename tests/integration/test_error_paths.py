@@ -34,12 +34,13 @@ from quantum_trader.bus.connection import StoreNotReady, connect
 from quantum_trader.bus.embedded import EmbeddedStore
 from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.cli.scenarios import run_cases
-from quantum_trader.cli.status import collect, render
+from quantum_trader.cli.status import render
 from quantum_trader.domain import reasons
 from quantum_trader.exchange.sim.server import SimServer
 from quantum_trader.runtime import RUNTIME_FILE
 from quantum_trader.settings import Settings
 from quantum_trader.system import SimAdmin, free_port
+from quantum_trader.views.status import collect
 from quantum_trader.web.app import create_app
 
 pytestmark = pytest.mark.integration

@@ -36,8 +36,8 @@ from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
 from quantum_trader.bus.entries import MAX_FIELDS, MAX_VALUE_CHARS, defect_of, raw_pairs
-from quantum_trader.cli.audit import fetch_report, fetch_story
-from quantum_trader.web.app import dashboard_state
+from quantum_trader.views.dashboard import dashboard_state
+from quantum_trader.views.trail import fetch_report, fetch_story
 
 pytestmark = pytest.mark.integration
 

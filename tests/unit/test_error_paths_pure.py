@@ -14,11 +14,11 @@ from decimal import Decimal
 from pathlib import Path
 
 from quantum_trader import __version__
-from quantum_trader.cli.status import _dec, _num
 from quantum_trader.domain.report import build_report
 from quantum_trader.runtime import RUNTIME_FILE, read_runtime
 from quantum_trader.services.governor import _decimal, _float
 from quantum_trader.settings import Settings
+from quantum_trader.views.status import _dec, _num
 
 T0 = 1_800_000_000.0
 
@@ -92,7 +92,7 @@ def test_a_store_command_run_off_the_main_thread_is_interruptible_by_python_alon
     import asyncio
     import threading
 
-    from quantum_trader.cli.main import _interruptible
+    from quantum_trader.cli.app import _interruptible
 
     async def work() -> str:
         await asyncio.sleep(0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantum_trader.web.view import decision_stats, plan_rows
+from quantum_trader.views.dashboard import decision_stats, plan_rows
 
 
 def plan(n: int, plan_id: str, decision: str = "EXECUTE", **f: str) -> tuple[str, dict[str, str]]:

@@ -6,5 +6,6 @@ chain: drives the real chain (sequential, open loop at fixed rates, the decision
     services' own measurements back from the streams.
 seed: the seed's polling design on the same store.
 report: the report's shape, its table, markdown and plot.
+render: each step's figures printed as the step ends.
 run: starts the private system and runs the scenarios in order.
 """

@@ -21,6 +21,7 @@ from quantum_trader.bench import chain, durability, seed, truth
 from quantum_trader.bench.bounds import StepStatus, Waiting, bounded, run_loop, within
 from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.measure import CpuWindow, Latency, rss_mb
+from quantum_trader.bench.render import show_step
 from quantum_trader.bench.report import STEPS, BenchReport, SeedStep, highest_sustained
 from quantum_trader.exchange.sim.engine import DEFAULT_SYMBOLS, bench_symbols
 from quantum_trader.settings import Settings
@@ -96,8 +97,6 @@ def run_bench(scenario: Scenario, show: Show | None = None) -> BenchReport:
     from quantum_trader.system import SERVICES, LocalSystem
 
     if show is None:
-        from quantum_trader.cli.bench import show_step
-
         show = show_step
     load = [spec.symbol for spec in bench_symbols(scenario.load_symbols)]
     env = {

@@ -22,6 +22,13 @@ TOPOLOGY: tuple[tuple[str, str], ...] = (
     (keys.RESULT_STREAM, keys.LEDGER_GROUP),
 )
 
+# The same groups by the service that reads them: its heartbeat reports their backlog, `qt status` shows it.
+GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
+    "apply": ((keys.PROPOSAL_STREAM, keys.APPLY_GROUP),),
+    "governor": ((keys.PLAN_STREAM, keys.GOVERNOR_GROUP),),
+    "brain": ((keys.PLAN_STREAM, keys.P33_GROUP), (keys.RESULT_STREAM, keys.LEDGER_GROUP)),
+}
+
 DLQ_MAXLEN = 100_000  # dead letters are for humans to read; a hundred thousand is weeks of a broken producer
 STREAM_MAXLEN = 1_000_000  # ~ a few hundred MB at most; plans older than that are in the audit trail
 
@@ -42,6 +49,21 @@ async def ensure_topology(redis: aioredis.Redis) -> None:
             await ensure_group(redis, stream, group)
         except NoPermissionError:
             continue
+
+
+async def group_backlog(redis: aioredis.Redis, stream: str, group: str) -> tuple[int, int]:
+    """(lag, pending) of a consumer group: entries not yet delivered, and delivered but not acknowledged.
+    (0, 0) while the stream does not exist yet (a fresh store, before the first service created it)."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return 0, 0
+        raise
+    for info in groups:
+        if info["name"] == group:
+            return int(info.get("lag") or 0), int(info.get("pending") or 0)
+    return 0, 0
 
 
 async def read_group(

@@ -1,91 +1,10 @@
-"""``qt status``: the chain at a glance, from the store alone: services and their backlog, switches, unresolved
-orders, and each symbol's position as the exchange snapshot and the ledger see it."""
+"""``qt status``: the chain at a glance (views/status.py reads it from the store; this module prints it)."""
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass, field
-from decimal import Decimal, InvalidOperation
-from typing import Any
+from decimal import Decimal
 
-import redis.asyncio as aioredis
-
-from quantum_trader.bus import keys
-from quantum_trader.domain.text import printable
-from quantum_trader.services.runner import GROUPS, group_backlog
-
-
-@dataclass
-class Status:
-    services: list[dict[str, Any]] = field(default_factory=list)
-    groups: list[dict[str, Any]] = field(default_factory=list)
-    kill_switch: bool = False
-    governor_mode: str = ""
-    unresolved_orders: int = 0
-    symbols: list[dict[str, Any]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _dec(value: str | None) -> Decimal | None:
-    try:
-        found = Decimal(value) if value else None
-    except (InvalidOperation, ValueError):
-        return None
-    return found if found is not None and found.is_finite() else None
-
-
-def _num(value: str | None, default: float = 0.0) -> float:
-    """A number from a hash anyone may have written into: anything unreadable counts as ``default``."""
-    try:
-        found = float(value) if value else default
-    except ValueError:
-        return default
-    return found if math.isfinite(found) else default
-
-
-async def collect(redis: aioredis.Redis, symbols: list[str], default_mode: str) -> Status:
-    now = time.time()
-    status = Status()
-    async for key in redis.scan_iter(match="quantum:health:*", count=200):
-        beat = await redis.hgetall(key)
-        _, _, service, consumer = key.split(":", 3)
-        status.services.append(
-            {
-                "service": printable(service),
-                "consumer": printable(consumer),
-                "pid": printable(beat.get("pid", "")),
-                "ready": beat.get("ready") == "1",
-                "heartbeat_age_s": round(now - _num(beat.get("updated_at")), 1),
-                "lag": int(_num(beat.get("lag"))),
-                "pending": int(_num(beat.get("pending"))),
-            }
-        )
-    status.services.sort(key=lambda s: (s["service"], s["consumer"]))
-    for stream, group in sorted({pair for pairs in GROUPS.values() for pair in pairs}):
-        if await redis.exists(stream):
-            lag, pending = await group_backlog(redis, stream, group)
-            status.groups.append({"stream": stream, "group": group, "lag": lag, "pending": pending})
-    status.kill_switch = await redis.get(keys.KILL_SWITCH) == "1"
-    status.governor_mode = printable(await redis.get(keys.GOVERNOR_MODE) or f"{default_mode} (default)")
-    status.unresolved_orders = int(await redis.zcard(keys.APPLY_INTENTS))
-    for symbol in symbols:
-        snap = await redis.hgetall(keys.snapshot(symbol))
-        ledger = await redis.hgetall(keys.ledger(symbol))
-        exchange_amt, ledger_amt = _dec(snap.get("position_amt")), _dec(ledger.get("last_known_amt"))
-        status.symbols.append(
-            {
-                "symbol": symbol,
-                "exchange": str(exchange_amt) if exchange_amt is not None else "",
-                "ledger": str(ledger_amt) if ledger_amt is not None else "",
-                "drift": str(exchange_amt - ledger_amt) if exchange_amt is not None and ledger_amt is not None else "",
-                "snapshot_age_s": round(now - _num(snap.get("ts")), 1) if _num(snap.get("ts")) else None,
-                "in_flight": printable(await redis.get(keys.symbol_in_flight(symbol)) or ""),
-            }
-        )
-    return status
+from quantum_trader.views.status import Status
 
 
 def render(status: Status) -> None:

@@ -15,12 +15,13 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from quantum_trader import __version__, logs
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import StoreNotReady, connect, redact, resolve_redis_url
 from quantum_trader.bus.identity import StoreWatch
+from quantum_trader.bus.streams import GROUPS, group_backlog
 from quantum_trader.exchange import open_exchange, sim_url_for
 from quantum_trader.exchange.base import ExchangeError
 from quantum_trader.exchange.check import HEDGE_HELP, MAX_SKEW_MS
@@ -29,28 +30,6 @@ from quantum_trader.services.metrics import build_info, serve_metrics
 from quantum_trader.settings import Settings
 
 ServiceKind = Literal["apply", "governor", "brain"]
-
-
-GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
-    "apply": ((keys.PROPOSAL_STREAM, keys.APPLY_GROUP),),
-    "governor": ((keys.PLAN_STREAM, keys.GOVERNOR_GROUP),),
-    "brain": ((keys.PLAN_STREAM, keys.P33_GROUP), (keys.RESULT_STREAM, keys.LEDGER_GROUP)),
-}
-
-
-async def group_backlog(redis: aioredis.Redis, stream: str, group: str) -> tuple[int, int]:
-    """(lag, pending) of a consumer group: entries not yet delivered, and delivered but not acknowledged.
-    (0, 0) while the stream does not exist yet (a fresh store, before the first service created it)."""
-    try:
-        groups = await redis.xinfo_groups(stream)
-    except ResponseError as exc:
-        if "no such key" in str(exc).lower():
-            return 0, 0
-        raise
-    for info in groups:
-        if info["name"] == group:
-            return int(info.get("lag") or 0), int(info.get("pending") or 0)
-    return 0, 0
 
 
 class LoopClock:

@@ -34,46 +34,13 @@ from starlette.routing import Route
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import connect, resolve_redis_url
-from quantum_trader.cli.status import collect
-from quantum_trader.domain.dead_letters import letter_row, newest_first
 from quantum_trader.secrets import web_operator_token
 from quantum_trader.settings import Settings
-from quantum_trader.web.view import decision_stats, plan_rows
+from quantum_trader.views.dashboard import dashboard_state
 
-PLANS_SHOWN = 30
-LETTERS_SHOWN = 10  # the newest dead letters over every dead-letter stream
-AUDIT_WINDOW = 1000  # the ratio and the wait percentiles are over the newest thousand audit lines
 PUSH_EVERY_S = 2.0  # positions and health change without a stream entry: push at least this often
 MIN_PUSH_GAP_S = 0.2  # under a burst of plans, at most five pushes a second per page
 WATCHED = (keys.PLAN_STREAM, keys.AUDIT_STREAM, keys.RESULT_STREAM, keys.OPS_AUDIT_STREAM)
-
-
-async def dashboard_state(redis: aioredis.Redis, settings: Settings) -> dict[str, Any]:
-    status = await collect(redis, list(settings.symbols), settings.governor.mode)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xrevrange(keys.PLAN_STREAM, count=PLANS_SHOWN)
-        pipe.xrevrange(keys.AUDIT_STREAM, count=AUDIT_WINDOW)
-        pipe.xrevrange(keys.RESULT_STREAM, count=PLANS_SHOWN * 3)
-        for dlq in keys.DEAD_LETTER_STREAMS:
-            pipe.xlen(dlq)
-            pipe.xrevrange(dlq, count=LETTERS_SHOWN)
-        plans, audit, results, *letters = await pipe.execute()
-    counts, latest = letters[0::2], letters[1::2]
-    rows = [
-        letter_row(dlq, i, f) for dlq, entries in zip(keys.DEAD_LETTER_STREAMS, latest, strict=True) for i, f in entries
-    ]
-    return {
-        "at": time.time(),
-        "kill_switch": status.kill_switch,
-        "governor_mode": status.governor_mode,
-        "unresolved_orders": status.unresolved_orders,
-        "services": status.services,
-        "groups": status.groups,
-        "symbols": status.symbols,
-        "plans": plan_rows(plans, audit, results),
-        "stats": decision_stats(audit),
-        "dead_letters": {"count": sum(counts), "latest": newest_first(rows, LETTERS_SHOWN)},
-    }
 
 
 class StateFeed:

@@ -1,15 +1,57 @@
-"""What the dashboard shows, computed from stream entries (pure: the app fetches, this arranges).
+"""What the dashboard shows: one state of the chain (status, recent plans with their permits and outcome,
+decision stats, dead letters), read from the store. ``dashboard_state`` fetches; ``plan_rows`` and
+``decision_stats`` arrange (pure).
 
 Plans newest first, each with its Governor and P3.3 decision (or none yet) and its outcome (or "waiting").
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis.asyncio as aioredis
+
+from quantum_trader.bus import keys
+from quantum_trader.domain.dead_letters import letter_row, newest_first
 from quantum_trader.domain.report import build_report
 from quantum_trader.domain.story import Entry, entry_time
+from quantum_trader.settings import Settings
+from quantum_trader.views.status import collect
+
+PLANS_SHOWN = 30
+LETTERS_SHOWN = 10  # the newest dead letters over every dead-letter stream
+AUDIT_WINDOW = 1000  # the ratio and the wait percentiles are over the newest thousand audit lines
+
+
+async def dashboard_state(redis: aioredis.Redis, settings: Settings) -> dict[str, Any]:
+    status = await collect(redis, list(settings.symbols), settings.governor.mode)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xrevrange(keys.PLAN_STREAM, count=PLANS_SHOWN)
+        pipe.xrevrange(keys.AUDIT_STREAM, count=AUDIT_WINDOW)
+        pipe.xrevrange(keys.RESULT_STREAM, count=PLANS_SHOWN * 3)
+        for dlq in keys.DEAD_LETTER_STREAMS:
+            pipe.xlen(dlq)
+            pipe.xrevrange(dlq, count=LETTERS_SHOWN)
+        plans, audit, results, *letters = await pipe.execute()
+    counts, latest = letters[0::2], letters[1::2]
+    rows = [
+        letter_row(dlq, i, f) for dlq, entries in zip(keys.DEAD_LETTER_STREAMS, latest, strict=True) for i, f in entries
+    ]
+    return {
+        "at": time.time(),
+        "kill_switch": status.kill_switch,
+        "governor_mode": status.governor_mode,
+        "unresolved_orders": status.unresolved_orders,
+        "services": status.services,
+        "groups": status.groups,
+        "symbols": status.symbols,
+        "plans": plan_rows(plans, audit, results),
+        "stats": decision_stats(audit),
+        "dead_letters": {"count": sum(counts), "latest": newest_first(rows, LETTERS_SHOWN)},
+    }
+
 
 SLOTS = {"governor": "governor", "operator": "governor", "p33": "p33"}
 

@@ -1,0 +1,153 @@
+"""``qt acl``, ``qt status``, ``qt audit``, ``qt report``, ``qt explain``, ``qt version``: the store's users, the
+chain's state, its audit trail, and what a code means."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from quantum_trader import __version__
+from quantum_trader.cli.app import EXIT_USAGE, app, fail, settings_or_exit, with_store
+from quantum_trader.domain.reasons import REGISTRY, explain
+from quantum_trader.ops import OperatorError
+
+
+@app.command("acl")
+def acl_cmd(
+    apply: Annotated[
+        bool, typer.Option("--apply", help="create the users on the store at QT_REDIS_URL (an admin's URL)")
+    ] = False,
+    disable_default: Annotated[
+        bool, typer.Option(help="with --apply: switch the password-less default user off")
+    ] = False,
+) -> None:
+    """The per-service ACL users: print them as an ACL file (passwords as SHA-256; with an admin user and the
+    default user limited to PING), or create them (--apply).
+
+    Passwords come from <state dir>/secrets/acl-<role>.pass (0600; generated when missing). Give each service
+    its URL: redis://qt-apply:<password>@host:port, and so on.
+    """
+    from quantum_trader.bus.acl import ROLES, acl_file, apply_acl
+    from quantum_trader.bus.connection import acl_password_file
+    from quantum_trader.secrets import ensure_local_secrets, read_secret_file
+
+    settings = settings_or_exit()
+    ensure_local_secrets(settings)
+    passwords = {role: read_secret_file(acl_password_file(settings, role)) for role in ROLES}
+    if not apply:
+        # as a store's aclfile: with the admin user and the anonymous default user limited to PING (an aclfile
+        # that leaves `default` out would leave it able to do everything)
+        print(acl_file(passwords, with_admin=True), end="")
+        return
+    if not settings.redis_url:
+        fail("--apply needs QT_REDIS_URL (with an account allowed to run ACL)", EXIT_USAGE)
+    with_store(settings, lambda r: apply_acl(r, passwords, disable_default=disable_default))
+    print(f"ACL users created: {', '.join(sorted(ROLES))} (passwords in {settings.state_dir / 'secrets'})")
+
+
+@app.command("status")
+def status_cmd(json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False) -> None:
+    """Services (heartbeat, lag, pending), kill switch, Governor mode, unresolved orders, positions and drift."""
+    import json
+
+    from quantum_trader.cli.status import render
+    from quantum_trader.views.status import collect
+
+    settings = settings_or_exit()
+    status = with_store(settings, lambda r: collect(r, list(settings.symbols), settings.governor.mode))
+    if json_out:
+        print(json.dumps(status.as_dict(), indent=2))
+    else:
+        render(status)
+
+
+def _since(text: str) -> float:
+    from quantum_trader.cli.audit import parse_since
+
+    try:
+        return parse_since(text)
+    except OperatorError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+@app.command("audit")
+def audit_cmd(
+    plan_id: Annotated[str | None, typer.Argument(help="one plan's whole story; omit to list decisions")] = None,
+    since: Annotated[str, typer.Option(help="listing period: 90s, 15m, 1h, 24h, 7d")] = "1h",
+    symbol: Annotated[str | None, typer.Option(help="only this symbol")] = None,
+    issuer: Annotated[str | None, typer.Option(help="governor, operator, p33 or apply")] = None,
+    decision: Annotated[str | None, typer.Option(help="allow, deny, consumed, rejected or duplicate")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="at most this many (the newest)")] = 200,
+    dead_letters: Annotated[
+        bool, typer.Option("--dead-letters", help="list the dead letters of the period instead (every stream)")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+) -> None:
+    """The audit trail: one plan's story in time order (proposal, plan, each decision with issuer, reason and
+    latency, consumption or rejection, order, result, ledger change), the permit decisions of a period, or
+    (--dead-letters) the entries no service could use, with why (--json includes their exact bytes' size)."""
+    from quantum_trader.cli import audit
+    from quantum_trader.views import trail
+
+    settings = settings_or_exit()
+    if dead_letters:
+        seconds = _since(since)
+        rows = with_store(settings, lambda r: trail.fetch_dead_letters(r, seconds, limit))
+        if json_out:
+            print(audit.dead_letters_json(rows))
+        else:
+            audit.print_dead_letters(rows, since)
+        return
+    if plan_id:
+        plan, events = with_store(settings, lambda r: trail.fetch_story(r, plan_id))
+        if json_out:
+            print(audit.story_json(plan, events))
+        else:
+            audit.print_story(plan, events)
+        return
+    seconds = _since(since)
+    entries = with_store(
+        settings,
+        lambda r: trail.fetch_decisions(r, seconds, symbol=symbol, issuer=issuer, decision=decision, limit=limit),
+    )
+    if json_out:
+        print(audit.decisions_json(entries))
+    else:
+        audit.print_decisions(entries, since)
+
+
+@app.command("report")
+def report_cmd(
+    since: Annotated[str, typer.Option(help="period: 90s, 15m, 1h, 24h, 7d")] = "24h",
+    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print as a markdown table")] = False,
+) -> None:
+    """The 24-hour check: plans, executions, timeouts by missing issuer, denies by reason, deny/allow ratio,
+    permit wait p50/p99, slowest plans, ledger drift events, service starts."""
+    from quantum_trader.cli import audit
+    from quantum_trader.views import trail
+
+    settings = settings_or_exit()
+    seconds = _since(since)
+    report = with_store(settings, lambda r: trail.fetch_report(r, seconds))
+    audit.print_report(report, "json" if json_out else "markdown" if markdown else "table")
+
+
+@app.command("explain")
+def explain_cmd(code: Annotated[str, typer.Argument(help="a reason or error code, e.g. qty_mismatch")]) -> None:
+    """What a reason or error code means, its likely cause, and what to do."""
+    entry = explain(code)
+    if entry is None:
+        known = ", ".join(sorted(REGISTRY))
+        fail(f"unknown code {code!r}; known codes: {known}", EXIT_USAGE)
+    print(f"{entry.code}  ({entry.kind}; issued by {', '.join(entry.issuers)})")
+    print(f"  meaning: {entry.meaning}")
+    print(f"  cause:   {entry.cause}")
+    print(f"  action:  {entry.action}")
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    print(__version__)
