@@ -587,7 +587,7 @@ def test_wallet_and_position_account_for_every_fill(sequence: list[tuple[str, in
 
 
 def test_matching_engine_window_ends_at_timestamp_plus_recv_window() -> None:
-    from quantum_trader.exchange.sim.app import check_me_window
+    from quantum_trader.exchange.sim.auth import check_me_window
 
     params = {"timestamp": "1000", "recvWindow": "500"}
     check_me_window(1500, params)  # the last moment it may execute, as the gateway's ``<= recvWindow``

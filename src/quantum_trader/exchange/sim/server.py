@@ -1,4 +1,5 @@
-"""Running the simulated Binance USD-M futures exchange: ``SimConfig``, ``serve`` (the CLI) and ``SimServer``.
+"""Running the simulated Binance USD-M futures exchange: ``serve`` (the CLI) and ``SimServer`` (``SimConfig`` in
+``config.py``).
 
 ``SimServer`` runs the app with uvicorn in a background thread for tests and the demo::
 
@@ -45,48 +46,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
 import uvicorn
 
-from quantum_trader.exchange.sim.app import SimState, build_engine, create_app
-from quantum_trader.exchange.sim.engine import DEFAULT_SYMBOLS, Engine, SymbolSpec
+from quantum_trader.exchange.sim.app import build_engine, create_app
+from quantum_trader.exchange.sim.config import SimConfig
+from quantum_trader.exchange.sim.engine import Engine
+from quantum_trader.exchange.sim.state import SimState
 
-
-@dataclass(frozen=True)
-class SimConfig:
-    """How the simulator listens, authenticates, limits and moves prices.
-
-    api_key / api_secret: the only accepted ``X-MBX-APIKEY`` and its HMAC secret.
-    admin_token: enables ``/_sim/...`` (header ``X-Sim-Admin-Token``); None answers 404 there.
-    weight_limit_1m, orders_limit_10s, orders_limit_1m: Binance's REQUEST_WEIGHT and ORDERS limits.
-    ban_after_429s: requests answered 429 in one minute before the client is banned (HTTP 418) for
-        ``ban_seconds``.
-    price_step_ms / price_sigma: the mark price walk's step and per-step log-return deviation (0 freezes prices).
-    symbols, wallet_usdt, leverage, fee_rate: the markets, the starting USDT wallet, the default leverage
-        and the taker fee charged on each fill's notional.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    api_key: str = "sim-api-key"
-    api_secret: str = "sim-api-secret"
-    admin_token: str | None = None
-    seed: int = 7
-    weight_limit_1m: int = 2400
-    orders_limit_10s: int = 300
-    orders_limit_1m: int = 1200
-    ban_after_429s: int = 10
-    ban_seconds: int = 120
-    price_step_ms: int = 100
-    price_sigma: float = 0.0002
-    symbols: tuple[SymbolSpec, ...] = DEFAULT_SYMBOLS
-    wallet_usdt: Decimal = Decimal("100000")
-    leverage: int = 20
-    fee_rate: Decimal = Decimal(0)
+# SimConfig is imported from here by the CLI and the tests.
+__all__ = ["SimConfig", "SimServer", "serve"]
 
 
 def _bind(config: SimConfig) -> socket.socket:

@@ -8,21 +8,11 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from quantum_trader.exchange.sim.engine import (
-    ONE,
-    QUOTE_ASSET,
-    SUPPORTED_ORDER_TYPES,
-    TIME_IN_FORCE,
-    ZERO,
-    Engine,
-    Json,
-    Order,
-    Position,
-    SymbolSpec,
-    Trade,
-    fmt,
-    plain,
-)
+from quantum_trader.exchange.sim.engine import Engine
+from quantum_trader.exchange.sim.orders import SUPPORTED_ORDER_TYPES, TIME_IN_FORCE
+from quantum_trader.exchange.sim.params import ONE, ZERO, Json, fmt, plain
+from quantum_trader.exchange.sim.records import Order, Position, Trade
+from quantum_trader.exchange.sim.symbols import QUOTE_ASSET, SymbolSpec
 
 
 def order_json(engine: Engine, order: Order, *, ack: bool = False, query: bool = False) -> Json:
@@ -168,7 +158,26 @@ def balance_json(engine: Engine) -> list[Json]:
 def account_json(engine: Engine, *, version: int) -> Json:
     """``GET /fapi/v2/account`` (every symbol's position) or ``/fapi/v3/account`` (non-zero positions only)."""
     m = engine.margin_summary()
-    totals: Json = {
+    totals = _account_totals(m)
+    asset = _account_asset(engine, m, version=version)
+    positions = [_account_position(engine, p, version=version) for p in engine.positions(include_flat=version == 2)]
+    head: Json = {}
+    if version == 2:
+        head = {
+            "feeTier": 0,
+            "feeBurn": True,
+            "canTrade": True,
+            "canDeposit": True,
+            "canWithdraw": True,
+            "updateTime": 0,
+            "multiAssetsMargin": False,
+            "tradeGroupId": -1,
+        }
+    return {**head, **totals, "assets": [asset], "positions": positions}
+
+
+def _account_totals(m: dict[str, Decimal]) -> Json:
+    return {
         "totalInitialMargin": fmt(m["initial_margin"], 8),
         "totalMaintMargin": fmt(m["maint_margin"], 8),
         "totalWalletBalance": fmt(m["wallet"], 8),
@@ -181,6 +190,9 @@ def account_json(engine: Engine, *, version: int) -> Json:
         "availableBalance": fmt(m["available"], 8),
         "maxWithdrawAmount": fmt(m["max_withdraw"], 8),
     }
+
+
+def _account_asset(engine: Engine, m: dict[str, Decimal], *, version: int) -> Json:
     asset: Json = {
         "asset": QUOTE_ASSET,
         "walletBalance": fmt(m["wallet"], 8),
@@ -198,51 +210,40 @@ def account_json(engine: Engine, *, version: int) -> Json:
     if version == 2:
         asset["marginAvailable"] = True
     asset["updateTime"] = engine.account.wallet_update_ms
-    positions = []
-    for position in engine.positions(include_flat=version == 2):
-        spec = engine.spec(position.symbol)
-        mark = engine.mark_price(position.symbol)
-        notional = abs(position.amt) * mark
-        initial = notional / engine.leverage(position.symbol)
-        row: Json = {
-            "symbol": position.symbol,
-            "positionSide": position.position_side,
-            "positionAmt": spec.qty(position.amt),
-            "unrealizedProfit": fmt(engine.unrealized_pnl(position), 8),
-            "initialMargin": fmt(initial, 8),
-            "maintMargin": fmt(notional * spec.maint_margin_ratio, 8),
-            "positionInitialMargin": fmt(initial, 8),
-            "openOrderInitialMargin": "0",
-            "updateTime": position.update_ms,
-        }
-        if version == 2:
-            row.update(
-                {
-                    "leverage": str(engine.leverage(position.symbol)),
-                    "isolated": False,
-                    "entryPrice": plain(position.entry_price),
-                    "breakEvenPrice": plain(break_even_price(engine, position)),
-                    "maxNotional": plain(spec.bracket_notional_cap),
-                    "bidNotional": "0",
-                    "askNotional": "0",
-                }
-            )
-        else:
-            row.update({"isolatedMargin": "0.00000000", "notional": plain(position.amt * mark), "isolatedWallet": "0"})
-        positions.append(row)
-    head: Json = {}
+    return asset
+
+
+def _account_position(engine: Engine, position: Position, *, version: int) -> Json:
+    spec = engine.spec(position.symbol)
+    mark = engine.mark_price(position.symbol)
+    notional = abs(position.amt) * mark
+    initial = notional / engine.leverage(position.symbol)
+    row: Json = {
+        "symbol": position.symbol,
+        "positionSide": position.position_side,
+        "positionAmt": spec.qty(position.amt),
+        "unrealizedProfit": fmt(engine.unrealized_pnl(position), 8),
+        "initialMargin": fmt(initial, 8),
+        "maintMargin": fmt(notional * spec.maint_margin_ratio, 8),
+        "positionInitialMargin": fmt(initial, 8),
+        "openOrderInitialMargin": "0",
+        "updateTime": position.update_ms,
+    }
     if version == 2:
-        head = {
-            "feeTier": 0,
-            "feeBurn": True,
-            "canTrade": True,
-            "canDeposit": True,
-            "canWithdraw": True,
-            "updateTime": 0,
-            "multiAssetsMargin": False,
-            "tradeGroupId": -1,
-        }
-    return {**head, **totals, "assets": [asset], "positions": positions}
+        row.update(
+            {
+                "leverage": str(engine.leverage(position.symbol)),
+                "isolated": False,
+                "entryPrice": plain(position.entry_price),
+                "breakEvenPrice": plain(break_even_price(engine, position)),
+                "maxNotional": plain(spec.bracket_notional_cap),
+                "bidNotional": "0",
+                "askNotional": "0",
+            }
+        )
+    else:
+        row.update({"isolatedMargin": "0.00000000", "notional": plain(position.amt * mark), "isolatedWallet": "0"})
+    return row
 
 
 def symbol_info_json(spec: SymbolSpec) -> Json:

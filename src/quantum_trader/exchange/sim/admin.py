@@ -1,0 +1,171 @@
+"""The admin API under ``/_sim/`` (described in ``server.py``): its handlers and ``ADMIN_ROUTES``. Admin requests
+are neither rate limited nor faulted; their errors are ``{"error": "..."}`` with HTTP 400."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any, Final
+
+from starlette.requests import Request
+
+from quantum_trader.exchange.sim import shapes
+from quantum_trader.exchange.sim.engine import Engine
+from quantum_trader.exchange.sim.faults import FaultRule
+from quantum_trader.exchange.sim.params import EngineError, Json, fmt, plain
+from quantum_trader.exchange.sim.records import Position
+from quantum_trader.exchange.sim.state import SimState
+from quantum_trader.exchange.sim.symbols import QUOTE_ASSET
+
+ADMIN_HEADER: Final = "x-sim-admin-token"
+
+
+class AdminError(ValueError):
+    pass
+
+
+def _field(data: Any, name: str, *, required: bool = True) -> Any:
+    if not isinstance(data, dict):
+        raise AdminError("body must be a JSON object")
+    if required and data.get(name) is None:
+        raise AdminError(f"{name} is required")
+    return data.get(name)
+
+
+def _decimal(value: Any, name: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise AdminError(f"{name} must be a number or a decimal string")
+    result = Decimal(str(value))
+    if not result.is_finite():
+        raise AdminError(f"{name} must be finite")
+    return result
+
+
+def _position_row(engine: Engine, position: Position) -> Json:
+    spec = engine.spec(position.symbol)
+    return {
+        "symbol": position.symbol,
+        "positionSide": position.position_side,
+        "positionAmt": spec.qty(position.amt),
+        "entryPrice": plain(position.entry_price),
+        "markPrice": spec.price(engine.mark_price(position.symbol)),
+        "unRealizedProfit": fmt(engine.unrealized_pnl(position), 8),
+        "updateTime": position.update_ms,
+    }
+
+
+def admin_state(state: SimState, request: Request, data: Any) -> Json:
+    engine = state.engine
+    margin = engine.margin_summary()
+    return {
+        "serverTime": engine.now_ms(),
+        "dualSidePosition": engine.dual,
+        "wallet": {
+            "asset": QUOTE_ASSET,
+            "balance": fmt(margin["wallet"], 8),
+            "unrealizedProfit": fmt(margin["unrealized"], 8),
+            "availableBalance": fmt(margin["available"], 8),
+        },
+        "positions": [_position_row(engine, p) for p in engine.positions(include_flat=False)],
+        "prices": {symbol: engine.specs[symbol].price(price) for symbol, price in engine.prices().items()},
+        "orders": {"total": len(engine.orders()), "open": engine.open_order_count()},
+        "rateLimits": state.limiter.state(),
+        "faults": state.faults.list(),
+    }
+
+
+def admin_orders(state: SimState, request: Request, data: Any) -> list[Json]:
+    """Every order, oldest first; ``symbol`` and ``from_id`` (orderId at least) narrow it for long runs."""
+    symbol = request.query_params.get("symbol")
+    engine = state.engine
+    if symbol:
+        engine.spec(symbol)
+    try:
+        from_id = int(request.query_params.get("from_id", "0"))
+    except ValueError:
+        raise EngineError(-1102, "Parameter 'from_id' was not a valid integer.") from None
+    orders = [o for o in engine.orders(symbol) if o.order_id >= from_id]
+    return [shapes.order_json(engine, order, query=True) for order in orders]
+
+
+def admin_reset(state: SimState, request: Request, data: Any) -> Json:
+    state.reset()
+    return {"ok": True}
+
+
+def admin_position(state: SimState, request: Request, data: Any) -> Json:
+    engine = state.engine
+    spec = engine.spec(str(_field(data, "symbol")))
+    amt = _decimal(_field(data, "amt"), "amt")
+    if amt % spec.step_size:
+        raise AdminError(f"amt must be a multiple of {spec.step_size}")
+    entry = _field(data, "entry_price", required=False)
+    side = _field(data, "position_side", required=False)
+    position = engine.set_position(
+        spec.symbol, amt, _decimal(entry, "entry_price") if entry is not None else None, side
+    )
+    return _position_row(engine, position)
+
+
+def admin_price(state: SimState, request: Request, data: Any) -> Json:
+    engine = state.engine
+    spec = engine.spec(str(_field(data, "symbol")))
+    engine.set_mark_price(spec.symbol, _decimal(_field(data, "price"), "price"))
+    return {"symbol": spec.symbol, "markPrice": spec.price(engine.mark_price(spec.symbol))}
+
+
+def admin_position_mode(state: SimState, request: Request, data: Any) -> Json:
+    dual = _field(data, "dual")
+    if not isinstance(dual, bool):
+        raise AdminError("dual must be true or false")
+    state.engine.set_dual(dual)
+    return {"dualSidePosition": dual}
+
+
+def admin_wallet(state: SimState, request: Request, data: Any) -> Json:
+    state.engine.set_wallet(_decimal(_field(data, "balance"), "balance"))
+    return {"asset": QUOTE_ASSET, "balance": fmt(state.engine.wallet, 8)}
+
+
+def admin_clock(state: SimState, request: Request, data: Any) -> Json:
+    offset = _field(data, "offset_ms")
+    if not isinstance(offset, int) or isinstance(offset, bool) or abs(offset) > 86_400_000:
+        raise AdminError("offset_ms must be an integer number of milliseconds within a day")
+    state.engine.clock_offset_ms = offset
+    return {"offset_ms": offset, "serverTime": state.engine.now_ms()}
+
+
+def admin_add_fault(state: SimState, request: Request, data: Any) -> Json:
+    rule = FaultRule.from_json(data)
+    state.faults.add(rule)
+    return rule.to_json()
+
+
+def admin_list_faults(state: SimState, request: Request, data: Any) -> list[Json]:
+    return state.faults.list()
+
+
+def admin_clear_faults(state: SimState, request: Request, data: Any) -> Json:
+    state.faults.clear()
+    return {"ok": True}
+
+
+def admin_late_executions(state: SimState, request: Request, data: Any) -> list[Json]:
+    return [late.to_json() for late in state.late]
+
+
+AdminHandler = Callable[[SimState, Request, Any], Any]
+ADMIN_ROUTES: Final[dict[tuple[str, str], AdminHandler]] = {
+    ("GET", "/_sim/state"): admin_state,
+    ("GET", "/_sim/orders"): admin_orders,
+    ("POST", "/_sim/reset"): admin_reset,
+    ("POST", "/_sim/position"): admin_position,
+    ("POST", "/_sim/price"): admin_price,
+    ("POST", "/_sim/position-mode"): admin_position_mode,
+    ("POST", "/_sim/wallet"): admin_wallet,
+    ("POST", "/_sim/clock"): admin_clock,
+    ("POST", "/_sim/faults"): admin_add_fault,
+    ("GET", "/_sim/faults"): admin_list_faults,
+    ("DELETE", "/_sim/faults"): admin_clear_faults,
+    ("GET", "/_sim/late"): admin_late_executions,
+}

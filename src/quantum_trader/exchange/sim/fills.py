@@ -1,0 +1,93 @@
+"""Executions: a fill moves the position, books realised PnL and the fee into the wallet and records a trade;
+resting LIMIT orders fill at their own price once the mark crosses it."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Final
+
+from quantum_trader.exchange.sim.params import ONE, ZERO
+from quantum_trader.exchange.sim.records import EngineState, Order, Position, Trade
+from quantum_trader.exchange.sim.symbols import SymbolSpec
+
+_PNL_QUANT: Final = Decimal("0.00000001")
+
+
+class Fills(EngineState):
+    """The engine's executions (the part the price walk calls when the mark moves)."""
+
+    def _position(self, symbol: str, position_side: str) -> Position:
+        key = (symbol, position_side)
+        position = self._positions.get(key)
+        if position is None:
+            position = self._positions[key] = Position(symbol, position_side)
+        return position
+
+    def _fill(self, spec: SymbolSpec, order: Order, qty: Decimal, price: Decimal, *, maker: bool) -> None:
+        now = self.now_ms()
+        position = self._position(spec.symbol, order.position_side)
+        signed = qty if order.side == "BUY" else -qty
+        # Binance books PnL and fees in 8 decimals; so the wallet stays an exact sum of its entries.
+        realized = self._apply_to_position(position, signed, price).quantize(_PNL_QUANT, rounding=ROUND_HALF_UP)
+        commission = (qty * price * self.fee_rate).quantize(_PNL_QUANT, rounding=ROUND_HALF_UP)
+        self.account.wallet += realized - commission
+        self.account.wallet_update_ms = now
+        position.update_ms = now
+        order.executed_qty += qty
+        order.cum_quote += qty * price
+        order.update_ms = now
+        self._trades.append(
+            Trade(
+                trade_id=self._next_trade_id,
+                order_id=order.order_id,
+                symbol=spec.symbol,
+                side=order.side,
+                position_side=order.position_side,
+                price=price,
+                qty=qty,
+                realized_pnl=realized,
+                commission=commission,
+                time_ms=now,
+                maker=maker,
+            )
+        )
+        self._next_trade_id += 1
+
+    @staticmethod
+    def _apply_to_position(position: Position, signed: Decimal, price: Decimal) -> Decimal:
+        """Move the position by ``signed`` at ``price``; returns the realised PnL."""
+        amt = position.amt
+        if not amt or (amt > 0) == (signed > 0):
+            total = amt + signed
+            position.entry_price = (abs(amt) * position.entry_price + abs(signed) * price) / abs(total)
+            position.amt = total
+            return ZERO
+        closed = min(abs(signed), abs(amt))
+        direction = ONE if amt > 0 else -ONE
+        realized = closed * (price - position.entry_price) * direction
+        total = amt + signed
+        position.amt = total
+        if not total:
+            position.entry_price = ZERO
+        elif (total > 0) != (amt > 0):
+            position.entry_price = price  # flipped: the remainder opened at this fill
+        return realized
+
+    def _match_resting(self, spec: SymbolSpec, mark: Decimal) -> None:
+        """Fill resting LIMIT orders the mark has crossed, at their own price."""
+        book = self._open[spec.symbol]
+        for order in sorted(book.values(), key=lambda o: o.order_id):
+            crossed = mark <= order.price if order.side == "BUY" else mark >= order.price
+            if not crossed:
+                continue
+            qty = order.remaining
+            hedge_close = order.position_side != "BOTH" and (order.position_side == "LONG") != (order.side == "BUY")
+            if order.reduce_only or hedge_close:
+                # The position may have shrunk since the order was accepted: never flip it.
+                amt = self._position(spec.symbol, order.position_side).amt
+                reduces = amt and (amt > 0) != (order.side == "BUY")
+                qty = min(qty, abs(amt)) if reduces else ZERO
+            if qty:
+                self._fill(spec, order, qty, order.price, maker=True)
+            order.status = "FILLED" if order.executed_qty == order.orig_qty else "EXPIRED"
+            del book[order.order_id]

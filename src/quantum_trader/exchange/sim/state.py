@@ -1,0 +1,30 @@
+"""``SimState``: everything one simulator app serves from (config, engine, rate limiter, faults, late
+executions), shared by the REST dispatch and the admin API."""
+
+from __future__ import annotations
+
+from quantum_trader.exchange.sim.config import SimConfig
+from quantum_trader.exchange.sim.engine import Engine
+from quantum_trader.exchange.sim.faults import FaultBook
+from quantum_trader.exchange.sim.late import LateExecution
+from quantum_trader.exchange.sim.ratelimit import RateLimiter
+
+
+class SimState:
+    """Everything one simulator app serves from."""
+
+    def __init__(self, config: SimConfig, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.limiter = RateLimiter(config)
+        self.faults = FaultBook()
+        self.late: list[LateExecution] = []  # every late_execution since the last reset, oldest first
+
+    def reset(self) -> None:
+        with self.engine.lock:
+            for late in self.late:
+                late.cancel()
+            self.late = []
+            self.engine.reset()
+        self.limiter.reset()
+        self.faults.clear()
