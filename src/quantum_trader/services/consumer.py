@@ -123,17 +123,7 @@ async def consume_group(
             )
             store_up(True)
             backoff.reset()
-            if handle_batch is not None and entries:
-                if not await _handle_many(handle_batch, entries, log):
-                    # Failed part-way: what it left unacknowledged is handled entry by entry (handlers are
-                    # idempotent), so one bad entry does not hold the others back until a restart.
-                    left = await _still_pending(redis, stream, group, consumer, entries)
-                    for entry_id, fields in entries:
-                        if entry_id in left:
-                            await _handle_one(handle, entry_id, fields, log)
-                continue
-            for entry_id, fields in entries:
-                await _handle_one(handle, entry_id, fields, log)
+            await reader.handle_new(entries, handle_batch)
         except STORE_ERRORS as exc:
             store_up(False)
             log.warning("store unavailable, retrying", error=str(exc), retry_in_s=backoff.delay)
@@ -178,6 +168,20 @@ class GroupReader:
             )
             self.log.warning("unreadable entry dead-lettered", stream=self.stream, entry_id=entry_id, error=defect)
         return good
+
+    async def handle_new(self, entries: Entries, handle_batch: BatchHandler | None) -> None:
+        """New entries of one read: together to ``handle_batch`` if there is one, else one by one."""
+        if handle_batch is None or not entries:
+            for entry_id, fields in entries:
+                await _handle_one(self.handle, entry_id, fields, self.log)
+            return
+        if not await _handle_many(handle_batch, entries, self.log):
+            # Failed part-way: what it left unacknowledged is handled entry by entry (handlers are idempotent),
+            # so one bad entry does not hold the others back until a restart.
+            left = await _still_pending(self.redis, self.stream, self.group, self.consumer, entries)
+            for entry_id, fields in entries:
+                if entry_id in left:
+                    await _handle_one(self.handle, entry_id, fields, self.log)
 
     async def drain_pending(self) -> None:
         start = "0"
