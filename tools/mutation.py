@@ -5,7 +5,8 @@ Stages, run in this order (``MUTATION_STAGES`` picks some, comma-separated):
 - ``domain``: mutmut over src/quantum_trader/domain/ against tests/unit (the [tool.mutmut] section of
   pyproject.toml is this stage).
 - ``order-path``: mutmut over services/apply/ (the executor, the handler, the permit wait, ...) and
-  bus/scripts.py against tests/unit plus the few integration tests that drive them (``ORDER_PATH_TESTS``).
+  bus/scripts.py against tests/unit plus the few integration tests that drive them (``ORDER_PATH_TESTS``;
+  ``ORDER_PATH_FILES``, comma-separated, narrows the files).
 - ``lua``: the hand-listed Lua mutants of tools/lua_mutants.py, one pytest run each.
 
 Each mutmut stage runs in its own workspace, .qt/mutation/<stage>/ (symlinks to src, tests, docs, deploy and a
@@ -45,6 +46,7 @@ VENV_BIN = Path(sys.executable).parent
 # What the tests read besides src/ and tests/ (mutmut copies tests/ and pyproject.toml itself).
 LINKED = ("src", "tests", "docs", "deploy")
 
+ORDER_PATH_FILES = ["src/quantum_trader/services/apply/*.py", "src/quantum_trader/bus/scripts.py"]
 ORDER_PATH_TESTS = [
     "tests/unit",
     "tests/integration/test_scripts.py",
@@ -62,14 +64,12 @@ class Stage:
 def stages() -> list[Stage]:
     base = mutmut_section()
     extra = os.environ.get("ORDER_PATH_TESTS")
+    files = os.environ.get("ORDER_PATH_FILES")
     return [
         Stage("domain", list(base["only_mutate"]), list(base["pytest_add_cli_args_test_selection"])),
         Stage(
             "order-path",
-            [
-                "src/quantum_trader/services/apply/*.py",
-                "src/quantum_trader/bus/scripts.py",
-            ],
+            files.split(",") if files else ORDER_PATH_FILES,
             extra.split(",") if extra else ORDER_PATH_TESTS,
         ),
     ]

@@ -65,6 +65,17 @@ def refused(call) -> bool:
     return False
 
 
+def script_refused(call) -> bool:
+    """Refused by the ACL: the script as a whole (its keys), or a command inside it."""
+    try:
+        call()
+    except redis.exceptions.NoPermissionError:
+        return True
+    except redis.exceptions.ResponseError as exc:
+        return "ACL failure in script" in str(exc)
+    return False
+
+
 def dry_run_refused(admin: redis.Redis, user: str, *command: str) -> bool:
     """ACL DRYRUN: would ``user`` be allowed ``command``? (Without running it: SHUTDOWN stays a dry run.)"""
     verdict = admin.execute_command("ACL", "DRYRUN", user, *command)
@@ -114,6 +125,21 @@ def test_only_apply_publishes_plans_and_results_and_consumes_permits(accounts) -
     assert accounts["apply"].xadd(keys.PLAN_STREAM, {"plan_id": PLAN})
     # Apply consumes proposals but cannot inject one
     assert refused(lambda: accounts["apply"].xadd(keys.PROPOSAL_STREAM, {"symbol": "BTCUSDT"}))
+
+
+def test_a_script_declaring_its_consumed_stream_still_cannot_publish_into_it(accounts) -> None:
+    """The bus scripts declare the stream they acknowledge in (KEYS), which needs EVALSHA rights on it: those
+    rights cover running scripts only; a command inside a script is checked on its own."""
+    forge = "return redis.call('XADD', KEYS[1], '*', 'plan_id', ARGV[1])"
+    drop = "return redis.call('DEL', KEYS[1])"
+    for role, stream in (("brain", keys.RESULT_STREAM), ("brain", keys.PLAN_STREAM), ("governor", keys.PLAN_STREAM)):
+        assert script_refused(lambda r=role, s=stream: accounts[r].eval(forge, 1, s, PLAN)), (role, stream)
+        assert script_refused(lambda r=role, s=stream: accounts[r].eval(drop, 1, s)), (role, stream)
+    assert script_refused(lambda: accounts["apply"].eval(forge, 1, keys.PROPOSAL_STREAM, PLAN))
+    # what the scripts do there is allowed: acknowledge an entry of the group
+    ack = "return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])"
+    assert accounts["governor"].eval(ack, 1, keys.PLAN_STREAM, keys.GOVERNOR_GROUP, "1-1") == 0
+    assert accounts["apply"].eval(ack, 1, keys.PROPOSAL_STREAM, keys.APPLY_GROUP, "1-1") == 0
 
 
 def test_services_cannot_flip_the_kill_switch_or_touch_the_ledger_of_others(accounts) -> None:

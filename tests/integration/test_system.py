@@ -19,6 +19,7 @@ def env(tmp_path: Path) -> dict[str, str]:
     return program_env(tmp_path)
 
 
+@pytest.mark.timeout(330)  # `qt proof` inside has its own 300 s bound
 def test_up_then_propose_from_another_process_closes_the_position(env: dict[str, str], tmp_path: Path) -> None:
     up = Up(env)
     try:
@@ -100,6 +101,8 @@ def test_a_second_up_on_the_same_state_dir_is_refused(env: dict[str, str]) -> No
         assert up.stop() == 0
 
 
+# its own bound: the program's 300 s (pytest's default 120 s would cut it short on a loaded machine)
+@pytest.mark.timeout(330)
 def test_a_short_chaos_run_with_store_losses_keeps_every_promise(env: dict[str, str]) -> None:
     """`qt chaos --store-loss`: the store also comes back three times with older data only (failover and host
     crash): judged from the exchange and the observer's own copy, nothing doubled, nothing contradicted."""
@@ -111,6 +114,8 @@ def test_a_short_chaos_run_with_store_losses_keeps_every_promise(env: dict[str, 
     assert report["lost_plans"] == report["executions_without_two_permits"] == report["resent_after_a_fill"] == 0
 
 
+# its own bound: the program's 300 s (pytest's default 120 s would cut it short on a loaded machine)
+@pytest.mark.timeout(330)
 def test_a_short_chaos_run_keeps_every_promise(env: dict[str, str]) -> None:
     """`qt chaos` with real processes: SIGKILLs of services and a store restart while plans flow."""
     done = qt("chaos", "--plans", "60", "--rate", "15", "--seed", "3", "--json", env=env, timeout=300)

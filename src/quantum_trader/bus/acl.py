@@ -68,7 +68,20 @@ class AclUser:
 
     def rules(self) -> list[str]:
         selectors = [f"({' '.join((f'~{stream}', *CONSUME_COMMANDS))})" for stream in self.consumes]
+        if self.consumes:
+            selectors.append(self.script_selector())
         return ["resetchannels", *self.keys, *self.commands, *selectors]
+
+    def script_selector(self) -> str:
+        """The bus scripts declare every key they touch, the consumed stream they acknowledge in too, and a
+        script's keys are checked read-write (the server cannot know what it does with them). So a script that
+        acknowledges runs under this selector: every key the user may write, plus its consumed streams, for
+        EVALSHA/EVAL only. Inside the script each command is checked again on its own: an XADD into a consumed
+        stream finds no rule that allows it (not the user's keys, not the consume selector's commands, not this
+        one's), so a service still cannot publish into the stream it consumes."""
+        writable = [rule for rule in self.keys if rule.startswith("~")]
+        consumed = [f"~{stream}" for stream in self.consumes]
+        return f"({' '.join((*writable, *consumed, '+evalsha', '+eval'))})"
 
 
 def _rw(*patterns: str) -> tuple[str, ...]:

@@ -21,106 +21,223 @@ publish_result: the plan has no result yet → publish it, set the result marker
     Apply) changes nothing but the acknowledgement. A result that says no order was sent (``no_order``: a
     timeout, a deny, a skip) is refused while the plan's executed marker exists: another handler consumed
     its permits and may have sent it, and only the order's outcome may be the result.
+Every key a script touches is declared in KEYS (the acknowledged stream too), so the server checks each one
+against the caller's ACL (bus/acl.py) and a Cluster could check their slots. Each script names its keys and
+arguments once (``Layout``): the Python wrapper passes them by name, and the Lua body reads them by the same
+names (a prologue generated from the layout binds ``KEYS[i]`` and ``ARGV[i]`` to them). An optional key is left
+out of KEYS when unused, never replaced by a dummy.
+
+EVALSHA, not Redis 7 Functions: a function library is shared, mutable code in the store (FUNCTION LOAD REPLACE
+by any user allowed to load would change what every service runs, under their own rights), and a store that
+comes back without its data comes back without the library, until an operator loads it again. Each service
+carries its scripts' text and loads them itself on NOSCRIPT, so it always runs exactly the code it ships.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from quantum_trader.bus import keys
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A script's keys and arguments by name, in order. A key name ending in ``?`` is optional (left out of KEYS
+    when not given: nil in Lua), one ending in ``*`` is a list (the last key name; a Lua table). An argument
+    name ending in ``*`` is a list too (the last argument: a Lua table, for field/value pairs)."""
+
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+
+    def prologue(self) -> str:
+        """Lua binding every name: required and optional keys in order, then the arguments. ARGV[1] is the
+        presence of the optional keys ('1' or '0' each, in order) when the script has any."""
+        lines = ["local nk = 1"]
+        optional = 0
+        for spec in self.keys:
+            name = spec.rstrip("?*")
+            if spec.endswith("*"):
+                lines.append(f"local {name} = {{unpack(KEYS, nk)}}")
+            elif spec.endswith("?"):
+                optional += 1
+                lines.append(f"local {name} = nil")
+                lines.append(
+                    f"if string.sub(ARGV[1], {optional}, {optional}) == '1' then {name} = KEYS[nk]; nk = nk + 1 end"
+                )
+            else:
+                lines.append(f"local {name} = KEYS[nk]; nk = nk + 1")
+        first = 2 if optional else 1
+        for n, spec in enumerate(self.args, start=first):
+            name = spec.rstrip("*")
+            lines.append(f"local {name} = {{unpack(ARGV, {n})}}" if spec.endswith("*") else f"local {name} = ARGV[{n}]")
+        return "\n".join(lines) + "\n"
+
+    def pack(self, named_keys: Mapping[str, Any], named_args: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV for these names; a name missing or not in the layout is a TypeError."""
+        _same_names("keys", [s.rstrip("?*") for s in self.keys], named_keys)
+        _same_names("args", [s.rstrip("*") for s in self.args], named_args)
+        script_keys: list[str] = []
+        present = ""
+        for spec in self.keys:
+            value = named_keys[spec.rstrip("?*")]
+            if spec.endswith("*"):
+                script_keys += list(value)
+            elif spec.endswith("?"):
+                present += "1" if value else "0"
+                if value:
+                    script_keys.append(value)
+            else:
+                if not value:
+                    raise TypeError(f"key {spec} is required")
+                script_keys.append(value)
+        args: list[Any] = [present] if any(spec.endswith("?") for spec in self.keys) else []
+        for spec in self.args:
+            value = named_args[spec.rstrip("*")]
+            args += list(value) if spec.endswith("*") else [value]
+        return script_keys, args
+
+
+def _same_names(what: str, declared: list[str], given: Mapping[str, Any]) -> None:
+    if set(declared) != set(given):
+        missing, extra = set(declared) - set(given), set(given) - set(declared)
+        raise TypeError(f"script {what}: missing {sorted(missing)}, not in the layout {sorted(extra)}")
+
+
+PUBLISH_PLAN_LAYOUT = Layout(
+    keys=("plans", "record", "hold?"),
+    args=("maxlen", "record_ttl_s", "proposal_entry_id", "hold_ms", "plan_id", "fields*"),
+)
 PUBLISH_PLAN = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-if ARGV[4] ~= '0' then
-  local held = redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[4])
-  if not held and redis.call('GET', KEYS[3]) ~= ARGV[5] then return 2 end
+if redis.call('EXISTS', record) == 1 then return 0 end
+if hold then
+  local held = redis.call('SET', hold, plan_id, 'NX', 'PX', hold_ms)
+  if not held and redis.call('GET', hold) ~= plan_id then return 2 end
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 6))
-redis.call('HSET', KEYS[2], 'proposal_entry_id', ARGV[3], unpack(ARGV, 6))
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('XADD', plans, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+redis.call('HSET', record, 'proposal_entry_id', proposal_entry_id, unpack(fields))
+redis.call('EXPIRE', record, record_ttl_s)
 return 1
 """
 
+CONSUME_PERMITS_LAYOUT = Layout(
+    keys=("governor_permit", "p33_permit", "executed", "audit", "intents", "result_marker"),
+    args=(
+        "governor_raw",
+        "p33_raw",
+        "marker",
+        "marker_ttl_s",
+        "plan_id",
+        "now",
+        "symbol",
+        "audit_maxlen",
+        "latency_ms",
+    ),
+)
 CONSUME_PERMITS = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return 'already_executed' end
-if redis.call('EXISTS', KEYS[6]) == 1 then return 'already_finished' end
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'governor_permit_changed' end
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 'p33_permit_changed' end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
-redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
-local permits = {governor = ARGV[1], p33 = ARGV[2]}
+if redis.call('EXISTS', executed) == 1 then return 'already_executed' end
+if redis.call('EXISTS', result_marker) == 1 then return 'already_finished' end
+if redis.call('GET', governor_permit) ~= governor_raw then return 'governor_permit_changed' end
+if redis.call('GET', p33_permit) ~= p33_raw then return 'p33_permit_changed' end
+redis.call('DEL', governor_permit, p33_permit)
+redis.call('SET', executed, marker, 'EX', marker_ttl_s)
+redis.call('ZADD', intents, now, plan_id)
+local permits = {governor = governor_raw, p33 = p33_raw}
 for _, issuer in ipairs({'governor', 'p33'}) do
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'plan_id', ARGV[5], 'issuer', 'apply',
-             'decision', 'consumed', 'reason', issuer, 'subject', issuer, 'at', ARGV[6],
-             'latency_ms', ARGV[9], 'symbol', ARGV[7], 'permit', permits[issuer])
+  redis.call('XADD', audit, 'MAXLEN', '~', audit_maxlen, '*', 'plan_id', plan_id, 'issuer', 'apply',
+             'decision', 'consumed', 'reason', issuer, 'subject', issuer, 'at', now,
+             'latency_ms', latency_ms, 'symbol', symbol, 'permit', permits[issuer])
 end
 return 'ok'
 """
 
+PUBLISH_RESULT_LAYOUT = Layout(
+    keys=("result_marker", "results", "hold", "intents", "executed", "proposals?"),
+    args=("plan_id", "marker_ttl_s", "results_maxlen", "group", "entry_id", "no_order", "fields*"),
+)
 PUBLISH_RESULT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  if ARGV[6] ~= '' then redis.call('XACK', ARGV[4], ARGV[5], ARGV[6]) end
+local function ack()
+  if proposals then redis.call('XACK', proposals, group, entry_id) end
+end
+if redis.call('EXISTS', result_marker) == 1 then
+  redis.call('ZREM', intents, plan_id)
+  ack()
   return {'exists', ''}
 end
-if ARGV[7] == '1' and redis.call('EXISTS', KEYS[5]) == 1 then return {'executed', ''} end
-local published = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 8))
-redis.call('SET', KEYS[1], published, 'EX', ARGV[2])
-if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
-redis.call('ZREM', KEYS[4], ARGV[1])
-if ARGV[6] ~= '' then redis.call('XACK', ARGV[4], ARGV[5], ARGV[6]) end
+if no_order == '1' and redis.call('EXISTS', executed) == 1 then return {'executed', ''} end
+local published = redis.call('XADD', results, 'MAXLEN', '~', results_maxlen, '*', unpack(fields))
+redis.call('SET', result_marker, published, 'EX', marker_ttl_s)
+if redis.call('GET', hold) == plan_id then redis.call('DEL', hold) end
+redis.call('ZREM', intents, plan_id)
+ack()
 return {'published', published}
 """
 
+ISSUE_PERMIT_LAYOUT = Layout(
+    keys=("claim", "permit", "audit", "plans?", "mark?", "mark_unless?", "counts*"),
+    args=(
+        "claim_value",
+        "claim_ttl_s",
+        "permit_json",
+        "audit_maxlen",
+        "permit_ttl_s",
+        "mark_value",
+        "mark_ttl_s",
+        "group",
+        "entry_id",
+        "count_member",
+        "count_at",
+        "count_window_start",
+        "count_expire_s",
+        "audit_fields*",
+    ),
+)
 ISSUE_PERMIT = """
 local function ack()
-  if ARGV[11] ~= '' then redis.call('XACK', ARGV[9], ARGV[10], ARGV[11]) end
+  if plans then redis.call('XACK', plans, group, entry_id) end
 end
-local claimed = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
+local claimed = redis.call('SET', claim, claim_value, 'NX', 'EX', claim_ttl_s)
 if not claimed then
-  local owner = redis.call('GET', KEYS[1])
-  if owner ~= ARGV[1] then
+  local owner = redis.call('GET', claim)
+  if owner ~= claim_value then
     ack()
     return {0, owner or ''}
   end
 end
-redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[5])
-if ARGV[6] ~= '' and (ARGV[8] == '0' or redis.call('EXISTS', KEYS[5]) == 0) then
-  redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
+redis.call('SET', permit, permit_json, 'EX', permit_ttl_s)
+if mark and (not mark_unless or redis.call('EXISTS', mark_unless) == 0) then
+  redis.call('SET', mark, mark_value, 'EX', mark_ttl_s)
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 16))
-if ARGV[12] ~= '' then
-  for i = 6, #KEYS do
-    redis.call('ZADD', KEYS[i], ARGV[13], ARGV[12])
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[14])
-    redis.call('EXPIRE', KEYS[i], ARGV[15])
-  end
+redis.call('XADD', audit, 'MAXLEN', '~', audit_maxlen, '*', unpack(audit_fields))
+for _, counted in ipairs(counts) do
+  redis.call('ZADD', counted, count_at, count_member)
+  redis.call('ZREMRANGEBYSCORE', counted, '-inf', count_window_start)
+  redis.call('EXPIRE', counted, count_expire_s)
 end
 ack()
-return {1, ARGV[1]}
+return {1, claim_value}
 """
 
+HOLD_FOR_INTENT_LAYOUT = Layout(keys=("hold", "intents", "record"), args=("plan_id", "default_ms"))
 HOLD_FOR_INTENT = """
-if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
-local left = redis.call('PTTL', KEYS[3])
+if not redis.call('ZSCORE', intents, plan_id) then return 0 end
+local left = redis.call('PTTL', record)
 if left == -2 then return 0 end
-if left == -1 then left = ARGV[2] end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', left)
+if left == -1 then left = default_ms end
+redis.call('SET', hold, plan_id, 'PX', left)
 return 1
 """
 
 # Each script is one EVALSHA: one round trip, nothing interleaves, and the entry it finishes is acknowledged
-# inside it. The acknowledged stream is passed as an argument, not declared in KEYS: a service may only consume
-# its input stream (an ACL selector allowing XREADGROUP, XACK, ...), and declaring the stream would need write
-# access to it for EVALSHA itself. The XACK inside is checked against that selector like any command.
-# (No MULTI around the scripts: redis-py checks SCRIPT EXISTS before every transaction holding a script, an extra
-# round trip per plan; outside a transaction it sends EVALSHA and loads the script only on NOSCRIPT.)
+# inside it. (No MULTI around the scripts: redis-py checks SCRIPT EXISTS before every transaction holding a
+# script, an extra round trip per plan; outside a transaction it sends EVALSHA and loads the script only on
+# NOSCRIPT.)
 
 
 def flatten(fields: dict[str, str]) -> list[str]:
@@ -128,6 +245,25 @@ def flatten(fields: dict[str, str]) -> list[str]:
     for name, value in fields.items():
         flat += [name, value]
     return flat
+
+
+class Issued(NamedTuple):
+    """What the permit script did: ``written`` the permit, or not because ``owner`` had decided the plan first."""
+
+    written: bool
+    owner: str
+
+
+ConsumeStatus = Literal["ok", "already_executed", "already_finished", "governor_permit_changed", "p33_permit_changed"]
+CONSUME_STATUSES: tuple[ConsumeStatus, ...] = (
+    "ok",
+    "already_executed",
+    "already_finished",
+    "governor_permit_changed",
+    "p33_permit_changed",
+)
+PlanPublished = Literal["published", "exists", "busy"]
+ResultPublished = Literal["published", "exists", "executed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,57 +304,77 @@ class PermitWrite:
 
     def keys_and_args(self) -> tuple[list[str], list[Any]]:
         count = self.count
-        script_keys = [
-            self.claim_key,
-            self.permit_key,
-            keys.AUDIT_STREAM,
-            self.mark_key or self.claim_key,
-            self.mark_unless or self.claim_key,
-            *(count.keys if count else ()),
-        ]
-        args = [
-            self.claim_value,
-            keys.PLAN_BOOKKEEPING_TTL_S,
-            self.permit_json,
-            self.audit_maxlen,
-            self.permit_ttl_s,
-            self.mark_value if self.mark_key else "",
-            max(self.mark_ttl_s, 1),
-            "1" if self.mark_unless else "0",  # only then is KEYS[5] a real key to test
-            keys.PLAN_STREAM,
-            self.group,
-            self.entry_id,
-            count.member if count else "",
-            repr(count.at) if count else "0",
-            repr(count.window_start) if count else "0",
-            count.expire_s if count else 0,
-            *flatten(self.audit_fields),
-        ]
-        return script_keys, args
+        return ISSUE_PERMIT_LAYOUT.pack(
+            {
+                "claim": self.claim_key,
+                "permit": self.permit_key,
+                "audit": keys.AUDIT_STREAM,
+                "plans": keys.PLAN_STREAM if self.entry_id else None,
+                "mark": self.mark_key or None,
+                "mark_unless": self.mark_unless if self.mark_key and self.mark_unless else None,
+                "counts": count.keys if count else (),
+            },
+            {
+                "claim_value": self.claim_value,
+                "claim_ttl_s": keys.PLAN_BOOKKEEPING_TTL_S,
+                "permit_json": self.permit_json,
+                "audit_maxlen": self.audit_maxlen,
+                "permit_ttl_s": self.permit_ttl_s,
+                "mark_value": self.mark_value,
+                "mark_ttl_s": max(self.mark_ttl_s, 1),
+                "group": self.group,
+                "entry_id": self.entry_id,
+                "count_member": count.member if count else "",
+                "count_at": repr(count.at) if count else "0",
+                "count_window_start": repr(count.window_start) if count else "0",
+                "count_expire_s": count.expire_s if count else 0,
+                "audit_fields": flatten(self.audit_fields),
+            },
+        )
 
 
-def _issued(reply: Any) -> tuple[bool, str]:
-    return bool(int(reply[0])), str(reply[1])
+def _issued(reply: Any) -> Issued:
+    return Issued(bool(int(reply[0])), str(reply[1]))
+
+
+class LuaScript:
+    """One script registered on one client, called by name (redis-py reloads it on NOSCRIPT)."""
+
+    def __init__(self, redis: aioredis.Redis, layout: Layout, body: str) -> None:
+        self.layout = layout
+        self._script = redis.register_script(layout.prologue() + body)
+
+    @property
+    def sha(self) -> str:
+        return str(self._script.sha)
+
+    async def __call__(self, named_keys: Mapping[str, Any], named_args: Mapping[str, Any]) -> Any:
+        script_keys, args = self.layout.pack(named_keys, named_args)
+        return await self._script(keys=script_keys, args=args)
+
+    async def run_packed(self, script_keys: list[str], args: list[Any]) -> Any:
+        return await self._script(keys=script_keys, args=args)
 
 
 class Scripts:
-    """The scripts registered on one client (redis-py reloads them after a store restart: NOSCRIPT)."""
+    """The scripts registered on one client, one typed wrapper each."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._consume = redis.register_script(CONSUME_PERMITS)
-        self._publish = redis.register_script(PUBLISH_RESULT)
-        self._issue = redis.register_script(ISSUE_PERMIT)
-        self._plan = redis.register_script(PUBLISH_PLAN)
-        self._hold = redis.register_script(HOLD_FOR_INTENT)
+        # The module's bodies as they are now (the Lua mutants of tools/lua_mutants.py replace them).
+        self._consume = LuaScript(redis, CONSUME_PERMITS_LAYOUT, CONSUME_PERMITS)
+        self._publish = LuaScript(redis, PUBLISH_RESULT_LAYOUT, PUBLISH_RESULT)
+        self._issue = LuaScript(redis, ISSUE_PERMIT_LAYOUT, ISSUE_PERMIT)
+        self._plan = LuaScript(redis, PUBLISH_PLAN_LAYOUT, PUBLISH_PLAN)
+        self._hold = LuaScript(redis, HOLD_FOR_INTENT_LAYOUT, HOLD_FOR_INTENT)
 
     async def hold_for_intent(self, *, plan_id: str, symbol: str) -> bool:
         """Hold ``symbol`` for the plan while its intent is recorded; False when it no longer is (resolved).
         The hold expires with the plan's record: the intent sweep drops an intent whose record is gone, so a
         hold that lived longer would stand for nothing."""
-        held: Any = await self._hold(
-            keys=[keys.symbol_in_flight(symbol), keys.APPLY_INTENTS, keys.plan_record(plan_id)],
-            args=[plan_id, keys.PLAN_BOOKKEEPING_TTL_S * 1000],
+        held = await self._hold(
+            {"hold": keys.symbol_in_flight(symbol), "intents": keys.APPLY_INTENTS, "record": keys.plan_record(plan_id)},
+            {"plan_id": plan_id, "default_ms": keys.PLAN_BOOKKEEPING_TTL_S * 1000},
         )
         return bool(held)
 
@@ -231,42 +387,42 @@ class Scripts:
         maxlen: int,
         hold_key: str = "",
         hold_ms: int = 0,
-    ) -> Literal["published", "exists", "busy"]:
+    ) -> PlanPublished:
         """Publish the plan unless it already was. With ``hold_key``, take that key for the plan first (SET NX,
-        or find it already the plan's); "busy" when another plan holds it, and then nothing is published."""
-        reply: Any = await self._plan(
-            keys=[keys.PLAN_STREAM, keys.plan_record(plan_id), hold_key or keys.plan_record(plan_id)],
-            args=[
-                maxlen,
-                keys.PLAN_BOOKKEEPING_TTL_S,
-                proposal_entry_id,
-                hold_ms if hold_key else 0,
-                plan_id,
-                *flatten(fields),
-            ],
+        or find it already the plan's) for ``hold_ms``; "busy" when another plan holds it, and then nothing is
+        published. No ``hold_ms``: no hold."""
+        reply = await self._plan(
+            {"plans": keys.PLAN_STREAM, "record": keys.plan_record(plan_id), "hold": hold_key if hold_ms else None},
+            {
+                "maxlen": maxlen,
+                "record_ttl_s": keys.PLAN_BOOKKEEPING_TTL_S,
+                "proposal_entry_id": proposal_entry_id,
+                "hold_ms": hold_ms,
+                "plan_id": plan_id,
+                "fields": flatten(fields),
+            },
         )
-        outcomes: tuple[Literal["exists", "published", "busy"], ...] = ("exists", "published", "busy")
+        outcomes: tuple[PlanPublished, ...] = ("exists", "published", "busy")
         return outcomes[int(reply)]
 
-    async def issue_permit(self, **write: Any) -> tuple[bool, str]:
-        """Write one permit (see :class:`PermitWrite` for the arguments). Returns (written, claim owner)."""
+    async def issue_permit(self, **write: Any) -> Issued:
+        """Write one permit (see :class:`PermitWrite` for the arguments)."""
         return (await self.issue_permits([PermitWrite(**write)]))[0]
 
-    async def issue_permits(self, writes: Sequence[PermitWrite]) -> list[tuple[bool, str]]:
+    async def issue_permits(self, writes: Sequence[PermitWrite]) -> list[Issued]:
         """Run the permit script for each write, all in one round trip (a pipeline, not a transaction: each
-        script is atomic on its own). Returns (written, claim owner) per write, in order."""
-        if len(writes) == 1:
-            keys_, args = writes[0].keys_and_args()
-            return [_issued(await self._issue(keys=keys_, args=args))]
+        script is atomic on its own). Returns what each did, in order."""
         calls = [w.keys_and_args() for w in writes]
+        if len(calls) == 1:
+            return [_issued(await self._issue.run_packed(*calls[0]))]
         async with self._redis.pipeline(transaction=False) as pipe:
-            for keys_, args in calls:
-                pipe.evalsha(self._issue.sha, len(keys_), *keys_, *args)
+            for script_keys, args in calls:
+                pipe.evalsha(self._issue.sha, len(script_keys), *script_keys, *args)
             replies = await pipe.execute(raise_on_error=False)
         issued = []
-        for (keys_, args), reply in zip(calls, replies, strict=True):
+        for (script_keys, args), reply in zip(calls, replies, strict=True):
             if isinstance(reply, NoScriptError):  # the store restarted without its scripts: load, run again
-                issued.append(_issued(await self._issue(keys=keys_, args=args)))
+                issued.append(_issued(await self._issue.run_packed(script_keys, args)))
             elif isinstance(reply, Exception):
                 raise reply
             else:
@@ -284,31 +440,31 @@ class Scripts:
         now: float,
         latency_ms: float,
         audit_maxlen: int,
-    ) -> str:
+    ) -> ConsumeStatus:
         """Consume both permits if they are still ``governor_raw`` / ``p33_raw`` (see CONSUME_PERMITS); each
         ``consumed`` audit line carries its permit's bytes (``permit``). Returns "ok" or why not."""
-        result: Any = await self._consume(
-            keys=[
-                keys.governor_permit(plan_id),
-                keys.p33_permit(plan_id),
-                keys.executed_marker(plan_id),
-                keys.AUDIT_STREAM,
-                keys.APPLY_INTENTS,
-                keys.result_marker(plan_id),
-            ],
-            args=[
-                governor_raw,
-                p33_raw,
-                marker,
-                keys.PLAN_BOOKKEEPING_TTL_S,
-                plan_id,
-                repr(now),
-                symbol,
-                audit_maxlen,
-                f"{latency_ms:.3f}",
-            ],
+        status = await self._consume(
+            {
+                "governor_permit": keys.governor_permit(plan_id),
+                "p33_permit": keys.p33_permit(plan_id),
+                "executed": keys.executed_marker(plan_id),
+                "audit": keys.AUDIT_STREAM,
+                "intents": keys.APPLY_INTENTS,
+                "result_marker": keys.result_marker(plan_id),
+            },
+            {
+                "governor_raw": governor_raw,
+                "p33_raw": p33_raw,
+                "marker": marker,
+                "marker_ttl_s": keys.PLAN_BOOKKEEPING_TTL_S,
+                "plan_id": plan_id,
+                "now": repr(now),
+                "symbol": symbol,
+                "audit_maxlen": audit_maxlen,
+                "latency_ms": f"{latency_ms:.3f}",
+            },
         )
-        return str(result)
+        return _one_of(CONSUME_STATUSES, str(status))
 
     async def publish_result(
         self,
@@ -319,31 +475,33 @@ class Scripts:
         proposal_entry_id: str,
         result_maxlen: int,
         no_order: bool = False,
-    ) -> Literal["published", "exists", "executed"]:
+    ) -> ResultPublished:
         """Publish the plan's one result (unless it has one) and ack its proposal, in one script. "executed":
         refused, the result says no order was sent (``no_order``) and the plan's permits were consumed."""
         status, _ = await self._publish(
-            keys=[
-                keys.result_marker(plan_id),
-                keys.RESULT_STREAM,
-                keys.symbol_in_flight(symbol),
-                keys.APPLY_INTENTS,
-                keys.executed_marker(plan_id),
-            ],
-            args=[
-                plan_id,
-                keys.PLAN_BOOKKEEPING_TTL_S,
-                result_maxlen,
-                keys.PROPOSAL_STREAM,
-                keys.APPLY_GROUP,
-                proposal_entry_id,
-                "1" if no_order else "0",
-                *flatten(fields),
-            ],
+            {
+                "result_marker": keys.result_marker(plan_id),
+                "results": keys.RESULT_STREAM,
+                "hold": keys.symbol_in_flight(symbol),
+                "intents": keys.APPLY_INTENTS,
+                "executed": keys.executed_marker(plan_id),
+                "proposals": keys.PROPOSAL_STREAM if proposal_entry_id else None,
+            },
+            {
+                "plan_id": plan_id,
+                "marker_ttl_s": keys.PLAN_BOOKKEEPING_TTL_S,
+                "results_maxlen": result_maxlen,
+                "group": keys.APPLY_GROUP,
+                "entry_id": proposal_entry_id,
+                "no_order": "1" if no_order else "0",
+                "fields": flatten(fields),
+            },
         )
-        outcomes: dict[str, Literal["published", "exists", "executed"]] = {
-            "published": "published",
-            "exists": "exists",
-            "executed": "executed",
-        }
-        return outcomes[str(status)]
+        return _one_of(("published", "exists", "executed"), str(status))
+
+
+def _one_of(allowed: tuple[T, ...], reply: str) -> T:
+    for name in allowed:
+        if name == reply:
+            return name
+    raise ValueError(f"script replied {reply!r}, not one of {allowed}")
