@@ -9,7 +9,7 @@ Stages, run in this order (``MUTATION_STAGES`` picks some, comma-separated):
   ``ORDER_PATH_FILES``, comma-separated, narrows the files).
 - ``lua``: the hand-listed Lua mutants of tools/lua_mutants.py, one pytest run each.
 
-Each mutmut stage runs in its own workspace, .qt/mutation/<stage>/ (symlinks to src, tests, docs, deploy and a
+Each mutmut stage runs in its own workspace, .qt/mutation/<stage>/ (symlinks to src, tests, docs, deploy, tools and a
 pyproject.toml whose [tool.mutmut] has the stage's files and tests), because mutmut keeps one test selection
 per mutants/ folder and the domain mutants must not wait for integration tests. mutmut keeps its results
 there: a later run resumes (killed mutants of unchanged functions stay killed; survivors, interrupted and
@@ -44,7 +44,7 @@ OUT = ROOT / ".qt" / "mutation"
 EQUIVALENTS = ROOT / "mutation" / "equivalent.toml"
 VENV_BIN = Path(sys.executable).parent
 # What the tests read besides src/ and tests/ (mutmut copies tests/ and pyproject.toml itself).
-LINKED = ("src", "tests", "docs", "deploy")
+LINKED = ("src", "tests", "docs", "deploy", "tools")
 
 ORDER_PATH_FILES = ["src/quantum_trader/services/apply/*.py", "src/quantum_trader/bus/scripts.py"]
 ORDER_PATH_TESTS = [

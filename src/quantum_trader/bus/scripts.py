@@ -47,6 +47,18 @@ from quantum_trader.bus import keys
 T = TypeVar("T")
 
 
+Slot = tuple[str, Literal["one", "optional", "list"]]
+
+
+def _slot(spec: str) -> Slot:
+    """``name`` (one), ``name?`` (optional), ``name*`` (a list)."""
+    if spec.endswith("*"):
+        return spec[:-1], "list"
+    if spec.endswith("?"):
+        return spec[:-1], "optional"
+    return spec, "one"
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """A script's keys and arguments by name, in order. A key name ending in ``?`` is optional (left out of KEYS
@@ -61,11 +73,10 @@ class Layout:
         presence of the optional keys ('1' or '0' each, in order) when the script has any."""
         lines = ["local nk = 1"]
         optional = 0
-        for spec in self.keys:
-            name = spec.rstrip("?*")
-            if spec.endswith("*"):
+        for name, kind in map(_slot, self.keys):
+            if kind == "list":
                 lines.append(f"local {name} = {{unpack(KEYS, nk)}}")
-            elif spec.endswith("?"):
+            elif kind == "optional":
                 optional += 1
                 lines.append(f"local {name} = nil")
                 lines.append(
@@ -74,33 +85,33 @@ class Layout:
             else:
                 lines.append(f"local {name} = KEYS[nk]; nk = nk + 1")
         first = 2 if optional else 1
-        for n, spec in enumerate(self.args, start=first):
-            name = spec.rstrip("*")
-            lines.append(f"local {name} = {{unpack(ARGV, {n})}}" if spec.endswith("*") else f"local {name} = ARGV[{n}]")
+        for n, (name, kind) in enumerate(map(_slot, self.args), start=first):
+            lines.append(f"local {name} = {{unpack(ARGV, {n})}}" if kind == "list" else f"local {name} = ARGV[{n}]")
         return "\n".join(lines) + "\n"
 
     def pack(self, named_keys: Mapping[str, Any], named_args: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV for these names; a name missing or not in the layout is a TypeError."""
-        _same_names("keys", [s.rstrip("?*") for s in self.keys], named_keys)
-        _same_names("args", [s.rstrip("*") for s in self.args], named_args)
+        key_slots, arg_slots = [_slot(spec) for spec in self.keys], [_slot(spec) for spec in self.args]
+        _same_names("keys", [name for name, _ in key_slots], named_keys)
+        _same_names("args", [name for name, _ in arg_slots], named_args)
         script_keys: list[str] = []
         present = ""
-        for spec in self.keys:
-            value = named_keys[spec.rstrip("?*")]
-            if spec.endswith("*"):
+        for name, kind in key_slots:
+            value = named_keys[name]
+            if kind == "list":
                 script_keys += list(value)
-            elif spec.endswith("?"):
+            elif kind == "optional":
                 present += "1" if value else "0"
                 if value:
                     script_keys.append(value)
+            elif not value:
+                raise TypeError(f"script key {name} is required")
             else:
-                if not value:
-                    raise TypeError(f"key {spec} is required")
                 script_keys.append(value)
-        args: list[Any] = [present] if any(spec.endswith("?") for spec in self.keys) else []
-        for spec in self.args:
-            value = named_args[spec.rstrip("*")]
-            args += list(value) if spec.endswith("*") else [value]
+        args: list[Any] = [present] if any(kind == "optional" for _, kind in key_slots) else []
+        for name, kind in arg_slots:
+            value = named_args[name]
+            args += list(value) if kind == "list" else [value]
         return script_keys, args
 
 
@@ -311,7 +322,7 @@ class PermitWrite:
                 "audit": keys.AUDIT_STREAM,
                 "plans": keys.PLAN_STREAM if self.entry_id else None,
                 "mark": self.mark_key or None,
-                "mark_unless": self.mark_unless if self.mark_key and self.mark_unless else None,
+                "mark_unless": self.mark_unless or None,  # read only when there is a mark
                 "counts": count.keys if count else (),
             },
             {
