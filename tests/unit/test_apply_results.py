@@ -70,16 +70,19 @@ def test_each_outcome_that_sent_nothing_or_was_refused_has_its_own_reason() -> N
 
 
 def test_the_stand_in_plan_is_a_skip_that_can_never_be_executed() -> None:
-    assert Plan(
-        plan_id="ab" * 8,
-        proposal_id="",
-        symbol="BTCUSDT",
-        side="LONG",
-        action="FULL_CLOSE",
-        qty=Decimal(0),
-        decision="SKIP",
-        reason="",
-        steps="[]",
-        plan_hash="0" * 64,
-        created_at=1700000000.0,
-    ) == PLAN
+    assert (
+        Plan(
+            plan_id="ab" * 8,
+            proposal_id="",
+            symbol="BTCUSDT",
+            side="LONG",
+            action="FULL_CLOSE",
+            qty=Decimal(0),
+            decision="SKIP",
+            reason="",
+            steps="[]",
+            plan_hash="0" * 64,
+            created_at=1700000000.0,
+        )
+        == PLAN
+    )

@@ -222,14 +222,16 @@ if not claimed then
   end
 end
 redis.call('SET', permit, permit_json, 'EX', permit_ttl_s)
-if mark and (not mark_unless or redis.call('EXISTS', mark_unless) == 0) then
+if mark and mark_value ~= '' and (not mark_unless or redis.call('EXISTS', mark_unless) == 0) then
   redis.call('SET', mark, mark_value, 'EX', mark_ttl_s)
 end
 redis.call('XADD', audit, 'MAXLEN', '~', audit_maxlen, '*', unpack(audit_fields))
-for _, counted in ipairs(counts) do
-  redis.call('ZADD', counted, count_at, count_member)
-  redis.call('ZREMRANGEBYSCORE', counted, '-inf', count_window_start)
-  redis.call('EXPIRE', counted, count_expire_s)
+if count_member ~= '' then
+  for _, counted in ipairs(counts) do
+    redis.call('ZADD', counted, count_at, count_member)
+    redis.call('ZREMRANGEBYSCORE', counted, '-inf', count_window_start)
+    redis.call('EXPIRE', counted, count_expire_s)
+  end
 end
 ack()
 return {1, claim_value}

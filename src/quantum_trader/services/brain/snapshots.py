@@ -54,6 +54,8 @@ class SnapshotPoller:
         # the store is another instance: its ledgers may have lost results (asked for, and done, in order)
         self._reconcile_asks = self._reconciled = 0
         self._reads: SharedReads[str, float] = SharedReads(self._poll, "p33-snapshots")
+        self._running = False  # the poll loop runs: asks go to the shared reader (before: kept in _early)
+        self._early: dict[str, None] = {}
 
     def snapshot_age(self, symbol: str) -> float:
         """Seconds since the symbol's snapshot was written by this instance (inf before the first)."""
@@ -61,19 +63,37 @@ class SnapshotPoller:
         return self._clock.wall() - at if at is not None else float("inf")
 
     async def run(self) -> None:
-        """Every ``snapshot_interval_s`` all symbols (asked-for ones never starve the others: a full poll joins
-        the next request whatever else is asked meanwhile)."""
+        """Every ``snapshot_interval_s`` all symbols, each full poll due an interval after the last one started
+        (a slow or failed poll does not push the next one back); asked-for symbols never starve the others: a
+        full poll joins the next request whatever else is asked meanwhile. Asks that came before this loop (a
+        store change during the start-up reconcile) are polled first."""
+        interval = self.settings.brain.snapshot_interval_s
+        self._running = True
+        if self._early:
+            self._reads.ask(self._early)
+            self._early.clear()
         try:
+            next_full = self._clock.mono() + interval  # reconcile wrote every snapshot just before this loop
             while True:
-                await asyncio.sleep(self.settings.brain.snapshot_interval_s)
+                await asyncio.sleep(max(0.0, next_full - self._clock.mono()))
+                next_full = self._clock.mono() + interval
                 with contextlib.suppress(ExchangeError, *STORE_ERRORS):  # logged by _poll
                     await self._reads.get(self.symbols)
         finally:
+            self._running = False
             await self._reads.aclose()
 
     def ask_refresh(self, symbols: list[str]) -> None:
-        """A snapshot of ``symbols`` soon (a fill moved them); nobody waits for it."""
-        self._reads.ask(symbols)
+        """A snapshot of ``symbols`` soon (a fill moved them); nobody waits for it. Before the poll loop runs,
+        the asks wait for it (nothing is polled before the start-up reconcile is done)."""
+        if self._running:
+            self._reads.ask(self._managed(symbols))
+        else:
+            self._early.update(dict.fromkeys(self._managed(symbols)))
+
+    def _managed(self, symbols: list[str]) -> list[str]:
+        """The managed ones of ``symbols`` (only those are polled); all symbols when none is (a full poll)."""
+        return [s for s in self.symbols if s in symbols] or self.symbols
 
     def reconcile_soon(self) -> None:
         """Reconcile every ledger at the next poll (the store is another instance than before)."""
@@ -94,10 +114,11 @@ class SnapshotPoller:
             if fresh():
                 break
             try:
-                with contextlib.suppress(ExchangeError, *STORE_ERRORS):  # logged by _poll
-                    await asyncio.wait_for(self._reads.get(symbols), max(0.0, deadline - self._clock.mono()))
-            except TimeoutError:
+                await asyncio.wait_for(self._reads.get(self._managed(symbols)), max(0.0, deadline - self._clock.mono()))
+            except TimeoutError:  # (before the store errors: TimeoutError is an OSError)
                 break
+            except (ExchangeError, *STORE_ERRORS):
+                pass  # logged by _poll; asked for once more
             if self._clock.mono() >= deadline:
                 break
         return fresh()
@@ -112,6 +133,9 @@ class SnapshotPoller:
             raise
         except STORE_ERRORS as exc:
             self.log.warning("snapshot write failed: store unavailable", error=str(exc))
+            raise
+        except Exception:  # a bug: logged here, where a poll nobody waits for would otherwise drop it
+            self.log.exception("snapshot poll failed unexpectedly")
             raise
         return {symbol: self._snapshot_at[symbol] for symbol in symbols if symbol in self._snapshot_at}
 
