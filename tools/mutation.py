@@ -160,6 +160,9 @@ class StageRun:
 def run_mutmut(stage: Stage, budget_s: float) -> StageRun:
     ws = workspace(stage)
     retry_unsettled(ws)
+    # Which tests reach which function is measured afresh each run: mutmut keeps the last run's map and would
+    # not run a test added since against a function it had never seen it reach (a survivor a test kills).
+    (ws / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     log = ws / "run.log"
     started = time.monotonic()
     result = StageRun(stage.name, budget_s)

@@ -50,6 +50,16 @@ def test_a_letter_without_its_optional_parts_is_shown_with_empty_values() -> Non
     }
 
 
+def test_a_plain_letter_without_an_error_shows_none_and_no_unreadable_note() -> None:
+    assert letter_row("dlq", "1-0", {"orig.k": "v"})["error"] == ""
+    assert letter_row("dlq", "1-0", {"error": ""})["error"] == ""
+
+
+def test_a_letter_time_that_is_not_a_number_falls_back_to_the_entry_id() -> None:
+    assert letter_row("dlq", "1700000004000-0", {"at": "soon"})["at"] == 1700000004.0
+    assert letter_row("dlq", "1700000004000-0", {"at": "1700000000.25"})["at"] == 1700000000.25
+
+
 def test_raw_bytes_that_are_not_a_count_are_none_and_only_true_means_truncated() -> None:
     row = letter_row("dlq", "1-0", {"raw_bytes": "12a", "raw_truncated": "yes"})
     assert row["raw_bytes"] is None and row["raw_truncated"] is False

@@ -23,15 +23,19 @@ def letter_row(dlq: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any
     return {
         "id": entry_id,
         "dead_letter_stream": dlq,
-        "at": entry_time(entry_id, {"at": fields.get("at", "")}),
+        "at": entry_time(entry_id, fields),
         "source_stream": printable(fields.get("source_stream", "")),
         "source_id": printable(fields.get("source_id", "")),
         "service": printable(fields.get("service", "")),
-        "error": printable(fields.get("error", "") or (f"unreadable dead letter: {defect}" if defect else "")),
+        "error": printable(fields.get("error") or (f"unreadable dead letter: {defect}" if defect else "")),
         "fields": preview[:PREVIEW_CHARS] + ("…" if len(preview) > PREVIEW_CHARS else ""),
-        "raw_bytes": int(fields["raw_bytes"]) if fields.get("raw_bytes", "").isdigit() else None,
+        "raw_bytes": _count(fields.get("raw_bytes")),
         "raw_truncated": fields.get("raw_truncated") == "true",
     }
+
+
+def _count(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
 
 
 def newest_first(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:

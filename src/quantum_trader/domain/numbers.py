@@ -38,11 +38,11 @@ def round_down_to_step(qty: Decimal, step: Decimal) -> Decimal:
 
 
 def _integer(value: Decimal) -> tuple[int, int]:
-    """(coefficient, exponent) of a finite Decimal: value == coefficient * 10**exponent."""
+    """(coefficient, exponent) of a positive finite Decimal (its only callers' inputs): value ==
+    coefficient * 10**exponent."""
     sign, digits, exponent = value.as_tuple()
-    assert isinstance(exponent, int)
-    coefficient = int("".join(map(str, digits)) or "0")
-    return -coefficient if sign else coefficient, exponent
+    assert sign == 0 and isinstance(exponent, int), value
+    return int("".join(map(str, digits))), exponent
 
 
 def format_qty(qty: Decimal, step: Decimal) -> str:
