@@ -46,7 +46,11 @@ VENV_BIN = Path(sys.executable).parent
 # What the tests read besides src/ and tests/ (mutmut copies tests/ and pyproject.toml itself).
 LINKED = ("src", "tests", "docs", "deploy", "tools")
 
-ORDER_PATH_FILES = ["src/quantum_trader/services/apply/*.py", "src/quantum_trader/bus/scripts.py"]
+ORDER_PATH_FILES = [
+    "src/quantum_trader/services/apply/*.py",
+    "src/quantum_trader/bus/scripts.py",
+    "src/quantum_trader/bus/lua.py",
+]
 ORDER_PATH_TESTS = [
     "tests/unit",
     "tests/integration/test_scripts.py",

@@ -1,4 +1,4 @@
-"""bus/scripts.py Layout: a script's keys and arguments by name, packed into KEYS/ARGV and bound back to the
+"""bus/lua.py Layout: a script's keys and arguments by name, packed into KEYS/ARGV and bound back to the
 same names in Lua (the scripts' behaviour itself: tests/integration/test_scripts.py, on real stores)."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from quantum_trader.bus import keys
-from quantum_trader.bus.scripts import ISSUE_PERMIT_LAYOUT, Layout, PermitWrite, _one_of
+from quantum_trader.bus.lua import Layout, one_of
+from quantum_trader.bus.scripts import ISSUE_PERMIT_LAYOUT, PermitWrite
 
 LAYOUT = Layout(keys=("stream", "hold?", "mark?", "counts*"), args=("plan_id", "ttl_s", "fields*"))
 
@@ -74,9 +75,9 @@ def test_the_permit_write_declares_the_plan_stream_only_when_it_acknowledges_an_
 
 
 def test_a_reply_no_wrapper_knows_is_an_error_naming_it() -> None:
-    assert _one_of(("ok", "busy"), "busy") == "busy"
+    assert one_of(("ok", "busy"), "busy") == "busy"
     with pytest.raises(ValueError) as refused:
-        _one_of(("ok", "busy"), "nope")
+        one_of(("ok", "busy"), "nope")
     assert str(refused.value) == "script replied 'nope', not one of ('ok', 'busy')"
 
 

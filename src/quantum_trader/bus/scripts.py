@@ -23,7 +23,7 @@ publish_result: the plan has no result yet → publish it, set the result marker
     its permits and may have sent it, and only the order's outcome may be the result.
 Every key a script touches is declared in KEYS (the acknowledged stream too), so the server checks each one
 against the caller's ACL (bus/acl.py) and a Cluster could check their slots. Each script names its keys and
-arguments once (``Layout``): the Python wrapper passes them by name, and the Lua body reads them by the same
+arguments once (``Layout``, bus/lua.py): the Python wrapper passes them by name, and the Lua body reads them by the same
 names (a prologue generated from the layout binds ``KEYS[i]`` and ``ARGV[i]`` to them). An optional key is left
 out of KEYS when unused, never replaced by a dummy.
 
@@ -35,91 +35,15 @@ carries its scripts' text and loads them itself on NOSCRIPT, so it always runs e
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from quantum_trader.bus import keys
-
-T = TypeVar("T")
-
-
-Slot = tuple[str, Literal["one", "optional", "list"]]
-
-
-def _slot(spec: str) -> Slot:
-    """``name`` (one), ``name?`` (optional), ``name*`` (a list)."""
-    if spec.endswith("*"):
-        return spec[:-1], "list"
-    if spec.endswith("?"):
-        return spec[:-1], "optional"
-    return spec, "one"
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """A script's keys and arguments by name, in order. A key name ending in ``?`` is optional (left out of KEYS
-    when not given: nil in Lua), one ending in ``*`` is a list (the last key name; a Lua table). An argument
-    name ending in ``*`` is a list too (the last argument: a Lua table, for field/value pairs)."""
-
-    keys: tuple[str, ...]
-    args: tuple[str, ...]
-
-    def prologue(self) -> str:
-        """Lua binding every name: required and optional keys in order, then the arguments. ARGV[1] is the
-        presence of the optional keys ('1' or '0' each, in order) when the script has any."""
-        lines = ["local nk = 1"]
-        optional = 0
-        for name, kind in map(_slot, self.keys):
-            if kind == "list":
-                lines.append(f"local {name} = {{unpack(KEYS, nk)}}")
-            elif kind == "optional":
-                optional += 1
-                lines.append(f"local {name} = nil")
-                lines.append(
-                    f"if string.sub(ARGV[1], {optional}, {optional}) == '1' then {name} = KEYS[nk]; nk = nk + 1 end"
-                )
-            else:
-                lines.append(f"local {name} = KEYS[nk]; nk = nk + 1")
-        first = 2 if optional else 1
-        for n, (name, kind) in enumerate(map(_slot, self.args), start=first):
-            lines.append(f"local {name} = {{unpack(ARGV, {n})}}" if kind == "list" else f"local {name} = ARGV[{n}]")
-        return "\n".join(lines) + "\n"
-
-    def pack(self, named_keys: Mapping[str, Any], named_args: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV for these names; a name missing or not in the layout is a TypeError."""
-        key_slots, arg_slots = [_slot(spec) for spec in self.keys], [_slot(spec) for spec in self.args]
-        _same_names("keys", [name for name, _ in key_slots], named_keys)
-        _same_names("args", [name for name, _ in arg_slots], named_args)
-        script_keys: list[str] = []
-        present = ""
-        for name, kind in key_slots:
-            value = named_keys[name]
-            if kind == "list":
-                script_keys += list(value)
-            elif kind == "optional":
-                present += "1" if value else "0"
-                if value:
-                    script_keys.append(value)
-            elif not value:
-                raise TypeError(f"script key {name} is required")
-            else:
-                script_keys.append(value)
-        args: list[Any] = [present] if any(kind == "optional" for _, kind in key_slots) else []
-        for name, kind in arg_slots:
-            value = named_args[name]
-            args += list(value) if kind == "list" else [value]
-        return script_keys, args
-
-
-def _same_names(what: str, declared: list[str], given: Mapping[str, Any]) -> None:
-    if set(declared) != set(given):
-        missing, extra = set(declared) - set(given), set(given) - set(declared)
-        raise TypeError(f"script {what}: missing {sorted(missing)}, not in the layout {sorted(extra)}")
-
+from quantum_trader.bus.lua import Layout, LuaScript, one_of
 
 PUBLISH_PLAN_LAYOUT = Layout(
     keys=("plans", "record", "hold?"),
@@ -350,25 +274,6 @@ def _issued(reply: Any) -> Issued:
     return Issued(bool(int(reply[0])), str(reply[1]))
 
 
-class LuaScript:
-    """One script registered on one client, called by name (redis-py reloads it on NOSCRIPT)."""
-
-    def __init__(self, redis: aioredis.Redis, layout: Layout, body: str) -> None:
-        self.layout = layout
-        self._script = redis.register_script(layout.prologue() + body)
-
-    @property
-    def sha(self) -> str:
-        return str(self._script.sha)
-
-    async def __call__(self, named_keys: Mapping[str, Any], named_args: Mapping[str, Any]) -> Any:
-        script_keys, args = self.layout.pack(named_keys, named_args)
-        return await self._script(keys=script_keys, args=args)
-
-    async def run_packed(self, script_keys: list[str], args: list[Any]) -> Any:
-        return await self._script(keys=script_keys, args=args)
-
-
 class Scripts:
     """The scripts registered on one client, one typed wrapper each."""
 
@@ -477,7 +382,7 @@ class Scripts:
                 "latency_ms": f"{latency_ms:.3f}",
             },
         )
-        return _one_of(CONSUME_STATUSES, str(status))
+        return one_of(CONSUME_STATUSES, str(status))
 
     async def publish_result(
         self,
@@ -510,11 +415,4 @@ class Scripts:
                 "fields": flatten(fields),
             },
         )
-        return _one_of(("published", "exists", "executed"), str(status))
-
-
-def _one_of(allowed: tuple[T, ...], reply: str) -> T:
-    for name in allowed:
-        if name == reply:
-            return name
-    raise ValueError(f"script replied {reply!r}, not one of {allowed}")
+        return one_of(("published", "exists", "executed"), str(status))
