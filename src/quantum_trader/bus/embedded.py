@@ -41,7 +41,7 @@ class EmbeddedStore:
         # stores starting at once (two test workers, two systems), and one of them then fails to bind.
         port = port if port is not None else free_port()
         self._server = _server(data_dir, port, aclfile, appendfsync if persist else None)
-        self._port: int | None = port
+        self._port = port
 
     def start(self) -> str:
         self._server.start(timeout=15.0)
@@ -55,7 +55,6 @@ class EmbeddedStore:
     @property
     def port(self) -> int:
         """The port it listens (or listened, before a kill) on."""
-        assert self._port is not None, "not started yet"
         return self._port
 
     @property
