@@ -39,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import log_only  # tools/ is not a package: its modules import each other by path
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".qt" / "mutation"
 EQUIVALENTS = ROOT / "mutation" / "equivalent.toml"
@@ -55,6 +58,7 @@ ORDER_PATH_TESTS = [
     "tests/unit",
     "tests/integration/test_scripts.py",
     "tests/integration/test_order_path_edges.py",
+    "tests/integration/test_apply_handler.py",
 ]
 
 
@@ -222,6 +226,17 @@ class Equivalent:
     reason: str
 
 
+@dataclass(frozen=True)
+class Mutant:
+    diff: str  # the changed lines, "-" the code, "+" the mutant
+    original: str  # the function's source (empty when mutmut's index could not give it)
+    mutated: str
+
+    @property
+    def log_only(self) -> bool:
+        return bool(self.original) and log_only.only_log_arguments_differ(self.original, self.mutated)
+
+
 def load_equivalents() -> dict[str, Equivalent]:
     if not EQUIVALENTS.exists():
         return {}
@@ -231,17 +246,22 @@ def load_equivalents() -> dict[str, Equivalent]:
     }
 
 
-def diff_lines(ws: Path, names: list[str]) -> dict[str, str]:
-    """The changed lines (-old / +new) of each mutant, read from mutmut's generated files."""
+def diff_lines(ws: Path, names: list[str]) -> dict[str, Mutant]:
+    """Each mutant's changed lines (-old / +new) and its function's source before and after, read from mutmut's
+    generated files."""
     if not names:
         return {}
     script = (
         "import json, sys\n"
-        "from mutmut.mutation.diff_apply import get_diff_for_mutant\n"
+        "import libcst as cst\n"
+        "from mutmut.mutation.diff_apply import get_diff_for_mutant, read_functions_from_index\n"
         "out = {}\n"
         "for name, path in json.load(sys.stdin):\n"
         "    d = get_diff_for_mutant(name, path=path).splitlines()\n"
-        "    out[name] = '\\n'.join(x for x in d if x[:1] in '+-' and x[:3] not in ('+++', '---'))\n"
+        "    both = read_functions_from_index(name, path) or (None, None)\n"
+        "    code = [cst.Module([f]).code if f is not None else '' for f in both]\n"
+        "    diff = '\\n'.join(x for x in d if x[:1] in '+-' and x[:3] not in ('+++', '---'))\n"
+        "    out[name] = [diff, *code]\n"
         "print(json.dumps(out))\n"
     )
     pairs = [[name, path_of(name)] for name in names]
@@ -249,9 +269,9 @@ def diff_lines(ws: Path, names: list[str]) -> dict[str, str]:
         [sys.executable, "-c", script], cwd=ws, input=json.dumps(pairs), capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
-        return {name: f"(diff unavailable: {proc.stderr.strip().splitlines()[-1:]})" for name in names}
-    diffs: dict[str, str] = json.loads(proc.stdout)
-    return diffs
+        why = f"(diff unavailable: {proc.stderr.strip().splitlines()[-1:]})"
+        return {name: Mutant(why, "", "") for name in names}
+    return {name: Mutant(*parts) for name, parts in json.loads(proc.stdout).items()}
 
 
 def path_of(mutant: str) -> str:
@@ -278,24 +298,25 @@ def collect(ws: Path, equivalents: dict[str, Equivalent]) -> dict[str, Any]:
                 survivors.append(name)
         if counts:
             per_file[rel] = counts
-    diffs = diff_lines(ws, survivors)
-    unlisted, stale, equivalent = [], [], []
+    mutants = diff_lines(ws, survivors)
+    unlisted, stale, equivalent, logged = [], [], [], []
     for name in survivors:
-        diff = diffs.get(name, "")
+        mutant = mutants.get(name, Mutant("", "", ""))
         listed = equivalents.get(name)
         rel = path_of(name)
-        if listed and listed.mutation == plus_line(diff):
+        if (listed and listed.mutation == plus_line(mutant.diff)) or (not listed and mutant.log_only):
             per_file[rel]["survived"] -= 1
             per_file[rel]["equivalent"] += 1
-            equivalent.append(name)
+            (equivalent if listed else logged).append(name)
         else:
-            unlisted.append({"mutant": name, "diff": diff})
+            unlisted.append({"mutant": name, "diff": mutant.diff})
             if listed:
                 stale.append(name)
     return {
         "files": {k: dict(v) for k, v in per_file.items()},
         "survivors": unlisted,
         "equivalent": equivalent,
+        "log_only": logged,
         "stale_equivalents": stale,
     }
 
@@ -339,6 +360,11 @@ def write_report(runs: list[StageRun], results: dict[str, dict[str, Any]], bound
         if run.note:
             md += ["", f"Note: {run.note}"]
         md += ["", *table(res["files"]), ""]
+        if res.get("log_only"):
+            md += [
+                f"Of the equivalent, {len(res['log_only'])} change only a log call's arguments: {log_only.REASON}.",
+                "",
+            ]
         if res.get("stale_equivalents"):
             md += ["Listed as equivalent but the mutant no longer matches its entry (counted as survived):", ""]
             md += [f"- {name}" for name in res["stale_equivalents"]] + [""]
@@ -375,7 +401,6 @@ def main() -> int:
         share = max(deadline - time.monotonic(), 0.0) / (len(wanted) - i)
         print(f"mutation: stage {name}, {share / 60:.1f} min", flush=True)
         if name == "lua":
-            sys.path.insert(0, str(ROOT / "tools"))
             import lua_mutants
 
             run = StageRun(name, share)

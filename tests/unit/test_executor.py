@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import selectors
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
 from quantum_trader.domain.execution import CLOCK_MARGIN_MS, LATE_EXECUTION_HORIZON_MS, MAY_EXECUTE_LATE, SendRecord
-from quantum_trader.domain.filters import SymbolFilters
 from quantum_trader.exchange.base import (
     ExchangeBanned,
     ExchangeError,
@@ -28,134 +26,17 @@ from quantum_trader.exchange.base import (
     NotSent,
     OrderReport,
     OutcomeUnknown,
-    PositionInfo,
     Throttled,
 )
 from quantum_trader.exchange.errors import REJECTION_CODES, RETRYABLE_REJECTION_CODES
 from quantum_trader.services.apply.orders import OrderExecutor, OrderOutcome, OutcomeKind
+from scripted import RECV_MS, T0, At, FakeClock, RecordingLog, ScriptedExchange
 
 D = Decimal
-T0 = 1_800_000_000_000.0  # exchange clock (ms) when the first request is signed
-RECV_MS = 1000
 SETTLED = T0 + RECV_MS + CLOCK_MARGIN_MS  # from when a request signed at T0 can no longer execute
 WINDOW_END = T0 + 5000  # the plan's permit window, on the exchange clock
 RESOLVE_S = 30.0
 COID = "qt-0123456789abcdef"
-
-Answer = OrderReport | ExchangeError | None  # a report, "no such order" (lookups only), or a failure
-
-
-@dataclass(frozen=True, slots=True)
-class At:
-    """``answer``, given when the exchange clock reads ``ms`` (None: as it reads now); the monotonic clock moves
-    ``mono_s`` on first (past the resolve deadline, for a lookup that fails or finds the order still open)."""
-
-    answer: Answer
-    ms: float | None = None
-    mono_s: float = 0.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.wall_s = T0 / 1000
-        self.mono_s = 100.0
-
-    def wall(self) -> float:
-        return self.wall_s
-
-    def mono(self) -> float:
-        return self.mono_s
-
-
-@dataclass
-class Call:
-    kind: str  # "place" or "query"
-    at_ms: float  # the exchange clock when it was answered
-    client_order_id: str
-    deadline_ms: float | None = None
-    symbol: str = ""
-    side: str = ""  # sends only
-    qty: Decimal | None = None  # sends only
-    mono_s: float = 0.0  # the monotonic clock when it was answered
-
-
-@dataclass
-class ScriptedExchange:
-    """The ``Exchange`` protocol, answering each send and lookup with the next scripted answer."""
-
-    clock: FakeClock
-    places: list[At]
-    lookups: list[At] = field(default_factory=list)
-    ms: float = T0
-    recv_window_ms: int = RECV_MS
-    calls: list[Call] = field(default_factory=list)
-
-    def _next(self, script: list[At], what: str) -> Answer:
-        if not script:
-            raise AssertionError(f"unscripted {what}: the executor did one more than it may")
-        step = script.pop(0)
-        if step.ms is not None:
-            self.ms = step.ms
-        self.clock.mono_s += step.mono_s
-        return step.answer
-
-    async def place_reduce_only_market(
-        self, symbol: str, side: str, qty: Decimal, client_order_id: str, deadline_ms: float | None = None
-    ) -> OrderReport:
-        answer = self._next(self.places, "send")
-        self.calls.append(Call("place", self.ms, client_order_id, deadline_ms, symbol, side, qty, self.clock.mono_s))
-        if isinstance(answer, ExchangeError):
-            raise answer
-        assert answer is not None, "a send answers with a report or fails"
-        return answer
-
-    async def query_order(self, symbol: str, client_order_id: str) -> OrderReport | None:
-        answer = self._next(self.lookups, "lookup")
-        self.calls.append(Call("query", self.ms, client_order_id, symbol=symbol, mono_s=self.clock.mono_s))
-        if isinstance(answer, ExchangeError):
-            raise answer
-        return answer
-
-    def now_ms(self) -> float:
-        return self.ms
-
-    @property
-    def order_recv_window_ms(self) -> int:
-        return self.recv_window_ms
-
-    @property
-    def sends(self) -> int:
-        return sum(call.kind == "place" for call in self.calls)
-
-    @property
-    def queries(self) -> int:
-        return sum(call.kind == "query" for call in self.calls)
-
-    def kinds(self) -> list[str]:
-        return [call.kind for call in self.calls]
-
-    async def positions(self, symbols: list[str]) -> dict[str, PositionInfo]:
-        raise AssertionError("the executor reads no positions")
-
-    async def filters(self) -> dict[str, SymbolFilters]:
-        raise AssertionError("the executor reads no filters")
-
-    async def orders_since(self, symbol: str, since_ms: float) -> list[OrderReport]:
-        raise AssertionError("the executor searches no orders")
-
-    async def close(self) -> None:
-        return None
-
-
-class RecordingLog:
-    def __init__(self) -> None:
-        self.warnings: list[tuple[str, dict[str, object]]] = []
-
-    def warning(self, message: str, /, **fields: object) -> None:
-        self.warnings.append((message, fields))
-
-    def fields(self) -> list[dict[str, object]]:
-        return [fields for _, fields in self.warnings]
 
 
 def report(status: str, executed: str = "0") -> OrderReport:
