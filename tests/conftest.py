@@ -82,11 +82,18 @@ def _redis_reason() -> str | None:
     return None
 
 
-@pytest.fixture(params=["valkey", "redis"])
-def store_url(request: pytest.FixtureRequest, embedded_store: str) -> str:
+# Which stores the integration tests run on (QT_TEST_STORES, comma-separated): both by default. The mutation tool
+# runs one, as each mutant's tests are run once (tools/mutation.py picks the Redis when it answers).
+TEST_STORES = [s for s in os.environ.get("QT_TEST_STORES", "valkey,redis").split(",") if s]
+
+
+@pytest.fixture(params=TEST_STORES)
+def store_url(request: pytest.FixtureRequest) -> str:
     """A flushed store: the embedded Valkey, then (second run) the external Redis."""
     if request.param == "valkey":
-        url = embedded_store
+        url = str(request.getfixturevalue("embedded_store"))  # started only when a test runs on it
+    elif request.param != "redis":
+        raise ValueError(f"QT_TEST_STORES names {request.param!r}; the stores are valkey and redis")
     else:
         reason = _redis_reason()
         if reason:

@@ -73,7 +73,7 @@ class ScriptedExchange:
     ms: float | None = T0  # the exchange clock; None: it follows the clock's wall time (until scripted)
     recv_window_ms: int = RECV_MS
     calls: list[Call] = field(default_factory=list)
-    held: dict[str, Decimal] | ExchangeError | None = None  # what a position read answers (None: none expected)
+    held: dict[str, Decimal] | Exception | None = None  # what a position read answers (None: none expected)
     history: dict[str, list[OrderReport] | ExchangeError] | None = None  # per symbol, what a search finds
     position_reads: list[list[str]] = field(default_factory=list)
     searches: list[tuple[str, float]] = field(default_factory=list)  # (symbol, since_ms) per search
@@ -129,7 +129,7 @@ class ScriptedExchange:
         self.position_reads.append(list(symbols))
         if self.held is None:
             raise AssertionError("unscripted position read")
-        if isinstance(self.held, ExchangeError):
+        if isinstance(self.held, Exception):
             raise self.held
         return {s: PositionInfo(s, amt, Decimal(100), Decimal(100)) for s, amt in self.held.items() if s in symbols}
 

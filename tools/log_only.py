@@ -5,8 +5,9 @@ whose calls never raise (``Log._emit`` catches everything) and return nothing, a
 back. The mutation report counts these as equivalent by this one rule instead of listing each of them in
 mutation/equivalent.toml. A change is log-only when every difference between the original function and the
 mutant lies inside the arguments of a call ``<...>.log.<level>(...)`` / ``<...>._log.<level>(...)`` (level:
-debug, info, warning, error, exception), and the arguments on either side evaluate nothing that could act
-(no ``await``, no assignment expression, no call except ``str``/``len``/``repr``/``round``/``format``).
+debug, info, warning, error, exception; or ``bind``, whose fields go only into later lines), and the
+arguments on either side evaluate nothing that could act (no ``await``, no assignment expression, no call
+except ``str``/``len``/``repr``/``round``/``format``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import ast
 import textwrap
 from collections.abc import Iterator
 
-LEVELS = frozenset({"debug", "info", "warning", "error", "exception"})
+LEVELS = frozenset({"debug", "info", "warning", "error", "exception", "bind"})  # bind: fields for later lines
 LOGGERS = frozenset({"log", "_log"})
 PURE_CALLS = frozenset({"str", "len", "repr", "round", "format"})
 REASON = (

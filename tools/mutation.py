@@ -13,7 +13,8 @@ Each mutmut stage runs in its own workspace, .qt/mutation/<stage>/ (symlinks to 
 pyproject.toml whose [tool.mutmut] has the stage's files and tests), because mutmut keeps one test selection
 per mutants/ folder and the domain mutants must not wait for integration tests. mutmut keeps its results
 there: a later run resumes (killed mutants of unchanged functions stay killed; survivors, interrupted and
-unchecked mutants are run again, so a new test shows at once). ``MUTATION_FRESH=1`` deletes the workspaces.
+unchecked mutants are run again, so a new test shows at once). ``MUTATION_FRESH=1`` deletes the workspaces;
+``MUTATION_REPORT_ONLY=1`` runs nothing and writes the report of what the workspaces hold (mutmut stages).
 
 The whole run is bounded by ``MUTATION_MINUTES`` (default 20): each stage gets an equal share of what is
 left when it starts (time a stage does not use goes to the next ones); a stage that reaches its share is
@@ -59,6 +60,9 @@ ORDER_PATH_TESTS = [
     "tests/integration/test_scripts.py",
     "tests/integration/test_order_path_edges.py",
     "tests/integration/test_apply_handler.py",
+    "tests/integration/test_apply_service.py",
+    "tests/integration/test_apply_sweep.py",
+    "tests/integration/test_permit_waiter.py",
 ]
 
 
@@ -165,6 +169,20 @@ class StageRun:
     note: str = ""
 
 
+def one_store() -> str:
+    """The store each mutant's integration tests run on (tests/conftest.py QT_TEST_STORES): the machine's Redis
+    when it answers at QT_TEST_REDIS_URL (nothing to start per mutant), else the embedded Valkey. One store,
+    not both: a skipped test passes, so a store the tests cannot reach must never be the one chosen."""
+    import redis
+
+    url = os.environ.get("QT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    try:
+        version = str(redis.Redis.from_url(url, socket_connect_timeout=0.5).info("server")["redis_version"])
+    except (redis.RedisError, OSError, KeyError):
+        return "valkey"
+    return "redis" if int(version.split(".", maxsplit=1)[0]) >= 7 else "valkey"  # conftest: 7 or newer
+
+
 def run_mutmut(stage: Stage, budget_s: float) -> StageRun:
     ws = workspace(stage)
     retry_unsettled(ws)
@@ -179,9 +197,13 @@ def run_mutmut(stage: Stage, budget_s: float) -> StageRun:
         proc = subprocess.Popen(
             [str(VENV_BIN / "mutmut"), "run", "--max-children", "1"],
             cwd=ws,
+            env={**os.environ, "QT_TEST_STORES": os.environ.get("QT_TEST_STORES") or one_store()},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # SIGINT is how the bound stops it (below); a shell's background job has SIGINT ignored, and a
+            # Python started with it ignored never turns it into KeyboardInterrupt
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
         )
         try:
             result.exit_code = proc.wait(timeout=budget_s)
@@ -394,6 +416,8 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + bound_min * 60
     equivalents = load_equivalents()
+    if os.environ.get("MUTATION_REPORT_ONLY") == "1":  # the lua stage keeps no verdicts to report
+        wanted = [name for name in wanted if name != "lua"]
     runs: list[StageRun] = []
     results: dict[str, dict[str, Any]] = {}
     by_name = {s.name: s for s in stages()}
@@ -409,6 +433,9 @@ def main() -> int:
             run.seconds = time.monotonic() - started
             run.hit_bound = outcome.hit_bound
             results[name] = outcome.as_result()
+        elif os.environ.get("MUTATION_REPORT_ONLY") == "1":  # the verdicts mutmut recorded, run nothing
+            run = StageRun(name, 0.0, note="report only: the verdicts of earlier runs, nothing run now")
+            results[name] = collect(OUT / name, equivalents)
         else:
             run = run_mutmut(by_name[name], share)
             results[name] = collect(OUT / name, equivalents)

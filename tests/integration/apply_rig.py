@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,9 +26,10 @@ from conftest import make_settings, wait_key
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
 from quantum_trader.bus.identity import StoreWatch
-from quantum_trader.bus.streams import ensure_topology
-from quantum_trader.domain.models import AuditEntry, Plan, Result, from_fields, to_fields
-from quantum_trader.domain.planning import plan_id_for
+from quantum_trader.bus.scripts import Scripts
+from quantum_trader.bus.streams import STREAM_MAXLEN, ensure_topology
+from quantum_trader.domain.models import AuditEntry, Plan, Proposal, Result, from_fields, to_fields
+from quantum_trader.domain.planning import PlanningContext, make_plan, plan_id_for
 from quantum_trader.exchange.base import OrderReport
 from quantum_trader.services.apply import ApplyService
 from quantum_trader.services.consumer import cancel_and_wait
@@ -90,6 +92,32 @@ class Rig:
         await wait_key(self.rds, keys.plan_record(plan_id))
         return from_fields(Plan, await self.rds.hgetall(keys.plan_record(plan_id)))
 
+    async def plan_of(self, entry_id: str) -> Plan:
+        """The plan of the proposal entry ``entry_id`` (once it is published)."""
+        ((_, fields),) = await self.rds.xrange(keys.PROPOSAL_STREAM, entry_id, entry_id)
+        return await self.plan(plan_id_for(entry_id, fields["proposal_id"]))
+
+    async def publish_plan(self, entry_id: str, *, age_s: float = 0.0, qty: str = "0.010") -> Plan:
+        """The plan another handler (or this one before a restart) published for the proposal ``age_s`` ago."""
+        ((_, fields),) = await self.rds.xrange(keys.PROPOSAL_STREAM, entry_id, entry_id)
+        proposal = from_fields(Proposal, fields)
+        ctx = PlanningContext(frozenset(self.apply.settings.symbols), Decimal(qty), False, None)
+        plan = make_plan(proposal, ctx, plan_id_for(entry_id, proposal.proposal_id), self.clock.wall() - age_s)
+        published = await Scripts(self.rds).publish_plan(
+            plan_id=plan.plan_id, fields=to_fields(plan), proposal_entry_id=entry_id, maxlen=STREAM_MAXLEN
+        )
+        assert published == "published"
+        return plan
+
+    async def consumed(self, plan: Plan, marker: str | None = None, at: float | None = None) -> None:
+        """Another handler (or this one before a restart) consumed the plan's permits, and may have sent its
+        order: its executed marker (``marker`` as given, or the one Apply writes, stamped ``at``)."""
+        if marker is None:
+            coid = f"qt-{plan.plan_id}"
+            detail = {"client_order_id": coid, "qty": "0.010", "side": plan.side, "at": at or plan.created_at}
+            marker = json.dumps(detail)
+        await self.rds.set(keys.executed_marker(plan.plan_id), marker)
+
     async def grant(self, plan: Plan, *, governor: bool = True, p33: bool = True, qty: float | None = None) -> None:
         """Both issuers' allows (or the named ones), signed with their keys, with their audit lines."""
         writes = []
@@ -135,10 +163,10 @@ def filled(plan_id: str, qty: str = "0.010", side: str = "SELL", status: str = "
 
 @contextlib.asynccontextmanager
 async def apply_rig(
-    store_url: str, tmp: Path, venue: ScriptedExchange | None = None, **overrides: Any
+    store_url: str, tmp: Path, venue: ScriptedExchange | None = None, *, reader: bool = True, **overrides: Any
 ) -> AsyncIterator[Rig]:
-    """Apply with its audit reader running, and the test's own store client. ``overrides`` as for
-    make_settings (e.g. ``apply={"permit_wait_ms": 300}``)."""
+    """Apply with its audit reader running (``reader``; a test of the whole service runs it with the service),
+    and the test's own store client. ``overrides`` as for make_settings (e.g. ``apply={"permit_wait_ms": 300}``)."""
     clock = MovableClock()
     sections = {"apply": {"permit_wait_ms": 800, "metrics_port": 0, "order_resolve_timeout_s": 5}}
     for name, values in overrides.pop("apply", {}).items():
@@ -154,12 +182,13 @@ async def apply_rig(
     await client.ping()  # connects: the watch learns the store's epoch
     registry = CollectorRegistry()
     apply = ApplyService(settings, client, exchange, watch=watch, registry=registry, clock=clock)
-    reader = asyncio.create_task(apply.waiter.run())
-    await asyncio.wait_for(apply.waiter.ready.wait(), 10)
+    tasks = [asyncio.create_task(apply.waiter.run())] if reader else []
+    if reader:
+        await asyncio.wait_for(apply.waiter.ready.wait(), 10)
     try:
         yield Rig(rds, apply, exchange, clock, registry)
     finally:
-        await cancel_and_wait([reader])
+        await cancel_and_wait(tasks)
         await apply.handler.positions.aclose()
         await client.aclose()
         await rds.aclose()

@@ -21,11 +21,9 @@ from forgery import governor_permit
 
 from conftest import until
 from quantum_trader.bus import keys
-from quantum_trader.bus.scripts import Scripts
 from quantum_trader.bus.streams import STREAM_MAXLEN
 from quantum_trader.domain import reasons
-from quantum_trader.domain.models import Plan, Proposal, to_fields
-from quantum_trader.domain.planning import PlanningContext, make_plan, plan_id_for
+from quantum_trader.domain.models import Plan
 from quantum_trader.exchange.base import ExchangeBanned, ExchangeRejected, ExchangeUnavailable, OutcomeUnknown
 from scripted import At, ScriptedExchange
 
@@ -361,25 +359,13 @@ async def test_an_unclear_send_found_filled_is_the_fill_without_a_resend(store_u
 # --- plans the store holds already (a restart, a racing handler) --------------------------------------------
 
 
-async def publish_plan(rig: Rig, entry_id: str, *, age_s: float = 0.0, qty: str = "0.010", proposal_id: str = "p1"):
-    """The plan another handler (or this one before a restart) published for the proposal ``age_s`` ago."""
-    proposal = Proposal(proposal_id=proposal_id, symbol=SYMBOL, action="FULL_CLOSE")
-    ctx = PlanningContext(frozenset(rig.apply.settings.symbols), D(qty), False, None)
-    plan = make_plan(proposal, ctx, plan_id_for(entry_id, proposal_id), rig.clock.wall() - age_s)
-    published = await Scripts(rig.rds).publish_plan(
-        plan_id=plan.plan_id, fields=to_fields(plan), proposal_entry_id=entry_id, maxlen=STREAM_MAXLEN
-    )
-    assert published == "published"
-    return plan
-
-
 async def test_a_plan_resumed_inside_its_window_with_both_permits_is_sent_at_once(
     store_url: str, tmp_path: Path
 ) -> None:
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 5000}) as rig:
         entry_id, fields, plan_id = await rig.propose()
-        plan = await publish_plan(rig, entry_id, age_s=1.0)
+        plan = await rig.publish_plan(entry_id, age_s=1.0)
         await rig.grant(plan)  # decided before the restart: no audit line will wake it now
         exchange.places.append(At(filled(plan_id)))
         await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 2)
@@ -398,7 +384,7 @@ async def test_a_resumed_plan_waits_only_what_is_left_of_its_window(store_url: s
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 5000}) as rig:
         entry_id, fields, _ = await rig.propose()
-        await publish_plan(rig, entry_id, age_s=4.7)
+        await rig.publish_plan(entry_id, age_s=4.7)
         started = asyncio.get_running_loop().time()
         await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 4)
         assert asyncio.get_running_loop().time() - started < 2.0  # about 0.3 s, never a new 5 s window
@@ -410,7 +396,7 @@ async def test_a_resumed_plan_whose_permits_come_after_its_window_is_not_sent(st
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, plan_id = await rig.propose()
-        plan = await publish_plan(rig, entry_id, age_s=5.0)  # its 0.8 s window closed while Apply was down
+        plan = await rig.publish_plan(entry_id, age_s=5.0)  # its 0.8 s window closed while Apply was down
         await rig.grant(plan)
         await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 2)
         assert exchange.calls == []
@@ -424,7 +410,7 @@ async def test_a_resumed_skip_publishes_its_skip(store_url: str, tmp_path: Path)
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, _ = await rig.propose()
-        plan = await publish_plan(rig, entry_id, qty="0")
+        plan = await rig.publish_plan(entry_id, qty="0")
         assert (plan.decision, plan.reason) == ("SKIP", reasons.NO_POSITION)
         await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 2)
         (result,) = await rig.results()
@@ -462,25 +448,12 @@ async def test_two_handlers_of_one_proposal_publish_one_plan_and_send_one_order(
 # --- recovery: permits consumed, no result --------------------------------------------------------------------
 
 
-async def consumed(rig: Rig, plan: Plan, marker: str | None = None, at: float | None = None) -> None:
-    """Another handler (or this one before a restart) consumed the plan's permits and may have sent its order."""
-    if marker is None:
-        detail = {
-            "client_order_id": f"qt-{plan.plan_id}",
-            "qty": "0.010",
-            "side": plan.side,
-            "at": at or plan.created_at,
-        }
-        marker = json.dumps(detail)
-    await rig.rds.set(keys.executed_marker(plan.plan_id), marker)
-
-
 async def test_an_executed_plan_without_a_result_is_looked_up_never_resent(store_url: str, tmp_path: Path) -> None:
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, plan_id = await rig.propose()
-        plan = await publish_plan(rig, entry_id)
-        await consumed(rig, plan, json.dumps({"client_order_id": "qt-elsewhere00000000", "at": plan.created_at}))
+        plan = await rig.publish_plan(entry_id)
+        await rig.consumed(plan, json.dumps({"client_order_id": "qt-elsewhere00000000", "at": plan.created_at}))
         exchange.lookups.append(At(filled(plan_id)))
         await rig.handler.handle_proposal(entry_id, fields)
         (call,) = exchange.calls
@@ -497,8 +470,8 @@ async def test_an_unreadable_executed_marker_means_the_plans_own_client_id(
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, plan_id = await rig.propose()
-        plan = await publish_plan(rig, entry_id)
-        await consumed(rig, plan, marker or "{}")
+        plan = await rig.publish_plan(entry_id)
+        await rig.consumed(plan, marker or "{}")
         exchange.lookups.append(At(filled(plan_id)))
         await rig.handler.handle_proposal(entry_id, fields)
         (call,) = exchange.calls
@@ -513,8 +486,8 @@ async def test_absent_is_final_only_after_a_send_signed_at_the_consumption_could
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, plan_id = await rig.propose()
-        plan = await publish_plan(rig, entry_id)
-        await consumed(rig, plan, at=plan.created_at + 5.0)
+        plan = await rig.publish_plan(entry_id)
+        await rig.consumed(plan, at=plan.created_at + 5.0)
         horizon = rig.apply.settings.exchange.late_execution_horizon_ms  # longer than recvWindow + margin here
         settled_ms = (plan.created_at + 5.0) * 1000 + horizon
         exchange.lookups += [At(None, ms=settled_ms - 5), At(None, ms=settled_ms + 1)]
@@ -533,8 +506,8 @@ async def test_absent_is_final_after_the_window_of_a_send_at_its_end(store_url: 
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, _ = await rig.propose()
-        plan = await publish_plan(rig, entry_id)
-        await consumed(rig, plan, at=plan.created_at + 0.1)
+        plan = await rig.publish_plan(entry_id)
+        await rig.consumed(plan, at=plan.created_at + 0.1)
         horizon = rig.apply.settings.exchange.late_execution_horizon_ms
         settled_ms = (plan.created_at + 0.8) * 1000 + horizon
         exchange.lookups += [At(None, ms=settled_ms - 5), At(None, ms=settled_ms + 1)]
@@ -568,7 +541,7 @@ async def test_an_old_proposal_with_a_record_keeps_the_records_side(store_url: s
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, plan_id = await rig.propose(entry_id=OLD_ENTRY)
-        await publish_plan(rig, entry_id)
+        await rig.publish_plan(entry_id)
         exchange.lookups.append(At(filled(plan_id, side="BUY")))
         await rig.handler.handle_proposal(entry_id, fields)
         (result,) = await rig.results()
@@ -706,11 +679,30 @@ async def test_a_forged_permit_is_audited_once_per_distinct_bytes_and_the_genuin
         await rig.grant(plan, p33=False)
         await asyncio.wait_for(task, 5)
         rejected = await rejections(rig)
-        assert [(e["subject"], e["reason"], e["symbol"]) for e in rejected] == [
-            ("governor", reasons.BAD_SIGNATURE, SYMBOL)
+        assert [(e["plan_id"], e["subject"], e["reason"], e["symbol"]) for e in rejected] == [
+            (plan_id, "governor", reasons.BAD_SIGNATURE, SYMBOL)
         ] * 2
+        assert all(abs(float(e["at"]) - rig.clock.wall()) < 5 for e in rejected)
         assert rig.metric("qt_apply_rejected_permits_total", reason=reasons.BAD_SIGNATURE) == 2
         assert exchange.sends == 1
+
+
+async def test_a_rejections_audit_line_is_trimmed_like_every_audit_line(store_url: str, tmp_path: Path) -> None:
+    """The audit stream is bounded (approximately, as the issuers trim it: whole stream nodes at a time)."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange, audit_maxlen=1000) as rig:
+        async with rig.rds.pipeline(transaction=False) as pipe:
+            for n in range(1300):
+                pipe.xadd(keys.AUDIT_STREAM, {"plan_id": f"old{n}", "issuer": "governor", "decision": "allow"})
+            await pipe.execute()
+        entry_id, fields, plan_id = await rig.propose()
+        task = await run_proposal(rig, entry_id, fields)
+        plan = await rig.plan(plan_id)
+        forged = governor_permit(plan, key="attacker-key")
+        await rig.write_permit(plan, keys.governor_permit(plan_id), forged, "governor", "deny", "kill_switch_on")
+        await until_audited(rig, 1)
+        assert 1000 < await rig.rds.xlen(keys.AUDIT_STREAM) < 1300
+        await asyncio.wait_for(task, 5)  # no valid permit came: a timeout
 
 
 async def rejections(rig: Rig) -> list[dict[str, str]]:
@@ -733,7 +725,7 @@ async def test_permits_consumed_by_another_handler_mid_wait_are_recovered(store_
         entry_id, fields, plan_id = await rig.propose()
         task = await run_proposal(rig, entry_id, fields)
         plan = await rig.plan(plan_id)
-        await consumed(rig, plan)
+        await rig.consumed(plan)
         exchange.lookups.append(At(filled(plan_id)))
         await rig.grant(plan)
         await asyncio.wait_for(task, 5)
@@ -764,7 +756,7 @@ async def test_a_timeout_refused_because_another_handler_consumed_recovers_that_
         entry_id, fields, plan_id = await rig.propose()
         task = await run_proposal(rig, entry_id, fields)
         plan = await rig.plan(plan_id)
-        await consumed(rig, plan)  # its permits went to another handler (and are gone from the keys)
+        await rig.consumed(plan)  # its permits went to another handler (and are gone from the keys)
         exchange.lookups.append(At(filled(plan_id)))
         await asyncio.wait_for(task, 5)
         assert exchange.kinds() == ["query"]
@@ -795,7 +787,7 @@ async def test_a_poisoned_proposal_whose_plan_waits_ends_with_its_one_result(sto
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, plan_id = await rig.propose()
-        await publish_plan(rig, entry_id)
+        await rig.publish_plan(entry_id)
         exchange.lookups.append(At(None, ms=rig.clock.wall() * 1000 + FAR_MS))  # asked first: no order
         await rig.handler.finish_poisoned(entry_id, fields)
         assert exchange.kinds() == ["query"]
@@ -808,7 +800,7 @@ async def test_a_poisoned_proposal_whose_order_exists_adopts_it(store_url: str, 
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, plan_id = await rig.propose()
-        await publish_plan(rig, entry_id)
+        await rig.publish_plan(entry_id)
         exchange.lookups.append(At(filled(plan_id)))
         await rig.handler.finish_poisoned(entry_id, fields)
         (result,) = await rig.results()
@@ -825,10 +817,10 @@ async def test_a_poisoned_proposal_without_a_waiting_plan_publishes_nothing(
         if state == "malformed":
             fields = {"symbol": SYMBOL}
         if state in ("has_result", "executed", "malformed"):
-            plan = await publish_plan(rig, entry_id)
+            plan = await rig.publish_plan(entry_id)
             if state == "has_result":
                 await rig.rds.set(keys.result_marker(plan_id), "1")
             if state == "executed":
-                await consumed(rig, plan)
+                await rig.consumed(plan)
         await rig.handler.finish_poisoned(entry_id, fields)
         assert await rig.results() == [] and exchange.calls == []

@@ -19,6 +19,7 @@ ORIGINAL = """
             f"{plan.symbol}: order refused", code=exc.code, msg=exc.message
         )
         run.log.info("done", qty=str(plan.qty))
+        log = self.log.bind(plan_id=plan.plan_id)
         return await self.send(plan, exc.code + 1)
 """
 
@@ -32,6 +33,7 @@ ORIGINAL = """
         ("code=exc.code, msg=exc.message", "msg=exc.message"),
         ('run.log.info("done", qty=str(plan.qty))', 'run.log.info("XXdoneXX", qty=str(plan.qty))'),
         ("qty=str(plan.qty))", "qty=str(None))"),
+        ("bind(plan_id=plan.plan_id)", "bind(plan_id=None)"),
     ],
 )
 def test_a_change_inside_a_log_calls_arguments_is_log_only(old: str, new: str) -> None:
@@ -43,6 +45,7 @@ def test_a_change_inside_a_log_calls_arguments_is_log_only(old: str, new: str) -
     ("old", "new"),
     [
         ("exc.code + 1", "exc.code - 1"),  # the program's own work
+        ("log = self.log.bind(", "log2 = self.log.bind("),  # what the bound logger is assigned to
         ("self.log.warning(", "self.log.error("),  # the level is another call, not an argument
         ('run.log.info("done", qty=str(plan.qty))', 'run.log.info("done", qty=str(plan.qty), x=self.send(plan))'),
         ('run.log.info("done", qty=str(plan.qty))\n', ""),  # a line removed is not an argument changed
