@@ -8,6 +8,11 @@ mutant lies inside the arguments of a call ``<...>.log.<level>(...)`` / ``<...>.
 debug, info, warning, error, exception; or ``bind``, whose fields go only into later lines), and the
 arguments on either side evaluate nothing that could act (no ``await``, no assignment expression, no call
 except ``str``/``len``/``repr``/``round``/``format``).
+
+The same holds for the ``name=`` of ``asyncio.create_task(...)``: a task's name only labels it in debugging
+output (its repr, asyncio's "Task exception was never retrieved" lines); nothing in the program looks a task
+up by name (the services keep their tasks in variables and dicts). A change of that name, or its removal, is
+counted by the same rule.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ LEVELS = frozenset({"debug", "info", "warning", "error", "exception", "bind"})  
 LOGGERS = frozenset({"log", "_log"})
 PURE_CALLS = frozenset({"str", "len", "repr", "round", "format"})
 REASON = (
-    "only the arguments of a log call change (message or fields): Log's calls never raise and return nothing, "
-    "and nothing reads log lines back (tools/log_only.py)"
+    "only the arguments of a log call change (message or fields), or a task's name: Log's calls never raise and "
+    "return nothing, nothing reads log lines back, and nothing looks a task up by its name (tools/log_only.py)"
 )
 
 
@@ -42,6 +47,25 @@ def _is_log_call(node: ast.AST) -> bool:
     receiver = node.func.value
     name = receiver.attr if isinstance(receiver, ast.Attribute) else getattr(receiver, "id", "")
     return name in LOGGERS and all(_inert(arg) for arg in [*node.args, *(k.value for k in node.keywords)])
+
+
+def _is_task_call(node: ast.AST) -> bool:
+    """``asyncio.create_task(...)`` or ``create_task(...)``."""
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    return (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")) == "create_task"
+
+
+def _task_name_differences(a: ast.Call, b: ast.Call, *, inside_log: bool) -> Iterator[bool]:
+    """Two create_task calls: their ``name=`` keywords may differ (inertly); everything else as usual."""
+    names = [[k.value for k in call.keywords if k.arg == "name"] for call in (a, b)]
+    if [ast.dump(value) for value in names[0]] != [ast.dump(value) for value in names[1]]:
+        yield all(_inert(value) for value in [*names[0], *names[1]])
+    yield from _differences(a.func, b.func, inside_log=inside_log)
+    yield from _differences(a.args, b.args, inside_log=inside_log)
+    rest = [[k for k in call.keywords if k.arg != "name"] for call in (a, b)]
+    yield from _differences(rest[0], rest[1], inside_log=inside_log)
 
 
 def _inert(node: ast.AST) -> bool:
@@ -69,6 +93,9 @@ def _differences(a: object, b: object, *, inside_log: bool) -> Iterator[bool]:
         return
     if type(a) is not type(b):
         yield inside_log
+        return
+    if isinstance(a, ast.Call) and isinstance(b, ast.Call) and _is_task_call(a) and _is_task_call(b):
+        yield from _task_name_differences(a, b, inside_log=inside_log)
         return
     log_call = _is_log_call(a) and _is_log_call(b)
     for field in a._fields:

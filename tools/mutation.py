@@ -15,6 +15,7 @@ per mutants/ folder and the domain mutants must not wait for integration tests. 
 there: a later run resumes (killed mutants of unchanged functions stay killed; survivors, interrupted and
 unchecked mutants are run again, so a new test shows at once). ``MUTATION_FRESH=1`` deletes the workspaces;
 ``MUTATION_REPORT_ONLY=1`` runs nothing and writes the report of what the workspaces hold (mutmut stages).
+``MUTATION_CHILDREN`` (default 1) runs that many mutants at once, each on its own embedded Valkey.
 
 The whole run is bounded by ``MUTATION_MINUTES`` (default 20): each stage gets an equal share of what is
 left when it starts (time a stage does not use goes to the next ones); a stage that reaches its share is
@@ -185,6 +186,10 @@ def one_store() -> str:
 
 def run_mutmut(stage: Stage, budget_s: float) -> StageRun:
     ws = workspace(stage)
+    # Workers at once (MUTATION_CHILDREN, default 1: the machine's 2 cores are shared). Two or more share no
+    # Redis database: each mutant's tests then run on an embedded Valkey of their own.
+    children = max(1, int(os.environ.get("MUTATION_CHILDREN", "1")))
+    store = os.environ.get("QT_TEST_STORES") or (one_store() if children == 1 else "valkey")
     retry_unsettled(ws)
     # Which tests reach which function is measured afresh each run: mutmut keeps the last run's map and would
     # not run a test added since against a function it had never seen it reach (a survivor a test kills).
@@ -195,9 +200,9 @@ def run_mutmut(stage: Stage, budget_s: float) -> StageRun:
     with log.open("w", encoding="utf-8") as out:
         # its own session, so a hung stage can be ended with every worker it forked
         proc = subprocess.Popen(
-            [str(VENV_BIN / "mutmut"), "run", "--max-children", "1"],
+            [str(VENV_BIN / "mutmut"), "run", "--max-children", str(children)],
             cwd=ws,
-            env={**os.environ, "QT_TEST_STORES": os.environ.get("QT_TEST_STORES") or one_store()},
+            env={**os.environ, "QT_TEST_STORES": store},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -122,6 +122,26 @@ async def test_a_short_is_closed_with_a_buy(store_url: str, tmp_path: Path) -> N
         assert (result.side, result.executed, result.filled_qty) == ("SHORT", True, D("0.5"))
 
 
+async def test_the_sends_deadline_is_the_windows_end_to_the_millisecond(store_url: str, tmp_path: Path) -> None:
+    """A long window: what is left of it is converted to exchange-clock milliseconds exactly (a send must be
+    signed before the window's end, not a little after)."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 60_000}) as rig:
+        plan, _ = await _granted_with(rig, exchange)
+        (call,) = exchange.calls
+        assert call.deadline_ms is not None and abs(call.deadline_ms - (plan.created_at * 1000 + 60_000)) < 20
+
+
+async def _granted_with(rig: Rig, exchange: ScriptedExchange) -> tuple[Plan, str]:
+    entry_id, fields, plan_id = await rig.propose()
+    exchange.places.append(At(filled(plan_id)))
+    task = await run_proposal(rig, entry_id, fields)
+    plan = await rig.plan(plan_id)
+    await rig.grant(plan)
+    await asyncio.wait_for(task, 10)
+    return plan, entry_id
+
+
 async def test_the_plan_holds_its_symbol_for_the_whole_handling_bound(store_url: str, tmp_path: Path) -> None:
     exchange = scripted({SYMBOL: D("0.010")})
     async with apply_rig(store_url, tmp_path, exchange, exchange={"timeout_ms": 700}) as rig:
@@ -478,6 +498,22 @@ async def test_an_unreadable_executed_marker_means_the_plans_own_client_id(
         assert call.client_order_id == f"qt-{plan_id}"
 
 
+async def test_a_plan_recovered_without_a_marker_is_looked_up_by_its_own_client_id(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The marker may be gone by the time a refused publication recovers the plan (it expires)."""
+    exchange = scripted()
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        entry_id, _, plan_id = await rig.propose()
+        plan = await rig.publish_plan(entry_id)
+        exchange.lookups.append(At(filled(plan_id)))
+        await rig.handler.recover(plan, entry_id, None, rig.handler.log)
+        (call,) = exchange.calls
+        assert (call.client_order_id, call.symbol) == (f"qt-{plan_id}", SYMBOL)
+        (result,) = await rig.results()
+        assert result.executed
+
+
 async def test_absent_is_final_only_after_a_send_signed_at_the_consumption_could_show(
     store_url: str, tmp_path: Path
 ) -> None:
@@ -515,6 +551,24 @@ async def test_absent_is_final_after_the_window_of_a_send_at_its_end(store_url: 
         assert exchange.kinds() == ["query", "query"]
 
 
+async def test_the_consumption_time_is_put_on_the_exchanges_clock(store_url: str, tmp_path: Path) -> None:
+    """The marker's time is Apply's clock; the exchange's runs 3 s ahead here: a request signed at the
+    consumption could execute until 3 s later on the exchange's clock than on Apply's."""
+    exchange = scripted()
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        entry_id, fields, _ = await rig.propose()
+        plan = await rig.publish_plan(entry_id)
+        await rig.consumed(plan, at=plan.created_at + 5.0)
+        horizon = rig.apply.settings.exchange.late_execution_horizon_ms
+        settled_ms = (plan.created_at + 5.0) * 1000 + 3000 + horizon
+        exchange.lookups += [At(None, ms=settled_ms - 100), At(None, ms=settled_ms + 100)]
+        exchange.ms = rig.clock.wall() * 1000 + 3000
+        await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 5)
+        assert exchange.kinds() == ["query", "query"]
+        (result,) = await rig.results()
+        assert result.error == reasons.ORDER_NOT_PLACED
+
+
 # --- proposals the store cannot vouch for ---------------------------------------------------------------------
 
 OLD_ENTRY = "1-1"  # older than the store's epoch (and than a day): the store may have forgotten its answer
@@ -546,6 +600,37 @@ async def test_an_old_proposal_with_a_record_keeps_the_records_side(store_url: s
         await rig.handler.handle_proposal(entry_id, fields)
         (result,) = await rig.results()
         assert (result.side, result.adopted) == ("LONG", True)
+
+
+@pytest.mark.parametrize(("order_side", "side"), [("SELL", "LONG"), ("BUY", "SHORT"), ("", "NONE")])
+async def test_an_old_proposal_without_a_record_takes_the_side_its_order_closed(
+    store_url: str, tmp_path: Path, order_side: str, side: str
+) -> None:
+    exchange = scripted()
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        entry_id, fields, plan_id = await rig.propose(entry_id=OLD_ENTRY)
+        exchange.lookups.append(At(filled(plan_id, side=order_side)))
+        await rig.handler.handle_proposal(entry_id, fields)
+        (result,) = await rig.results()
+        assert (result.side, result.adopted) == (side, True)
+
+
+async def test_an_old_proposal_with_an_old_record_is_absent_once_that_records_window_is_settled(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The record bounds the plan's sends by its own window (an hour ago here), not by the store's epoch (ten
+    seconds ago): one lookup proves there is no order."""
+    exchange = scripted()
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        entry_id, fields, plan_id = await rig.propose(entry_id=OLD_ENTRY)
+        await rig.publish_plan(entry_id, age_s=3600)
+        rig.apply.watch.epoch = replace(rig.epoch, since=rig.clock.wall() - 10)
+        exchange.lookups.append(At(None))
+        await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 5)
+        (call,) = exchange.calls
+        assert (call.kind, call.client_order_id, call.symbol) == ("query", f"qt-{plan_id}", SYMBOL)
+        (result,) = await rig.results()
+        assert (result.error, result.side) == (reasons.STORE_CHANGED, "LONG")
 
 
 async def test_an_old_proposal_without_an_order_is_not_executed(store_url: str, tmp_path: Path) -> None:
@@ -606,6 +691,35 @@ async def test_a_store_change_after_the_consume_is_looked_up_and_not_sent(store_
         assert await rig.rds.exists(keys.executed_marker(plan_id))  # consumed here: its result is its own word
         assert rig.metric("qt_apply_truth_lookups_total", why="store_changed_before_send") == 1
         assert rig.handler.executing == set()
+
+
+async def test_a_store_change_after_the_consume_asks_until_the_plans_window_is_settled(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The lookups before the send that never happens: by the plan's client id and symbol, asked again while
+    the exchange cannot tell, and absent only once a request signed at the plan's window end could no longer
+    execute (the plan's own window, not the store's epoch, bounds its sends)."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        entry_id, fields, plan_id = await rig.propose()
+        task = await run_proposal(rig, entry_id, fields)
+        plan = await rig.plan(plan_id)
+        await another_epoch(rig)
+        settled_ms = (plan.created_at + 0.8) * 1000 + rig.apply.settings.exchange.late_execution_horizon_ms
+        exchange.lookups += [
+            At(ExchangeUnavailable("502 Bad Gateway"), mono_s=60),
+            At(None, ms=settled_ms - 5),
+            At(None, ms=settled_ms + 1),
+        ]
+        with structlog.testing.capture_logs() as logged:
+            await rig.grant(plan)
+            await asyncio.wait_for(task, 5)
+        assert exchange.kinds() == ["query"] * 3
+        assert {(c.client_order_id, c.symbol) for c in exchange.calls} == {(f"qt-{plan_id}", SYMBOL)}
+        (again,) = [e for e in logged if "asking again" in e["event"]]
+        assert again["plan_id"] == plan_id  # the plan's own log
+        (result,) = await rig.results()
+        assert (result.executed, result.error) == (False, reasons.STORE_CHANGED)
 
 
 async def test_a_store_change_after_the_consume_with_the_order_found_publishes_it(

@@ -21,6 +21,7 @@ from conftest import until
 from quantum_trader.bus import keys
 from quantum_trader.domain import reasons
 from quantum_trader.domain.trust import StoreIdentity
+from quantum_trader.exchange.base import ExchangeUnavailable
 from quantum_trader.services.consumer import cancel_and_wait
 from scripted import At, ScriptedExchange
 
@@ -180,21 +181,33 @@ async def test_a_stopped_applys_proposal_is_taken_over_only_after_the_handling_b
         assert old not in owners
 
 
-async def test_a_proposal_delivered_too_often_ends_with_a_dead_letter_and_its_result(
+def wall_ms(rig: Rig) -> float:
+    return rig.clock.wall() * 1000
+
+
+async def test_proposals_delivered_too_often_end_with_a_dead_letter_and_their_result_each(
     store_url: str, tmp_path: Path
 ) -> None:
     exchange = scripted({SYMBOL: D("0.010")})
     async with apply_rig(store_url, tmp_path, exchange, reader=False, apply={"permit_wait_ms": 60_000}) as rig:
         bound_ms = round((rig.handler.handling_bound_s() + 15) * 1000)
-        entry_id, plan_id = await stranded(rig, bound_ms + 3000, deliveries=rig.apply.settings.max_deliveries + 1)
-        await rig.publish_plan(entry_id)  # planned by the Apply that kept dying on it
-        exchange.lookups.append(At(None, ms=rig.clock.wall() * 1000 + 10**7))
+        poison = [
+            await stranded(rig, bound_ms + 3000, deliveries=rig.apply.settings.max_deliveries + 1) for _ in range(2)
+        ]
+        for entry_id, _ in poison:
+            await rig.publish_plan(entry_id)  # planned by the Apply that kept dying on it
+        # The first plan's first lookup fails (it is looked up again 0.2 s later: still being handled when the
+        # second comes); then no order for either, each found absent once every request of it is settled (the
+        # first answer moves the exchange's clock ahead, so the second comes later still).
+        exchange.lookups += [At(ExchangeUnavailable("502")), At(None, ms=wall_ms(rig) + 10**8)]
+        exchange.lookups.append(At(None, ms=wall_ms(rig) + 2 * 10**8))
         async with running(rig):
-            await result_count(rig, 1)
-        (result,) = await rig.results()
-        assert (result.plan_id, result.error) == (plan_id, reasons.DEAD_LETTERED)
-        (letter,) = [f for _, f in await rig.rds.xrange(keys.PROPOSAL_DLQ)]
-        assert letter["source_id"] == entry_id and letter["error"].startswith("poison: delivered")
+            await result_count(rig, 2)
+        results = await rig.results()
+        assert sorted((r.plan_id, r.error) for r in results) == sorted((p, reasons.DEAD_LETTERED) for _, p in poison)
+        letters = [f for _, f in await rig.rds.xrange(keys.PROPOSAL_DLQ)]
+        assert sorted(f["source_id"] for f in letters) == sorted(e for e, _ in poison)
+        assert all(f["error"].startswith("poison: delivered") for f in letters)
 
 
 async def test_another_store_instance_restarts_the_audit_reader_and_asks_for_the_orphan_search(

@@ -72,7 +72,7 @@ async def test_a_genuine_permit_pair_is_used_once_by_racing_apply_instances(sim,
     sub, plan = await published_plan(rds, "ETHUSDT")
     # the second instance adopts the same plan (as after a claim) and waits on it too
     ((_, proposal),) = await rds.xrange(keys.PROPOSAL_STREAM, sub.entry_id, sub.entry_id)
-    race = asyncio.create_task(second.handle_proposal(sub.entry_id, proposal))
+    race = asyncio.create_task(second.handler.handle_proposal(sub.entry_id, proposal))
     await asyncio.sleep(0.05)
     await ops.decide_manually(rds, chain.settings, plan.plan_id, grant=True, reason="", operator="t")
     result = await ops.wait_result(rds, sub.plan_id, 10, sub.result_cursor)

@@ -192,7 +192,7 @@ async def test_a_redelivered_proposal_never_makes_a_second_plan_order_or_result(
     assert result is not None and result.executed
     fields = (await rds.xrange(keys.PROPOSAL_STREAM, sub.entry_id, sub.entry_id))[0][1]
     apply = chain.services["apply"]
-    await asyncio.gather(*(apply.handle_proposal(sub.entry_id, fields) for _ in range(3)))
+    await asyncio.gather(*(apply.handler.handle_proposal(sub.entry_id, fields) for _ in range(3)))
     assert len(await results_for(rds, sub.plan_id)) == 1
     assert len(sim_orders(sim)) == 1
     assert len([f for _, f in await rds.xrange(keys.PLAN_STREAM) if f["plan_id"] == sub.plan_id]) == 1
@@ -211,7 +211,8 @@ async def test_two_handlers_racing_for_one_fresh_proposal_send_one_order(sim, rd
     )
     fields = {"proposal_id": "race", "symbol": "BTCUSDT", "action": "FULL_CLOSE"}
     await rds.xreadgroup(keys.APPLY_GROUP, "apply-test", {keys.PROPOSAL_STREAM: ">"})
-    await asyncio.gather(apply.handle_proposal(entry_id, fields), apply.handle_proposal(entry_id, fields))
+    handler = apply.handler
+    await asyncio.gather(handler.handle_proposal(entry_id, fields), handler.handle_proposal(entry_id, fields))
     waiter.cancel()
     from quantum_trader.domain.planning import plan_id_for
 

@@ -20,6 +20,7 @@ ORIGINAL = """
         )
         run.log.info("done", qty=str(plan.qty))
         log = self.log.bind(plan_id=plan.plan_id)
+        task = asyncio.create_task(self.send(plan, 2), name=f"send-{plan.plan_id}")
         return await self.send(plan, exc.code + 1)
 """
 
@@ -34,6 +35,9 @@ ORIGINAL = """
         ('run.log.info("done", qty=str(plan.qty))', 'run.log.info("XXdoneXX", qty=str(plan.qty))'),
         ("qty=str(plan.qty))", "qty=str(None))"),
         ("bind(plan_id=plan.plan_id)", "bind(plan_id=None)"),
+        ('name=f"send-{plan.plan_id}"', 'name="XXsend-XX"'),  # a task's name
+        ('name=f"send-{plan.plan_id}"', "name=None"),
+        (', name=f"send-{plan.plan_id}"', ""),
     ],
 )
 def test_a_change_inside_a_log_calls_arguments_is_log_only(old: str, new: str) -> None:
@@ -49,6 +53,9 @@ def test_a_change_inside_a_log_calls_arguments_is_log_only(old: str, new: str) -
         ("self.log.warning(", "self.log.error("),  # the level is another call, not an argument
         ('run.log.info("done", qty=str(plan.qty))', 'run.log.info("done", qty=str(plan.qty), x=self.send(plan))'),
         ('run.log.info("done", qty=str(plan.qty))\n', ""),  # a line removed is not an argument changed
+        ("self.send(plan, 2)", "self.send(plan, 3)"),  # the task's work
+        ('name=f"send-{plan.plan_id}"', "name=self.send(plan)"),  # a name that acts
+        ("asyncio.create_task(self.send", "asyncio.ensure_future(self.send"),
     ],
 )
 def test_any_other_change_is_not(old: str, new: str) -> None:

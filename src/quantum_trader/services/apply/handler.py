@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -17,12 +16,20 @@ from quantum_trader.bus.scripts import Scripts
 from quantum_trader.bus.streams import STREAM_MAXLEN, dead_letter
 from quantum_trader.clock import Clock
 from quantum_trader.domain import reasons
-from quantum_trader.domain.models import MalformedEntry, P33Permit, Plan, Proposal, Result, from_fields, to_fields
+from quantum_trader.domain.models import (
+    MalformedEntry,
+    P33Permit,
+    Plan,
+    Proposal,
+    Result,
+    Side,
+    from_fields,
+    to_fields,
+)
 from quantum_trader.domain.permits import SlotCheck
 from quantum_trader.domain.planning import (
     PlanningContext,
     client_order_id,
-    close_side,
     make_plan,
     order_side,
     plan_id_for,
@@ -46,6 +53,8 @@ from quantum_trader.services.apply.results import (
 from quantum_trader.services.apply.truth import ExchangeTruth
 from quantum_trader.services.metrics import ApplyMetrics
 from quantum_trader.settings import Settings
+
+CLOSED_BY: dict[str, Side] = {"BUY": "SHORT", "SELL": "LONG"}  # the position a reduce-only order of that side closes
 
 
 class PlanHandler:
@@ -235,7 +244,6 @@ class PlanHandler:
                 # The store changed instance since the plan was vouched for: what it said may be forgotten, and
                 # the plan is now older than the store. Never sent: an order the exchange has is its result.
                 found = await self.truth.ask(plan.plan_id, plan.symbol, plan, run.log, "store_changed_before_send")
-                run.vouched = self.truth.watch.epoch
                 if found is not None:
                     await self._conclude(run, coid, found)
                 else:
@@ -312,11 +320,11 @@ class PlanHandler:
         assert report is not None
         self.metrics.adopted.inc()
         plan = run.plan
-        if plan.side == "NONE" and report.side in ("BUY", "SELL"):  # a BUY closes a short, a SELL a long
-            plan = msgspec.structs.replace(plan, side=close_side(Decimal(-1 if report.side == "BUY" else 1)))
+        if plan.side == "NONE" and report.side in CLOSED_BY:
+            plan = msgspec.structs.replace(plan, side=CLOSED_BY[report.side])
         run.log.warning(f"{plan.symbol}: found order {report.client_order_id} for plan {plan.plan_id}; adopting it")
         result = replace_result(from_report(plan, report), adopted=True)
-        await self.publish(PlanRun(plan, run.entry_id, run.log, run.vouched), result)
+        await self.publish(replace(run, plan=plan), result)
 
     async def finish(self, run: PlanRun, result: Result) -> None:
         """Publish a result that the store's records decided (no order was sent for this plan). If the store

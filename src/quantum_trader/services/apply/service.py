@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
@@ -111,10 +110,6 @@ class ApplyService(Service):
             await cancel_and_wait([reader, sweeper, *self._active.values()])
             await self.handler.positions.aclose()
 
-    async def handle_proposal(self, entry_id: str, fields: dict[str, str]) -> None:
-        """Handle one proposal here and now (what each proposal's task does; tests drive it directly)."""
-        await self.handler.handle_proposal(entry_id, fields)
-
     def _store_changed(self, before: StoreIdentity | None, after: StoreIdentity, unsearched: bool) -> None:
         """A connection reached another store instance than before: plans published on the old one are looked
         up before they are sent, and the audit reader starts again at the new stream's end. While nobody has
@@ -133,18 +128,17 @@ class ApplyService(Service):
         self.waiter.restart()
 
     async def _dispatch(self, entry_id: str, fields: dict[str, str]) -> None:
-        await self._start(entry_id, self._retrying(entry_id, lambda: self.handler.handle_proposal(entry_id, fields)))
+        await self._start(entry_id, lambda: self.handler.handle_proposal(entry_id, fields))
 
     async def _dispatch_poisoned(self, entry_id: str, fields: dict[str, str]) -> None:
-        await self._start(entry_id, self._retrying(entry_id, lambda: self.handler.finish_poisoned(entry_id, fields)))
+        await self._start(entry_id, lambda: self.handler.finish_poisoned(entry_id, fields))
 
-    async def _start(self, entry_id: str, work: Coroutine[Any, Any, None]) -> None:
+    async def _start(self, entry_id: str, step: Callable[[], Awaitable[None]]) -> None:
         """Handle one proposal concurrently; wait for a free slot first (backpressure)."""
         if entry_id in self._active:  # re-read after a reconnect while still being handled
-            work.close()
             return
         await self._slots.acquire()
-        task = asyncio.create_task(work, name=f"proposal-{entry_id}")
+        task = asyncio.create_task(self._retrying(entry_id, step), name=f"proposal-{entry_id}")
         self._active[entry_id] = task
         self.metrics.in_flight.set(len(self._active))
 
