@@ -8,6 +8,7 @@ Position reads and order searches answer from ``held`` and ``history``.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
@@ -77,6 +78,7 @@ class ScriptedExchange:
     history: dict[str, list[OrderReport] | ExchangeError] | None = None  # per symbol, what a search finds
     position_reads: list[list[str]] = field(default_factory=list)
     searches: list[tuple[str, float]] = field(default_factory=list)  # (symbol, since_ms) per search
+    during_position_read: Callable[[], Awaitable[None]] | None = None  # what "happens meanwhile" (a race)
 
     def _next(self, script: list[At], what: str) -> Answer:
         if not script:
@@ -127,6 +129,8 @@ class ScriptedExchange:
     async def positions(self, symbols: list[str]) -> dict[str, PositionInfo]:
         """The scripted positions (``held``) of the symbols asked for; None: a read nobody expected."""
         self.position_reads.append(list(symbols))
+        if self.during_position_read is not None:
+            await self.during_position_read()
         if self.held is None:
             raise AssertionError("unscripted position read")
         if isinstance(self.held, Exception):

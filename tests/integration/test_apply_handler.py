@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import structlog
 from apply_rig import SYMBOL, Rig, apply_rig, filled
-from forgery import governor_permit
+from forgery import governor_permit, p33_permit
 
 from conftest import until
 from quantum_trader.bus import keys
@@ -25,6 +25,8 @@ from quantum_trader.bus.streams import STREAM_MAXLEN
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import Plan
 from quantum_trader.exchange.base import ExchangeBanned, ExchangeRejected, ExchangeUnavailable, OutcomeUnknown
+from quantum_trader.services.apply.orders import OrderOutcome, OutcomeKind
+from quantum_trader.services.apply.plan_run import PlanRun
 from scripted import At, ScriptedExchange
 
 pytestmark = pytest.mark.integration
@@ -179,9 +181,29 @@ async def test_a_symbol_outside_the_allowlist_is_skipped_without_reading_its_pos
         assert (result.executed, result.error, result.reason) == (False, reasons.SKIPPED, reasons.SYMBOL_NOT_ALLOWED)
         assert await rig.pending() == 0
         assert not await rig.rds.exists(keys.symbol_in_flight("DOGEUSDT"))  # a skip takes no hold
+        # what a skip writes, and nothing else: its plan (stream and record) and its result (stream and marker)
+        written = {keys.PLAN_STREAM, keys.plan_record(plan_id), keys.RESULT_STREAM, keys.result_marker(plan_id)}
+        assert set(await rig.rds.keys("*")) == written | {keys.PROPOSAL_STREAM, keys.STORE_EPOCH}
         assert rig.metric("qt_apply_plans_total", decision="SKIP", reason=reasons.SYMBOL_NOT_ALLOWED) == 1
         assert rig.metric("qt_apply_results_total", outcome=reasons.SKIPPED) == 1
         assert rig.handler.waiter.waiting == 0
+
+
+@pytest.mark.parametrize(("score", "decision"), [("0.2", "SKIP"), ("0.7", "EXECUTE")])
+async def test_a_kill_score_below_the_minimum_is_skipped_without_reading_its_position(
+    store_url: str, tmp_path: Path, score: str, decision: str
+) -> None:
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange, apply={"min_kill_score": 0.5, "permit_wait_ms": 100}) as rig:
+        fields = {"proposal_id": "p1", "symbol": SYMBOL, "action": "FULL_CLOSE", "kill_score": score}
+        entry_id = await rig.rds.xadd(keys.PROPOSAL_STREAM, fields)
+        await rig.handler.handle_proposal(entry_id, fields)
+        plan = await rig.plan_of(entry_id)
+        assert plan.decision == decision
+        if decision == "SKIP":
+            assert plan.reason == reasons.BELOW_THRESHOLD and exchange.position_reads == []
+        else:
+            assert exchange.position_reads == [[SYMBOL]]
 
 
 async def test_a_position_the_exchange_cannot_give_makes_a_skip(store_url: str, tmp_path: Path) -> None:
@@ -362,6 +384,26 @@ async def test_an_unknown_outcome_publishes_nothing_and_holds_the_symbol_for_the
         assert rig.handler.executing == set()
 
 
+@pytest.mark.parametrize("recorded", [True, False])
+async def test_an_unknown_outcome_warns_when_its_intent_is_no_longer_recorded(
+    store_url: str, tmp_path: Path, recorded: bool
+) -> None:
+    """The symbol is held for as long as the intent is recorded; an intent already gone (resolved by the
+    sweep meanwhile, or expired) holds nothing, and says so."""
+    async with apply_rig(store_url, tmp_path, scripted()) as rig:
+        entry_id, _, plan_id = await rig.propose()
+        plan = await rig.publish_plan(entry_id)
+        if recorded:
+            await rig.rds.zadd(keys.APPLY_INTENTS, {plan_id: rig.clock.wall()})
+        run = PlanRun(plan, entry_id, rig.handler.log, rig.epoch)
+        with structlog.testing.capture_logs() as logged:
+            await rig.handler._conclude(run, f"qt-{plan_id}", OrderOutcome(OutcomeKind.UNKNOWN, message="timeout"))
+        warned = [e for e in logged if "no longer recorded" in e["event"]]
+        assert len(warned) == (0 if recorded else 1)
+        assert (await rig.rds.get(keys.symbol_in_flight(SYMBOL)) == plan_id) is recorded
+        assert await rig.results() == []
+
+
 async def test_an_unclear_send_found_filled_is_the_fill_without_a_resend(store_url: str, tmp_path: Path) -> None:
     exchange = scripted({SYMBOL: D("0.010")})
     async with apply_rig(store_url, tmp_path, exchange) as rig:
@@ -463,6 +505,28 @@ async def test_two_handlers_of_one_proposal_publish_one_plan_and_send_one_order(
         assert len(await rig.rds.xrange(keys.PLAN_STREAM)) == 1
         (result,) = await rig.results()
         assert result.executed and await rig.pending() == 0
+
+
+async def test_a_plan_published_by_another_handler_meanwhile_is_followed_and_its_timeout_asks_nobody(
+    store_url: str, tmp_path: Path
+) -> None:
+    """Another handler publishes the plan while this one reads the position: this one's publication finds it
+    there and follows that plan, as vouched for as its own: its timeout needs no lookup (the store's records
+    are complete)."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 300}) as rig:
+        entry_id, fields, plan_id = await rig.propose()
+
+        async def the_other_handler_publishes() -> None:
+            await rig.publish_plan(entry_id)
+
+        exchange.during_position_read = the_other_handler_publishes
+        with structlog.testing.capture_logs() as logged:
+            await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 10)
+        assert any("resuming plan" in e["event"] for e in logged)  # it followed the published plan
+        assert exchange.calls == [] and exchange.position_reads == [[SYMBOL]]
+        (result,) = await rig.results()
+        assert (result.plan_id, result.error) == (plan_id, reasons.PERMIT_TIMEOUT)
 
 
 # --- recovery: permits consumed, no result --------------------------------------------------------------------
@@ -753,6 +817,25 @@ async def test_a_store_change_before_a_timeout_result_lets_the_exchange_have_the
         (result,) = await rig.results()
         assert (result.executed, result.adopted) == (True, True)
         assert rig.metric("qt_apply_truth_lookups_total", why="store_changed_before_result") == 1
+        assert [(c.client_order_id, c.symbol) for c in exchange.calls] == [(f"qt-{plan_id}", SYMBOL)]
+
+
+async def test_a_store_change_before_a_timeout_result_asks_again_while_the_exchange_cannot_tell(
+    store_url: str, tmp_path: Path
+) -> None:
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 300}) as rig:
+        entry_id, fields, plan_id = await rig.propose()
+        task = await run_proposal(rig, entry_id, fields)
+        await rig.plan(plan_id)
+        await another_epoch(rig)
+        exchange.lookups += [At(ExchangeUnavailable("502 Bad Gateway"), mono_s=60), At(filled(plan_id))]
+        with structlog.testing.capture_logs() as logged:
+            await asyncio.wait_for(task, 5)
+        (again,) = [e for e in logged if "asking again" in e["event"]]
+        assert again["plan_id"] == plan_id  # the plan's own log
+        (result,) = await rig.results()
+        assert (result.executed, result.adopted) == (True, True)
 
 
 async def test_a_store_change_before_a_timeout_result_without_an_order_publishes_the_timeout(
@@ -799,6 +882,39 @@ async def test_a_forged_permit_is_audited_once_per_distinct_bytes_and_the_genuin
         assert all(abs(float(e["at"]) - rig.clock.wall()) < 5 for e in rejected)
         assert rig.metric("qt_apply_rejected_permits_total", reason=reasons.BAD_SIGNATURE) == 2
         assert exchange.sends == 1
+
+
+async def test_a_permit_replaced_between_its_check_and_the_consume_is_read_again_and_the_new_one_used(
+    store_url: str, tmp_path: Path
+) -> None:
+    """P3.3 reissues its permit (a smaller safe quantity) just after Apply checked the first one: the consume
+    refuses the bytes Apply checked, Apply reads both slots again and sends what the new permit allows."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        entry_id, fields, plan_id = await rig.propose()
+        exchange.places.append(At(filled(plan_id, "0.004")))
+        task = await run_proposal(rig, entry_id, fields)
+        plan = await rig.plan(plan_id)
+        scripts = rig.handler.gate._scripts
+        consume = scripts.consume_permits
+        calls: list[str] = []
+
+        async def reissued_first(**kwargs: object) -> str:
+            if not calls:
+                raw = p33_permit(plan, safe_close_qty=0.004)
+                await rig.rds.set(keys.p33_permit(plan_id), raw, ex=60)
+            calls.append(str(await consume(**kwargs)))
+            return calls[-1]
+
+        scripts.consume_permits = reissued_first
+        with structlog.testing.capture_logs() as logged:
+            await rig.grant(plan)
+            await asyncio.wait_for(task, 10)
+        assert calls[-1] == "ok" and len(calls) == 2
+        (reread,) = [e for e in logged if "changed between check and consume" in e["event"]]
+        assert reread["status"] == calls[0] and reread["plan_id"] == plan_id  # the plan's own log
+        (call,) = exchange.calls
+        assert call.qty == D("0.004")
 
 
 async def test_a_rejections_audit_line_is_trimmed_like_every_audit_line(store_url: str, tmp_path: Path) -> None:

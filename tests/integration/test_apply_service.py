@@ -19,6 +19,7 @@ from apply_rig import SYMBOL, Rig, apply_rig, filled
 
 from conftest import until
 from quantum_trader.bus import keys
+from quantum_trader.bus.embedded import EmbeddedStore
 from quantum_trader.domain import reasons
 from quantum_trader.domain.trust import StoreIdentity
 from quantum_trader.exchange.base import ExchangeUnavailable
@@ -58,6 +59,7 @@ async def result_count(rig: Rig, count: int) -> None:
 
 async def test_the_loop_takes_a_proposal_from_the_stream_to_its_result(store_url: str, tmp_path: Path) -> None:
     exchange = scripted({SYMBOL: D("0.010")})
+    before = asyncio.all_tasks()
     async with apply_rig(store_url, tmp_path, exchange, reader=False) as rig, running(rig):
         entry_id = await rig.rds.xadd(
             keys.PROPOSAL_STREAM, {"proposal_id": "p1", "symbol": SYMBOL, "action": "FULL_CLOSE"}
@@ -72,6 +74,30 @@ async def test_the_loop_takes_a_proposal_from_the_stream_to_its_result(store_url
         assert rig.metric("qt_apply_plans_in_flight") == 0 and rig.metric("qt_apply_store_up") == 1
         symbols = sorted(rig.apply.settings.symbols)
         assert [symbol for symbol, _ in exchange.searches] == symbols  # the new instance, searched once
+    assert asyncio.all_tasks() - before == set()  # stopped: its audit reader, sweep and handlers with it
+
+
+async def test_the_store_up_gauge_follows_an_outage_of_the_store(tmp_path: Path) -> None:
+    """A store killed under the loop (kill -9) and started again on its port."""
+    store = EmbeddedStore(tmp_path / "store", persist=False)
+    url = store.start()
+    try:
+        async with apply_rig(url, tmp_path, scripted(), reader=False) as rig, running(rig):
+
+            async def up_is(value: float) -> bool:
+                return rig.metric("qt_apply_store_up") == value
+
+            await until(lambda: up_is(1), 5)
+            store.kill()
+            await until(lambda: up_is(0), 10)
+            store.start()
+            await until(lambda: up_is(1), 20)
+    finally:
+        store.stop()
+
+
+async def _has_results(rig: Rig, count: int) -> bool:
+    return len(await rig.results()) >= count
 
 
 async def _pending_is(rig: Rig, count: int) -> bool:
@@ -162,17 +188,18 @@ async def stranded(rig: Rig, idle_ms: int, deliveries: int = 1) -> tuple[str, st
 async def test_a_stopped_applys_proposal_is_taken_over_only_after_the_handling_bound(
     store_url: str, tmp_path: Path
 ) -> None:
+    """The claim looks for stranded entries when the loop starts, then every claim_every_s (5 s): the old one
+    is taken at the first look (its result comes well before the second), the young one at neither."""
     exchange = scripted({SYMBOL: D("0.010")})
-    async with apply_rig(store_url, tmp_path, exchange, reader=False, apply={"permit_wait_ms": 300}) as rig:
-        bound_ms = round((rig.handler.handling_bound_s() + 15) * 1000)
-        assert bound_ms > rig.apply.settings.claim_idle_s * 1000  # the handling bound is what decides here
-        young, young_plan = await stranded(rig, bound_ms - 3000)
+    overrides = {"claim_idle_s": 1.0, "apply": {"permit_wait_ms": 300}}
+    async with apply_rig(store_url, tmp_path, exchange, reader=False, **overrides) as rig:
+        bound_ms = round((rig.handler.handling_bound_s() + 15) * 1000)  # the handling bound decides, not claim_idle_s
+        young, young_plan = await stranded(rig, bound_ms - 2000)
+        old, _ = await stranded(rig, bound_ms + 500)
         async with running(rig):
-            await asyncio.sleep(0.5)
+            await until(lambda: _has_results(rig, 1), 2)
+            await asyncio.sleep(0.3)
             assert not await rig.rds.exists(keys.plan_record(young_plan))  # a live Apply may still be on it
-        old, _ = await stranded(rig, bound_ms + 3000)
-        async with running(rig):
-            await result_count(rig, 1)
         (result,) = await rig.results()
         assert result.plan_id != young_plan and result.error == reasons.PERMIT_TIMEOUT
         owners = {e["message_id"]: e["consumer"] for e in await rig.rds.xpending_range(

@@ -149,17 +149,15 @@ class PlanHandler:
                 position = await self.positions.amount(proposal.symbol)
             except ExchangeError as exc:
                 log.warning(f"{proposal.symbol}: position unavailable", error=exc.message)
-        ctx = PlanningContext(self.allowlist, position, False, min_score)
+        ctx = PlanningContext(self.allowlist, position, min_kill_score=min_score)
         started = self._clock.mono()  # the permit window runs from the plan's creation, as the seed measures it
         plan = make_plan(proposal, ctx, plan_id, self._clock.wall())
-        executing = plan.decision == "EXECUTE"
-        if executing:
+        if plan.decision == "EXECUTE":
             self.waiter.register(plan_id)  # before publishing: no decision can slip past unseen
         try:
             published = await self._publish_plan(plan, entry_id)
             if published == "busy":  # another close of this symbol is under way: this plan is a SKIP
                 plan = make_plan(proposal, replace(ctx, symbol_busy=True), plan_id, plan.created_at)
-                executing = False
                 published = await self._publish_plan(plan, entry_id)
             if published == "exists":  # another handler of this very proposal published it: follow that plan
                 record = await self.redis.hgetall(keys.plan_record(plan_id))
@@ -174,7 +172,7 @@ class PlanHandler:
                 side=plan.side,
                 qty=str(plan.qty),
             )
-            if not executing:
+            if plan.decision != "EXECUTE":
                 await self.finish(run, not_executed(plan, reasons.SKIPPED, reason=plan.reason))
                 return
             await self._await_and_execute(run, started + self.wait_s)
@@ -324,7 +322,7 @@ class PlanHandler:
             plan = msgspec.structs.replace(plan, side=CLOSED_BY[report.side])
         run.log.warning(f"{plan.symbol}: found order {report.client_order_id} for plan {plan.plan_id}; adopting it")
         result = replace_result(from_report(plan, report), adopted=True)
-        await self.publish(replace(run, plan=plan), result)
+        await self.publish(run, result)  # the side is the result's: publishing reads only the plan's id and times
 
     async def finish(self, run: PlanRun, result: Result) -> None:
         """Publish a result that the store's records decided (no order was sent for this plan). If the store

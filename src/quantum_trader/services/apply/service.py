@@ -143,7 +143,7 @@ class ApplyService(Service):
         self.metrics.in_flight.set(len(self._active))
 
         def done(_: asyncio.Task[None]) -> None:
-            self._active.pop(entry_id, None)
+            del self._active[entry_id]  # set before this task could end; one task per entry
             self._slots.release()
             self.metrics.in_flight.set(len(self._active))
 
