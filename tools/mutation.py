@@ -28,6 +28,7 @@ Exit status: 0 when the report was written, whatever it says (the tool measures;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -72,6 +73,13 @@ class Stage:
     name: str
     mutate: list[str]  # only_mutate globs, relative to the workspace (src/...)
     tests: list[str]
+    pytest_args: tuple[str, ...] = ()  # added to pyproject's pytest_add_cli_args for this stage
+
+
+# A mutant that makes a rig test hang (a loop that never waits, a wait that never ends) fails that test after
+# this long (pytest-timeout), instead of running until mutmut's CPU limit: 30x the tests' clean time, which for
+# a function every rig test reaches is a quarter of an hour. The rig tests take a few seconds each.
+ORDER_PATH_TEST_TIMEOUT_S = 45
 
 
 def stages() -> list[Stage]:
@@ -84,6 +92,7 @@ def stages() -> list[Stage]:
             "order-path",
             files.split(",") if files else ORDER_PATH_FILES,
             extra.split(",") if extra else ORDER_PATH_TESTS,
+            ("--timeout", str(ORDER_PATH_TEST_TIMEOUT_S)),
         ),
     ]
 
@@ -118,6 +127,7 @@ def stage_pyproject(stage: Stage) -> str:
     section = dict(mutmut_section())
     section["only_mutate"] = stage.mutate
     section["pytest_add_cli_args_test_selection"] = stage.tests
+    section["pytest_add_cli_args"] = [*section.get("pytest_add_cli_args", []), *stage.pytest_args]
     body = [f"{key} = {toml_value(value)}" for key, value in section.items()]
     return "\n".join([*lines[:start], "[tool.mutmut]", *body, *lines[end:]]) + "\n"
 
@@ -220,6 +230,10 @@ def run_mutmut(stage: Stage, budget_s: float) -> StageRun:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 result.exit_code = proc.wait()
+        # what outlived it in its session: the embedded stores of workers stopped mid-test (by the bound, or by
+        # mutmut's CPU limit), which no test teardown will stop
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     result.seconds = time.monotonic() - started
     text = log.read_text(encoding="utf-8", errors="replace")
     result.reached_mutants = "Running mutation testing" in text
@@ -326,7 +340,10 @@ def collect(ws: Path, equivalents: dict[str, Equivalent]) -> dict[str, Any]:
         if counts:
             per_file[rel] = counts
     mutants = diff_lines(ws, survivors)
-    unlisted, stale, equivalent, logged = [], [], [], []
+    unlisted: list[dict[str, str]] = []
+    stale: list[str] = []
+    equivalent: list[str] = []
+    logged: list[str] = []
     for name in survivors:
         mutant = mutants.get(name, Mutant("", "", ""))
         listed = equivalents.get(name)
