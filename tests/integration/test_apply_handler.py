@@ -134,6 +134,32 @@ async def test_the_sends_deadline_is_the_windows_end_to_the_millisecond(store_ur
         assert call.deadline_ms is not None and abs(call.deadline_ms - (plan.created_at * 1000 + 60_000)) < 20
 
 
+async def test_permits_decided_before_the_publication_returns_wake_the_plan_at_once(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The issuers read the plan stream: both can decide (and the audit reader see it) before the reply to the
+    publication reaches the handler. The plan waits registered from before its publication, so that is not
+    missed: the order goes out at once, not when the window (5 s here) ends."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 5000}) as rig:
+        entry_id, fields, plan_id = await rig.propose()
+        exchange.places.append(At(filled(plan_id)))
+        scripts = rig.handler._scripts
+        publish = scripts.publish_plan
+
+        async def decided_before_the_reply(**kwargs: object) -> str:
+            published = str(await publish(**kwargs))
+            await rig.grant(await rig.plan(plan_id))
+            await asyncio.sleep(0.3)  # the audit reader reads both allows meanwhile (XREAD wakes on a new line)
+            return published
+
+        scripts.publish_plan = decided_before_the_reply
+        await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 10)
+        (call,) = exchange.calls
+        plan = await rig.plan(plan_id)
+        assert call.at_ms - plan.created_at * 1000 < 2500  # woken at once, not at the window's end
+
+
 async def _granted_with(rig: Rig, exchange: ScriptedExchange) -> tuple[Plan, str]:
     entry_id, fields, plan_id = await rig.propose()
     exchange.places.append(At(filled(plan_id)))
@@ -955,13 +981,30 @@ async def test_permits_consumed_by_another_handler_mid_wait_are_recovered(store_
         entry_id, fields, plan_id = await rig.propose()
         task = await run_proposal(rig, entry_id, fields)
         plan = await rig.plan(plan_id)
-        await rig.consumed(plan)
+        # the other handler's marker names the client id it sent (the one it wrote, not this plan's default)
+        await rig.consumed(plan, json.dumps({"client_order_id": "qt-elsewhere00000000", "at": plan.created_at}))
         exchange.lookups.append(At(filled(plan_id)))
         await rig.grant(plan)
         await asyncio.wait_for(task, 5)
         assert exchange.kinds() == ["query"]  # never a second send
+        assert exchange.calls[0].client_order_id == "qt-elsewhere00000000"
         (result,) = await rig.results()
         assert result.executed
+
+
+async def test_the_permit_wait_is_measured_on_the_monotonic_clock_in_seconds(store_url: str, tmp_path: Path) -> None:
+    """The wait's histogram gets the time from the plan's publication to its end, in seconds: 100 s here (the
+    monotonic clock moved on mid-wait), plus the few milliseconds the test takes."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 60_000}) as rig:
+        entry_id, fields, plan_id = await rig.propose()
+        task = await run_proposal(rig, entry_id, fields)
+        plan = await rig.plan(plan_id)
+        rig.clock.mono_shift += 100
+        await rig.deny(plan, "governor", "kill_switch_active")
+        await asyncio.wait_for(task, 5)
+        waited = rig.metric("qt_apply_permit_wait_seconds_sum", outcome="denied")
+        assert 100.0 < waited < 100.08
 
 
 async def test_a_plan_finished_by_another_handler_mid_wait_ends_quietly(store_url: str, tmp_path: Path) -> None:
