@@ -1,5 +1,5 @@
 """A scripted exchange at the ``Exchange`` interface, for the order path's own rules (the executor's in
-tests/unit/test_executor.py, Apply's parts in tests/integration/test_apply_parts.py).
+tests/unit/test_executor.py, Apply's parts through tests/integration/apply_rig.py).
 
 Every send and lookup is answered with the next scripted answer, given at the exchange-clock time it is
 scripted for; a send or a lookup nobody scripted fails the test (it is an order or a lookup too many).

@@ -151,6 +151,16 @@ def meta_files(ws: Path) -> list[Path]:
     return sorted((ws / "mutants" / "src").rglob("*.py.meta"))
 
 
+def forget_unmutated_copies(ws: Path, stage: Stage) -> None:
+    """Delete mutmut's plain copies of files the stage mutates now but did not before (an ORDER_PATH_FILES run
+    narrowed it): mutmut takes a copy newer than its source for done and would never mutate that file."""
+    mutants = ws / "mutants"
+    for pattern in stage.mutate:
+        for copy in mutants.glob(pattern):
+            if copy.suffix == ".py" and not copy.with_name(copy.name + ".meta").exists():
+                copy.unlink()
+
+
 def retry_unsettled(ws: Path) -> int:
     """Mark survivors, interrupted mutants and those no test reached as not checked, so this run tries them
     again (a test added since may reach or kill them; mutmut itself keeps every recorded verdict)."""
@@ -200,6 +210,7 @@ def run_mutmut(stage: Stage, budget_s: float) -> StageRun:
     # Redis database: each mutant's tests then run on an embedded Valkey of their own.
     children = max(1, int(os.environ.get("MUTATION_CHILDREN", "1")))
     store = os.environ.get("QT_TEST_STORES") or (one_store() if children == 1 else "valkey")
+    forget_unmutated_copies(ws, stage)
     retry_unsettled(ws)
     # Which tests reach which function is measured afresh each run: mutmut keeps the last run's map and would
     # not run a test added since against a function it had never seen it reach (a survivor a test kills).
