@@ -468,6 +468,34 @@ async def test_a_plan_resumed_inside_its_window_with_both_permits_is_sent_at_onc
         assert rig.handler.waiter.waiting == 0
 
 
+async def test_the_consumption_is_audited_with_both_permits_and_the_plans_latency(
+    store_url: str, tmp_path: Path
+) -> None:
+    """A plan published 50 s ago (another handler, before a restart) consumed now: two ``consumed`` audit lines
+    with the exact permits, the time and the latency from the plan's creation; the marker keeps the order's
+    quantity in plain digits (P3.3's safe quantity, 0.0000001 here, never 1E-7)."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 60_000}) as rig:
+        entry_id, fields, plan_id = await rig.propose()
+        plan = await rig.publish_plan(entry_id, age_s=50)
+        await rig.grant(plan, qty=1e-7)
+        slots = (keys.governor_permit(plan_id), keys.p33_permit(plan_id))
+        raws = [await rig.rds.get(k) for k in slots]
+        exchange.places.append(At(filled(plan_id, "0.0000001")))
+        await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 10)
+        consumed = [f for _, f in await rig.rds.xrange(keys.AUDIT_STREAM) if f.get("decision") == "consumed"]
+        assert [(f["reason"], f["permit"]) for f in consumed] == [("governor", raws[0]), ("p33", raws[1])]
+        assert [await rig.rds.get(k) for k in slots] == [None, None]  # consumed: gone
+        marker = json.loads(await rig.rds.get(keys.executed_marker(plan_id)))
+        assert marker["qty"] == "0.0000001"
+        for line in consumed:
+            assert (line["plan_id"], line["symbol"], line["issuer"]) == (plan_id, SYMBOL, "apply")
+            assert 50_000 < float(line["latency_ms"]) < 50_040
+            assert float(line["at"]) == marker["at"]
+        (call,) = exchange.calls
+        assert call.qty == D("0.0000001")
+
+
 async def test_a_resumed_plan_waits_only_what_is_left_of_its_window(store_url: str, tmp_path: Path) -> None:
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 5000}) as rig:
