@@ -245,6 +245,18 @@ async def test_a_position_the_exchange_cannot_give_makes_a_skip(store_url: str, 
         assert warning["error"] == "positionRisk: 503" and warning["plan_id"] == plan_id
 
 
+async def test_a_position_reply_without_the_symbol_makes_a_skip_that_names_it(store_url: str, tmp_path: Path) -> None:
+    exchange = scripted({"ETHUSDT": D("1")})
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        entry_id, fields, _ = await rig.propose()
+        with structlog.testing.capture_logs() as logged:
+            await rig.handler.handle_proposal(entry_id, fields)
+        (result,) = await rig.results()
+        assert result.reason == reasons.POSITION_UNAVAILABLE
+        (warning,) = [e for e in logged if e["log_level"] == "warning"]
+        assert warning["error"] == f"positionRisk reply without {SYMBOL}"
+
+
 async def test_no_position_makes_a_skip(store_url: str, tmp_path: Path) -> None:
     exchange = scripted({SYMBOL: D(0)})
     async with apply_rig(store_url, tmp_path, exchange) as rig:
@@ -325,6 +337,38 @@ async def test_a_p33_deny_alone_ends_the_wait(store_url: str, tmp_path: Path) ->
             rig.metric("qt_apply_permit_decisions_total", issuer="Governor", decision="allow", reason="policy_passed")
             == 0
         )
+
+
+async def test_denies_from_both_issuers_name_both(store_url: str, tmp_path: Path) -> None:
+    exchange = scripted()
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        entry_id, fields, _ = await rig.propose()
+        plan = await rig.publish_plan(entry_id)  # both decided while Apply was away: read when it resumes
+        await rig.deny(plan, "governor", reasons.KILL_SWITCH_ON)
+        await rig.deny(plan, "p33", "position_mismatch")
+        await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 5)
+        (result,) = await rig.results()
+        assert (result.error, result.denied_by) == (reasons.PERMIT_DENIED, "Governor, P3.3")
+
+
+async def test_an_allow_found_on_resuming_and_the_other_one_arriving_later_wake_the_plan_at_once(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The Governor's allow came while Apply was away (its audit line is behind the reader); P3.3's comes
+    later. The allow read on resuming is noted, so P3.3's audit line completes the pair: the order goes out
+    at once, not when the window (10 s here) ends."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 10_000}) as rig:
+        entry_id, fields, plan_id = await rig.propose()
+        plan = await rig.publish_plan(entry_id)
+        await rig.grant(plan, p33=False)
+        exchange.places.append(At(filled(plan_id)))
+        task = await run_proposal(rig, entry_id, fields)
+        await asyncio.sleep(0.3)  # resumed, read the slots, waiting for P3.3
+        assert not task.done() and exchange.calls == []
+        await rig.grant(plan, governor=False)
+        await asyncio.wait_for(task, 3)  # long before the 10 s window
+        assert exchange.sends == 1
 
 
 @pytest.mark.parametrize(
