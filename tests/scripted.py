@@ -79,6 +79,7 @@ class ScriptedExchange:
     position_reads: list[list[str]] = field(default_factory=list)
     searches: list[tuple[str, float]] = field(default_factory=list)  # (symbol, since_ms) per search
     during_position_read: Callable[[], Awaitable[None]] | None = None  # what "happens meanwhile" (a race)
+    on_lookup: Callable[[], None] | None = None  # called as each lookup arrives (to see the caller mid-call)
 
     def _next(self, script: list[At], what: str) -> Answer:
         if not script:
@@ -102,6 +103,8 @@ class ScriptedExchange:
         return answer
 
     async def query_order(self, symbol: str, client_order_id: str) -> OrderReport | None:
+        if self.on_lookup is not None:
+            self.on_lookup()
         answer = self._next(self.lookups, "lookup")
         self.calls.append(Call("query", self.now_ms(), client_order_id, symbol=symbol, mono_s=self.clock.mono_s))
         if isinstance(answer, ExchangeError):

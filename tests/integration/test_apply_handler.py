@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -901,17 +903,27 @@ async def test_a_store_change_after_the_consume_with_the_order_found_publishes_i
         assert result.executed and result.adopted is False
 
 
+async def timed_out_after_a_store_change(
+    rig: Rig, lookups: Callable[[str], list[At]]
+) -> tuple[str, list[dict[str, Any]]]:
+    """A plan whose window ends without permits after the store became another instance: its timeout result
+    waits for the exchange's word (``lookups(plan_id)`` scripts it). The plan id, and what was logged."""
+    entry_id, fields, plan_id = await rig.propose()
+    task = await run_proposal(rig, entry_id, fields)
+    await rig.plan(plan_id)
+    await another_epoch(rig)
+    rig.exchange.lookups += lookups(plan_id)
+    with structlog.testing.capture_logs() as logged:
+        await asyncio.wait_for(task, 5)
+    return plan_id, logged
+
+
 async def test_a_store_change_before_a_timeout_result_lets_the_exchange_have_the_last_word(
     store_url: str, tmp_path: Path
 ) -> None:
     exchange = scripted({SYMBOL: D("0.010")})
     async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 300}) as rig:
-        entry_id, fields, plan_id = await rig.propose()
-        task = await run_proposal(rig, entry_id, fields)
-        await rig.plan(plan_id)
-        await another_epoch(rig)
-        exchange.lookups.append(At(filled(plan_id)))
-        await asyncio.wait_for(task, 5)
+        plan_id, _ = await timed_out_after_a_store_change(rig, lambda plan_id: [At(filled(plan_id))])
         (result,) = await rig.results()
         assert (result.executed, result.adopted) == (True, True)
         assert rig.metric("qt_apply_truth_lookups_total", why="store_changed_before_result") == 1
@@ -923,13 +935,9 @@ async def test_a_store_change_before_a_timeout_result_asks_again_while_the_excha
 ) -> None:
     exchange = scripted({SYMBOL: D("0.010")})
     async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 300}) as rig:
-        entry_id, fields, plan_id = await rig.propose()
-        task = await run_proposal(rig, entry_id, fields)
-        await rig.plan(plan_id)
-        await another_epoch(rig)
-        exchange.lookups += [At(ExchangeUnavailable("502 Bad Gateway"), mono_s=60), At(filled(plan_id))]
-        with structlog.testing.capture_logs() as logged:
-            await asyncio.wait_for(task, 5)
+        plan_id, logged = await timed_out_after_a_store_change(
+            rig, lambda plan_id: [At(ExchangeUnavailable("502 Bad Gateway"), mono_s=60), At(filled(plan_id))]
+        )
         (again,) = [e for e in logged if "asking again" in e["event"]]
         assert again["plan_id"] == plan_id  # the plan's own log
         (result,) = await rig.results()
@@ -941,12 +949,7 @@ async def test_a_store_change_before_a_timeout_result_without_an_order_publishes
 ) -> None:
     exchange = scripted({SYMBOL: D("0.010")})
     async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 300}) as rig:
-        entry_id, fields, plan_id = await rig.propose()
-        task = await run_proposal(rig, entry_id, fields)
-        await rig.plan(plan_id)
-        await another_epoch(rig)
-        exchange.lookups.append(At(None, ms=rig.clock.wall() * 1000 + FAR_MS))
-        await asyncio.wait_for(task, 5)
+        await timed_out_after_a_store_change(rig, lambda _: [At(None, ms=rig.clock.wall() * 1000 + FAR_MS)])
         (result,) = await rig.results()
         assert (result.error, result.adopted) == (reasons.PERMIT_TIMEOUT, False)
 

@@ -14,8 +14,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -44,20 +43,8 @@ SEARCHED = "searched the exchange for orders the store forgot"
 NO_STORE = "redis://127.0.0.1:9/0"  # nothing listens there: every command fails to connect
 
 
-@dataclass
-class WatchedExchange(ScriptedExchange):
-    """The scripted exchange, calling ``on_lookup`` as each lookup arrives (to see the handler mid-call)."""
-
-    on_lookup: Callable[[], None] | None = None
-
-    async def query_order(self, symbol: str, client_order_id: str) -> OrderReport | None:
-        if self.on_lookup is not None:
-            self.on_lookup()
-        return await super().query_order(symbol, client_order_id)
-
-
-def venue(lookups: list[At] | None = None, history: dict[str, Any] | None = None) -> WatchedExchange:
-    return WatchedExchange(None, [], lookups or [], history=history)  # type: ignore[arg-type]
+def venue(lookups: list[At] | None = None, history: dict[str, Any] | None = None) -> ScriptedExchange:
+    return ScriptedExchange(None, [], lookups or [], history=history)  # type: ignore[arg-type]
 
 
 def a_plan(plan_id: str, symbol: str = SYMBOL, side: str = "LONG") -> Plan:
