@@ -32,9 +32,9 @@ from quantum_trader.exchange.binance import BinanceFutures, make_exchange
 from quantum_trader.exchange.sim.server import SimConfig, SimServer
 from quantum_trader.services.apply import ApplyService
 from quantum_trader.services.brain import BrainService
-from quantum_trader.services.consumer import cancel_and_wait
 from quantum_trader.services.governor import GovernorService
 from quantum_trader.settings import Settings
+from quantum_trader.tasks import cancel_and_wait
 
 # No time limits on examples: speed is measured by the benchmarks, and two test workers on two cores (each
 # starting stores, simulators and services) make any per-example deadline or "generation is slow" check a coin

@@ -32,7 +32,7 @@ from quantum_trader.domain.models import AuditEntry, Plan, Proposal, Result, fro
 from quantum_trader.domain.planning import PlanningContext, make_plan, plan_id_for
 from quantum_trader.exchange.base import OrderReport
 from quantum_trader.services.apply import ApplyService
-from quantum_trader.services.consumer import cancel_and_wait
+from quantum_trader.tasks import cancel_and_wait
 from scripted import ScriptedExchange
 
 SYMBOL = "BTCUSDT"

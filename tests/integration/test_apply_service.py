@@ -23,7 +23,7 @@ from quantum_trader.bus.embedded import EmbeddedStore
 from quantum_trader.domain import reasons
 from quantum_trader.domain.trust import StoreIdentity
 from quantum_trader.exchange.base import ExchangeUnavailable
-from quantum_trader.services.consumer import cancel_and_wait
+from quantum_trader.tasks import cancel_and_wait
 from scripted import At, ScriptedExchange
 
 pytestmark = pytest.mark.integration

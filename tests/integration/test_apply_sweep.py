@@ -30,7 +30,7 @@ from quantum_trader.domain import reasons
 from quantum_trader.domain.models import Plan, to_fields
 from quantum_trader.domain.planning import plan_id_for
 from quantum_trader.exchange.base import ExchangeUnavailable, OrderReport
-from quantum_trader.services.consumer import cancel_and_wait
+from quantum_trader.tasks import cancel_and_wait
 from scripted import At, ScriptedExchange
 
 pytestmark = pytest.mark.integration

@@ -120,7 +120,8 @@ async def test_a_read_whose_batch_handler_fails_is_finished_entry_by_entry(rds) 
     other entries back until a restart: what is still pending is handled one by one, and only the entry that
     fails on its own stays pending."""
     from quantum_trader import logs
-    from quantum_trader.services.consumer import Failover, cancel_and_wait, consume_group
+    from quantum_trader.services.consumer import Failover, consume_group
+    from quantum_trader.tasks import cancel_and_wait
 
     stream, group = "test:batch:stream", "test-group"
     await rds.delete(stream)

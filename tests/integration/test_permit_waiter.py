@@ -23,7 +23,7 @@ from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
 from quantum_trader.bus.entries import raw_pairs
 from quantum_trader.services.apply.permit_waiter import PermitWaiter
-from quantum_trader.services.consumer import cancel_and_wait
+from quantum_trader.tasks import cancel_and_wait
 from scripted import RecordingLog
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from quantum_trader.bench.bounds import Waiting, bounded, run_loop, settle, within
+from quantum_trader.bench.bounds import Waiting, bounded, run_loop, within
+from quantum_trader.tasks import cancel_and_wait
 
 
 async def test_a_step_over_its_bound_is_reported_with_what_it_waited_for_and_the_next_step_runs() -> None:
@@ -79,10 +80,10 @@ async def test_settle_and_within_return_though_the_work_never_ends() -> None:
 
     stuck = asyncio.ensure_future(deaf())
     await asyncio.sleep(0)  # it runs to its first await (a task cancelled before it starts just ends)
-    assert await settle([stuck], 0.05) == [stuck]
+    assert await cancel_and_wait([stuck], 0.05) == [stuck]
     ended = asyncio.ensure_future(asyncio.sleep(10))
     await asyncio.sleep(0)
-    assert await settle([ended], 1.0) == [] and ended.cancelled()
+    assert await cancel_and_wait([ended], 1.0) == [] and ended.cancelled()
     try:
         await within(deaf(), 0.05, "closing the seed client")
     except TimeoutError as exc:

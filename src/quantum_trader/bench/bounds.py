@@ -2,9 +2,9 @@
 
 ``bounded`` runs one step as a task and waits for it at most its bound; a step that overruns is cancelled, given
 a short grace to run its own cleanup (``finally`` blocks, context managers), and reported as timed out with
-what it was waiting for at that moment (``Waiting``, which the step keeps current). ``settle`` and ``within``
-are the same rule for the tasks and calls a step's cleanup waits for, and ``run_loop`` is ``asyncio.run`` whose
-teardown cannot hang.
+what it was waiting for at that moment (``Waiting``, which the step keeps current). ``within`` is the same
+rule for the calls a step's cleanup waits for (``quantum_trader.tasks.cancel_and_wait`` for its tasks), and
+``run_loop`` is ``asyncio.run`` whose teardown cannot hang.
 
 None of this uses ``asyncio.wait_for`` around work that may not stop: on Python 3.11, ``wait_for`` waits without
 a bound for the task it cancelled, and a task can lose a cancel (``wait_for`` itself returns the inner result
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from quantum_trader.tasks import cancel_and_wait
 
 T = TypeVar("T")
 
@@ -73,28 +75,12 @@ class StepStatus:
         return f"{self.name}: done in {self.took_s:.1f} s"
 
 
-async def settle(tasks: Collection[asyncio.Future[Any]], grace_s: float = STOP_GRACE_S) -> list[asyncio.Future[Any]]:
-    """Cancel ``tasks`` and wait at most ``grace_s`` for them to end; the ones still running are returned (and
-    left: waiting longer is what hangs). The ended ones' exceptions are retrieved (no "never retrieved")."""
-    pending = [t for t in tasks if not t.done()]
-    for task in pending:
-        task.cancel()
-    try:
-        if pending:
-            await asyncio.wait(pending, timeout=grace_s)
-    finally:  # also when this wait is cancelled in turn
-        for task in tasks:
-            if task.done() and not task.cancelled():
-                task.exception()
-    return [t for t in pending if not t.done()]
-
-
 async def within(work: Awaitable[T], seconds: float, what: str) -> T:
     """``work``, or ``TimeoutError(what)`` after ``seconds`` (the work is cancelled and left after a grace)."""
     task = asyncio.ensure_future(work)
     done, _ = await asyncio.wait({task}, timeout=seconds)
     if task not in done:
-        await settle([task], min(seconds, STOP_GRACE_S))
+        await cancel_and_wait([task], min(seconds, STOP_GRACE_S))
         raise TimeoutError(f"{what}: no answer within {seconds:g} s")
     return task.result()
 
@@ -112,7 +98,7 @@ async def bounded(
     except GeneratorExit:  # closed with its loop gone: nothing can run any more
         raise
     except BaseException:  # interrupted (Ctrl-C, a stop signal, our own cancel): the step's cleanup runs too
-        await settle([task], grace_s)
+        await cancel_and_wait([task], grace_s)
         raise
     took = time.monotonic() - started
     if task in done:
@@ -122,7 +108,7 @@ async def bounded(
             return None, StepStatus(name, bound_s, took, "failed", f"{type(error).__name__}: {error}")
         return task.result(), StepStatus(name, bound_s, took)
     detail = waiting.describe()  # the state at the bound, before the cleanup changes it
-    if await settle([task], grace_s):
+    if await cancel_and_wait([task], grace_s):
         detail += f" (it did not stop within {grace_s:g} s of being cancelled, and was left running)"
     return None, StepStatus(name, bound_s, took, "timed out", detail)
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from quantum_trader.bench.bounds import Waiting, settle, within
+from quantum_trader.bench.bounds import STOP_GRACE_S, Waiting, within
 from quantum_trader.bench.measure import send_at_rate
+from quantum_trader.tasks import cancel_and_wait
 
 PREFIX = "bench:seed"
 POLL_S = 0.1
@@ -87,7 +88,9 @@ async def seed_issuers(url: str) -> AsyncIterator[SeedIssuers]:
         yield issuers
     finally:
         stop.set()
-        stuck = await settle(tasks, BLOCK_MS / 1000 + 2)  # the cancel, or at the latest the flag after one BLOCK
+        stuck = await cancel_and_wait(
+            tasks, BLOCK_MS / 1000 + 2
+        )  # the cancel, or at the latest the flag after one BLOCK
         with contextlib.suppress(Exception):  # the keys expire in 60 s anyway; a failed delete is not the result
             await within(_delete_keys(clients[0]), CLEANUP_S, "deleting the seed design's keys")
         for client in clients:
@@ -174,7 +177,9 @@ async def run_seed_open_loop(url: str, rate: float, seconds: float, waiting: Wai
             try:
                 await asyncio.wait(tasks)  # each ends by itself after at most 12 polls; the step's bound covers a stall
             finally:
-                await settle(tasks)  # when the step is cut short: nothing polls on after the issuers are gone
+                await cancel_and_wait(
+                    tasks, STOP_GRACE_S
+                )  # when the step is cut short: nothing polls on after the issuers are gone
     finally:
         with contextlib.suppress(Exception):
             await within(redis.aclose(), SOCKET_TIMEOUT_S, "closing the seed client")

@@ -41,18 +41,20 @@ from redis.exceptions import RedisError
 
 from quantum_trader import ops
 from quantum_trader.bus import keys
-from quantum_trader.bus.connection import make_client
+from quantum_trader.bus.connection import StoreUnavailable, make_client
 from quantum_trader.domain import oracle
 from quantum_trader.domain.models import GovernorPermit, Plan, from_fields
 from quantum_trader.domain.permits import encode_permit, sign
 from quantum_trader.secrets import permit_key
 from quantum_trader.settings import Settings
+from quantum_trader.tasks import cancel_and_wait
 
 RECOVERY_LIMIT_S = 2.0
 # After a store loss: how long a client waits for the result of a proposal the store no longer has before it
 # calls the proposal forgotten (Apply's search for orders the store forgot runs within seconds of the loss).
 FORGOTTEN_AFTER_S = 15.0
 OBSERVER_CATCH_UP_S = 0.5  # the observer's reads block 200 ms at most
+PROPOSE_PATIENCE_S = 60.0  # a store that takes no proposal for this long is not coming back: the run fails
 AIM_S = 1.0  # an aimed kill waits at most this long for a plan inside the order path
 IN_ORDER_PATH_S = 10.0  # an intent recorded this recently is a plan inside the order path (older: stuck, not live)
 # with --store-loss: when this share of the plans has been proposed (away from the store restart at half)
@@ -211,8 +213,7 @@ class Chaos:
             await asyncio.sleep(1.0)  # the observer catches up with the last lines
             await self._judge(rds)
         finally:
-            observer.cancel()
-            await asyncio.gather(observer, return_exceptions=True)
+            await cancel_and_wait([observer])  # its reads can lose a cancel (tasks.py): re-cancelled until it ends
             await rds.aclose()
         self.report.seconds = round(time.monotonic() - started, 1)
         return self.report
@@ -226,13 +227,16 @@ class Chaos:
             await asyncio.sleep(interval)
 
     async def _propose(self, rds: aioredis.Redis, symbol: str, source: str) -> ops.Submitted:
+        deadline = time.monotonic() + PROPOSE_PATIENCE_S
         while True:
             try:
                 sub = await ops.propose(rds, symbol, "PARTIAL_CLOSE", qty=Decimal(SYMBOLS[symbol][1]), source=source)
                 self.submitted.append(sub)
                 self.symbol_of[sub.plan_id] = symbol
                 return sub
-            except (RedisError, OSError):
+            except (RedisError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(f"the store took no proposal for {PROPOSE_PATIENCE_S:g} s: {exc}") from exc
                 await asyncio.sleep(0.05)
 
     async def _observe(self) -> None:

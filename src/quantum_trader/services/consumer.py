@@ -28,20 +28,6 @@ Entries = list[tuple[str, dict[str, str]]]
 BatchHandler = Callable[[Entries], Awaitable[None]]
 
 
-async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout_s: float = 10.0) -> None:
-    """Cancel ``tasks`` and wait until they are done, cancelling again while they are not.
-
-    redis-py can absorb a cancellation that lands while it tears down a blocking read's connection, leaving
-    the loop to start its next read; one more cancel then lands in that read. Shutdown must not hang on it.
-    """
-    pending = {t for t in tasks if not t.done()}
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while pending and asyncio.get_running_loop().time() < deadline:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.2)
-
-
 def consumer_name(configured: str, service: str) -> str:
     """This instance's name in its consumer groups: stable across restarts, so it finds its pending entries."""
     return configured or f"{socket.gethostname()}-{service}"

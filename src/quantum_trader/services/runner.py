@@ -25,9 +25,10 @@ from quantum_trader.bus.streams import GROUPS, group_backlog
 from quantum_trader.exchange import open_exchange, sim_url_for
 from quantum_trader.exchange.base import ExchangeError
 from quantum_trader.exchange.check import HEDGE_HELP, MAX_SKEW_MS
-from quantum_trader.services.consumer import STORE_ERRORS, Backoff, cancel_and_wait, consumer_name
+from quantum_trader.services.consumer import STORE_ERRORS, Backoff, consumer_name
 from quantum_trader.services.metrics import build_info, serve_metrics
 from quantum_trader.settings import Settings
+from quantum_trader.tasks import cancel_and_wait
 
 ServiceKind = Literal["apply", "governor", "brain"]
 
@@ -156,8 +157,7 @@ async def serve(kind: ServiceKind, settings: Settings) -> None:
         try:
             await service.run()
         finally:
-            beat.cancel()
-            ticker.cancel()
+            await cancel_and_wait([beat, ticker])  # ended here: asyncio.run's teardown waits without a bound
             with contextlib.suppress(RedisError, *STORE_ERRORS):
                 await redis.delete(keys.health(kind, consumer))
             await service_event(redis, kind, consumer, "stopped")
@@ -201,7 +201,7 @@ def run(kind: ServiceKind, settings: Settings) -> None:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        stopper: list[asyncio.Task[None]] = []  # keeps a reference to the stopping task
+        stopper: list[asyncio.Task[Any]] = []  # keeps a reference to the stopping task
 
         def stop() -> None:
             stopper.append(loop.create_task(cancel_and_wait([task])))

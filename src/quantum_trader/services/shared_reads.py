@@ -12,6 +12,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Generic, TypeVar
 
+from quantum_trader.tasks import cancel_and_wait
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -43,8 +45,7 @@ class SharedReads(Generic[K, V]):
     async def aclose(self) -> None:
         """Stop the request on its way, if any (its waiters get CancelledError)."""
         if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+            await cancel_and_wait([self._reader])
 
     async def _read_while_asked(self) -> None:
         while self._asked:

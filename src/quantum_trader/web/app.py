@@ -36,6 +36,7 @@ from quantum_trader.bus import keys
 from quantum_trader.bus.connection import connect, resolve_redis_url
 from quantum_trader.secrets import web_operator_token
 from quantum_trader.settings import Settings
+from quantum_trader.tasks import cancel_and_wait
 from quantum_trader.views.dashboard import dashboard_state
 
 PUSH_EVERY_S = 2.0  # positions and health change without a stream entry: push at least this often
@@ -106,8 +107,7 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield
         finally:
-            producer.cancel()
-            await asyncio.gather(producer, return_exceptions=True)
+            await cancel_and_wait([producer])
             await store["redis"].aclose()
 
     async def index(_: Request) -> Response:

@@ -25,10 +25,11 @@ from quantum_trader.services.apply.position_reads import PositionReads
 from quantum_trader.services.apply.results import ResultPublisher
 from quantum_trader.services.apply.sweep import IntentSweeper
 from quantum_trader.services.apply.truth import ExchangeTruth
-from quantum_trader.services.consumer import STORE_ERRORS, Backoff, cancel_and_wait, consume_group
+from quantum_trader.services.consumer import STORE_ERRORS, Backoff, consume_group
 from quantum_trader.services.metrics import ApplyMetrics
 from quantum_trader.services.service import Service
 from quantum_trader.settings import Settings
+from quantum_trader.tasks import cancel_and_wait
 
 
 class ApplyService(Service):

@@ -25,10 +25,11 @@ from quantum_trader.services.brain.follower import LedgerFollower
 from quantum_trader.services.brain.inputs import InputsRead, read_inputs
 from quantum_trader.services.brain.ledger import LedgerChange
 from quantum_trader.services.brain.snapshots import SnapshotPoller
-from quantum_trader.services.consumer import STORE_ERRORS, Backoff, Entries, cancel_and_wait, consume_group
+from quantum_trader.services.consumer import STORE_ERRORS, Backoff, Entries, consume_group
 from quantum_trader.services.issuer import PermitIssuer
 from quantum_trader.services.metrics import BrainMetrics
 from quantum_trader.settings import Settings
+from quantum_trader.tasks import cancel_and_wait
 
 RESULTS_CATCH_UP_S = 1.0  # how long a plan on a symbol marked for a finished plan waits for its result's record
 RESULTS_POLL_S = 0.01  # how often it looks again meanwhile (another instance may be the one recording)
