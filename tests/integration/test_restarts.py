@@ -15,6 +15,7 @@ from conftest import SIM_ADMIN, Chain, make_settings, set_position, sim_orders, 
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.domain import reasons
+from quantum_trader.tasks import cancel_and_wait
 
 pytestmark = pytest.mark.integration
 
@@ -213,7 +214,7 @@ async def test_two_handlers_racing_for_one_fresh_proposal_send_one_order(sim, rd
     await rds.xreadgroup(keys.APPLY_GROUP, "apply-test", {keys.PROPOSAL_STREAM: ">"})
     handler = apply.handler
     await asyncio.gather(handler.handle_proposal(entry_id, fields), handler.handle_proposal(entry_id, fields))
-    waiter.cancel()
+    await cancel_and_wait([waiter])
     from quantum_trader.domain.planning import plan_id_for
 
     plan_id = plan_id_for(entry_id, "race")
@@ -256,8 +257,7 @@ async def test_an_intent_left_by_a_vanished_consumer_is_resolved_by_another_inst
         try:
             result = await ops.wait_result(rds, sub.plan_id, 15, sub.result_cursor)
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
             await exchange.close()
             await client.aclose()
         assert result is not None and result.executed and result.filled_qty == Decimal("0.010")

@@ -6,7 +6,6 @@ service says what and where, goes on with the rest of its work, and nothing is s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from decimal import Decimal
 
 import httpx
@@ -18,6 +17,7 @@ from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.bus.streams import ensure_topology
 from quantum_trader.domain import reasons
+from quantum_trader.tasks import cancel_and_wait
 
 pytestmark = pytest.mark.integration
 
@@ -230,9 +230,7 @@ async def test_a_heartbeat_the_store_answers_with_an_error_is_logged_and_beats_a
 
         await until(beating, timeout=10)
     finally:
-        beat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beat
+        await cancel_and_wait([beat])
 
 
 async def test_a_service_event_the_store_refuses_is_logged_not_raised(rds, capsys) -> None:

@@ -18,6 +18,7 @@ from quantum_trader import logs
 from quantum_trader.exchange.base import ExchangeUnavailable, PositionInfo
 from quantum_trader.services.brain.snapshots import SnapshotPoller
 from quantum_trader.services.metrics import BrainMetrics
+from quantum_trader.tasks import cancel_and_wait
 
 pytestmark = pytest.mark.integration
 
@@ -97,8 +98,7 @@ async def test_a_bug_in_a_poll_nobody_waits_for_is_logged(tmp_path, store_url, r
             break
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)
-    run.cancel()
-    await asyncio.gather(run, return_exceptions=True)
+    await cancel_and_wait([run])
     captured = capsys.readouterr()
     assert exchange.requests == [["BTCUSDT"]]
     assert "snapshot poll failed unexpectedly" in captured.out + captured.err
