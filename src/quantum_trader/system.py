@@ -335,12 +335,21 @@ class LocalSystem:
         process = self.processes[service]
         consumer = self.child_env(service)["QT_CONSUMER_NAME"]
         key = keys.health(service, consumer)
-        client = redis.Redis.from_url(self.urls["admin"], decode_responses=True, encoding_errors="surrogateescape")
+        client = redis.Redis.from_url(
+            self.urls["admin"],
+            decode_responses=True,
+            encoding_errors="surrogateescape",
+            socket_timeout=3,  # a store that stops answering is waited out to the deadline, not forever
+            socket_connect_timeout=3,
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             while time.monotonic() < deadline:
                 self._check_alive(service)
-                beat = client.hgetall(key)
+                try:
+                    beat = client.hgetall(key)
+                except (redis.RedisError, OSError):
+                    beat = {}  # the store is away for a moment: the service waits for it too
                 if beat.get("pid") == str(process.pid) and beat.get("ready") == "1":
                     return
                 time.sleep(0.05)
