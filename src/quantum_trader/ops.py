@@ -17,7 +17,7 @@ from quantum_trader.bus.scripts import Scripts
 from quantum_trader.bus.streams import STREAM_MAXLEN
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import AuditEntry, MalformedEntry, Plan, Result, from_fields
-from quantum_trader.domain.planning import plan_id_for
+from quantum_trader.domain.planning import client_order_id, plan_id_for
 from quantum_trader.domain.verdict import Verdict
 from quantum_trader.secrets import permit_key
 from quantum_trader.settings import Settings
@@ -33,6 +33,11 @@ class Submitted:
     proposal_id: str
     plan_id: str
     result_cursor: str  # result stream position before the proposal: where to look for its result
+
+    @property
+    def client_order_id(self) -> str:
+        """The client order id its plan's order has on the exchange."""
+        return client_order_id(self.proposal_id)
 
 
 async def propose(
@@ -65,7 +70,7 @@ async def propose(
     fields.update(extra or {})
     cursor = await last_id(redis, keys.RESULT_STREAM)
     entry_id = await redis.xadd(keys.PROPOSAL_STREAM, fields, maxlen=STREAM_MAXLEN, approximate=True)
-    return Submitted(entry_id, proposal_id, plan_id_for(entry_id, proposal_id), cursor)
+    return Submitted(entry_id, proposal_id, plan_id_for(proposal_id), cursor)
 
 
 async def last_id(redis: aioredis.Redis, stream: str) -> str:

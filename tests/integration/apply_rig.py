@@ -29,7 +29,7 @@ from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.bus.scripts import Scripts
 from quantum_trader.bus.streams import STREAM_MAXLEN, ensure_topology
 from quantum_trader.domain.models import AuditEntry, Plan, Proposal, Result, from_fields, to_fields
-from quantum_trader.domain.planning import PlanningContext, make_plan, plan_id_for
+from quantum_trader.domain.planning import PlanningContext, client_order_id, make_plan, plan_id_for, request_of
 from quantum_trader.exchange.base import OrderReport
 from quantum_trader.services.apply import ApplyService
 from quantum_trader.tasks import cancel_and_wait
@@ -61,6 +61,25 @@ class MovableClock:
         self.mono_shift += value - self.mono()
 
 
+_PROPOSALS: dict[str, str] = {}  # plan id -> proposal id, of every plan the tests make through plan_of
+
+
+def plan_of(proposal_id: str) -> str:
+    """The plan id of ``proposal_id`` (remembered: ``coid`` finds the client order id of the plan again)."""
+    plan_id = plan_id_for(proposal_id)
+    _PROPOSALS[plan_id] = proposal_id
+    return plan_id
+
+
+def proposal_of(plan_id: str) -> str:
+    return _PROPOSALS[plan_id]
+
+
+def coid(plan_id: str) -> str:
+    """The client order id of a plan made through ``plan_of``: "qt-" + its proposal id."""
+    return client_order_id(_PROPOSALS[plan_id])
+
+
 @dataclass
 class Rig:
     rds: aioredis.Redis  # the test's own client (no store watch)
@@ -68,6 +87,7 @@ class Rig:
     exchange: ScriptedExchange
     clock: MovableClock
     registry: CollectorRegistry
+    proposals: int = 0  # proposals made with a new id so far
 
     @property
     def handler(self) -> Any:
@@ -78,15 +98,22 @@ class Rig:
         return self.apply.watch.epoch
 
     async def propose(
-        self, symbol: str = SYMBOL, action: str = "FULL_CLOSE", proposal_id: str = "p1", entry_id: str = "*"
+        self,
+        symbol: str = SYMBOL,
+        action: str = "FULL_CLOSE",
+        proposal_id: str = "",
+        entry_id: str = "*",
+        **extra: str,
     ) -> tuple[str, dict[str, str], str]:
         """A proposal on the stream, read by Apply's group (so pending until acknowledged): entry id, fields,
         plan id. An explicit ``entry_id`` older than the store's epoch makes a proposal the store cannot vouch
-        for."""
-        fields = {"proposal_id": proposal_id, "symbol": symbol, "action": action}
+        for. Without ``proposal_id``, a new one (p1, p2, ... per rig): a new intent, a new plan."""
+        self.proposals += 1
+        proposal_id = proposal_id or f"p{self.proposals}"
+        fields = {"proposal_id": proposal_id, "symbol": symbol, "action": action, **extra}
         entry = await self.rds.xadd(keys.PROPOSAL_STREAM, fields, id=entry_id)  # type: ignore[arg-type]
         await self.rds.xreadgroup(keys.APPLY_GROUP, "apply-rig", {keys.PROPOSAL_STREAM: ">"})
-        return entry, fields, plan_id_for(entry, proposal_id)
+        return entry, fields, plan_of(proposal_id)
 
     async def plan(self, plan_id: str) -> Plan:
         await wait_key(self.rds, keys.plan_record(plan_id))
@@ -95,16 +122,20 @@ class Rig:
     async def plan_of(self, entry_id: str) -> Plan:
         """The plan of the proposal entry ``entry_id`` (once it is published)."""
         ((_, fields),) = await self.rds.xrange(keys.PROPOSAL_STREAM, entry_id, entry_id)
-        return await self.plan(plan_id_for(entry_id, fields["proposal_id"]))
+        return await self.plan(plan_of(fields["proposal_id"]))
 
     async def publish_plan(self, entry_id: str, *, age_s: float = 0.0, qty: str = "0.010") -> Plan:
         """The plan another handler (or this one before a restart) published for the proposal ``age_s`` ago."""
         ((_, fields),) = await self.rds.xrange(keys.PROPOSAL_STREAM, entry_id, entry_id)
         proposal = from_fields(Proposal, fields)
         ctx = PlanningContext(frozenset(self.apply.settings.symbols), Decimal(qty), False, None)
-        plan = make_plan(proposal, ctx, plan_id_for(entry_id, proposal.proposal_id), self.clock.wall() - age_s)
+        plan = make_plan(proposal, ctx, plan_of(proposal.proposal_id), self.clock.wall() - age_s)
         published = await Scripts(self.rds).publish_plan(
-            plan_id=plan.plan_id, fields=to_fields(plan), proposal_entry_id=entry_id, maxlen=STREAM_MAXLEN
+            plan_id=plan.plan_id,
+            fields=to_fields(plan),
+            proposal_entry_id=entry_id,
+            request=request_of(proposal),
+            maxlen=STREAM_MAXLEN,
         )
         assert published == "published"
         return plan
@@ -113,8 +144,12 @@ class Rig:
         """Another handler (or this one before a restart) consumed the plan's permits, and may have sent its
         order: its executed marker (``marker`` as given, or the one Apply writes, stamped ``at``)."""
         if marker is None:
-            coid = f"qt-{plan.plan_id}"
-            detail = {"client_order_id": coid, "qty": "0.010", "side": plan.side, "at": at or plan.created_at}
+            detail = {
+                "client_order_id": client_order_id(plan.proposal_id),
+                "qty": "0.010",
+                "side": plan.side,
+                "at": at or plan.created_at,
+            }
             marker = json.dumps(detail)
         await self.rds.set(keys.executed_marker(plan.plan_id), marker)
 
@@ -158,7 +193,7 @@ class Rig:
 def filled(plan_id: str, qty: str = "0.010", side: str = "SELL", status: str = "FILLED") -> OrderReport:
     """The exchange's report of the plan's order, filled (``qty`` "0": ended without a fill)."""
     amount = Decimal(qty)
-    return OrderReport("7001", f"qt-{plan_id}", status, amount, Decimal(100) if amount else Decimal(0), side, 1234)
+    return OrderReport("7001", coid(plan_id), status, amount, Decimal(100) if amount else Decimal(0), side, 1234)
 
 
 @contextlib.asynccontextmanager
@@ -180,8 +215,16 @@ async def apply_rig(
     watch = StoreWatch(record_epoch=True)
     client = make_client(store_url, watch)
     await client.ping()  # connects: the watch learns the store's epoch
+    # The instance began an hour ago (in its record, which every new connection reads): requests from before it
+    # have long settled, whenever the test store was started. Tests of a recent change set their own epoch.
+    await rds.hset(keys.STORE_EPOCH, "since", repr(time.time() - 3600))
+    await client.connection_pool.disconnect()
+    await client.ping()
     registry = CollectorRegistry()
     apply = ApplyService(settings, client, exchange, watch=watch, registry=registry, clock=clock)
+    # The sweeper does not run here: the store's forgotten orders count as searched (tests of the search and
+    # of what waits for it clear this themselves).
+    apply.handler.truth.searched.set()
     tasks = [asyncio.create_task(apply.waiter.run())] if reader else []
     if reader:
         await asyncio.wait_for(apply.waiter.ready.wait(), 10)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import structlog
-from apply_rig import SYMBOL, Rig, apply_rig, filled
+from apply_rig import SYMBOL, Rig, apply_rig, coid, filled
 from forgery import governor_permit, p33_permit
 
 from conftest import until
@@ -74,7 +74,7 @@ async def test_a_granted_plan_sends_one_order_of_the_p33_quantity_and_publishes_
 
         (call,) = exchange.calls
         assert (call.kind, call.symbol, call.side, call.qty) == ("place", SYMBOL, "SELL", D("0.004"))
-        assert call.client_order_id == f"qt-{plan_id}"
+        assert call.client_order_id == coid(plan_id)
         # the deadline is the window's end (from the plan's creation) on the exchange clock
         assert call.deadline_ms is not None and abs(call.deadline_ms - (plan.created_at * 1000 + 800)) < 50
         assert started_ms < call.at_ms < call.deadline_ms
@@ -88,7 +88,7 @@ async def test_a_granted_plan_sends_one_order_of_the_p33_quantity_and_publishes_
             True,
             "",
         )
-        assert (result.order_id, result.client_order_id, result.filled_qty) == ("7001", f"qt-{plan_id}", D("0.004"))
+        assert (result.order_id, result.client_order_id, result.filled_qty) == ("7001", coid(plan_id), D("0.004"))
         assert (result.avg_price, result.order_time_ms, result.reason, result.adopted) == (
             D(100),
             1234,
@@ -97,7 +97,7 @@ async def test_a_granted_plan_sends_one_order_of_the_p33_quantity_and_publishes_
         )
         assert await rig.pending() == 0
         marker = json.loads(await rig.rds.get(keys.executed_marker(plan_id)))
-        assert marker["client_order_id"] == f"qt-{plan_id}" and marker["qty"] == "0.004" and marker["side"] == "LONG"
+        assert marker["client_order_id"] == coid(plan_id) and marker["qty"] == "0.004" and marker["side"] == "LONG"
         assert abs(marker["at"] - rig.clock.wall()) < 5
         assert not await rig.rds.exists(keys.symbol_in_flight(SYMBOL))  # the result released the hold
         assert await rig.rds.zcard(keys.APPLY_INTENTS) == 0
@@ -408,7 +408,7 @@ async def test_a_rejection_is_the_result_with_the_exchanges_code_and_message(sto
         assert exchange.sends == 1
         (result,) = await rig.results()
         assert (result.executed, result.error, result.exchange_code) == (False, reasons.EXCHANGE_REJECTED, -2022)
-        assert result.reason == message[:200] and result.client_order_id == f"qt-{plan.plan_id}"
+        assert result.reason == message[:200] and result.client_order_id == coid(plan.plan_id)
         assert result.order_id == ""
         assert rig.metric("qt_apply_orders_total", outcome="rejected") == 1
         assert rig.metric("qt_apply_results_total", outcome=reasons.EXCHANGE_REJECTED) == 1
@@ -469,7 +469,7 @@ async def test_an_unknown_outcome_warns_when_its_intent_is_no_longer_recorded(
             await rig.rds.zadd(keys.APPLY_INTENTS, {plan_id: rig.clock.wall()})
         run = PlanRun(plan, entry_id, rig.handler.log, rig.epoch)
         with structlog.testing.capture_logs() as logged:
-            await rig.handler._conclude(run, f"qt-{plan_id}", OrderOutcome(OutcomeKind.UNKNOWN, message="timeout"))
+            await rig.handler._conclude(run, coid(plan_id), OrderOutcome(OutcomeKind.UNKNOWN, message="timeout"))
         warned = [e for e in logged if "no longer recorded" in e["event"]]
         assert len(warned) == (0 if recorded else 1)
         assert (await rig.rds.get(keys.symbol_in_flight(SYMBOL)) == plan_id) is recorded
@@ -596,12 +596,12 @@ async def test_two_handlers_of_one_proposal_publish_one_plan_and_send_one_order(
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, plan_id = await rig.propose()
         exchange.places.append(At(filled(plan_id)))
-        exchange.lookups.append(At(filled(plan_id)))  # the handler that lost the consume looks the order up
         tasks = [await run_proposal(rig, entry_id, fields) for _ in range(2)]
         plan = await rig.plan(plan_id)
         await rig.grant(plan)
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
-        assert exchange.kinds() == ["place", "query"]
+        # in one process the second waits for the first (one handler per plan) and finds the result: no lookup
+        assert exchange.kinds() == ["place"]
         assert len(await rig.rds.xrange(keys.PLAN_STREAM)) == 1
         (result,) = await rig.results()
         assert result.executed and await rig.pending() == 0
@@ -659,7 +659,7 @@ async def test_an_unreadable_executed_marker_means_the_plans_own_client_id(
         exchange.lookups.append(At(filled(plan_id)))
         await rig.handler.handle_proposal(entry_id, fields)
         (call,) = exchange.calls
-        assert call.client_order_id == f"qt-{plan_id}"
+        assert call.client_order_id == coid(plan_id)
 
 
 async def test_a_plan_recovered_without_a_marker_is_looked_up_by_its_own_client_id(
@@ -673,7 +673,7 @@ async def test_a_plan_recovered_without_a_marker_is_looked_up_by_its_own_client_
         exchange.lookups.append(At(filled(plan_id)))
         await rig.handler.recover(plan, entry_id, None, rig.handler.log)
         (call,) = exchange.calls
-        assert (call.client_order_id, call.symbol) == (f"qt-{plan_id}", SYMBOL)
+        assert (call.client_order_id, call.symbol) == (coid(plan_id), SYMBOL)
         (result,) = await rig.results()
         assert result.executed
 
@@ -697,7 +697,7 @@ async def test_absent_is_final_only_after_a_send_signed_at_the_consumption_could
         assert (result.executed, result.error, result.client_order_id) == (
             False,
             reasons.ORDER_NOT_PLACED,
-            f"qt-{plan_id}",
+            coid(plan_id),
         )
 
 
@@ -745,7 +745,7 @@ async def test_an_old_proposal_whose_order_the_exchange_has_adopts_that_order(st
         assert rig.handler.truth.vouching(entry_id) is None
         exchange.lookups.append(At(filled(plan_id, "0.3", side="BUY")))
         await rig.handler.handle_proposal(entry_id, fields)
-        assert exchange.kinds() == ["query"] and exchange.calls[0].client_order_id == f"qt-{plan_id}"
+        assert exchange.kinds() == ["query"] and exchange.calls[0].client_order_id == coid(plan_id)
         (result,) = await rig.results()
         # no record of the plan: its side is the one the order closed (a BUY closes a short)
         assert (result.plan_id, result.side, result.executed, result.adopted) == (plan_id, "SHORT", True, True)
@@ -792,7 +792,7 @@ async def test_an_old_proposal_with_an_old_record_is_absent_once_that_records_wi
         exchange.lookups.append(At(None))
         await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 5)
         (call,) = exchange.calls
-        assert (call.kind, call.client_order_id, call.symbol) == ("query", f"qt-{plan_id}", SYMBOL)
+        assert (call.kind, call.client_order_id, call.symbol) == ("query", coid(plan_id), SYMBOL)
         (result,) = await rig.results()
         assert (result.error, result.side) == (reasons.STORE_CHANGED, "LONG")
 
@@ -801,7 +801,7 @@ async def test_an_old_proposal_without_an_order_is_not_executed(store_url: str, 
     exchange = scripted({SYMBOL: D("0.010")})
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, plan_id = await rig.propose(entry_id=OLD_ENTRY)
-        exchange.lookups.append(At(None))
+        exchange.lookups.append(At(None, ms=rig.clock.wall() * 1000 + FAR_MS))  # settled: one lookup proves it
         await rig.handler.handle_proposal(entry_id, fields)
         assert exchange.kinds() == ["query"] and exchange.position_reads == []
         (result,) = await rig.results()
@@ -818,7 +818,8 @@ async def test_while_the_exchange_cannot_tell_the_lookup_is_asked_again(store_ur
     exchange = scripted()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         entry_id, fields, _ = await rig.propose(entry_id=OLD_ENTRY)
-        exchange.lookups += [At(ExchangeUnavailable("502 Bad Gateway"), mono_s=60), At(None)]
+        settled = rig.clock.wall() * 1000 + FAR_MS  # one lookup that finds nothing proves it
+        exchange.lookups += [At(ExchangeUnavailable("502 Bad Gateway"), mono_s=60), At(None, ms=settled)]
         with structlog.testing.capture_logs() as logged:
             await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 5)
         assert exchange.kinds() == ["query", "query"]
@@ -850,7 +851,7 @@ async def test_a_store_change_after_the_consume_is_looked_up_and_not_sent(store_
         assert (result.executed, result.error, result.client_order_id) == (
             False,
             reasons.STORE_CHANGED,
-            f"qt-{plan_id}",
+            coid(plan_id),
         )
         assert await rig.rds.exists(keys.executed_marker(plan_id))  # consumed here: its result is its own word
         assert rig.metric("qt_apply_truth_lookups_total", why="store_changed_before_send") == 1
@@ -879,7 +880,7 @@ async def test_a_store_change_after_the_consume_asks_until_the_plans_window_is_s
             await rig.grant(plan)
             await asyncio.wait_for(task, 5)
         assert exchange.kinds() == ["query"] * 3
-        assert {(c.client_order_id, c.symbol) for c in exchange.calls} == {(f"qt-{plan_id}", SYMBOL)}
+        assert {(c.client_order_id, c.symbol) for c in exchange.calls} == {(coid(plan_id), SYMBOL)}
         (again,) = [e for e in logged if "asking again" in e["event"]]
         assert again["plan_id"] == plan_id  # the plan's own log
         (result,) = await rig.results()
@@ -927,7 +928,7 @@ async def test_a_store_change_before_a_timeout_result_lets_the_exchange_have_the
         (result,) = await rig.results()
         assert (result.executed, result.adopted) == (True, True)
         assert rig.metric("qt_apply_truth_lookups_total", why="store_changed_before_result") == 1
-        assert [(c.client_order_id, c.symbol) for c in exchange.calls] == [(f"qt-{plan_id}", SYMBOL)]
+        assert [(c.client_order_id, c.symbol) for c in exchange.calls] == [(coid(plan_id), SYMBOL)]
 
 
 async def test_a_store_change_before_a_timeout_result_asks_again_while_the_exchange_cannot_tell(

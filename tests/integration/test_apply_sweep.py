@@ -21,14 +21,14 @@ from typing import Any
 
 import pytest
 import structlog
-from apply_rig import SYMBOL, Rig, apply_rig, filled
+from apply_rig import _PROPOSALS as PLANS_MADE
+from apply_rig import SYMBOL, Rig, apply_rig, coid, filled, plan_of, proposal_of
 
 from conftest import until
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import Plan, to_fields
-from quantum_trader.domain.planning import plan_id_for
 from quantum_trader.exchange.base import ExchangeUnavailable, OrderReport
 from quantum_trader.tasks import cancel_and_wait
 from scripted import At, ScriptedExchange
@@ -50,7 +50,7 @@ def venue(lookups: list[At] | None = None, history: dict[str, Any] | None = None
 def a_plan(plan_id: str, symbol: str = SYMBOL, side: str = "LONG") -> Plan:
     return Plan(
         plan_id=plan_id,
-        proposal_id="p1",
+        proposal_id=proposal_of(plan_id) if plan_id in PLANS_MADE else "p1",
         symbol=symbol,
         side=side,  # type: ignore[arg-type]
         action="FULL_CLOSE",
@@ -68,7 +68,7 @@ async def store_plan(rig: Rig, plan: Plan, entry_id: str = "") -> None:
     await rig.rds.hset(keys.plan_record(plan.plan_id), mapping={**to_fields(plan), "proposal_entry_id": entry_id})
 
 
-async def proposed_plan(rig: Rig, symbol: str = SYMBOL, side: str = "LONG", proposal_id: str = "p1") -> Plan:
+async def proposed_plan(rig: Rig, symbol: str = SYMBOL, side: str = "LONG", proposal_id: str = "") -> Plan:
     """A proposal read by Apply's group (pending) and its plan's record."""
     entry_id, _, plan_id = await rig.propose(symbol=symbol, proposal_id=proposal_id)
     plan = a_plan(plan_id, symbol, side)
@@ -95,7 +95,7 @@ async def intents(rig: Rig) -> list[str]:
 
 def forgotten(n: int) -> str:
     """The plan id of an order the store forgot (its proposal is gone too)."""
-    return plan_id_for(f"{1_700_000_000_000 + n}-0", "forgotten")
+    return plan_of(f"forgotten-{n}")
 
 
 def freeze_wall(rig: Rig, monkeypatch: pytest.MonkeyPatch, at: float | None = None) -> float:
@@ -105,10 +105,11 @@ def freeze_wall(rig: Rig, monkeypatch: pytest.MonkeyPatch, at: float | None = No
     return now
 
 
-def with_floor(rig: Rig, floor_ms: int, last_ms: int) -> None:
-    """The store's epoch as if the instance had kept proposals up to ``last_ms``, from a floor at ``floor_ms``."""
+def with_floor(rig: Rig, floor_ms: int, kept_ms: int) -> None:
+    """The store's epoch as if the instance's floor were at ``floor_ms`` and the newest proposal it kept of what
+    came before it at ``kept_ms``."""
     assert rig.apply.watch.epoch is not None
-    rig.apply.watch.epoch = dataclasses.replace(rig.apply.watch.epoch, floor=(floor_ms, 7), last_id=(last_ms, 3))
+    rig.apply.watch.epoch = dataclasses.replace(rig.apply.watch.epoch, floor=(floor_ms, 7), kept=(kept_ms, 3))
 
 
 async def searched_mark(rig: Rig) -> str | None:
@@ -147,7 +148,7 @@ async def test_an_intent_whose_plan_has_a_result_is_dropped_without_asking_the_e
     exchange = venue()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         plan = await proposed_plan(rig)
-        await mark_executed(rig, plan.plan_id, f"qt-{plan.plan_id}")
+        await mark_executed(rig, plan.plan_id, coid(plan.plan_id))
         await mark_result(rig, plan.plan_id)
         await add_intent(rig, plan.plan_id, time.time() - 100)
         await rig.apply.sweeper.resolve_intent(plan.plan_id)
@@ -163,7 +164,7 @@ async def test_an_intent_whose_plan_record_is_gone_is_dropped_without_asking_the
     exchange = venue()
     async with apply_rig(store_url, tmp_path, exchange) as rig:
         plan_id = forgotten(1)
-        await mark_executed(rig, plan_id, f"qt-{plan_id}")
+        await mark_executed(rig, plan_id, coid(plan_id))
         await add_intent(rig, plan_id, time.time() - 100)
         await add_intent(rig, forgotten(2), time.time() - 100)  # another intent stays
         await rig.apply.sweeper.resolve_intent(plan_id)
@@ -221,7 +222,7 @@ async def test_an_intent_still_unknown_after_its_lookups_stays_and_leaves_execut
     exchange = venue([At(ExchangeUnavailable("order: 502"), mono_s=60)])
     async with apply_rig(store_url, tmp_path, exchange, apply=FAST) as rig:
         plan = await proposed_plan(rig)
-        await mark_executed(rig, plan.plan_id, f"qt-{plan.plan_id}")
+        await mark_executed(rig, plan.plan_id, coid(plan.plan_id))
         await add_intent(rig, plan.plan_id, time.time() - 100)
         await rig.apply.sweeper.resolve_intent(plan.plan_id)
         assert exchange.kinds() == ["query"]
@@ -244,13 +245,14 @@ async def test_without_an_epoch_nothing_is_searched(store_url: str, tmp_path: Pa
 async def test_the_search_covers_every_symbol_from_a_minute_before_the_newest_kept_proposal(
     store_url: str, tmp_path: Path
 ) -> None:
-    """Sorted, each symbol of the allowlist; from the lower of the epoch's floor and last id (ms, not the
-    sequence) less a minute; and a search that covered every symbol is recorded in the instance's epoch."""
+    """Sorted, each symbol of the allowlist; from the epoch's newest kept proposal (ms, not the sequence) less a
+    minute, not its floor (later: proposals came after the instance began); and a search that covered every
+    symbol is recorded in the instance's epoch."""
     exchange = venue(history={})
     symbols = ["XRPUSDT", "BTCUSDT", "ETHUSDT"]
     async with apply_rig(store_url, tmp_path, exchange, symbols=symbols) as rig:
         now_ms = round(time.time() * 1000)
-        with_floor(rig, now_ms - 3_600_000, now_ms - 1_800_000)
+        with_floor(rig, now_ms - 1_800_000, now_ms - 3_600_000)
         with structlog.testing.capture_logs() as logged:
             assert await rig.apply.sweeper.adopt_orphans() is True
         since = now_ms - 3_600_000 - MARGIN_MS
@@ -291,13 +293,13 @@ async def test_only_final_orders_of_our_plans_without_result_or_intent_are_adopt
         busy, done, executed = forgotten(2), forgotten(3), forgotten(4)
         rig.handler.executing.add(busy)
         await mark_result(rig, done)
-        await mark_executed(rig, executed, f"qt-{executed}")
+        await mark_executed(rig, executed, coid(executed))
         kept = await proposed_plan(rig, side="LONG")
         skipped = [
             OrderReport("8001", "web_5f1c2a", "FILLED", D(1), D(100), "SELL", 1),
             OrderReport("8002", forgotten(1), "FILLED", D(1), D(100), "SELL", 2),
-            OrderReport("8003", "qt-0123456789ABCDEF", "FILLED", D(1), D(100), "SELL", 3),
-            OrderReport("8004", "qt-not-a-plan", "FILLED", D(1), D(100), "SELL", 4),
+            OrderReport("8003", "qt-" + "x" * 33, "FILLED", D(1), D(100), "SELL", 3),  # too long for a proposal id
+            OrderReport("8004", "qt-not a proposal", "FILLED", D(1), D(100), "SELL", 4),
             filled(busy),
             filled(done),
             filled(executed),
@@ -312,7 +314,8 @@ async def test_only_final_orders_of_our_plans_without_result_or_intent_are_adopt
             "ETHUSDT": [filled(forgotten(6), "0.5", side="BUY")],
         }
         with structlog.testing.capture_logs() as logged:
-            assert await rig.apply.sweeper.adopt_orphans() is True
+            # not complete: the plan executing here is looked at again if it has no result by then
+            assert await rig.apply.sweeper.adopt_orphans() is False
 
         results = await rig.results()
         assert [(r.plan_id, r.symbol, r.side, r.executed, r.error, r.reason, r.filled_qty) for r in results] == [
@@ -321,12 +324,12 @@ async def test_only_final_orders_of_our_plans_without_result_or_intent_are_adopt
             (forgotten(7), "BTCUSDT", "LONG", False, reasons.ORDER_NOT_FILLED, "EXPIRED", D(0)),
             (forgotten(6), "ETHUSDT", "SHORT", True, "", "FILLED", D("0.5")),
         ]
-        assert all(r.adopted and r.order_id == "7001" and r.client_order_id == f"qt-{r.plan_id}" for r in results)
+        assert all(r.adopted and r.order_id == "7001" and r.client_order_id == coid(r.plan_id) for r in results)
         stubs = [r for r in results if r.plan_id != kept.plan_id]
         assert [r.latency_ms for r in stubs] == [0.0, 0.0, 0.0]  # stand-ins made now, published now
         assert await rig.pending() == 0  # the kept plan's proposal is acknowledged by its result
         assert rig.metric("qt_apply_adopted_orders_total") == 4
-        assert [(e["adopted"], e["complete"]) for e in logged if e["event"] == SEARCHED] == [(4, True)]
+        assert [(e["adopted"], e["complete"]) for e in logged if e["event"] == SEARCHED] == [(4, False)]
         adopting = [(e["plan_id"], e["symbol"]) for e in logged if "adopting it" in e["event"]]
         assert adopting == [
             (forgotten(5), "BTCUSDT"),
@@ -334,7 +337,7 @@ async def test_only_final_orders_of_our_plans_without_result_or_intent_are_adopt
             (forgotten(7), "BTCUSDT"),
             (forgotten(6), "ETHUSDT"),
         ]
-        assert await searched_mark(rig) == "1"
+        assert await searched_mark(rig) is None  # to be done again: the busy plan may still need its result
         assert rig.handler.executing == {busy}
         assert not await rig.rds.exists(keys.result_marker(busy), keys.result_marker(executed))
         assert results[0].at == now
@@ -527,3 +530,43 @@ async def test_a_store_outage_is_logged_and_the_sweep_goes_on_when_the_store_is_
         ]
         assert all("127.0.0.1:9" in e["error"] for e in warnings[:2])
         assert await searched_mark(rig) == "1"
+
+
+async def test_a_search_made_while_requests_from_before_the_instance_can_still_show_is_done_again(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The instance began a moment ago: an order request sent to the old one may still execute or show. The
+    search adopts what it finds, but is not complete (new proposals keep waiting) until it is made again after
+    every such request settled (the permit window and the late-execution horizon after the instance began)."""
+    exchange = venue(history={})
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        truth = rig.apply.handler.truth
+        truth.searched.clear()
+        await rig.rds.hset(keys.STORE_EPOCH, "since", repr(rig.clock.wall()))  # in its record: every connection
+        await rig.apply.redis.connection_pool.disconnect()  # reads it
+        await rig.apply.redis.ping()
+        assert await rig.apply.sweeper.adopt_orphans() is False
+        assert exchange.searches and not truth.searched.is_set() and await searched_mark(rig) is None
+        rig.clock.wall_shift += 0.8 + 2.0 + 0.05  # the permit window and the horizon later
+        assert await rig.apply.sweeper.adopt_orphans() is True
+        assert truth.searched.is_set() and await searched_mark(rig) == "1"
+
+
+async def test_the_first_search_of_a_new_instance_starts_at_once(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change to an instance nobody searched wakes the sweep (it does not wait out its interval): new
+    proposals wait for that search."""
+    exchange = venue(history={})
+    async with apply_rig(store_url, tmp_path, exchange, symbols=["BTCUSDT"]) as rig:
+        rig.apply.sweeper.orphan_search.clear()  # (the rig's own instance counts as searched)
+        async with sweeping(rig):
+            await asyncio.sleep(0.1)  # the first round is over: the sweep sleeps its interval (2.5 s here)
+            rig.apply.sweeper.search_needed()
+            assert not rig.apply.handler.truth.searched.is_set()
+
+            async def searched() -> bool:
+                return rig.apply.handler.truth.searched.is_set()
+
+            await until(searched, 1.0)
+        assert [symbol for symbol, _ in exchange.searches] == ["BTCUSDT"]

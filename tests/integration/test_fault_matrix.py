@@ -20,6 +20,7 @@ from conftest import SIM_ADMIN, Chain, make_settings, set_position, sim_orders, 
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.domain import reasons
+from quantum_trader.domain.oracle import plan_of_order
 
 pytestmark = pytest.mark.integration
 
@@ -151,7 +152,7 @@ async def test_fault_matrix(case, rules, orders, error, filled, sim, rds, chain:
     sub = await ops.propose(rds, "BTCUSDT", "FULL_CLOSE")
     result = await ops.wait_result(rds, sub.plan_id, 40, sub.result_cursor)
     assert result is not None, "every plan gets a result"
-    placed = [o for o in sim_orders(sim, "BTCUSDT") if o["clientOrderId"] == f"qt-{sub.plan_id}"]
+    placed = [o for o in sim_orders(sim, "BTCUSDT") if plan_of_order(o["clientOrderId"]) == sub.plan_id]
     results = [f for _, f in await rds.xrange(keys.RESULT_STREAM) if f["plan_id"] == sub.plan_id]
     assert len(placed) == orders, f"{case}: {len(placed)} orders on the exchange"
     assert len(results) == 1
@@ -201,7 +202,7 @@ async def test_an_unknown_outcome_holds_the_symbol_until_the_exchange_tells(
         httpx.delete(f"{sim.url}/_sim/faults", headers={"X-Sim-Admin-Token": SIM_ADMIN}).raise_for_status()
         result = await ops.wait_result(rds, sub.plan_id, 20, sub.result_cursor)
         assert result is not None and result.executed and result.filled_qty == POSITION
-        assert len([o for o in sim_orders(sim) if o["clientOrderId"] == f"qt-{sub.plan_id}"]) == 1
+        assert len([o for o in sim_orders(sim) if plan_of_order(o["clientOrderId"]) == sub.plan_id]) == 1
         assert await rds.zcard(keys.APPLY_INTENTS) == 0
         assert await rds.get(keys.symbol_in_flight("BTCUSDT")) is None
     finally:

@@ -35,7 +35,7 @@ async def test_close_with_both_permits_executes_one_reduce_only_order(sim, rds, 
 
     assert result.executed and result.error == ""
     assert result.filled_qty == Decimal("0.010") and result.side == "LONG"
-    assert result.client_order_id == f"qt-{sub.plan_id}"
+    assert result.client_order_id == sub.client_order_id
     assert sim_position(sim, "BTCUSDT") == 0
     orders = sim_orders(sim, "BTCUSDT")
     assert len(orders) == 1
@@ -43,7 +43,7 @@ async def test_close_with_both_permits_executes_one_reduce_only_order(sim, rds, 
     # both permits consumed (single use), the executed marker set, the audit trail complete
     assert await rds.get(keys.governor_permit(sub.plan_id)) is None
     assert await rds.get(keys.p33_permit(sub.plan_id)) is None
-    assert json.loads(await rds.get(keys.executed_marker(sub.plan_id)))["client_order_id"] == f"qt-{sub.plan_id}"
+    assert json.loads(await rds.get(keys.executed_marker(sub.plan_id)))["client_order_id"] == sub.client_order_id
     trail = [(e.issuer, e.decision) for e in await ops.plan_audit(rds, sub.plan_id)]
     assert ("governor", "allow") in trail and ("p33", "allow") in trail
     assert trail.count(("apply", "consumed")) == 2
@@ -259,11 +259,12 @@ async def test_many_sequential_plans_each_get_exactly_one_order_and_result(
     set_position(sim, "XRPUSDT", "100000")
     await chain.start()
     try:
-        plan_ids = []
+        plan_ids, coids = [], []
         for _ in range(40):
             sub, result = await propose(rds, "XRPUSDT", "PARTIAL_CLOSE", qty=Decimal(10))
             assert result.executed and result.filled_qty == 10
             plan_ids.append(sub.plan_id)
+            coids.append(sub.client_order_id)
         deadline = time.monotonic() + WAIT  # the ledger follows the result stream asynchronously
         while time.monotonic() < deadline:
             ledger = await rds.hgetall(keys.ledger("XRPUSDT"))
@@ -273,7 +274,7 @@ async def test_many_sequential_plans_each_get_exactly_one_order_and_result(
     finally:
         await chain.stop()
     orders = sim_orders(sim, "XRPUSDT")
-    assert sorted(o["clientOrderId"] for o in orders) == sorted(f"qt-{p}" for p in plan_ids)
+    assert sorted(o["clientOrderId"] for o in orders) == sorted(coids)
     assert sim_position(sim, "XRPUSDT") == Decimal(100000 - 400)
     assert Decimal((await rds.hgetall(keys.ledger("XRPUSDT")))["last_known_amt"]) == Decimal(100000 - 400)
     waits = sorted(

@@ -27,6 +27,7 @@ from conftest import (
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import make_client
+from quantum_trader.domain.oracle import plan_of_order
 
 pytestmark = pytest.mark.integration
 
@@ -125,9 +126,10 @@ async def run(batch_proposals, batch_plans, batch_results, permits, sim, store_u
         assert result is not None and result.executed
         # every order on the exchange belongs to a plan whose result says it executed, once
         results = [f for _, f in await rds.xrange(keys.RESULT_STREAM)]
-        executed = {f"qt-{f['plan_id']}" for f in results if f.get("executed") == "true"}
+        executed = {f["plan_id"] for f in results if f.get("executed") == "true"}
         placed = [o["clientOrderId"] for o in sim_orders(sim)]
-        assert f"qt-{good.plan_id}" in placed and len(placed) == len(set(placed)) and set(placed) <= executed
+        assert good.client_order_id in placed and len(placed) == len(set(placed))
+        assert {plan_of_order(coid) for coid in placed} <= executed
         # nothing left unhandled: every entry was acknowledged (served, skipped or dead-lettered)
         await assert_nothing_pending(rds)
         # and every fuzzed proposal is accounted for: dead-lettered with a reason, or (well-formed) given a result

@@ -120,7 +120,7 @@ async def run(entries, permits, switches, sim, store_url: str, tmp: Path) -> Non
         good = await ops.propose(rds, "SOLUSDT", "FULL_CLOSE")
         result = await ops.wait_result(rds, good.plan_id, 15, good.result_cursor)
         assert result is not None and result.executed, result
-        assert [o["clientOrderId"] for o in sim_orders(sim)] == [f"qt-{good.plan_id}"]
+        assert [o["clientOrderId"] for o in sim_orders(sim)] == [good.client_order_id]
 
         # every entry written is unusable (the strategy's promise), so each must come back as a dead letter
         assert all(is_defective(pairs) for pairs in (p for batch in written.values() for _, p in batch))

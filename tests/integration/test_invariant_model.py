@@ -161,11 +161,15 @@ class World:
                 into[fields.get("plan_id", "")].append(fields)
                 self._cursors[stream] = entry_id
 
+    def orders_of(self, plan_id: str) -> list[dict[str, Any]]:
+        """The orders seen for a plan (by the proposal id its client order id carries)."""
+        return [o for coid, placed in self.orders.items() if oracle.plan_of_order(coid) == plan_id for o in placed]
+
     def check_promises(self) -> None:
         """Promises 1 and 2 over everything seen so far (cheap: only what changed is re-read)."""
         self.refresh()
         for coid, placed in self.orders.items():
-            plan_id = coid.removeprefix("qt-")
+            plan_id = oracle.plan_of_order(coid) or coid
             assert len(placed) == 1, f"plan {plan_id}: {len(placed)} orders on the exchange"
             lines = self.audit[plan_id]
             allowed = {(e["issuer"], e["decision"]) for e in lines}
@@ -184,7 +188,7 @@ class World:
         new = {coid: placed for coid, placed in self.orders.items() if self._judged.get(coid) != len(placed)}
         if not new:
             return
-        plan_ids = [coid.removeprefix("qt-") for coid in new]
+        plan_ids = [oracle.plan_of_order(coid) or coid for coid in new]
         found = oracle.check_orders(
             [order for placed in new.values() for order in placed],
             [line for p in plan_ids for line in self.audit.get(p, [])],
@@ -353,16 +357,16 @@ class PermitChainModel(RuleBasedStateMachine):
         # the oracle: exactly one result held per plan that must have one (and per plan with an order), agreeing
         expected = [p for p in self.mine if p in held]
         found = oracle.check_results(
-            [o for p in self.mine for o in w.orders.get(f"qt-{p}", [])], w.held_results(self.since, self.mine), expected
+            [o for p in self.mine for o in w.orders_of(p)], w.held_results(self.since, self.mine), expected
         )
         assert found.ok, f"the oracle: {found.describe()}"
         w.plans_judged += found.plans_checked
         for plan_id in self.mine:
             if not w.results[plan_id]:
-                assert not w.orders.get(f"qt-{plan_id}"), f"plan {plan_id}: forgotten, yet it has an order"
+                assert not w.orders_of(plan_id), f"plan {plan_id}: forgotten, yet it has an order"
                 continue
             result = w.results[plan_id][-1]
-            placed = w.orders.get(f"qt-{plan_id}", [])
+            placed = w.orders_of(plan_id)
             if result["executed"] == "true":
                 assert len(placed) == 1, f"plan {plan_id} executed without an order"
                 assert Decimal(placed[0]["executedQty"]) == Decimal(result["filled_qty"])
@@ -410,9 +414,7 @@ async def _forgotten(w: World, plan_id: str) -> bool:
     """The store forgot the plan's proposal itself (a loss took it) and no order came of it: nothing to answer."""
     entry_id = w.entries.get(plan_id, "")
     return (
-        w.losses > 0
-        and not await w.rds.xrange(keys.PROPOSAL_STREAM, entry_id, entry_id)
-        and not w.orders.get(f"qt-{plan_id}")
+        w.losses > 0 and not await w.rds.xrange(keys.PROPOSAL_STREAM, entry_id, entry_id) and not w.orders_of(plan_id)
     )
 
 
@@ -503,7 +505,7 @@ def test_the_three_promises_hold_in_every_reachable_state(world: World) -> None:
     # no order ever rests on a forged permit), so one more lands for certain: it must be rejected
     forged = world.run(_forgery_that_lands(world), timeout=180)
     world.refresh()
-    assert not world.orders.get(f"qt-{forged}"), "an order rests on a forged permit"
+    assert not world.orders_of(forged), "an order rests on a forged permit"
     assert world.forgeries > 0 and world.forgeries_rejected > 0
     # the oracle did bite: it verified the permits of orders itself, and judged plans' results
     assert world.orders_verified > 0 and world.orders_verified == sum(len(o) for o in world.orders.values())

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from conftest import SIM_ADMIN, SIM_KEY, SIM_SECRET, set_position, sim_orders, sim_position, until
 from quantum_trader import ops
 from quantum_trader.bus import keys
+from quantum_trader.domain.oracle import plan_of_order
 from quantum_trader.settings import Settings
 from quantum_trader.system import LocalSystem, Ports
 
@@ -144,7 +145,7 @@ async def run_scenario(steps, sim, store_url: str, tmp: Path) -> None:
         orders = sim_orders(sim)
         for plan_id in plans:
             results = [r for r in all_results if r["plan_id"] == plan_id]
-            placed = [o for o in orders if o["clientOrderId"] == f"qt-{plan_id}"]
+            placed = [o for o in orders if plan_of_order(o["clientOrderId"]) == plan_id]
             assert len(results) == 1, f"plan {plan_id}: {len(results)} results"
             assert len(placed) <= 1, f"plan {plan_id}: {len(placed)} orders"
             if results[0]["executed"] == "true":

@@ -14,6 +14,7 @@ from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import Plan, from_fields
+from quantum_trader.domain.oracle import plan_of_order
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +46,7 @@ async def test_a_forged_governor_permit_is_rejected_audited_and_never_executed(
     assert result is not None and result.error == reasons.PERMIT_TIMEOUT and result.missing == "Governor"
     rejected = [e for e in await ops.plan_audit(rds, plan.plan_id) if e.decision == "rejected"]
     assert [(e.reason, e.subject) for e in rejected] == [(EXPECTED[attack], "governor")]
-    assert [o for o in sim_orders(sim) if o["clientOrderId"] == f"qt-{plan.plan_id}"] == []
+    assert [o for o in sim_orders(sim) if plan_of_order(o["clientOrderId"]) == plan.plan_id] == []
 
 
 async def test_a_forged_p33_permit_is_rejected(sim, rds, chain: Chain) -> None:
@@ -78,7 +79,7 @@ async def test_a_genuine_permit_pair_is_used_once_by_racing_apply_instances(sim,
     result = await ops.wait_result(rds, sub.plan_id, 10, sub.result_cursor)
     await asyncio.wait_for(race, 20)
     assert result is not None and result.executed
-    assert len([o for o in sim_orders(sim) if o["clientOrderId"] == f"qt-{plan.plan_id}"]) == 1
+    assert len([o for o in sim_orders(sim) if plan_of_order(o["clientOrderId"]) == plan.plan_id]) == 1
     results = [f for _, f in await rds.xrange(keys.RESULT_STREAM) if f["plan_id"] == plan.plan_id]
     assert len(results) == 1
     consumed = [e for e in await ops.plan_audit(rds, plan.plan_id) if e.decision == "consumed"]

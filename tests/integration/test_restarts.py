@@ -217,7 +217,7 @@ async def test_two_handlers_racing_for_one_fresh_proposal_send_one_order(sim, rd
     await cancel_and_wait([waiter])
     from quantum_trader.domain.planning import plan_id_for
 
-    plan_id = plan_id_for(entry_id, "race")
+    plan_id = plan_id_for("race")
     assert len(await results_for(rds, plan_id)) == 1
     assert len(sim_orders(sim)) == 1
     assert len([f for _, f in await rds.xrange(keys.PLAN_STREAM) if f["plan_id"] == plan_id]) == 1

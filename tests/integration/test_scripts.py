@@ -426,6 +426,7 @@ async def publish_plan(rds: aioredis.Redis, plan_id: str, hold: bool, **fields: 
         plan_id=plan_id,
         fields={"plan_id": plan_id, "symbol": "SOLUSDT", "decision": "EXECUTE", **fields},
         proposal_entry_id="1-0",
+        request="SOLUSDT|FULL_CLOSE||",
         maxlen=1000,
         hold_key=keys.symbol_in_flight("SOLUSDT") if hold else "",
         hold_ms=60_000 if hold else 0,
@@ -438,6 +439,7 @@ async def test_a_second_publish_of_the_same_plan_writes_nothing(rds: aioredis.Re
     assert await rds.xlen(keys.PLAN_STREAM) == 1
     assert await rds.hgetall(keys.plan_record(PLAN)) == {
         "proposal_entry_id": "1-0",
+        "request": "SOLUSDT|FULL_CLOSE||",  # what the proposal asked: a retry must ask the same
         "plan_id": PLAN,
         "symbol": "SOLUSDT",
         "decision": "EXECUTE",
@@ -505,7 +507,7 @@ async def test_hold_ms_without_a_hold_key_takes_no_hold(rds: aioredis.Redis) -> 
         plan_id=PLAN, fields={"plan_id": PLAN}, proposal_entry_id="1-0", maxlen=100, hold_ms=60_000
     ) == "published"  # fmt: skip
     assert set(await store_state(rds)) == {keys.PLAN_STREAM, keys.plan_record(PLAN)}
-    assert await rds.hgetall(keys.plan_record(PLAN)) == {"proposal_entry_id": "1-0", "plan_id": PLAN}
+    assert await rds.hgetall(keys.plan_record(PLAN)) == {"proposal_entry_id": "1-0", "request": "", "plan_id": PLAN}
 
 
 async def test_a_hold_key_without_hold_ms_takes_no_hold_and_is_not_refused(rds: aioredis.Redis) -> None:

@@ -128,7 +128,7 @@ async def test_an_executed_marker_that_is_not_json_is_recovered_by_the_plans_cli
     result = await ops.wait_result(rds, sub.plan_id, 30, sub.result_cursor)
     assert result is not None and result.executed and result.filled_qty == Decimal(40), result
     orders = sim_orders(sim)
-    assert [o["clientOrderId"] for o in orders] == [f"qt-{sub.plan_id}"]
+    assert [o["clientOrderId"] for o in orders] == [sub.client_order_id]
 
 
 async def test_a_proposal_stream_deleted_under_the_services_is_recreated_and_served(sim, rds, chain, capsys) -> None:

@@ -31,6 +31,7 @@ from quantum_trader.bus.embedded import EmbeddedStore
 from quantum_trader.bus.streams import ensure_group
 from quantum_trader.domain import oracle
 from quantum_trader.domain.models import Ledger, from_fields
+from quantum_trader.domain.oracle import plan_of_order
 from quantum_trader.secrets import permit_key
 
 pytestmark = pytest.mark.integration
@@ -87,9 +88,9 @@ class Run:
     async def judge(self, plan_ids: list[str]) -> oracle.Findings:
         """The oracle over the exchange's orders for ``plan_ids``, the observed evidence and the store's results."""
         await self.observe()
-        coids = {f"qt-{p}" for p in plan_ids}
+        wanted = set(plan_ids)
         return oracle.check(
-            [o for o in sim_orders(self.sim, SYMBOL) if o["clientOrderId"] in coids],
+            [o for o in sim_orders(self.sim, SYMBOL) if oracle.plan_of_order(o["clientOrderId"]) in wanted],
             self.seen[keys.AUDIT_STREAM].values(),
             self.seen[keys.PLAN_STREAM].values(),
             [f for _, f in await self.rds.xrange(keys.RESULT_STREAM)],
@@ -190,7 +191,7 @@ class Run:
 
 def _has_order(sim, plan_id: str):
     async def check() -> bool:
-        return any(o["clientOrderId"] == f"qt-{plan_id}" for o in sim_orders(sim, SYMBOL))
+        return any(plan_of_order(o["clientOrderId"]) == plan_id for o in sim_orders(sim, SYMBOL))
 
     return check
 
@@ -204,7 +205,7 @@ async def test_a_store_that_forgets_never_causes_a_second_order_nor_a_false_resu
     run = Run(sim, tmp_path)
     try:
         sub = await run.drive_to(point)
-        orders = [o for o in sim_orders(sim, SYMBOL) if o["clientOrderId"] == f"qt-{sub.plan_id}"]
+        orders = [o for o in sim_orders(sim, SYMBOL) if plan_of_order(o["clientOrderId"]) == sub.plan_id]
         assert len(orders) == 1
 
         rds = run.rds
@@ -219,7 +220,7 @@ async def test_a_store_that_forgets_never_causes_a_second_order_nor_a_false_resu
 
         await until(has_result, timeout=40)
         await asyncio.sleep(0.5)  # anything that would send twice has had its chance: the order would be there
-        orders = [o for o in sim_orders(sim, SYMBOL) if o["clientOrderId"] == f"qt-{sub.plan_id}"]
+        orders = [o for o in sim_orders(sim, SYMBOL) if plan_of_order(o["clientOrderId"]) == sub.plan_id]
         assert len(orders) == 1, f"{point}: {len(orders)} orders for one plan"
         assert sim_position(sim, SYMBOL) == START - CLOSE
         last = (await results_of(rds, sub.plan_id))[-1]
@@ -276,12 +277,52 @@ async def test_a_plan_the_store_forgot_before_the_send_is_not_sent_while_an_earl
             return bool(await results_of(run.rds, sub.plan_id))
 
         await until(has_result, timeout=40)
-        orders = [o for o in sim_orders(sim, SYMBOL) if o["clientOrderId"] == f"qt-{sub.plan_id}"]
+        orders = [o for o in sim_orders(sim, SYMBOL) if plan_of_order(o["clientOrderId"]) == sub.plan_id]
         assert len(orders) == 1
         last = (await results_of(run.rds, sub.plan_id))[-1]
         assert last["executed"] == "true" and Decimal(last["filled_qty"]) == CLOSE, last
         assert time.monotonic() - started < 40
         found = await run.judge([sub.plan_id])
         assert found.ok and found.orders_verified == found.plans_checked == 1, found.describe()
+    finally:
+        await run.close()
+
+
+@pytest.mark.parametrize("loss", [None, "host_crash", "failover"])
+async def test_a_retry_with_the_same_proposal_id_closes_once(sim, tmp_path: Path, loss: str | None) -> None:
+    """A strategy's retry (the same proposal id, the same request, a new entry) after its proposal executed:
+    no second order, and the client finds its proposal's one result by its id. With a store loss in between
+    (the store comes back without the proposal, its plan and its result) the exchange decides: the search for
+    forgotten orders answers the plan with its order before the retry is handled (issue 20, what was seen 1)."""
+    set_position(sim, SYMBOL, str(START))
+    run = Run(sim, tmp_path)
+    try:
+        rds = run.rds
+        await run.chain.start()
+        run.store.snapshot(run.url, run.snapshot)  # before the proposal: a loss forgets all of it
+        sub = await ops.propose(rds, SYMBOL, "PARTIAL_CLOSE", qty=CLOSE, proposal_id="strategy-retry-1")
+        first = await ops.wait_result(rds, sub.plan_id, 20, sub.result_cursor)
+        assert first is not None and first.executed and first.proposal_id == "strategy-retry-1"
+        if loss is not None:
+            await run.lose(services_die=loss == "host_crash")
+            assert not await rds.xrange(keys.PROPOSAL_STREAM, sub.entry_id, sub.entry_id)  # forgotten
+        retry = await ops.propose(rds, SYMBOL, "PARTIAL_CLOSE", qty=CLOSE, proposal_id="strategy-retry-1")
+        assert retry.plan_id == sub.plan_id
+
+        async def answered() -> bool:
+            pending = await rds.xpending(keys.PROPOSAL_STREAM, keys.APPLY_GROUP)
+            return bool(await results_of(rds, sub.plan_id)) and int(pending["pending"]) == 0
+
+        await until(answered, timeout=40)
+        await asyncio.sleep(0.5)  # anything that would send twice has had its chance: the order would be there
+        orders = [o for o in sim_orders(sim, SYMBOL) if plan_of_order(o["clientOrderId"]) == sub.plan_id]
+        assert len(orders) == 1 and sim_position(sim, SYMBOL) == START - CLOSE
+        results = [f for _, f in await rds.xrange(keys.RESULT_STREAM) if f.get("proposal_id") == "strategy-retry-1"]
+        assert len(results) == 1, results  # the store holds one answer to the proposal id
+        (answer,) = results
+        assert (answer["plan_id"], answer["executed"], Decimal(answer["filled_qty"])) == (sub.plan_id, "true", CLOSE)
+        assert answer["adopted"] == ("false" if loss is None else "true")  # after a loss: found on the exchange
+        plans = [f for _, f in await rds.xrange(keys.PLAN_STREAM) if f.get("proposal_id") == "strategy-retry-1"]
+        assert len(plans) == (1 if loss is None else 0)  # the forgotten plan is not published again
     finally:
         await run.close()

@@ -7,11 +7,12 @@ from decimal import Decimal
 
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import Plan, Result
+from quantum_trader.domain.planning import plan_id_for
 from quantum_trader.exchange.base import OrderReport
 from quantum_trader.services.apply.orders import OutcomeKind
 from quantum_trader.services.apply.results import NOT_EXECUTED, from_report, not_executed, plan_stub, replace_result
 
-PLAN = plan_stub("ab" * 8, "BTCUSDT", "LONG", 1700000000.0)
+PLAN = plan_stub(plan_id_for("p-1"), "p-1", "BTCUSDT", "LONG", 1700000000.0)
 
 
 def test_a_filled_report_is_an_executed_result_with_the_orders_figures() -> None:
@@ -20,6 +21,7 @@ def test_a_filled_report_is_an_executed_result_with_the_orders_figures() -> None
     )
     assert from_report(PLAN, report) == Result(
         plan_id=PLAN.plan_id,
+        proposal_id="p-1",
         symbol="BTCUSDT",
         side="LONG",
         executed=True,
@@ -48,6 +50,7 @@ def test_a_result_without_an_order_carries_the_error_and_the_given_fields() -> N
     result = not_executed(PLAN, reasons.PERMIT_DENIED, reason="kill_switch", denied_by="Governor")
     assert result == Result(
         plan_id=PLAN.plan_id,
+        proposal_id="p-1",
         symbol="BTCUSDT",
         side="LONG",
         executed=False,
@@ -72,8 +75,8 @@ def test_each_outcome_that_sent_nothing_or_was_refused_has_its_own_reason() -> N
 def test_the_stand_in_plan_is_a_skip_that_can_never_be_executed() -> None:
     assert (
         Plan(
-            plan_id="ab" * 8,
-            proposal_id="",
+            plan_id=plan_id_for("p-1"),
+            proposal_id="p-1",
             symbol="BTCUSDT",
             side="LONG",
             action="FULL_CLOSE",

@@ -75,7 +75,7 @@ def test_a_run_that_proved_nothing_or_recovered_slowly_fails(changes: dict[str, 
         ({"duplicate_results": 2}, "duplicate results"),
         ({"results_disagreeing_with_exchange": 1}, "results that disagree with the exchange"),
         ({"executions_without_two_permits": 1}, "executions without two permits"),
-        ({"resent_after_a_fill": 1}, "proposals re-sent although the first had filled"),
+        ({"resent_closed_twice": 1}, "retried proposals that closed twice"),
         ({"forgeries_executed": 1}, "forged permits that executed"),
     ],
 )

@@ -25,7 +25,7 @@ KEYS = IssuerKeys(governor=b"governor-test-key-0123456789", p33=b"p33-test-key-0
 def a_plan(n: int = 1, symbol: str = "BTCUSDT", position: str = "0.5") -> Plan:
     proposal = Proposal(proposal_id=f"prop-{n}", symbol=symbol, action="FULL_CLOSE")
     ctx = PlanningContext(frozenset({"BTCUSDT", "ETHUSDT"}), Decimal(position))
-    return make_plan(proposal, ctx, plan_id_for(f"1700000000000-{n}", f"prop-{n}"), NOW - 0.5)
+    return make_plan(proposal, ctx, plan_id_for(f"prop-{n}"), NOW - 0.5)
 
 
 PLAN = a_plan()
@@ -84,7 +84,7 @@ def an_order(plan: Plan = PLAN, qty: str = "0.500", order_id: int = 1, **changes
     order = {
         "orderId": order_id,
         "symbol": plan.symbol,
-        "clientOrderId": f"qt-{plan.plan_id}",
+        "clientOrderId": f"qt-{plan.proposal_id}",
         "side": "SELL",  # closes the long
         "origQty": qty,
         "executedQty": qty,
@@ -271,7 +271,7 @@ def test_a_second_order_for_one_client_order_id_is_found() -> None:
     twice = [an_order(qty="0.250", order_id=1), an_order(qty="0.250", order_id=2)]
     findings = run(orders=twice)
     assert findings.counts[oracle.DUPLICATE_ORDERS] == 1, findings.describe()
-    assert findings.examples[oracle.DUPLICATE_ORDERS] == [f"qt-{PLAN.plan_id}: 2 orders"]
+    assert findings.examples[oracle.DUPLICATE_ORDERS] == [f"qt-{PLAN.proposal_id}: 2 orders"]
 
 
 @pytest.mark.parametrize("n", [0, 2])

@@ -27,7 +27,7 @@ from quantum_trader.domain.oracle import (
 )
 from quantum_trader.domain.permits import _mac
 
-COID = f"qt-{PLAN.plan_id}"
+COID = f"qt-{PLAN.proposal_id}"
 HASHES = frozenset({PLAN.plan_hash})
 
 
@@ -68,7 +68,7 @@ def an_order(plan: Plan = PLAN, qty: str = "0.500", order_id: int = 1, **changes
     order: dict[str, Any] = {
         "orderId": order_id,
         "symbol": plan.symbol,
-        "clientOrderId": f"qt-{plan.plan_id}",
+        "clientOrderId": f"qt-{plan.proposal_id}",
         "side": "SELL",  # closes the long
         "origQty": qty,
         "executedQty": qty,
@@ -300,7 +300,7 @@ def test_an_order_on_the_wrong_side_is_described_with_its_side() -> None:
     ("audit", "plans", "why"),
     [
         # _unverified__mutmut_2..4
-        (None, [], "no published EXECUTE plan with a valid hash"),
+        (None, [], "no published EXECUTE plan of its proposal id with a valid hash"),
         # __mutmut_20 (`if lines`: the missing slot not named, the present one named) and __mutmut_55 (`or`:
         # "different plan hashes" although only one permit verified)
         ([consumed("p33", p33_raw())], None, "no consumed governor permit"),

@@ -30,9 +30,10 @@ KEYS = {"governor": b"governor-test-key-0123456789", "p33": b"p33-test-key-01234
 
 
 def make_test_plan(entry_id: str = "1700000000000-0", symbol: str = "BTCUSDT") -> Plan:
-    proposal = Proposal(proposal_id="prop-1", symbol=symbol, action="FULL_CLOSE")
+    proposal_id = f"prop-{entry_id}"  # a plan of its own per entry id given
+    proposal = Proposal(proposal_id=proposal_id, symbol=symbol, action="FULL_CLOSE")
     ctx = PlanningContext(frozenset({"BTCUSDT", "ETHUSDT"}), Decimal("0.5"))
-    return make_plan(proposal, ctx, plan_id_for(entry_id, "prop-1"), NOW - 0.5)
+    return make_plan(proposal, ctx, plan_id_for(proposal_id), NOW - 0.5)
 
 
 PLAN = make_test_plan()

@@ -13,16 +13,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quantum_trader.domain import reasons
-from quantum_trader.domain.models import Plan, Proposal, from_fields, to_fields
+from quantum_trader.domain.models import PROPOSAL_ID_PATTERN, Plan, Proposal, from_fields, to_fields
 from quantum_trader.domain.planning import (
     PlanningContext,
     client_order_id,
     close_side,
     make_plan,
     order_side,
+    plan_client_order_id,
     plan_hash,
     plan_hash_ok,
     plan_id_for,
+    proposal_id_of_order,
+    refusal_plan_id,
+    request_of,
     requested_qty,
     static_skip_reason,
 )
@@ -211,32 +215,62 @@ def test_close_and_order_side() -> None:
 # --- ids --------------------------------------------------------------------------------------------------
 
 
-def test_plan_id_for_is_deterministic_hex() -> None:
-    first = plan_id_for("1700000000000-0", "prop-1")
-    assert first == plan_id_for("1700000000000-0", "prop-1")
+def test_plan_id_for_is_deterministic_hex_and_depends_on_the_proposal_id_only() -> None:
+    first = plan_id_for("prop-1")
+    assert first == plan_id_for("prop-1")  # a redelivery, or the client's retry in a new entry: one plan
     assert re.fullmatch(r"[0-9a-f]{16}", first)
-    assert plan_id_for("1700000000000-1", "prop-1") != first
-    assert plan_id_for("1700000000000-0", "prop-2") != first
+    assert plan_id_for("prop-2") != first
+    assert refusal_plan_id("1700000000000-0", "prop-1") not in (first, refusal_plan_id("1700000000000-1", "prop-1"))
 
 
-@given(
-    entry_ids=st.lists(st.from_regex(r"[0-9]{1,13}-[0-9]{1,5}", fullmatch=True), min_size=2, max_size=5, unique=True),
-    proposal_id=st.text(min_size=1, max_size=128),
-)
-def test_plan_id_differs_per_entry_id(entry_ids: list[str], proposal_id: str) -> None:
-    ids = [plan_id_for(e, proposal_id) for e in entry_ids]
-    assert len(set(ids)) == len(ids)
-    for plan_id in ids:
-        assert re.fullmatch(r"[0-9a-f]{16}", plan_id)
-        cid = client_order_id(plan_id)
-        assert BINANCE_CLIENT_ID.match(cid)
-        assert cid == client_order_id(plan_id)
+@given(proposal_id=st.from_regex(PROPOSAL_ID_PATTERN, fullmatch=True))
+def test_every_valid_proposal_id_leads_from_its_order_back_to_its_plan(proposal_id: str) -> None:
+    cid = client_order_id(proposal_id)
+    assert BINANCE_CLIENT_ID.match(cid) and len(cid) <= 36
+    assert proposal_id_of_order(cid) == proposal_id
+    plan = make_plan(
+        Proposal(proposal_id=proposal_id, symbol="BTCUSDT", action="FULL_CLOSE"),
+        PlanningContext(frozenset({"BTCUSDT"}), D("0.5")),
+        plan_id_for(proposal_id),
+        1.0,
+    )
+    assert plan_client_order_id(plan) == cid
 
 
-def test_client_order_id() -> None:
-    assert client_order_id(PLAN_ID) == f"qt-{PLAN_ID}"
-    assert BINANCE_CLIENT_ID.match(client_order_id(PLAN_ID))
-    assert len(client_order_id(PLAN_ID)) <= 36
+def test_orders_not_of_ours_lead_to_no_proposal() -> None:
+    for other in ("autoclose-123", "adl_autoclose", "web_abc", "qt-", "qt-" + "x" * 33, "qt-a b", "QT-abc"):
+        assert proposal_id_of_order(other) is None, other
+
+
+def test_a_plan_from_before_ids_were_keys_keeps_its_client_order_id() -> None:
+    legacy = msgspec.structs.replace(plan_for(proposal(), ctx()), plan_id="ab" * 8)
+    assert plan_client_order_id(legacy) == "qt-" + "ab" * 8
+
+
+def test_one_request_whatever_the_retry_changes_and_another_when_the_ask_changes() -> None:
+    base = Proposal(proposal_id="p", symbol="BTCUSDT", action="PARTIAL_CLOSE", qty=D("0.010"), created_at=1.0)
+    same = [
+        msgspec.structs.replace(base, created_at=2.0, source="retry", kill_score=0.3),
+        msgspec.structs.replace(base, qty=D("0.01")),
+        msgspec.structs.replace(base, qty=D("1E-2")),
+    ]
+    assert {request_of(p) for p in same} == {request_of(base)}
+    other = [
+        msgspec.structs.replace(base, symbol="ETHUSDT"),
+        msgspec.structs.replace(base, qty=D("0.02")),
+        Proposal(proposal_id="p", symbol="BTCUSDT", action="PARTIAL_CLOSE", close_pct=D("0.01")),
+        Proposal(proposal_id="p", symbol="BTCUSDT", action="FULL_CLOSE"),
+    ]
+    assert len({request_of(p) for p in [base, *other]}) == 5
+    full = Proposal(proposal_id="p", symbol="BTCUSDT", action="FULL_CLOSE", qty=D(3))
+    assert request_of(full) == request_of(msgspec.structs.replace(full, qty=None))  # a FULL_CLOSE has no size
+
+
+def test_a_refused_proposal_is_a_skip_whatever_else_holds() -> None:
+    proposal = Proposal(proposal_id="p", symbol="BTCUSDT", action="FULL_CLOSE")
+    ctx = PlanningContext(frozenset({"BTCUSDT"}), D("0.5"), refusal=reasons.PROPOSAL_ID_CONFLICT)
+    plan = make_plan(proposal, ctx, refusal_plan_id("1-0", "p"), 1.0)
+    assert (plan.decision, plan.reason, plan.steps) == ("SKIP", reasons.PROPOSAL_ID_CONFLICT, "[]")
 
 
 # --- plan hash --------------------------------------------------------------------------------------------

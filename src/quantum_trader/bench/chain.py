@@ -170,9 +170,9 @@ async def run_open_loop(
                     maxlen=STREAM_MAXLEN,
                     approximate=True,
                 )
-            entry_ids = await pipe.execute()
-        for entry_id, proposal_id in zip(entry_ids, ids, strict=True):
-            plan_id = plan_id_for(entry_id, proposal_id)
+            await pipe.execute()
+        for proposal_id in ids:
+            plan_id = plan_id_for(proposal_id)
             plan_ids.append(plan_id)
             created[plan_id] = sent_at
 

@@ -54,6 +54,7 @@ CONSUME_COMMANDS = (
     "+xpending",
     "+xinfo",
     "+xrange",
+    "+xrevrange",
     "+xlen",
     "+xgroup|create",
 )

@@ -26,12 +26,26 @@ from quantum_trader.domain.trust import Epoch, StoreIdentity, started_before_ms,
 # is the proposal stream's last generated id now (XINFO; the stream travels as an argument: Apply may only
 # consume it; only a missing stream means "none": any other error refuses the claim). The floor is that, or
 # the instance's start on its own clock (ARGV[5], ms; "" when not known) if lower: an instance that has been
-# a primary since it started gave every entry added since an id past its start. ``searched`` is set once an
-# Apply has searched the exchange for orders the instance forgot.
+# a primary since it started gave every entry added since an id past its start. ``kept`` is the newest entry
+# at or below the floor: the newest proposal the instance kept of what came before it (a store that forgot
+# writes forgot what came after it; an epoch written before ``kept`` existed gets it now, and one whose floor
+# is unreadable is returned as it is, to be refused as unreadable). ``searched`` is set once an Apply has
+# searched the exchange for orders the instance forgot.
 CLAIM_EPOCH = """
-local cur = redis.call('HMGET', KEYS[1], 'run_id', 'replid', 'floor', 'since', 'last_id', 'searched')
-if cur[1] == ARGV[1] and cur[2] == ARGV[2] and cur[3] and cur[4] and cur[5] then
-  return {cur[3], cur[4], 0, cur[5], cur[6] or ''}
+local function kept_at_or_below(floor)
+  local newest = redis.pcall('XREVRANGE', ARGV[4], floor, '-', 'COUNT', 1)
+  if type(newest) == 'table' and newest.err then return nil, newest.err end
+  if newest[1] then return newest[1][1] end
+  return '0-0'
+end
+local cur = redis.call('HMGET', KEYS[1], 'run_id', 'replid', 'floor', 'since', 'kept', 'searched')
+if cur[1] == ARGV[1] and cur[2] == ARGV[2] and cur[3] and cur[4] then
+  local kept = cur[5]
+  if not kept then
+    kept = kept_at_or_below(cur[3])
+    if kept then redis.call('HSET', KEYS[1], 'kept', kept) else kept = '' end
+  end
+  return {cur[3], cur[4], 0, kept, cur[6] or ''}
 end
 local last = '0-0'
 local info = redis.pcall('XINFO', 'STREAM', ARGV[4])
@@ -46,10 +60,12 @@ local floor = last
 if ARGV[5] ~= '' and tonumber(ARGV[5]) < tonumber(string.match(last, '^(%d+)')) then
   floor = ARGV[5] .. '-18446744073709551615'
 end
+local kept, err = kept_at_or_below(floor)
+if not kept then return redis.error_reply(err) end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'replid', ARGV[2], 'floor', floor, 'since', ARGV[3],
-           'last_id', last, 'previous_run_id', cur[1] or '', 'previous_replid', cur[2] or '')
-return {floor, ARGV[3], 1, last, ''}
+           'last_id', last, 'kept', kept, 'previous_run_id', cur[1] or '', 'previous_replid', cur[2] or '')
+return {floor, ARGV[3], 1, kept, ''}
 """
 
 # The search for forgotten orders is done: recorded in the epoch, if it is still this instance's.
@@ -181,5 +197,5 @@ class StoreWatch:
             keys.PROPOSAL_STREAM,
             time_floor,
         )
-        floor, since, _, last_id, searched = await conn.read_response()
-        return Epoch(identity, stream_id(str(floor)), float(since), stream_id(str(last_id)), searched == "1")
+        floor, since, _, kept, searched = await conn.read_response()
+        return Epoch(identity, stream_id(str(floor)), float(since), stream_id(str(kept)), searched == "1")

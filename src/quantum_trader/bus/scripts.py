@@ -47,7 +47,7 @@ from quantum_trader.bus.lua import Layout, LuaScript, one_of
 
 PUBLISH_PLAN_LAYOUT = Layout(
     keys=("plans", "record", "hold?"),
-    args=("maxlen", "record_ttl_s", "proposal_entry_id", "hold_ms", "plan_id", "fields*"),
+    args=("maxlen", "record_ttl_s", "proposal_entry_id", "request", "hold_ms", "plan_id", "fields*"),
 )
 PUBLISH_PLAN = """
 if redis.call('EXISTS', record) == 1 then return 0 end
@@ -56,7 +56,7 @@ if hold then
   if not held and redis.call('GET', hold) ~= plan_id then return 2 end
 end
 redis.call('XADD', plans, 'MAXLEN', '~', maxlen, '*', unpack(fields))
-redis.call('HSET', record, 'proposal_entry_id', proposal_entry_id, unpack(fields))
+redis.call('HSET', record, 'proposal_entry_id', proposal_entry_id, 'request', request, unpack(fields))
 redis.call('EXPIRE', record, record_ttl_s)
 return 1
 """
@@ -303,18 +303,21 @@ class Scripts:
         fields: dict[str, str],
         proposal_entry_id: str,
         maxlen: int,
+        request: str = "",
         hold_key: str = "",
         hold_ms: int = 0,
     ) -> PlanPublished:
-        """Publish the plan unless it already was. With ``hold_key``, take that key for the plan first (SET NX,
-        or find it already the plan's) for ``hold_ms``; "busy" when another plan holds it, and then nothing is
-        published. No ``hold_ms``: no hold."""
+        """Publish the plan unless it already was; its record also keeps the proposal entry it came from and
+        ``request`` (what the proposal asked: a later proposal with the same id must ask the same). With
+        ``hold_key``, take that key for the plan first (SET NX, or find it already the plan's) for ``hold_ms``;
+        "busy" when another plan holds it, and then nothing is published. No ``hold_ms``: no hold."""
         reply = await self._plan(
             {"plans": keys.PLAN_STREAM, "record": keys.plan_record(plan_id), "hold": hold_key if hold_ms else None},
             {
                 "maxlen": maxlen,
                 "record_ttl_s": keys.PLAN_BOOKKEEPING_TTL_S,
                 "proposal_entry_id": proposal_entry_id,
+                "request": request,
                 "hold_ms": hold_ms,
                 "plan_id": plan_id,
                 "fields": flatten(fields),

@@ -49,7 +49,11 @@ from quantum_trader.secrets import permit_key
 from quantum_trader.settings import Settings
 from quantum_trader.tasks import cancel_and_wait
 
-RECOVERY_LIMIT_S = 2.0
+CHAOS_HORIZON_MS = 3000  # the late-execution horizon of the run (shorter than the default's 10 s)
+# Recovery: from the restarted store's return to a new proposal's result. New proposals wait until the exchange
+# was searched for orders the store may have forgotten, after every order request sent before the restart could
+# have shown (the permit window, 1.2 s by default, plus the horizon); then 2 s for the services to be back.
+RECOVERY_LIMIT_S = round(1.2 + CHAOS_HORIZON_MS / 1000 + 2.0, 1)
 # After a store loss: how long a client waits for the result of a proposal the store no longer has before it
 # calls the proposal forgotten (Apply's search for orders the store forgot runs within seconds of the loss).
 FORGOTTEN_AFTER_S = 15.0
@@ -78,7 +82,7 @@ CHAOS_ENV = {
     "QT_BRAIN__COOLDOWN_S": "0",
     "QT_BRAIN__SNAPSHOT_INTERVAL_S": "1",
     "QT_CLAIM_IDLE_S": "5",
-    "QT_EXCHANGE__LATE_EXECUTION_HORIZON_MS": "3000",
+    "QT_EXCHANGE__LATE_EXECUTION_HORIZON_MS": str(CHAOS_HORIZON_MS),
 }
 
 
@@ -97,8 +101,9 @@ class ChaosReport:
     store_restarts: int = 0
     store_losses: int = 0
     adopted_from_exchange: int = 0  # results published from an order the store had forgotten
-    forgotten_proposals: int = 0  # proposals the store forgot before anything was done: the client sends again
-    resent_after_a_fill: int = 0  # ... of which the first plan had in fact filled (would be a double close)
+    forgotten_proposals: int = 0  # proposals the store forgot before anything came of them: the client retries
+    resent_after_a_fill: int = 0  # ... of which the first plan had in fact filled (its order must answer it)
+    resent_closed_twice: int = 0  # ... of which the retry closed again (a second order for one proposal id)
     max_recovery_s: float = 0.0
     seconds: float = 0.0
     store_loss_run: bool = False  # --store-loss: store losses are required
@@ -127,7 +132,7 @@ class ChaosReport:
             "duplicate results": self.duplicate_results,
             "results that disagree with the exchange": self.results_disagreeing_with_exchange,
             "executions without two permits": self.executions_without_two_permits,
-            "proposals re-sent although the first had filled": self.resent_after_a_fill,
+            "retried proposals that closed twice": self.resent_closed_twice,
             "forged permits that executed": self.forgeries_executed,
             **{f"oracle: {kind}": n for kind, n in self.oracle.items()},
         }
@@ -188,6 +193,7 @@ class Chaos:
         self.rng = random.Random(seed)
         self.submitted: list[ops.Submitted] = []
         self.symbol_of: dict[str, str] = {}
+        self.resent: set[str] = set()  # client order ids of proposals sent again after the store forgot them
         self.report = ChaosReport(store_loss_run=store_loss)
         self.forged: dict[str, str] = {}  # plan id -> the attack written into its Governor slot
         self.seen = Observed()
@@ -226,11 +232,12 @@ class Chaos:
             await self._propose(rds, symbols[n % len(symbols)], "chaos")
             await asyncio.sleep(interval)
 
-    async def _propose(self, rds: aioredis.Redis, symbol: str, source: str) -> ops.Submitted:
+    async def _propose(self, rds: aioredis.Redis, symbol: str, source: str, proposal_id: str = "") -> ops.Submitted:
         deadline = time.monotonic() + PROPOSE_PATIENCE_S
+        qty = Decimal(SYMBOLS[symbol][1])
         while True:
             try:
-                sub = await ops.propose(rds, symbol, "PARTIAL_CLOSE", qty=Decimal(SYMBOLS[symbol][1]), source=source)
+                sub = await ops.propose(rds, symbol, "PARTIAL_CLOSE", qty=qty, source=source, proposal_id=proposal_id)
                 self.submitted.append(sub)
                 self.symbol_of[sub.plan_id] = symbol
                 return sub
@@ -425,8 +432,9 @@ class Chaos:
 
     async def _resend_forgotten(self, rds: aioredis.Redis) -> None:
         """What a client does when the store forgot its proposal before anything came of it: no result, and the
-        proposal is no longer in the stream. It sends the close again (a new plan). Counted, and checked
-        against the exchange: had the first plan filled, the re-sent one would close twice."""
+        proposal is no longer in the stream. It sends the same proposal again (its retry: the same proposal id).
+        Counted, and checked against the exchange: had the first plan filled, its order is the retry's answer
+        and no second order may follow."""
         done = await self._with_results(rds)
         forgotten = []
         for sub in list(self.submitted):
@@ -440,9 +448,10 @@ class Chaos:
         for sub in forgotten:
             self.submitted.remove(sub)
             self.report.forgotten_proposals += 1
-            if f"qt-{sub.plan_id}" in filled:
+            if sub.client_order_id in filled:
                 self.report.resent_after_a_fill += 1
-            await self._propose(rds, self.symbol_of[sub.plan_id], "chaos-resent")
+            self.resent.add(sub.client_order_id)
+            await self._propose(rds, self.symbol_of[sub.plan_id], "chaos-resent", proposal_id=sub.proposal_id)
         await self._settle(rds, timeout=60.0)
 
     def _orders(self) -> list[dict[str, Any]]:
@@ -483,14 +492,17 @@ class Chaos:
         orders = Counter(o["clientOrderId"] for o in placed)
         r.duplicate_orders = sum(1 for n in orders.values() if n > 1)
         r.examples["duplicate orders"] = [coid for coid, n in orders.items() if n > 1][:10]
-        filled = {o["clientOrderId"]: Decimal(str(o.get("executedQty") or 0)) for o in placed}
+        r.resent_closed_twice = sum(1 for coid in self.resent if orders[coid] > 1)
+        filled: dict[str, Decimal] = defaultdict(Decimal)  # by plan id
+        for o in placed:
+            filled[oracle.plan_of_order(o["clientOrderId"]) or ""] += Decimal(str(o.get("executedQty") or 0))
         # every result ever seen, and every final one, must say what the exchange says about its plan's order
         seen_results = [f for results in self.seen.results.values() for f in results] + final
-        disagreeing = [f for f in seen_results if not _agrees(f, filled.get(f"qt-{f.get('plan_id', '')}", Decimal(0)))]
+        disagreeing = [f for f in seen_results if not _agrees(f, filled.get(f.get("plan_id", ""), Decimal(0)))]
         r.results_disagreeing_with_exchange = len(disagreeing)
         r.examples["results that disagree with the exchange"] = [
             f"{f.get('plan_id')} executed={f.get('executed')} error={f.get('error')} filled={f.get('filled_qty')}"
-            f" exchange={filled.get('qt-' + f.get('plan_id', ''), 0)}"
+            f" exchange={filled.get(f.get('plan_id', ''), 0)}"
             for f in disagreeing[:10]
         ]
         # no order without two permits, judged from the observer's own copy of the audit trail
@@ -504,8 +516,8 @@ class Chaos:
                     consumed[plan_id] += 1
         r.executions_without_two_permits = sum(
             1
-            for coid, qty in filled.items()
-            if qty > 0 and (allowed[coid[3:]] != {"governor", "p33"} or consumed[coid[3:]] < 2)
+            for plan_id, qty in filled.items()
+            if qty > 0 and (allowed[plan_id] != {"governor", "p33"} or consumed[plan_id] < 2)
         )
         # the forgeries: each audited as rejected (from the observer's copy), none with an order
         r.forgeries_rejected = sum(
@@ -513,10 +525,9 @@ class Chaos:
             for plan_id in self.forged
             if any(f.get("decision") == "rejected" and f.get("subject") == "governor" for f in self.seen.audit[plan_id])
         )
-        r.forgeries_executed = sum(1 for plan_id in self.forged if f"qt-{plan_id}" in orders)
-        r.examples["forged permits that executed"] = [
-            f"{p} ({a})" for p, a in self.forged.items() if f"qt-{p}" in orders
-        ]
+        ordered = {oracle.plan_of_order(coid) for coid in orders}
+        r.forgeries_executed = sum(1 for plan_id in self.forged if plan_id in ordered)
+        r.examples["forged permits that executed"] = [f"{p} ({a})" for p, a in self.forged.items() if p in ordered]
         # the independent oracle, from what was observed (the store may have forgotten some of it)
         settings = self.system.settings
         found = oracle.check(
@@ -608,7 +619,8 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
         ("  executed", report.forgeries_executed, "0"),
         ("results adopted from the exchange", report.adopted_from_exchange, ""),
         ("proposals the store forgot (sent again)", report.forgotten_proposals, ""),
-        ("  of which the first plan had filled", report.resent_after_a_fill, "0"),
+        ("  of which the first plan had filled", report.resent_after_a_fill, ""),
+        ("  of which the retry closed again", report.resent_closed_twice, "0"),
         ("max recovery after store restart (s)", report.max_recovery_s, f"<= {RECOVERY_LIMIT_S}"),
         ("run time (s)", report.seconds, ""),
     ]

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import connect, resolve_redis_url
-from quantum_trader.domain import reasons
+from quantum_trader.domain import oracle, reasons
 from quantum_trader.domain.models import Result
 from quantum_trader.settings import Settings
 
@@ -151,7 +151,7 @@ async def describe(ctx: Ctx, row: CaseRow, result: Result | None) -> None:
 
 
 def orders_for(ctx: Ctx, symbol: str, plan_id: str) -> list[dict[str, Any]]:
-    return [o for o in ctx.admin.orders(symbol) if o.get("clientOrderId") == f"qt-{plan_id}"]
+    return [o for o in ctx.admin.orders(symbol) if oracle.plan_of_order(str(o.get("clientOrderId"))) == plan_id]
 
 
 def judge(row: CaseRow, ok: bool, detail: str = "") -> None:

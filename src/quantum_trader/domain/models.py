@@ -21,6 +21,11 @@ from quantum_trader.domain.text import is_text, printable
 Symbol = Annotated[str, Meta(pattern=r"^[A-Z0-9]{5,20}\Z")]
 PlanId = Annotated[str, Meta(pattern=r"^[0-9a-f]{16}\Z")]
 ShortText = Annotated[str, Meta(max_length=256)]
+# The proposal id is the client's idempotency key and travels in the order's client id ("qt-" + the id), so an
+# order whose every record the store lost leads back to its proposal: Binance's newClientOrderId alphabet, and
+# 32 characters at most, so that "qt-" + the id stays within Binance's 36 (a UUID's 32 hex digits fit).
+PROPOSAL_ID_PATTERN = r"^[A-Za-z0-9._:/\-]{1,32}\Z"
+ProposalId = Annotated[str, Meta(pattern=PROPOSAL_ID_PATTERN)]
 Action = Literal["FULL_CLOSE", "PARTIAL_CLOSE"]
 Side = Literal["LONG", "SHORT", "NONE"]  # NONE only on SKIP plans for a symbol with no position
 PlanDecision = Literal["EXECUTE", "SKIP"]
@@ -50,7 +55,7 @@ def _finite(name: str, value: Decimal | float | None) -> None:
 class Proposal(Struct, frozen=True, kw_only=True):
     """A close proposal from a strategy (``quantum:stream:harvest.proposal``)."""
 
-    proposal_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    proposal_id: ProposalId
     symbol: Symbol
     action: Action
     qty: Decimal | None = None
@@ -151,6 +156,7 @@ class Result(Struct, frozen=True, kw_only=True):
     """The one result of a plan, ``quantum:stream:apply.result``."""
 
     plan_id: PlanId
+    proposal_id: Annotated[str, Meta(max_length=128)] = ""  # the proposal it answers ("" only before 2026-12)
     symbol: Symbol
     side: Side
     executed: bool

@@ -51,7 +51,9 @@ MAX_EXAMPLES = 10
 
 _SLOT_ISSUERS = {"governor": frozenset({"governor", "operator"}), "p33": frozenset({"p33"})}
 _SLOT_GRANT = {"governor": "granted", "p33": "allow"}
-_COID = re.compile(r"qt-([0-9a-f]{16})\Z")
+# Our client order ids: "qt-" + the proposal id (Binance's alphabet, at most 32 characters); the plan of a
+# proposal id is the first 16 hex digits of SHA-256 over "plan|" + the id (derived here again on purpose).
+_COID = re.compile(r"qt-([A-Za-z0-9._:/\-]{1,32})\Z")
 _PLAN_FIELDS = tuple(Plan.__struct_fields__)  # the wire schema; the hash covers all of them but plan_hash
 _CLOSING_SIDE = {"LONG": "SELL", "SHORT": "BUY"}
 
@@ -114,6 +116,14 @@ def plan_hash_of(entry: Mapping[str, str]) -> str:
     """The hash a plan entry (stream fields or record) must carry: SHA-256 over its fields but plan_hash."""
     body = {name: entry.get(name, "") for name in _PLAN_FIELDS if name != "plan_hash"}
     return hashlib.sha256(_canonical(body, "plan_hash")).hexdigest()
+
+
+def plan_of_order(client_order_id: str) -> str | None:
+    """The plan id an order of ours belongs to, from its client order id; None for anyone else's order."""
+    match = _COID.match(client_order_id)
+    if match is None:
+        return None
+    return hashlib.sha256(f"plan|{match.group(1)}".encode()).hexdigest()[:16]
 
 
 def _decimal(value: Any) -> Decimal | None:
@@ -210,12 +220,12 @@ def check_orders(
         found.orders_checked += len(placed)
         if len(placed) > 1:
             found.add(DUPLICATE_ORDERS, f"{coid}: {len(placed)} orders")
-        match = _COID.match(coid)
-        if match is None:
+        plan_id = plan_of_order(coid)
+        if plan_id is None:
             found.add(ORDERS_WITHOUT_VERIFIED_PERMITS, f"{coid}: not a plan's client order id")
             continue
-        plan_id = match.group(1)
-        entries = published.get(plan_id, [])
+        proposal_id = coid.removeprefix("qt-")
+        entries = [e for e in published.get(plan_id, []) if e.get("proposal_id") == proposal_id]
         hashes = frozenset(e["plan_hash"] for e in entries)
         symbols = {e.get("symbol", "") for e in entries}
         for order in placed:
@@ -248,7 +258,7 @@ def _unverified(
     """Why the plan's order lacks two verified permits; or the verified Governor permit and the P3.3 permits
     of the same plan hash (a plan consumed again after a store loss has more than one pair)."""
     if not entries:
-        return "no published EXECUTE plan with a valid hash"
+        return "no published EXECUTE plan of its proposal id with a valid hash"
     verified: dict[str, list[dict[str, Any]]] = {"governor": [], "p33": []}
     reasons: list[str] = []
     for slot in ("governor", "p33"):
@@ -283,9 +293,9 @@ def check_results(
     found = Findings()
     filled: dict[str, Decimal] = defaultdict(Decimal)
     for order in orders:
-        match = _COID.match(str(order.get("clientOrderId", "")))
-        if match:
-            filled[match.group(1)] += _decimal(order.get("executedQty")) or Decimal(0)
+        plan_id = plan_of_order(str(order.get("clientOrderId", "")))
+        if plan_id is not None:
+            filled[plan_id] += _decimal(order.get("executedQty")) or Decimal(0)
     per_plan: dict[str, list[Mapping[str, str]]] = defaultdict(list)
     for result in results:
         per_plan[result.get("plan_id", "")].append(result)

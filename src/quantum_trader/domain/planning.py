@@ -3,31 +3,45 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 
 import msgspec
 
 from quantum_trader.domain import reasons
-from quantum_trader.domain.models import Plan, Proposal, Side, to_fields
+from quantum_trader.domain.models import PROPOSAL_ID_PATTERN, Plan, Proposal, Side, to_fields
 
 _UNHASHED = "0" * 64
 
 
 @dataclass(frozen=True, slots=True)
 class PlanningContext:
-    """What Apply knows when it plans. ``position_amt`` is signed (negative = short); None = unknown."""
+    """What Apply knows when it plans. ``position_amt`` is signed (negative = short); None = unknown.
+    ``refusal``: a reason the proposal is refused before anything else (its id names a different proposal;
+    the store cannot vouch for it)."""
 
     allowlist: frozenset[str]
     position_amt: Decimal | None
     symbol_busy: bool = False
     min_kill_score: float | None = None
+    refusal: str | None = None
 
 
-def plan_id_for(proposal_entry_id: str, proposal_id: str) -> str:
-    """Deterministic plan id: a redelivered proposal maps to the same plan, so it can never execute twice."""
-    digest = hashlib.sha256(f"{proposal_entry_id}|{proposal_id}".encode()).hexdigest()
-    return digest[:16]
+_PROPOSAL_ID = re.compile(PROPOSAL_ID_PATTERN)
+CLIENT_ORDER_PREFIX = "qt-"  # with a proposal id (models.PROPOSAL_ID_PATTERN) at most Binance's 36 characters
+
+
+def plan_id_for(proposal_id: str) -> str:
+    """The plan of a proposal id. Every proposal with this id (a redelivery, the client's retry) is this one
+    plan, so it can be executed at most once however often it is sent (docs/design-notes.md)."""
+    return hashlib.sha256(f"plan|{proposal_id}".encode()).hexdigest()[:16]
+
+
+def refusal_plan_id(proposal_entry_id: str, proposal_id: str) -> str:
+    """The plan that refuses one proposal entry reusing the id of a different proposal: its own id (never the
+    id's plan, which answers the first proposal), the same for a redelivery of that entry."""
+    return hashlib.sha256(f"refused|{proposal_entry_id}|{proposal_id}".encode()).hexdigest()[:16]
 
 
 def is_plan_id(text: str) -> bool:
@@ -35,9 +49,39 @@ def is_plan_id(text: str) -> bool:
     return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
 
 
-def client_order_id(plan_id: str) -> str:
-    """Binance newClientOrderId for a plan: deterministic, so the order can always be found by it."""
-    return f"qt-{plan_id}"
+def client_order_id(proposal_id: str) -> str:
+    """Binance newClientOrderId of the plan of ``proposal_id``: deterministic, so the order can always be found
+    by it, and it names the proposal, so an order whose every record the store lost leads back to it."""
+    return f"{CLIENT_ORDER_PREFIX}{proposal_id}"
+
+
+def plan_client_order_id(plan: Plan) -> str:
+    """The client order id of a plan's order. A plan made before proposal ids were idempotency keys (its id is
+    not its proposal id's) had ``qt-<plan_id>``."""
+    if plan.proposal_id and plan_id_for(plan.proposal_id) == plan.plan_id:
+        return client_order_id(plan.proposal_id)
+    return f"{CLIENT_ORDER_PREFIX}{plan.plan_id}"
+
+
+def proposal_id_of_order(client_id: str) -> str | None:
+    """The proposal id a client order id of ours carries; None for anyone else's order."""
+    if not client_id.startswith(CLIENT_ORDER_PREFIX):
+        return None
+    proposal_id = client_id[len(CLIENT_ORDER_PREFIX) :]
+    return proposal_id if _PROPOSAL_ID.match(proposal_id) else None
+
+
+def request_of(proposal: Proposal) -> str:
+    """What makes two proposals with one id the same request: symbol, action and size. Not ``created_at`` (a
+    retry stamps a new one), ``source`` or ``kill_score``; sizes compare as numbers ("0.010" is "0.01"); a
+    FULL_CLOSE has no size (its qty and close_pct are ignored)."""
+    if proposal.action == "FULL_CLOSE":
+        return f"{proposal.symbol}|FULL_CLOSE||"
+    return f"{proposal.symbol}|{proposal.action}|{_number(proposal.qty)}|{_number(proposal.close_pct)}"
+
+
+def _number(value: Decimal | None) -> str:
+    return "" if value is None else format(value.normalize(), "f")
 
 
 def static_skip_reason(proposal: Proposal, allowlist: frozenset[str], min_kill_score: float | None) -> str | None:
@@ -69,6 +113,8 @@ def requested_qty(proposal: Proposal, position_amt: Decimal) -> Decimal:
 
 
 def _skip_reason(proposal: Proposal, ctx: PlanningContext, static: bool = False) -> str | None:
+    if ctx.refusal:
+        return ctx.refusal
     if proposal.symbol not in ctx.allowlist:
         return reasons.SYMBOL_NOT_ALLOWED
     if ctx.min_kill_score is not None and proposal.kill_score is not None and proposal.kill_score < ctx.min_kill_score:

@@ -90,6 +90,18 @@ DUPLICATE_IN_FLIGHT = _r(
     "concurrent closes of one position cannot both be right, so only the first proceeds.",
     "Nothing; the strategy may propose again after the first plan's result.",
 )
+PROPOSAL_ID_CONFLICT = _r(
+    "proposal_id_conflict",
+    "skip",
+    "apply",
+    "The proposal reuses the proposal_id of a different proposal (another symbol, action or size) seen within "
+    "the idempotency window (a day). It is refused with a plan of its own; the first proposal's plan and result "
+    "stand.",
+    "A strategy reused an id for a new intent (an id is the idempotency key: the same id means the same "
+    "proposal), or two strategies share one id space.",
+    "Give every new proposal a new id (a UUID's 32 hex digits, a ULID); send the same id again only for the "
+    "same proposal, as a retry.",
+)
 
 # --- Governor (P3.2) --------------------------------------------------------------------------------------
 POLICY_PASSED = _r(

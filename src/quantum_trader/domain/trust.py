@@ -38,7 +38,9 @@ class Epoch:
     # wall time (epoch s) at or after the moment it became this instance: its start if it has been a primary
     # since (a restart), else when an Apply first saw it (a promoted replica: the promotion is not dated)
     since: float
-    last_id: StreamId = (0, 0)  # the proposal stream's last id when first used: the newest proposal it kept
+    # the newest proposal at or below the floor: what the instance kept of what came before it (anything the
+    # store forgot was written after it)
+    kept: StreamId = (0, 0)
     searched: bool = False  # an Apply has searched the exchange for orders this instance forgot
 
     def same_as(self, other: Epoch | None) -> bool:
@@ -68,9 +70,12 @@ TRUST_MAX_AGE_S = RECORDS_LIVE_S - 3600
 
 def started_before_ms(server_now_ms: int, uptime_s: int) -> int:
     """The latest moment (server clock, ms) a server can have started, given its ``uptime_in_seconds``: that is
-    whole seconds of now minus whole seconds of the start, so it may exceed the real uptime by up to a second
-    (never fall short of it by one). A bound later than the start is safe to use; an earlier one is not."""
-    return server_now_ms - (uptime_s - 1) * 1000
+    whole seconds of now (the server's cached clock, which can only lag) minus whole seconds of the start, so
+    the start lies in the second ``now_s - uptime_s``, and its end bounds it (at most a second late: never
+    early). A bound later than the start is safe to use; an earlier one is not. (Until issue 20 this was
+    ``now - (uptime - 1) s``, up to two seconds late: proposals sent in a restarted store's first two seconds
+    counted as older than the instance.)"""
+    return (server_now_ms // 1000 - uptime_s + 1) * 1000
 
 
 def trusted(epoch: Epoch | None, proposal_entry_id: str, now: float) -> bool:

@@ -83,6 +83,11 @@ class ApplyMetrics:
             "Orders found on the exchange for plans the store had forgotten, published as their result",
             registry=registry,
         )
+        self.repeats = Counter(
+            "qt_apply_repeated_proposals",
+            "Proposals sent again with the id of one already answered (a client's retry): its plan's result stands",
+            registry=registry,
+        )
         self.store_changes = Gauge(
             "qt_apply_store_instances_changed",
             "Times this process found the store to be another instance (restart, failover) than before",

@@ -32,7 +32,10 @@ from quantum_trader.domain.planning import (
     client_order_id,
     make_plan,
     order_side,
+    plan_client_order_id,
     plan_id_for,
+    refusal_plan_id,
+    request_of,
     static_skip_reason,
 )
 from quantum_trader.domain.trust import Epoch
@@ -40,7 +43,7 @@ from quantum_trader.exchange.base import ExchangeError
 from quantum_trader.services.apply.orders import OrderExecutor, OrderOutcome, OutcomeKind
 from quantum_trader.services.apply.permit_waiter import PermitWaiter
 from quantum_trader.services.apply.permits import PermitGate, WaitEnd
-from quantum_trader.services.apply.plan_run import PlanRun, read_markers
+from quantum_trader.services.apply.plan_run import PlanLocks, PlanRun, read_markers
 from quantum_trader.services.apply.position_reads import PositionReads
 from quantum_trader.services.apply.results import (
     NOT_EXECUTED,
@@ -87,6 +90,7 @@ class PlanHandler:
         self._clock = clock
         self.log = log
         self.executing: set[str] = set()  # plans whose order this process is sending or resolving now
+        self._plans = PlanLocks()  # one handler per plan in this process: a client's retry waits for its first
         self.allowlist = frozenset(settings.symbols)
         self.wait_s = settings.apply.permit_wait_ms / 1000
 
@@ -107,11 +111,22 @@ class PlanHandler:
             self.metrics.dead_letters.inc()
             self.log.warning("malformed proposal dead-lettered", entry_id=entry_id, error=str(exc))
             return
-        plan_id = plan_id_for(entry_id, proposal.proposal_id)
-        log = self.log.bind(plan_id=plan_id, symbol=proposal.symbol)
+        plan_id = plan_id_for(proposal.proposal_id)
+        log = self.log.bind(plan_id=plan_id, symbol=proposal.symbol, proposal_id=proposal.proposal_id)
+        async with self._plans.hold(plan_id):
+            await self._handle(proposal, plan_id, entry_id, log)
+
+    async def _handle(self, proposal: Proposal, plan_id: str, entry_id: str, log: Any) -> None:
+        await self.truth.wait_for_search(entry_id, log)
         markers = await read_markers(self.redis, plan_id)
         plan = markers.plan
+        if not markers.same_request(request_of(proposal)):
+            await self._refuse(proposal, entry_id, log)
+            return
         if markers.has_result:
+            if markers.proposal_entry_id not in ("", entry_id):
+                self.metrics.repeats.inc()
+                log.info(f"{proposal.symbol}: proposal {proposal.proposal_id} sent again; its plan's result stands")
             await self.redis.xack(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, entry_id)
             return
         if markers.executed:
@@ -127,17 +142,45 @@ class PlanHandler:
         else:
             await self._plan_and_run(proposal, plan_id, entry_id, log, vouched)
 
+    async def _refuse(self, proposal: Proposal, entry_id: str, log: Any) -> None:
+        """A proposal reusing the id of a different one: refused with a SKIP plan of its own (the id's plan
+        answers the first proposal). No order can be its outcome, so the exchange is never asked."""
+        plan_id = refusal_plan_id(entry_id, proposal.proposal_id)
+        log = log.bind(plan_id=plan_id)
+        markers = await read_markers(self.redis, plan_id)
+        if markers.has_result:
+            await self.redis.xack(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, entry_id)
+            return
+        log.warning(f"{proposal.symbol}: proposal id {proposal.proposal_id} was used for a different proposal")
+        ctx = PlanningContext(self.allowlist, None, refusal=reasons.PROPOSAL_ID_CONFLICT)
+        plan = markers.plan or await self._publish_skip(proposal, ctx, plan_id, entry_id)
+        await self.publish(PlanRun(plan, entry_id, log, None), not_executed(plan, reasons.SKIPPED, reason=plan.reason))
+
+    async def _publish_skip(self, proposal: Proposal, ctx: PlanningContext, plan_id: str, entry_id: str) -> Plan:
+        """Publish a SKIP plan for the proposal (once: a plan published meanwhile by another handler is kept)."""
+        plan = make_plan(proposal, ctx, plan_id, self._clock.wall())
+        if await self._publish_plan(plan, entry_id, request_of(proposal)) == "exists":
+            record = await self.redis.hgetall(keys.plan_record(plan_id))
+            return from_fields(Plan, record)
+        self.metrics.plans.labels(plan.decision, plan.reason).inc()
+        return plan
+
     async def _unvouched(self, proposal: Proposal, plan_id: str, plan: Plan | None, entry_id: str, log: Any) -> None:
         """Older than the store instance: it may have been answered already (the answer forgotten), so it is
-        never executed now. The exchange says whether it was: an order found is its result."""
-        found = await self.truth.ask(plan_id, proposal.symbol, plan, log, "older_than_store")
-        stand_in = plan or plan_stub(plan_id, proposal.symbol, "NONE", self._clock.wall())
-        run = PlanRun(stand_in, entry_id, log, self.truth.watch.epoch)
+        never executed now. The exchange says whether it was: an order found is its result. Otherwise it is
+        answered ``store_changed``, with a SKIP plan if it had none, so its client finds both by its id."""
+        coid = plan_client_order_id(plan) if plan else client_order_id(proposal.proposal_id)
+        found = await self.truth.ask(plan_id, coid, proposal.symbol, plan, log, "older_than_store")
         if found is not None:
-            await self.adopt(run, found)
-        else:
-            log.warning(f"{proposal.symbol}: proposal older than the store instance; not executing it")
-            await self.publish(run, not_executed(stand_in, reasons.STORE_CHANGED))
+            stand_in = plan or plan_stub(plan_id, proposal.proposal_id, proposal.symbol, "NONE", self._clock.wall())
+            await self.adopt(PlanRun(stand_in, entry_id, log, self.truth.watch.epoch), found)
+            return
+        log.warning(f"{proposal.symbol}: proposal older than the store instance; not executing it")
+        if plan is None:
+            ctx = PlanningContext(self.allowlist, None, refusal=reasons.STORE_CHANGED)
+            plan = await self._publish_skip(proposal, ctx, plan_id, entry_id)
+        run = PlanRun(plan, entry_id, log, self.truth.watch.epoch)
+        await self.publish(run, not_executed(plan, reasons.STORE_CHANGED))
 
     async def _plan_and_run(
         self, proposal: Proposal, plan_id: str, entry_id: str, log: Any, vouched: Epoch | None
@@ -154,14 +197,18 @@ class PlanHandler:
         plan = make_plan(proposal, ctx, plan_id, self._clock.wall())
         if plan.decision == "EXECUTE":
             self.waiter.register(plan_id)  # before publishing: no decision can slip past unseen
+        request = request_of(proposal)
         try:
-            published = await self._publish_plan(plan, entry_id)
+            published = await self._publish_plan(plan, entry_id, request)
             if published == "busy":  # another close of this symbol is under way: this plan is a SKIP
                 plan = make_plan(proposal, replace(ctx, symbol_busy=True), plan_id, plan.created_at)
-                published = await self._publish_plan(plan, entry_id)
-            if published == "exists":  # another handler of this very proposal published it: follow that plan
-                record = await self.redis.hgetall(keys.plan_record(plan_id))
-                await self._resume(PlanRun(from_fields(Plan, record), entry_id, log, vouched))
+                published = await self._publish_plan(plan, entry_id, request)
+            if published == "exists":  # another handler of this proposal id published it: follow that plan
+                markers = await read_markers(self.redis, plan_id)
+                if not markers.same_request(request):
+                    await self._refuse(proposal, entry_id, log)
+                elif markers.plan is not None:
+                    await self._resume(PlanRun(markers.plan, entry_id, log, vouched))
                 return
             run = PlanRun(plan, entry_id, log, vouched)
             self.metrics.plans.labels(plan.decision, plan.reason).inc()
@@ -202,7 +249,7 @@ class PlanHandler:
             + self.settings.exchange.late_execution_horizon_ms / 1000
         )
 
-    async def _publish_plan(self, plan: Plan, entry_id: str) -> str:
+    async def _publish_plan(self, plan: Plan, entry_id: str, request: str) -> str:
         """Publish the plan once; an executing plan takes its symbol in the same step ("busy" if another holds it).
 
         The hold lasts the whole order path; its TTL only frees a symbol whose Apply died, and an unknown
@@ -212,6 +259,7 @@ class PlanHandler:
             plan_id=plan.plan_id,
             fields=to_fields(plan),
             proposal_entry_id=entry_id,
+            request=request,
             maxlen=STREAM_MAXLEN,
             hold_key=keys.symbol_in_flight(plan.symbol) if executing else "",
             hold_ms=round((self.handling_bound_s() + 5) * 1000),
@@ -235,13 +283,15 @@ class PlanHandler:
     async def _execute(self, run: PlanRun, p33: SlotCheck, deadline: float) -> None:
         assert isinstance(p33.permit, P33Permit)
         plan = run.plan
-        coid = client_order_id(plan.plan_id)
+        coid = plan_client_order_id(plan)
         self.executing.add(plan.plan_id)
         try:
             if not self.truth.still_vouched(run):
                 # The store changed instance since the plan was vouched for: what it said may be forgotten, and
                 # the plan is now older than the store. Never sent: an order the exchange has is its result.
-                found = await self.truth.ask(plan.plan_id, plan.symbol, plan, run.log, "store_changed_before_send")
+                found = await self.truth.ask(
+                    plan.plan_id, coid, plan.symbol, plan, run.log, "store_changed_before_send"
+                )
                 if found is not None:
                     await self._conclude(run, coid, found)
                 else:
@@ -289,7 +339,7 @@ class PlanHandler:
         included, is signed before the plan's window ends (the deadline is checked right before). So "absent"
         is final only once a request signed at the window's end could no longer execute or show."""
         detail = _marker_detail(marker)
-        coid = str(detail.get("client_order_id") or client_order_id(plan.plan_id))
+        coid = str(detail.get("client_order_id") or plan_client_order_id(plan))
         unseen = self.truth.unseen_sends(plan.created_at)
         consumed_ms = float(detail.get("at") or plan.created_at) * 1000 - self.truth.skew_ms()
         record = replace(unseen, last_signed_ms=max(unseen.last_signed_ms, consumed_ms))
@@ -302,12 +352,13 @@ class PlanHandler:
             proposal = from_fields(Proposal, fields)
         except MalformedEntry:
             return  # never planned: the dead letter is its end
-        plan_id = plan_id_for(entry_id, proposal.proposal_id)
-        markers = await read_markers(self.redis, plan_id)
+        markers = await read_markers(self.redis, plan_id_for(proposal.proposal_id))
         plan = markers.plan
-        if markers.has_result or plan is None or markers.executed:
-            return  # done; never published; or executed: the intent sweep establishes and publishes its outcome
-        log = self.log.bind(plan_id=plan_id, symbol=plan.symbol)
+        if markers.has_result or plan is None or markers.executed or markers.proposal_entry_id != entry_id:
+            # done; never published; executed (the intent sweep establishes and publishes its outcome); or the
+            # plan of an earlier proposal with this id (this one was a retry): that proposal's handling ends it
+            return
+        log = self.log.bind(plan_id=plan.plan_id, symbol=plan.symbol)
         run = PlanRun(plan, entry_id, log, None)  # a result without an order: the exchange is asked first
         await self.finish(run, not_executed(plan, reasons.DEAD_LETTERED, reason="delivered too often"))
 
@@ -330,7 +381,8 @@ class PlanHandler:
         there is the result instead."""
         if not result.executed and not self.truth.still_vouched(run):
             plan = run.plan
-            found = await self.truth.ask(plan.plan_id, plan.symbol, plan, run.log, "store_changed_before_result")
+            coid = plan_client_order_id(plan)
+            found = await self.truth.ask(plan.plan_id, coid, plan.symbol, plan, run.log, "store_changed_before_result")
             if found is not None:
                 await self.adopt(run, found)
                 return

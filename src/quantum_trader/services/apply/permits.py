@@ -18,7 +18,7 @@ from quantum_trader.clock import Clock
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import AuditEntry, P33Permit, Plan, Result, to_fields
 from quantum_trader.domain.permits import SlotCheck, WaitOutcome, check_slot, combine
-from quantum_trader.domain.planning import client_order_id
+from quantum_trader.domain.planning import plan_client_order_id
 from quantum_trader.domain.text import to_bytes
 from quantum_trader.services.apply.permit_waiter import PermitWaiter
 from quantum_trader.services.apply.results import not_executed
@@ -156,7 +156,7 @@ class PermitGate:
         now = self._clock.wall()
         marker = json.dumps(
             {
-                "client_order_id": client_order_id(plan.plan_id),
+                "client_order_id": plan_client_order_id(plan),
                 "qty": format(p33.permit.safe_close_qty, "f"),
                 "side": plan.side,
                 "at": now,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,16 +26,46 @@ class PlanRun:
     vouched: Epoch | None
 
 
+class PlanLocks:
+    """One handler per plan at a time in this process: proposals that share an id (a client's retry) are one
+    plan, and the second waits for the first to finish before it looks at the plan's markers."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, plan_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(plan_id, (asyncio.Lock(), 0))
+        self._locks[plan_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[plan_id]
+            if users == 1:
+                del self._locks[plan_id]
+            else:
+                self._locks[plan_id] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 @dataclass(frozen=True, slots=True)
 class PlanMarkers:
     """What the store holds of a plan: whether it has a result, its published record, its executed marker
-    (set when its permits were consumed, with the order's client id, quantity and time) and the proposal
-    entry it came from (from the record; "" without one)."""
+    (set when its permits were consumed, with the order's client id, quantity and time), the proposal entry
+    it came from and the request it answers (``planning.request_of``; both from the record, "" without one)."""
 
     has_result: bool
     plan: Plan | None
     executed: str | None
     proposal_entry_id: str
+    request: str = ""
+
+    def same_request(self, request: str) -> bool:
+        """A proposal asking ``request`` is the one this plan answers (or no record says otherwise)."""
+        return not self.request or self.request == request
 
 
 async def read_markers(redis: aioredis.Redis, plan_id: str) -> PlanMarkers:
@@ -48,4 +81,7 @@ async def read_markers(redis: aioredis.Redis, plan_id: str) -> PlanMarkers:
         except MalformedEntry as exc:
             # only Apply writes plan records: an unreadable one is a store fault, never a reason to act
             raise RuntimeError(f"plan record {plan_id} is unreadable ({exc}); leaving the proposal pending") from None
-    return PlanMarkers(bool(has_result), plan, executed, str(record.get("proposal_entry_id", "")) if record else "")
+    record = record or {}
+    return PlanMarkers(
+        bool(has_result), plan, executed, str(record.get("proposal_entry_id", "")), str(record.get("request", ""))
+    )

@@ -32,6 +32,7 @@ Published = Literal["published", "exists", "executed"]
 def from_report(plan: Plan, report: OrderReport) -> Result:
     return Result(
         plan_id=plan.plan_id,
+        proposal_id=plan.proposal_id,
         symbol=plan.symbol,
         side=plan.side,
         executed=report.filled,
@@ -46,18 +47,27 @@ def from_report(plan: Plan, report: OrderReport) -> Result:
 
 
 def not_executed(plan: Plan, error: str, **fields: Any) -> Result:
-    return Result(plan_id=plan.plan_id, symbol=plan.symbol, side=plan.side, executed=False, error=error, **fields)
+    return Result(
+        plan_id=plan.plan_id,
+        proposal_id=plan.proposal_id,
+        symbol=plan.symbol,
+        side=plan.side,
+        executed=False,
+        error=error,
+        **fields,
+    )
 
 
 def replace_result(result: Result, **changes: Any) -> Result:
     return msgspec.structs.replace(result, **changes)
 
 
-def plan_stub(plan_id: str, symbol: str, side: Any, now: float) -> Plan:
-    """A stand-in for a plan whose record the store lost, to publish the result of the order found for it."""
+def plan_stub(plan_id: str, proposal_id: str, symbol: str, side: Any, now: float) -> Plan:
+    """A stand-in for a plan whose record the store lost, to publish the result of the order found for it
+    (under the proposal id the order's client id carries)."""
     return Plan(
         plan_id=plan_id,
-        proposal_id="",
+        proposal_id=proposal_id,
         symbol=symbol,
         side=side,
         action="FULL_CLOSE",

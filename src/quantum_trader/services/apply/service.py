@@ -116,7 +116,9 @@ class ApplyService(Service):
         up before they are sent, and the audit reader starts again at the new stream's end. While nobody has
         searched the exchange for orders the instance may have forgotten, this Apply does."""
         if unsearched:
-            self.sweeper.orphan_search.set()
+            self.sweeper.search_needed()
+        else:
+            self.handler.truth.searched.set()
         if before is None or before == after:
             return
         self.metrics.store_changes.set(self.watch.changes)

@@ -15,7 +15,7 @@ from typing import Any
 from quantum_trader.bus import keys
 from quantum_trader.clock import Clock
 from quantum_trader.domain.execution import is_final
-from quantum_trader.domain.planning import is_plan_id
+from quantum_trader.domain.planning import is_plan_id, plan_id_for, proposal_id_of_order
 from quantum_trader.exchange.base import ExchangeError
 from quantum_trader.services.apply.handler import PlanHandler
 from quantum_trader.services.apply.orders import OrderOutcome
@@ -38,6 +38,13 @@ class IntentSweeper:
         self.log = log
         self._clock = clock
         self.orphan_search = asyncio.Event()  # set while the store instance's forgotten orders are not searched
+        self._wake = asyncio.Event()
+
+    def search_needed(self) -> None:
+        """The store is an instance nobody searched yet: search now (new proposals wait: ExchangeTruth.searched)."""
+        self.handler.truth.searched.clear()
+        self.orphan_search.set()
+        self._wake.set()
 
     async def run(self) -> None:
         handler = self.handler
@@ -45,10 +52,13 @@ class IntentSweeper:
         stale_s = handler.wait_s + handler.executor.resolve_timeout_s + 1
         interval = min(INTENT_SWEEP_S, max(0.5, handler.executor.resolve_timeout_s / 2))
         while True:
+            pause = interval
             if self.orphan_search.is_set():
                 with self._step("the search for orders the store forgot"):
                     if await self.adopt_orphans():
                         self.orphan_search.clear()
+                    else:  # again as soon as the orders of before the change have all shown, or the next round
+                        pause = min(interval, max(0.05, self._until_settled_s()))
             due: list[str] = []
             with self._step("the intents"):
                 due = await self.redis.zrangebyscore(keys.APPLY_INTENTS, "-inf", self._clock.wall() - stale_s)
@@ -57,7 +67,14 @@ class IntentSweeper:
                 if plan_id not in handler.executing:
                     with self._step(f"intent {plan_id}"):
                         await self.resolve_intent(plan_id)
-            await asyncio.sleep(interval)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), pause)
+
+    def _until_settled_s(self) -> float:
+        """Seconds until no order request from before the store's instance began can execute or show any more."""
+        truth = self.handler.truth
+        return (truth.unseen_sends(None).settles_at_ms - truth.exchange.now_ms()) / 1000
 
     @contextlib.contextmanager
     def _step(self, what: str) -> Iterator[None]:
@@ -86,16 +103,19 @@ class IntentSweeper:
         """On a store instance nobody had searched yet: orders of ours on the exchange whose plan the store has
         no result for, not even an intent (its proposal may be forgotten too, so no redelivery would bring it
         back), get their result from the exchange. Searched from a minute before the newest proposal the
-        instance kept (a forgotten proposal, and so its order, is newer than that), at most a day back.
-        Returns True when every symbol was searched (then recorded in the epoch); False: search again later."""
-        watch = self.handler.truth.watch
+        instance kept of what came before it (whatever it forgot, and so its orders, came after that), at most
+        a day back. Complete once every symbol was searched, no order found was still open or in a handler's
+        hands, and the search began after every order request from before the instance could have shown
+        (``SendRecord.unseen``); then it is recorded in the epoch and new proposals go on (until then they
+        wait: a retry of a proposal whose plan's order is among these must find it, not plan it again).
+        Returns True when complete; False: search again later."""
+        truth = self.handler.truth
+        watch = truth.watch
         epoch = watch.epoch
         if epoch is None:
             return False
-        newest_kept_ms = min(epoch.last_id[0], epoch.floor[0])
-        since_ms = (
-            max(newest_kept_ms, (self._clock.wall() - ORPHAN_SEARCH_MAX_S) * 1000) - ORPHAN_SEARCH_MARGIN_S * 1000
-        )
+        settled = self._until_settled_s() <= 0  # measured before the search: what it finds is all there is
+        since_ms = max(epoch.kept[0], (self._clock.wall() - ORPHAN_SEARCH_MAX_S) * 1000) - ORPHAN_SEARCH_MARGIN_S * 1000
         adopted, complete = 0, True
         for symbol in sorted(self.handler.allowlist):
             try:
@@ -105,8 +125,14 @@ class IntentSweeper:
                 complete = False
                 continue
             for report in found:
-                plan_id = report.client_order_id.removeprefix("qt-")
-                if report.client_order_id == plan_id or not is_plan_id(plan_id) or plan_id in self.handler.executing:
+                proposal_id = proposal_id_of_order(report.client_order_id)
+                if proposal_id is None:
+                    continue  # not ours (a manual order, a liquidation, another bot)
+                plan_id = plan_id_for(proposal_id)
+                if plan_id in self.handler.executing:
+                    complete = False  # a handler here is on it: looked at again if it has no result by then
+                    continue
+                if await self._legacy_plan_known(proposal_id):
                     continue
                 if not is_final(report.status):
                     complete = False  # still open: looked at again in the next search
@@ -115,11 +141,24 @@ class IntentSweeper:
                 if markers.has_result or markers.executed:  # done, or the intent's resolution will publish it
                     continue
                 log = self.log.bind(plan_id=plan_id, symbol=symbol)
-                stand_in = markers.plan or plan_stub(plan_id, symbol, "NONE", self._clock.wall())
+                stand_in = markers.plan or plan_stub(plan_id, proposal_id, symbol, "NONE", self._clock.wall())
                 run = PlanRun(stand_in, markers.proposal_entry_id, log, epoch)
                 await self.handler.adopt(run, OrderOutcome.of(report))
                 adopted += 1
-        self.log.info("searched the exchange for orders the store forgot", adopted=adopted, complete=complete)
-        if complete:
-            await watch.mark_searched(self.redis)
-        return complete
+        self.log.info(
+            "searched the exchange for orders the store forgot", adopted=adopted, complete=complete and settled
+        )
+        if not (complete and settled):
+            return False
+        await watch.mark_searched(self.redis)
+        if epoch.same_as(watch.epoch):
+            truth.searched.set()
+        return True
+
+    async def _legacy_plan_known(self, proposal_id: str) -> bool:
+        """Orders sent before proposal ids became idempotency keys were ``qt-<plan id>``: such an order whose
+        plan the store knows (a result, or an intent being resolved) is no orphan."""
+        if not is_plan_id(proposal_id):
+            return False
+        legacy = await read_markers(self.redis, proposal_id)
+        return legacy.has_result or legacy.executed is not None

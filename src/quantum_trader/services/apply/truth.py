@@ -4,13 +4,13 @@ the exchange for the plan's order (by client id) before it sends, or publishes a
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.clock import Clock
 from quantum_trader.domain.execution import SendRecord
 from quantum_trader.domain.models import Plan
-from quantum_trader.domain.planning import client_order_id
 from quantum_trader.domain.trust import Epoch, prior_sends_signed_before, trusted
 from quantum_trader.exchange.base import Exchange
 from quantum_trader.services.apply.orders import OrderExecutor, OrderOutcome, OutcomeKind
@@ -37,6 +37,19 @@ class ExchangeTruth:
         self.metrics = metrics
         self._clock = clock
         self._wait_s = wait_s
+        # Set once the exchange was searched for orders the current store instance forgot (services/apply/
+        # sweep.py); until then a proposal the store would vouch for waits (wait_for_search).
+        self.searched = asyncio.Event()
+
+    async def wait_for_search(self, entry_id: str, log: Any) -> None:
+        """Hold a proposal newer than the store instance until the exchange was searched for the orders the
+        instance forgot: one of them may be its plan's (a client's retry of a proposal whose records the store
+        lost), and the search publishes its result, which the retry must find instead of planning again.
+        Older proposals need not wait: the exchange is asked for their plan's order anyway."""
+        if self.searched.is_set() or self.vouching(entry_id) is None:
+            return
+        log.info("waiting for the search for orders the store forgot before planning")
+        await self.searched.wait()
 
     def vouching(self, entry_id: str) -> Epoch | None:
         """The current epoch if the store can vouch for the plan of this proposal entry, else None."""
@@ -59,12 +72,13 @@ class ExchangeTruth:
             self.executor.late_horizon_ms,
         )
 
-    async def ask(self, plan_id: str, symbol: str, plan: Plan | None, log: Any, why: str) -> OrderOutcome | None:
-        """The order the exchange has with the plan's client id (final), or None once it is proven that none
-        exists and none can still execute. While the exchange cannot answer, ask again: nothing is planned,
+    async def ask(
+        self, plan_id: str, coid: str, symbol: str, plan: Plan | None, log: Any, why: str
+    ) -> OrderOutcome | None:
+        """The order the exchange has with the plan's client id ``coid`` (final), or None once it is proven that
+        none exists and none can still execute. While the exchange cannot answer, ask again: nothing is planned,
         sent or published for the plan meanwhile (fail closed)."""
         self.metrics.lookups.labels(why).inc()
-        coid = client_order_id(plan_id)
         backoff = Backoff(start_s=0.5, max_s=TRUTH_RETRY_MAX_S)
         while True:
             outcome = await self.executor.follow(symbol, coid, self.unseen_sends(plan.created_at if plan else None))
