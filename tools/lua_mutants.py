@@ -48,6 +48,49 @@ def drop(id_: str, script: str, line: str, why: str, extra: tuple[str, ...] = ()
 RATE = ("tests/integration/test_flow.py",)
 
 MUTANTS: list[LuaMutant] = [
+    # the instance check (both scripts carry it)
+    drop(
+        "consume-no-instance-check",
+        "CONSUME_PERMITS",
+        "if instance_changed() then return 'store_changed' end",
+        "permits are consumed on a store instance that cannot vouch for the plan's records",
+        ("tests/integration/test_apply_handler.py",),
+    ),
+    LuaMutant(
+        "consume-instance-check-inverted",
+        "CONSUME_PERMITS",
+        "~= expected_epoch",
+        "== expected_epoch",
+        "the right instance is refused and another accepted",
+    ),
+    LuaMutant(
+        "consume-instance-check-ignores-since",
+        "CONSUME_PERMITS",
+        "e[4] or ''",
+        "expected_epoch:match('[^|]*$')",
+        "a new epoch of the same instance (another floor and since) passes for the old one",
+    ),
+    LuaMutant(
+        "consume-instance-check-always-off",
+        "CONSUME_PERMITS",
+        "if not epoch then return false end",
+        "if true then return false end",
+        "the check is never made",
+    ),
+    drop(
+        "result-no-instance-check",
+        "PUBLISH_RESULT",
+        "if instance_changed() then return {'store_changed', ''} end",
+        "a not-executed result decided on a forgotten instance's word is published",
+        ("tests/integration/test_apply_handler.py",),
+    ),
+    LuaMutant(
+        "result-instance-check-inverted",
+        "PUBLISH_RESULT",
+        "~= expected_epoch",
+        "== expected_epoch",
+        "the right instance is refused and another accepted",
+    ),
     # publish_plan
     drop(
         "plan-no-exists-guard",

@@ -456,24 +456,51 @@ async def test_an_unknown_outcome_publishes_nothing_and_holds_the_symbol_for_the
         assert rig.handler.executing == set()
 
 
-@pytest.mark.parametrize("recorded", [True, False])
-async def test_an_unknown_outcome_warns_when_its_intent_is_no_longer_recorded(
-    store_url: str, tmp_path: Path, recorded: bool
-) -> None:
-    """The symbol is held for as long as the intent is recorded; an intent already gone (resolved by the
-    sweep meanwhile, or expired) holds nothing, and says so."""
+async def test_an_unknown_outcome_holds_the_symbol_while_its_intent_is_recorded(store_url: str, tmp_path: Path) -> None:
     async with apply_rig(store_url, tmp_path, scripted()) as rig:
         entry_id, _, plan_id = await rig.propose()
         plan = await rig.publish_plan(entry_id)
-        if recorded:
-            await rig.rds.zadd(keys.APPLY_INTENTS, {plan_id: rig.clock.wall()})
+        await rig.rds.zadd(keys.APPLY_INTENTS, {plan_id: rig.clock.wall()})
+        run = PlanRun(plan, entry_id, rig.handler.log, rig.epoch)
+        await rig.handler._conclude(run, coid(plan_id), OrderOutcome(OutcomeKind.UNKNOWN, message="timeout"))
+        assert await rig.rds.get(keys.symbol_in_flight(SYMBOL)) == plan_id
+        assert await rig.results() == []  # the intent sweep resolves it later
+
+
+async def test_an_unknown_outcome_whose_intent_was_resolved_meanwhile_is_left_to_that_result(
+    store_url: str, tmp_path: Path
+) -> None:
+    async with apply_rig(store_url, tmp_path, scripted()) as rig:
+        entry_id, _, plan_id = await rig.propose()
+        plan = await rig.publish_plan(entry_id)
+        await rig.rds.set(keys.result_marker(plan_id), "5-0")  # the sweep published its result: no intent left
+        run = PlanRun(plan, entry_id, rig.handler.log, rig.epoch)
+        await rig.handler._conclude(run, coid(plan_id), OrderOutcome(OutcomeKind.UNKNOWN, message="timeout"))
+        assert not await rig.rds.exists(keys.symbol_in_flight(SYMBOL))
+        assert await rig.results() == []
+
+
+async def test_an_unknown_outcome_whose_intent_the_store_forgot_is_resolved_by_its_handler(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The store changed instance while the order's outcome was unknown and came back without the plan's intent
+    (and result): no sweep would ever find it. The handler keeps asking the exchange itself until it can tell,
+    and publishes what it finds. Before the fix it logged and left the plan without a result."""
+    exchange = scripted()
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        entry_id, _, plan_id = await rig.propose()
+        plan = await rig.publish_plan(entry_id)
+        exchange.lookups += [At(ExchangeUnavailable("502 Bad Gateway"), mono_s=60), At(filled(plan_id))]
         run = PlanRun(plan, entry_id, rig.handler.log, rig.epoch)
         with structlog.testing.capture_logs() as logged:
-            await rig.handler._conclude(run, coid(plan_id), OrderOutcome(OutcomeKind.UNKNOWN, message="timeout"))
-        warned = [e for e in logged if "no longer recorded" in e["event"]]
-        assert len(warned) == (0 if recorded else 1)
-        assert (await rig.rds.get(keys.symbol_in_flight(SYMBOL)) == plan_id) is recorded
-        assert await rig.results() == []
+            await asyncio.wait_for(
+                rig.handler._conclude(run, coid(plan_id), OrderOutcome(OutcomeKind.UNKNOWN, message="timeout")), 10
+            )
+        assert [e for e in logged if "no longer recorded" in e["event"]]
+        (result,) = await rig.results()
+        assert (result.plan_id, result.executed, result.order_id) == (plan_id, True, "7001")
+        assert exchange.kinds() == ["query", "query"]
+        assert rig.metric("qt_apply_truth_lookups_total", why="unknown_outcome_forgotten") == 1
 
 
 async def test_an_unclear_send_found_filled_is_the_fill_without_a_resend(store_url: str, tmp_path: Path) -> None:
@@ -1173,3 +1200,68 @@ async def test_a_poisoned_proposal_without_a_waiting_plan_publishes_nothing(
                 await rig.consumed(plan)
         await rig.handler.finish_poisoned(entry_id, fields)
         assert await rig.results() == [] and exchange.calls == []
+
+
+# --- the store changes instance between the handler's check and the script (issue 20, point 5) ---------------
+
+
+async def another_instance_recorded(rig: Rig) -> None:
+    """What a connection reaching another instance writes before anything else: that instance's epoch. The
+    handler's own view (its watch's epoch) has not changed yet: only the scripts, inside the store, can see it."""
+    await rig.rds.hset(keys.STORE_EPOCH, mapping={"run_id": "another-instance", "floor": "1-0"})
+
+
+async def test_the_consume_script_refuses_once_the_store_is_another_instance_and_nothing_is_sent(
+    store_url: str, tmp_path: Path
+) -> None:
+    """Both permits arrive after the store changed instance: the consume script compares the epoch the plan was
+    vouched on with the store's record, consumes nothing, and the exchange decides (no order: store_changed).
+    Before the check the permits were consumed on the new instance and the order was sent."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        entry_id, fields, plan_id = await rig.propose()
+        task = await run_proposal(rig, entry_id, fields)
+        plan = await rig.plan(plan_id)
+        await another_instance_recorded(rig)
+        exchange.lookups.append(At(None, ms=rig.clock.wall() * 1000 + FAR_MS))
+        await rig.grant(plan)
+        await asyncio.wait_for(task, 10)
+
+        assert exchange.kinds() == ["query"]
+        assert not await rig.rds.exists(keys.executed_marker(plan_id))
+        assert await rig.rds.exists(keys.governor_permit(plan_id), keys.p33_permit(plan_id)) == 2  # not consumed
+        (result,) = await rig.results()
+        assert (result.executed, result.error) == (False, reasons.STORE_CHANGED)
+        assert rig.metric("qt_apply_truth_lookups_total", why="store_changed_at_consume") == 1
+
+
+async def test_a_timeout_is_not_published_once_the_store_is_another_instance_the_order_found_is(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The plan times out after the store changed instance (another handler may have consumed its permits on
+    the old one and sent the order): the result script refuses the timeout, the exchange is asked, and the
+    order it has is the result. Before the check ``permit_timeout`` was published while that order filled."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 300}) as rig:
+        entry_id, fields, plan_id = await rig.propose()
+        task = await run_proposal(rig, entry_id, fields)
+        await rig.plan(plan_id)
+        await another_instance_recorded(rig)
+        exchange.lookups.append(At(filled(plan_id)))
+        await asyncio.wait_for(task, 10)
+
+        assert exchange.kinds() == ["query"]
+        (result,) = await rig.results()
+        assert (result.executed, result.adopted, result.order_id) == (True, True, "7001")
+        assert rig.metric("qt_apply_truth_lookups_total", why="store_changed_at_result") == 1
+
+
+async def test_a_timeout_on_the_same_instance_is_published_without_asking(store_url: str, tmp_path: Path) -> None:
+    """The check costs nothing when the store is the instance that vouched: no lookup, the timeout stands."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange, apply={"permit_wait_ms": 300}) as rig:
+        entry_id, fields, _ = await rig.propose()
+        await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 10)
+        assert exchange.kinds() == []
+        (result,) = await rig.results()
+        assert result.error == reasons.PERMIT_TIMEOUT

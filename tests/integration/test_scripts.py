@@ -228,7 +228,9 @@ async def store_state(rds: aioredis.Redis) -> dict[str, Any]:
     return state
 
 
-async def consume(rds: aioredis.Redis, governor_raw: bytes = GOV_RAW, p33_raw: bytes = P33_RAW) -> str:
+async def consume(
+    rds: aioredis.Redis, governor_raw: bytes = GOV_RAW, p33_raw: bytes = P33_RAW, expected_epoch: str = ""
+) -> str:
     return await Scripts(rds).consume_permits(
         plan_id=PLAN,
         symbol="SOLUSDT",
@@ -238,6 +240,7 @@ async def consume(rds: aioredis.Redis, governor_raw: bytes = GOV_RAW, p33_raw: b
         now=1_700_000_000.25,
         latency_ms=12.5,
         audit_maxlen=1000,
+        expected_epoch=expected_epoch,
     )
 
 
@@ -327,7 +330,9 @@ async def pending(rds: aioredis.Redis, stream: str, group: str) -> int:
 RESULT_FIELDS = {"plan_id": PLAN, "symbol": "SOLUSDT", "executed": "true", "filled_qty": "1"}
 
 
-async def publish_result(rds: aioredis.Redis, entry_id: str, *, no_order: bool = False, **fields: str) -> str:
+async def publish_result(
+    rds: aioredis.Redis, entry_id: str, *, no_order: bool = False, expected_epoch: str = "", **fields: str
+) -> str:
     return await Scripts(rds).publish_result(
         plan_id=PLAN,
         symbol="SOLUSDT",
@@ -335,6 +340,7 @@ async def publish_result(rds: aioredis.Redis, entry_id: str, *, no_order: bool =
         proposal_entry_id=entry_id,
         result_maxlen=1000,
         no_order=no_order,
+        expected_epoch=expected_epoch,
     )
 
 
@@ -643,3 +649,62 @@ async def test_permits_written_together_are_one_pipeline_of_scripts_not_a_transa
     assert calls(after, "exec") == calls(before, "exec") and calls(after, "multi") == calls(before, "multi")
     noscript = "errorstat_NOSCRIPT"
     assert errors_after.get(noscript, {}).get("count", 0) == errors_before.get(noscript, {}).get("count", 0)
+
+
+# --- the instance check: a step decided on one store instance's word is refused on another ------------------
+
+EPOCH_RECORD = {"run_id": "run-1", "replid": "repl-1", "floor": "1700000000000-0", "since": "1700000000.5"}
+EPOCH_KEY = "run-1|repl-1|1700000000000-0|1700000000.5"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"run_id": "run-2"}, {"replid": "repl-2"}, {"floor": "1700000000001-0"}, {"since": "1700000000.6"}, None],
+    ids=["restarted", "promoted", "another_floor", "another_since", "no_record"],
+)
+async def test_consume_refuses_when_the_store_is_not_the_instance_expected(
+    rds: aioredis.Redis, change: dict[str, str] | None
+) -> None:
+    if change is not None:
+        await rds.hset(keys.STORE_EPOCH, mapping={**EPOCH_RECORD, **change})
+    await both_permits(rds)
+    before = await store_state(rds)
+    assert await consume(rds, expected_epoch=EPOCH_KEY) == "store_changed"
+    assert await store_state(rds) == before
+
+
+async def test_consume_on_the_instance_expected_consumes(rds: aioredis.Redis) -> None:
+    await rds.hset(keys.STORE_EPOCH, mapping=EPOCH_RECORD)
+    await both_permits(rds)
+    assert await consume(rds, expected_epoch=EPOCH_KEY) == "ok"
+    assert await rds.get(keys.executed_marker(PLAN)) == MARKER
+
+
+@pytest.mark.parametrize("no_order", [True, False])
+async def test_a_result_is_refused_when_the_store_is_not_the_instance_expected(
+    rds: aioredis.Redis, no_order: bool
+) -> None:
+    """Nothing published, nothing freed, nothing acknowledged: the exchange is asked first."""
+    entry = await pending_entry(rds, keys.PROPOSAL_STREAM, keys.APPLY_GROUP)
+    await rds.hset(keys.STORE_EPOCH, mapping={**EPOCH_RECORD, "run_id": "run-2"})
+    await rds.set(keys.symbol_in_flight("SOLUSDT"), PLAN)
+    before = await store_state(rds)
+    assert await publish_result(rds, entry, no_order=no_order, expected_epoch=EPOCH_KEY) == "store_changed"
+    assert await store_state(rds) == before
+    assert await pending(rds, keys.PROPOSAL_STREAM, keys.APPLY_GROUP) == 1
+
+
+async def test_a_result_already_published_is_acknowledged_whatever_the_instance(rds: aioredis.Redis) -> None:
+    """The one result exists: a redelivery only acknowledges, even on another instance (nothing is decided)."""
+    entry = await pending_entry(rds, keys.PROPOSAL_STREAM, keys.APPLY_GROUP)
+    await rds.set(keys.result_marker(PLAN), "5-0", ex=600)
+    await rds.hset(keys.STORE_EPOCH, mapping={**EPOCH_RECORD, "run_id": "run-2"})
+    assert await publish_result(rds, entry, expected_epoch=EPOCH_KEY) == "exists"
+    assert await pending(rds, keys.PROPOSAL_STREAM, keys.APPLY_GROUP) == 0
+
+
+async def test_a_result_on_the_instance_expected_is_published(rds: aioredis.Redis) -> None:
+    entry = await pending_entry(rds, keys.PROPOSAL_STREAM, keys.APPLY_GROUP)
+    await rds.hset(keys.STORE_EPOCH, mapping=EPOCH_RECORD)
+    assert await publish_result(rds, entry, no_order=True, expected_epoch=EPOCH_KEY) == "published"
+    assert await rds.exists(keys.result_marker(PLAN))

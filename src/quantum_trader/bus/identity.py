@@ -198,4 +198,5 @@ class StoreWatch:
             time_floor,
         )
         floor, since, _, kept, searched = await conn.read_response()
-        return Epoch(identity, stream_id(str(floor)), float(since), stream_id(str(kept)), searched == "1")
+        key = f"{identity.run_id}|{identity.replid}|{floor}|{since}"
+        return Epoch(identity, stream_id(str(floor)), float(since), stream_id(str(kept)), searched == "1", key)

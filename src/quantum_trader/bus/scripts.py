@@ -4,8 +4,10 @@ publish_plan: a plan is published once: its record and its stream entry together
     exists (a second handler of the same proposal resumes the plan instead of publishing it again). An
     executing plan first takes its symbol (Apply's one-close-per-symbol hold); if another plan holds it,
     nothing is published and Apply publishes a SKIP plan instead.
-consume_permits: both permits are exactly the ones Apply verified, the plan was never executed and has no
-    result yet (a result ends a plan: nothing may be executed after it) → delete
+consume_permits: the store is still the instance the plan was vouched for on (``expected_epoch``: its epoch
+    record, which every new Apply connection writes for the instance it reaches), both permits are exactly the
+    ones Apply verified, the plan was never executed and has no result yet (a result ends a plan: nothing may
+    be executed after it) → delete
     both permits, set the executed marker, record the order intent, audit two ``consumed`` entries (each with
     the consumed permit's exact bytes, ``permit``: what was consumed can be verified afterwards by anyone with
     the key, without trusting Apply's check). Any other state → nothing changes.
@@ -20,7 +22,9 @@ publish_result: the plan has no result yet → publish it, set the result marker
     order intent, and acknowledge the proposal, in one script. A second publisher (a redelivery, a racing
     Apply) changes nothing but the acknowledgement. A result that says no order was sent (``no_order``: a
     timeout, a deny, a skip) is refused while the plan's executed marker exists: another handler consumed
-    its permits and may have sent it, and only the order's outcome may be the result.
+    its permits and may have sent it, and only the order's outcome may be the result. A result the store's
+    records decided (``expected_epoch``) is refused when the store is another instance than the one that
+    vouched for them: they may be forgotten, and the exchange must be asked first.
 Every key a script touches is declared in KEYS (the acknowledged stream too), so the server checks each one
 against the caller's ACL (bus/acl.py) and a Cluster could check their slots. Each script names its keys and
 arguments once (``Layout``, bus/lua.py): the Python wrapper passes them by name, and the Lua body reads them by the same
@@ -61,8 +65,19 @@ redis.call('EXPIRE', record, record_ttl_s)
 return 1
 """
 
+# The check both scripts make when given the epoch the caller relies on: is the store still that instance? The
+# epoch record holds run_id|replid|floor|since of the instance the last Apply connection reached (bus/identity.py
+# writes it before the connection is used), so a script running on another instance finds another record.
+INSTANCE_CHECK = """
+local function instance_changed()
+  if not epoch then return false end
+  local e = redis.call('HMGET', epoch, 'run_id', 'replid', 'floor', 'since')
+  return table.concat({e[1] or '', e[2] or '', e[3] or '', e[4] or ''}, '|') ~= expected_epoch
+end
+"""
+
 CONSUME_PERMITS_LAYOUT = Layout(
-    keys=("governor_permit", "p33_permit", "executed", "audit", "intents", "result_marker"),
+    keys=("governor_permit", "p33_permit", "executed", "audit", "intents", "result_marker", "epoch?"),
     args=(
         "governor_raw",
         "p33_raw",
@@ -73,9 +88,13 @@ CONSUME_PERMITS_LAYOUT = Layout(
         "symbol",
         "audit_maxlen",
         "latency_ms",
+        "expected_epoch",
     ),
 )
-CONSUME_PERMITS = """
+CONSUME_PERMITS = (
+    INSTANCE_CHECK
+    + """
+if instance_changed() then return 'store_changed' end
 if redis.call('EXISTS', executed) == 1 then return 'already_executed' end
 if redis.call('EXISTS', result_marker) == 1 then return 'already_finished' end
 if redis.call('GET', governor_permit) ~= governor_raw then return 'governor_permit_changed' end
@@ -91,12 +110,15 @@ for _, issuer in ipairs({'governor', 'p33'}) do
 end
 return 'ok'
 """
+)
 
 PUBLISH_RESULT_LAYOUT = Layout(
-    keys=("result_marker", "results", "hold", "intents", "executed", "proposals?"),
-    args=("plan_id", "marker_ttl_s", "results_maxlen", "group", "entry_id", "no_order", "fields*"),
+    keys=("result_marker", "results", "hold", "intents", "executed", "proposals?", "epoch?"),
+    args=("plan_id", "marker_ttl_s", "results_maxlen", "group", "entry_id", "no_order", "expected_epoch", "fields*"),
 )
-PUBLISH_RESULT = """
+PUBLISH_RESULT = (
+    INSTANCE_CHECK
+    + """
 local function ack()
   if proposals then redis.call('XACK', proposals, group, entry_id) end
 end
@@ -105,6 +127,7 @@ if redis.call('EXISTS', result_marker) == 1 then
   ack()
   return {'exists', ''}
 end
+if instance_changed() then return {'store_changed', ''} end
 if no_order == '1' and redis.call('EXISTS', executed) == 1 then return {'executed', ''} end
 local published = redis.call('XADD', results, 'MAXLEN', '~', results_maxlen, '*', unpack(fields))
 redis.call('SET', result_marker, published, 'EX', marker_ttl_s)
@@ -113,6 +136,7 @@ redis.call('ZREM', intents, plan_id)
 ack()
 return {'published', published}
 """
+)
 
 ISSUE_PERMIT_LAYOUT = Layout(
     keys=("claim", "permit", "audit", "plans?", "mark?", "mark_unless?", "counts*"),
@@ -191,16 +215,20 @@ class Issued(NamedTuple):
     owner: str
 
 
-ConsumeStatus = Literal["ok", "already_executed", "already_finished", "governor_permit_changed", "p33_permit_changed"]
+ConsumeStatus = Literal[
+    "ok", "already_executed", "already_finished", "governor_permit_changed", "p33_permit_changed", "store_changed"
+]
 CONSUME_STATUSES: tuple[ConsumeStatus, ...] = (
     "ok",
     "already_executed",
     "already_finished",
     "governor_permit_changed",
     "p33_permit_changed",
+    "store_changed",
 )
 PlanPublished = Literal["published", "exists", "busy"]
-ResultPublished = Literal["published", "exists", "executed"]
+ResultPublished = Literal["published", "exists", "executed", "store_changed"]
+RESULT_STATUSES: tuple[ResultPublished, ...] = ("published", "exists", "executed", "store_changed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,9 +389,11 @@ class Scripts:
         now: float,
         latency_ms: float,
         audit_maxlen: int,
+        expected_epoch: str = "",
     ) -> ConsumeStatus:
-        """Consume both permits if they are still ``governor_raw`` / ``p33_raw`` (see CONSUME_PERMITS); each
-        ``consumed`` audit line carries its permit's bytes (``permit``). Returns "ok" or why not."""
+        """Consume both permits if they are still ``governor_raw`` / ``p33_raw`` (see CONSUME_PERMITS) and, with
+        ``expected_epoch`` (``Epoch.key``), the store is still that instance; each ``consumed`` audit line carries
+        its permit's bytes (``permit``). Returns "ok" or why not."""
         status = await self._consume(
             {
                 "governor_permit": keys.governor_permit(plan_id),
@@ -372,6 +402,7 @@ class Scripts:
                 "audit": keys.AUDIT_STREAM,
                 "intents": keys.APPLY_INTENTS,
                 "result_marker": keys.result_marker(plan_id),
+                "epoch": keys.STORE_EPOCH if expected_epoch else None,
             },
             {
                 "governor_raw": governor_raw,
@@ -383,6 +414,7 @@ class Scripts:
                 "symbol": symbol,
                 "audit_maxlen": audit_maxlen,
                 "latency_ms": f"{latency_ms:.3f}",
+                "expected_epoch": expected_epoch,
             },
         )
         return one_of(CONSUME_STATUSES, str(status))
@@ -396,9 +428,11 @@ class Scripts:
         proposal_entry_id: str,
         result_maxlen: int,
         no_order: bool = False,
+        expected_epoch: str = "",
     ) -> ResultPublished:
         """Publish the plan's one result (unless it has one) and ack its proposal, in one script. "executed":
-        refused, the result says no order was sent (``no_order``) and the plan's permits were consumed."""
+        refused, the result says no order was sent (``no_order``) and the plan's permits were consumed.
+        "store_changed": refused, the store is no longer the instance ``expected_epoch`` names."""
         status, _ = await self._publish(
             {
                 "result_marker": keys.result_marker(plan_id),
@@ -407,6 +441,7 @@ class Scripts:
                 "intents": keys.APPLY_INTENTS,
                 "executed": keys.executed_marker(plan_id),
                 "proposals": keys.PROPOSAL_STREAM if proposal_entry_id else None,
+                "epoch": keys.STORE_EPOCH if expected_epoch else None,
             },
             {
                 "plan_id": plan_id,
@@ -415,7 +450,8 @@ class Scripts:
                 "group": keys.APPLY_GROUP,
                 "entry_id": proposal_entry_id,
                 "no_order": "1" if no_order else "0",
+                "expected_epoch": expected_epoch,
                 "fields": flatten(fields),
             },
         )
-        return one_of(("published", "exists", "executed"), str(status))
+        return one_of(RESULT_STATUSES, str(status))

@@ -42,6 +42,9 @@ class Epoch:
     # store forgot was written after it)
     kept: StreamId = (0, 0)
     searched: bool = False  # an Apply has searched the exchange for orders this instance forgot
+    # run_id|replid|floor|since exactly as the epoch record holds them: what the scripts compare, inside the
+    # store, to refuse a step decided on this epoch's word once the store is another instance ("": not known)
+    key: str = ""
 
     def same_as(self, other: Epoch | None) -> bool:
         """The same epoch of the same instance (what was learnt about it since, e.g. ``searched``, aside)."""

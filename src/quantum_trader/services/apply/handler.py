@@ -269,12 +269,16 @@ class PlanHandler:
         plan, log = run.plan, run.log
         published = self._clock.mono()
         window_open = deadline > published
-        end, outcome, checks = await self.gate.wait(plan, deadline, log, check_first=resumed, consume=window_open)
+        end, outcome, checks = await self.gate.wait(
+            plan, deadline, log, check_first=resumed, consume=window_open, expected_epoch=_key(run)
+        )
         waited_ms = (self._clock.mono() - published) * 1000
         if not resumed:
             self.metrics.permit_wait.labels(end.value).observe(waited_ms / 1000)
         if end is WaitEnd.CONSUMED:
             await self._execute(run, checks[1], deadline)
+        elif end is WaitEnd.STORE_CHANGED:  # the consume script found another instance: nothing was consumed
+            await self._not_sent_after_a_change(run, "store_changed_at_consume", consumed_here=False)
         elif end is WaitEnd.ALREADY_EXECUTED:
             await self.recover(plan, run.entry_id, await self.redis.get(keys.executed_marker(plan.plan_id)), log)
         elif end is not WaitEnd.ALREADY_FINISHED:
@@ -287,17 +291,7 @@ class PlanHandler:
         self.executing.add(plan.plan_id)
         try:
             if not self.truth.still_vouched(run):
-                # The store changed instance since the plan was vouched for: what it said may be forgotten, and
-                # the plan is now older than the store. Never sent: an order the exchange has is its result.
-                found = await self.truth.ask(
-                    plan.plan_id, coid, plan.symbol, plan, run.log, "store_changed_before_send"
-                )
-                if found is not None:
-                    await self._conclude(run, coid, found)
-                else:
-                    run.log.warning(f"{plan.symbol}: the store changed instance before the send; not sending")
-                    result = not_executed(plan, reasons.STORE_CHANGED, client_order_id=coid)
-                    await self.publish(run, result, consumed_here=True)
+                await self._not_sent_after_a_change(run, "store_changed_before_send", consumed_here=True)
                 return
             window_end_ms = self.truth.exchange.now_ms() + max(0.0, deadline - self._clock.mono()) * 1000
             qty = p33.permit.safe_close_qty
@@ -307,19 +301,45 @@ class PlanHandler:
         finally:
             self.executing.discard(plan.plan_id)
 
+    async def _not_sent_after_a_change(self, run: PlanRun, why: str, *, consumed_here: bool) -> None:
+        """The store changed instance since the plan was vouched for: what it said may be forgotten, and the plan
+        is now older than the store. Never sent: an order the exchange has is its result, else store_changed
+        (refused as usual while another handler holds the plan's permits, unless this one consumed them)."""
+        plan = run.plan
+        coid = plan_client_order_id(plan)
+        found = await self.truth.ask(plan.plan_id, coid, plan.symbol, plan, run.log, why)
+        if found is not None:
+            await self._conclude(run, coid, found)
+            return
+        run.log.warning(f"{plan.symbol}: the store changed instance before the send; not sending")
+        result = not_executed(plan, reasons.STORE_CHANGED, client_order_id=coid)
+        await self.publish(run, result, consumed_here=consumed_here)
+
     async def _conclude(self, run: PlanRun, coid: str, outcome: OrderOutcome) -> None:
         """Publish the result an order outcome proves; for an unknown one, publish nothing and hold the symbol."""
         plan, log = run.plan, run.log
         if outcome.kind is OutcomeKind.UNKNOWN:
             # No result until the truth is known: hold the symbol (for as long as the intent is recorded) so no
-            # other close can stack on this one.
-            if not await self._scripts.hold_for_intent(plan_id=plan.plan_id, symbol=plan.symbol):
-                log.warning(f"{plan.symbol}: the intent of {coid} is no longer recorded; not holding the symbol")
-            log.error(
-                f"{plan.symbol}: order {coid} outcome unknown; symbol held, resolving in the background",
+            # other close can stack on this one; the intent sweep resolves it.
+            if await self._scripts.hold_for_intent(plan_id=plan.plan_id, symbol=plan.symbol):
+                log.error(
+                    f"{plan.symbol}: order {coid} outcome unknown; symbol held, resolving in the background",
+                    error=outcome.message,
+                )
+                return
+            if await self.redis.exists(keys.result_marker(plan.plan_id)):
+                return  # resolved meanwhile: its result is published
+            # The store changed instance and came back without the intent: no sweep will ever look for it, so
+            # this handler asks the exchange itself, for as long as it takes, and publishes what it finds.
+            log.warning(
+                f"{plan.symbol}: the intent of {coid} is no longer recorded (the store changed); resolving it here",
                 error=outcome.message,
             )
-            return
+            found = await self.truth.ask(plan.plan_id, coid, plan.symbol, plan, log, "unknown_outcome_forgotten")
+            if found is not None:
+                outcome = found
+            else:
+                outcome = OrderOutcome(OutcomeKind.NOT_PLACED, message="proven absent after the store changed")
         if outcome.report is not None:
             result = from_report(plan, outcome.report)
         else:
@@ -380,27 +400,50 @@ class PlanHandler:
         cannot vouch for them any more (it changed instance), the exchange has the last word: an order found
         there is the result instead."""
         if not result.executed and not self.truth.still_vouched(run):
-            plan = run.plan
-            coid = plan_client_order_id(plan)
-            found = await self.truth.ask(plan.plan_id, coid, plan.symbol, plan, run.log, "store_changed_before_result")
-            if found is not None:
-                await self.adopt(run, found)
-                return
-        await self.publish(run, result)
+            if not await self._adopted_instead(run, "store_changed_before_result"):
+                await self.publish(run, result)
+            return
+        # The store vouched for the records that decided it; the publication checks, inside the store, that it
+        # is still that instance (it may have changed since the check above).
+        if await self.publish(run, result, expected_epoch=_key(run) if not result.executed else "") == (
+            "store_changed"
+        ) and not await self._adopted_instead(run, "store_changed_at_result"):
+            await self.publish(run, result)
 
-    async def publish(self, run: PlanRun, result: Result, *, consumed_here: bool = False) -> None:
-        """Publish the plan's one result (services/apply/results.py).
+    async def _adopted_instead(self, run: PlanRun, why: str) -> bool:
+        """The exchange's word on a plan the store no longer vouches for: an order found is adopted as its
+        result (True); none, and none can still execute (False)."""
+        plan = run.plan
+        found = await self.truth.ask(plan.plan_id, plan_client_order_id(plan), plan.symbol, plan, run.log, why)
+        if found is None:
+            return False
+        await self.adopt(run, found)
+        return True
+
+    async def publish(
+        self, run: PlanRun, result: Result, *, consumed_here: bool = False, expected_epoch: str = ""
+    ) -> str:
+        """Publish the plan's one result (services/apply/results.py); returns what the script did.
 
         A result decided without this handler consuming the permits (``consumed_here``: its own order's
         outcome, or the exchange's word) that says no order was sent (a timeout, a deny, a skip) is refused
         while the plan's permits are consumed: another handler got them, and may have sent the order. That
-        plan is recovered from its intent instead, so only its order's outcome becomes its result."""
+        plan is recovered from its intent instead, so only its order's outcome becomes its result. With
+        ``expected_epoch`` it is refused ("store_changed") once the store is another instance than that."""
         plan, log = run.plan, run.log
         no_order = not result.executed and not result.order_id and not consumed_here
-        status = await self.publisher.publish(run, result, no_order=no_order)
+        status = await self.publisher.publish(run, result, no_order=no_order, expected_epoch=expected_epoch)
         if status == "executed":
             log.warning(f"{plan.symbol}: plan {plan.plan_id} was executed by another handler; recovering its outcome")
             await self.recover(plan, run.entry_id, await self.redis.get(keys.executed_marker(plan.plan_id)), log)
+        elif status == "store_changed":
+            log.warning(f"{plan.symbol}: the store changed instance before the result; asking the exchange")
+        return status
+
+
+def _key(run: PlanRun) -> str:
+    """The epoch key the store's word on this plan rests on ("": none, no check)."""
+    return run.vouched.key if run.vouched is not None else ""
 
 
 def _marker_detail(marker: str | None) -> dict[str, Any]:

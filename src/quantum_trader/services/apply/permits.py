@@ -35,6 +35,7 @@ class WaitEnd(Enum):
     DENIED = "denied"
     TIMEOUT = "timeout"
     READY_LATE = "ready_late"  # both valid, but only after the window had closed (Apply was down)
+    STORE_CHANGED = "store_changed"  # both valid, not consumed: the store is no longer the instance that vouched
 
 
 Checks = tuple[SlotCheck, SlotCheck]
@@ -62,9 +63,10 @@ class PermitGate:
         self.log = log
 
     async def wait(
-        self, plan: Plan, deadline: float, log: Any, *, check_first: bool, consume: bool
+        self, plan: Plan, deadline: float, log: Any, *, check_first: bool, consume: bool, expected_epoch: str = ""
     ) -> tuple[WaitEnd, WaitOutcome, Checks]:
-        """Wait until both issuers decided, one denied, or the deadline passed (then look one last time)."""
+        """Wait until both issuers decided, one denied, or the deadline passed (then look one last time). The
+        consumption is refused if the store is no longer the instance ``expected_epoch`` names."""
         event = self.waiter.register(plan.plan_id)
         audited: set[bytes] = set()
         check_now, final = check_first, False
@@ -79,9 +81,13 @@ class PermitGate:
                 if outcome.kind == "ready":
                     if not consume:
                         return WaitEnd.READY_LATE, outcome, checks
-                    status = await self._consume(plan, checks)
-                    if status in ("ok", "already_executed", "already_finished"):
-                        end = {"ok": WaitEnd.CONSUMED, "already_executed": WaitEnd.ALREADY_EXECUTED}
+                    status = await self._consume(plan, checks, expected_epoch)
+                    if status in ("ok", "already_executed", "already_finished", "store_changed"):
+                        end = {
+                            "ok": WaitEnd.CONSUMED,
+                            "already_executed": WaitEnd.ALREADY_EXECUTED,
+                            "store_changed": WaitEnd.STORE_CHANGED,
+                        }
                         return end.get(status, WaitEnd.ALREADY_FINISHED), outcome, checks
                     log.warning("permit changed between check and consume; re-reading", status=status)
                     continue
@@ -148,7 +154,7 @@ class PermitGate:
             approximate=True,
         )
 
-    async def _consume(self, plan: Plan, checks: Checks) -> str:
+    async def _consume(self, plan: Plan, checks: Checks, expected_epoch: str) -> str:
         governor, p33 = checks
         assert governor.raw is not None and isinstance(p33.permit, P33Permit) and p33.raw is not None
         for check in checks:
@@ -171,6 +177,7 @@ class PermitGate:
             now=now,
             latency_ms=(now - plan.created_at) * 1000,
             audit_maxlen=self.settings.audit_maxlen,
+            expected_epoch=expected_epoch,
         )
 
 

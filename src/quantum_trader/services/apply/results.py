@@ -26,7 +26,7 @@ NOT_EXECUTED = {
     OutcomeKind.THROTTLED: reasons.RATE_LIMITED,
 }
 
-Published = Literal["published", "exists", "executed"]
+Published = Literal["published", "exists", "executed", "store_changed"]
 
 
 def from_report(plan: Plan, report: OrderReport) -> Result:
@@ -86,10 +86,11 @@ class ResultPublisher:
         self.metrics = metrics
         self._clock = clock
 
-    async def publish(self, run: PlanRun, result: Result, *, no_order: bool) -> Published:
+    async def publish(self, run: PlanRun, result: Result, *, no_order: bool, expected_epoch: str = "") -> Published:
         """Publish the plan's one result and acknowledge its proposal. A store error here retries only this
         step: the outcome is established, nothing before it is done again. "executed": refused, the result says
-        no order was sent (``no_order``) and the plan's permits were consumed (see PUBLISH_RESULT)."""
+        no order was sent (``no_order``) and the plan's permits were consumed; "store_changed": refused, the
+        store is no longer the instance ``expected_epoch`` names (see PUBLISH_RESULT)."""
         plan, log = run.plan, run.log
         backoff = Backoff()
         while True:
@@ -103,6 +104,7 @@ class ResultPublisher:
                     proposal_entry_id=run.entry_id,
                     result_maxlen=STREAM_MAXLEN,
                     no_order=no_order,
+                    expected_epoch=expected_epoch,
                 )
                 break
             except STORE_ERRORS as exc:
