@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
 
+from quantum_trader.domain.clocks import ClockReading
 from quantum_trader.domain.filters import SymbolFilters
 from quantum_trader.exchange.base import ExchangeError, OrderReport, PositionInfo
 
@@ -80,6 +81,9 @@ class ScriptedExchange:
     searches: list[tuple[str, float]] = field(default_factory=list)  # (symbol, since_ms) per search
     during_position_read: Callable[[], Awaitable[None]] | None = None  # what "happens meanwhile" (a race)
     on_lookup: Callable[[], None] | None = None  # called as each lookup arrives (to see the caller mid-call)
+    clock_error_ms: float = 0.0  # the error of each reading of the exchange clock (half the round trip)
+    syncs: list[float] = field(default_factory=list)  # the exchange clock at each measurement of it
+    sync_failure: ExchangeError | None = None  # what a measurement raises (None: it succeeds)
 
     def _next(self, script: list[At], what: str) -> Answer:
         if not script:
@@ -113,6 +117,15 @@ class ScriptedExchange:
 
     def now_ms(self) -> float:
         return self.ms if self.ms is not None else self.clock.wall() * 1000
+
+    async def sync_time(self) -> float:
+        if self.sync_failure is not None:
+            raise self.sync_failure
+        self.syncs.append(self.now_ms())
+        return self.clock.wall() * 1000 - self.now_ms()
+
+    def clock_reading(self) -> ClockReading | None:
+        return ClockReading(self.clock.wall() * 1000 - self.now_ms(), self.clock_error_ms, self.clock.wall())
 
     @property
     def order_recv_window_ms(self) -> int:

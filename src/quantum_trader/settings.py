@@ -57,6 +57,10 @@ class ApplySettings(_Section):
     min_kill_score: proposals carrying a kill_score below this are SKIPped ``below_threshold``; None disables.
     order_resolve_timeout_s: how long lookups of an order with an unclear outcome may keep failing before the
         plan is left "unknown" (no result, symbol held) for the background resolver.
+    max_clock_error_ms: how uncertain this host's offset to the exchange clock may be (half a /time round trip
+        plus drift since) before Apply fails closed: plans nothing, calls no order absent (domain/clocks.py).
+    max_host_clock_gap_ms: how far two Apply hosts' clocks may differ (errors included) before both fail closed:
+        one host's "absent for good" rests on the times another wrote.
     metrics_port: Prometheus endpoint (DESIGN.md: 8043). 0 disables it.
     """
 
@@ -64,6 +68,10 @@ class ApplySettings(_Section):
     max_in_flight: int = Field(256, ge=1, le=10_000)
     min_kill_score: float | None = None
     order_resolve_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # 250 ms: far above a /time round trip to Binance's API from any host that should trade on it (tens of ms)
+    max_clock_error_ms: float = Field(250.0, gt=0, le=5000)
+    # 500 ms: NTP keeps hosts within milliseconds; half a second apart, something is broken
+    max_host_clock_gap_ms: float = Field(500.0, gt=0, le=10_000)
     metrics_port: int = Field(8043, ge=0, le=65535)
 
 

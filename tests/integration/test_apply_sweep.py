@@ -35,8 +35,10 @@ from scripted import At, ScriptedExchange
 
 pytestmark = pytest.mark.integration
 D = Decimal
-FAST = {"order_resolve_timeout_s": 1}  # a round every 0.5 s; stale after 0.8 + 1 + 1 s
-STALE_S = 0.8 + 1 + 1  # the rig's permit window, the resolve timeout, one second: no live handler is that slow
+FAST = {"order_resolve_timeout_s": 1}  # a round every 0.5 s; stale after 0.8 + 1 + 1 + 0.5 s
+# the rig's permit window, the resolve timeout, one second (no live handler is that slow), and the most two Apply
+# hosts' clocks may differ (the intent's time is its host's)
+STALE_S = 0.8 + 1 + 1 + 0.5
 BOOKKEEPING_LESS_AN_HOUR_S = 23 * 3600  # how far back the search goes at most
 MARGIN_MS = 60_000  # the search starts a minute before the newest proposal the store kept
 SEARCHED = "searched the exchange for orders the store forgot"
@@ -386,7 +388,8 @@ async def test_a_symbol_the_exchange_cannot_search_leaves_it_incomplete_and_the_
 async def test_a_round_resolves_the_stale_intents_only_and_counts_every_intent(
     store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stale: older than the window plus a whole resolution plus a second (2.8 s here). A fresher intent, and a
+    """Stale: older than the window plus a whole resolution plus a second plus the hosts' clock gap bound (3.3 s
+    here). A fresher intent, and a
     stale one whose plan is executing in this process, are left alone; the gauge is the intents recorded."""
     exchange = venue()
     async with apply_rig(store_url, tmp_path, exchange, apply=FAST) as rig:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from quantum_trader.domain.clocks import ClockState
 from quantum_trader.domain.execution import CLOCK_MARGIN_MS, LATE_EXECUTION_HORIZON_MS, MAY_EXECUTE_LATE, SendRecord
 from quantum_trader.exchange.base import (
     ExchangeBanned,
@@ -448,3 +449,56 @@ def test_absent_before_it_settles_waits_exactly_until_it_settles() -> None:
     assert outcome.kind is OutcomeKind.FILLED and outcome.attempts == 2
     assert queried_at == pytest.approx([0.0, 0.0005], abs=1e-12)
     assert exchange.kinds() == ["place", "query", "query", "place"]
+
+
+# --- the clocks: re-measured before every verdict, their errors in the bound, no verdict out of bounds --------
+
+
+async def test_a_verdict_re_measures_the_exchange_clock_and_waits_out_its_error() -> None:
+    """Absent past recvWindow + margin on the clock as last measured; re-measured, the offset is known only to
+    within 300 ms: the resend waits those 300 ms and a lookup more (before the measured error counted, it went
+    out at once)."""
+    exchange = ScriptedExchange(
+        FakeClock(), [At(timeout()), At(FILLED)], [At(None, SETTLED), At(None, SETTLED + 300)], clock_error_ms=300
+    )
+    outcome = await executor(exchange).execute("BTCUSDT", "SELL", D("1"), COID, WINDOW_END)
+    assert outcome.kind is OutcomeKind.FILLED and outcome.attempts == 2
+    assert exchange.kinds() == ["place", "query", "query", "place"]
+    assert exchange.syncs == [SETTLED, SETTLED + 300]  # measured right before each verdict
+
+
+async def test_clocks_out_of_bounds_call_nothing_absent_and_leave_the_outcome_unknown() -> None:
+    exchange = ScriptedExchange(
+        FakeClock(), [At(timeout())], [At(None, SETTLED), At(None, SETTLED + 10, mono_s=RESOLVE_S + 1)]
+    )
+    bad = ClockState(own_error_ms=0.0, problem="another Apply host's clock differs by 900 ms")
+    log = RecordingLog()
+    ex = OrderExecutor(exchange, log, RESOLVE_S, clock=exchange.clock, clocks=lambda: bad)
+    outcome = await ex.execute("BTCUSDT", "SELL", D("1"), COID, WINDOW_END)
+    assert outcome.kind is OutcomeKind.UNKNOWN and "clocks are out of bounds" in outcome.message
+    assert exchange.kinds() == ["place", "query", "query"]  # never resent, never called absent
+    assert any("clocks out of bounds" in message for message, _ in log.warnings)
+
+
+async def test_a_clock_that_cannot_be_measured_calls_nothing_absent() -> None:
+    exchange = ScriptedExchange(
+        FakeClock(),
+        [At(timeout())],
+        [At(None, SETTLED), At(None, SETTLED + 10, mono_s=RESOLVE_S + 1)],
+        sync_failure=ExchangeUnavailable("/time: 503"),
+    )
+    outcome = await executor(exchange).execute("BTCUSDT", "SELL", D("1"), COID, WINDOW_END)
+    assert outcome.kind is OutcomeKind.UNKNOWN
+    assert exchange.kinds() == ["place", "query", "query"]
+
+
+async def test_sends_another_host_may_have_made_wait_out_the_gap_between_the_hosts_clocks() -> None:
+    """For a record of unseen sends (a restart, a racing handler) the largest difference to another Apply
+    host's clock counts too; for this host's own sends it does not."""
+    gap = ClockState(own_error_ms=5.0, host_gap_ms=400.0)
+    settles = SETTLED + LATE_EXECUTION_HORIZON_MS - RECV_MS - CLOCK_MARGIN_MS  # unseen: the late horizon
+    exchange = ScriptedExchange(FakeClock(), [], [At(None, settles), At(None, settles + 405)])
+    ex = OrderExecutor(exchange, RecordingLog(), RESOLVE_S, clock=exchange.clock, clocks=lambda: gap)
+    record = SendRecord.unseen(T0, RECV_MS, LATE_EXECUTION_HORIZON_MS)
+    outcome = await ex.follow("BTCUSDT", COID, record)
+    assert outcome.kind is OutcomeKind.NOT_PLACED and exchange.kinds() == ["query", "query"]

@@ -96,6 +96,17 @@ STORE_EPOCH = "quantum:apply:store_epoch"
 APPLY_INTENTS = "quantum:apply:intents"
 
 
+# Each Apply's reading of the exchange clock (domain/clocks.py encode: offset|error|measured_at|published_at),
+# one key per consumer that expires when it stops publishing (the store's clock decides, not the hosts'), and
+# the set of consumers that ever published one (for the others to read them; a member whose key is gone left).
+APPLY_CLOCK_HOSTS = "quantum:apply:clock_hosts"
+CLOCK_READING_TTL_S = 10  # five missed publications: the host stopped, its reading is not compared any more
+
+
+def apply_clock(consumer: str) -> str:
+    return f"quantum:apply:clock:{consumer}"
+
+
 def result_marker(plan_id: str) -> str:
     """Set in the same transaction that publishes the plan's result: exactly one result per plan."""
     return f"quantum:apply:result:{plan_id}"

@@ -55,7 +55,16 @@ def status_cmd(json_out: Annotated[bool, typer.Option("--json", help="print as J
     from quantum_trader.views.status import collect
 
     settings = settings_or_exit()
-    status = with_store(settings, lambda r: collect(r, list(settings.symbols), settings.governor.mode))
+    status = with_store(
+        settings,
+        lambda r: collect(
+            r,
+            list(settings.symbols),
+            settings.governor.mode,
+            max_clock_error_ms=settings.apply.max_clock_error_ms,
+            max_host_clock_gap_ms=settings.apply.max_host_clock_gap_ms,
+        ),
+    )
     if json_out:
         print(json.dumps(status.as_dict(), indent=2))
     else:

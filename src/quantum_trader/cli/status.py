@@ -32,6 +32,18 @@ def render(status: Status) -> None:
     console.print(
         f"kill switch: {switch}   Governor mode: {status.governor_mode}   unresolved orders: {status.unresolved_orders}"
     )
+    if status.clocks:
+        clocks = Table(title="Apply clocks (offset to the exchange)", title_justify="left")
+        for column in ("consumer", "offset", "error", "published"):
+            clocks.add_column(column)
+        for c in status.clocks:
+            if c.get("unreadable"):
+                clocks.add_row(c["consumer"], "[red]unreadable[/red]", "", "")
+            else:
+                clocks.add_row(c["consumer"], f"{c['offset_ms']} ms", f"±{c['error_ms']} ms", f"{c['age_s']} s ago")
+        console.print(clocks)
+    if status.clocks_problem:
+        console.print(f"[red]clocks out of bounds (Apply plans nothing): {status.clocks_problem}[/red]")
     positions = Table(title="positions", title_justify="left")
     for column in ("symbol", "exchange", "ledger", "drift", "snapshot age", "plan in flight"):
         positions.add_column(column)

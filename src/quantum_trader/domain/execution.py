@@ -8,7 +8,10 @@ client id, and a resend happens only when all of these hold:
 - the first request can no longer execute: Binance USD-M checks ``timestamp + recvWindow`` twice, at the
   gateway (-1021) and again in the matching engine (-5028 "Timestamp for this request is outside of the ME
   recvWindow"), so a request signed at ``t`` cannot execute after ``t + recvWindow`` on the exchange's clock;
-  ``t`` is the timestamp the request carried (signed just before it left), plus a margin for clock error;
+  ``t`` is the timestamp the request carried (signed just before it left), plus the measured error of this
+  host's reading of the exchange clock (domain/clocks.py: re-measured right before the verdict) and, for sends
+  another host may have made, the difference between the two hosts' clocks, plus a margin for the exchange's
+  own processing;
 - the failure was not one Binance documents as "execution status unknown" (-1000, -1006, -1007): those are
   looked up for the late-execution horizon and never resent (a close that may be executing is not doubled);
 - the record allows a resend at all (``may_resend``: not after an acknowledgement, nor when the sends are not
@@ -25,7 +28,9 @@ from enum import Enum
 MAY_EXECUTE_LATE = frozenset({-1000, -1006, -1007})
 # Binance order statuses that will not change any more.
 FINAL_STATUSES = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED", "EXPIRED_IN_MATCH"})
-CLOCK_MARGIN_MS = 250  # clock sync error + the exchange's own processing after its window check
+# The exchange's own processing after its window check, until an order it executed shows in lookups (the clock
+# error is measured and added on its own: SendRecord.clock_error_ms).
+CLOCK_MARGIN_MS = 250
 # After "execution status unknown", how long an order may still appear in the exchange's records. The matching
 # engine's recvWindow check already bounds it to the request's recvWindow; this is a margin on top of that.
 LATE_EXECUTION_HORIZON_MS = 10_000
@@ -51,9 +56,15 @@ class SendRecord:
     late_execution_possible: bool = False  # a -1000/-1006/-1007 was seen, or the sends are not known
     max_attempts: int = 2
     late_horizon_ms: int = LATE_EXECUTION_HORIZON_MS
+    # how far the timestamps above may be off: this host's error to the exchange clock, plus, for sends another
+    # host may have made (``unseen``), the difference between the hosts' clocks (domain/clocks.py)
+    clock_error_ms: float = 0.0
+    unseen_sends: bool = False
 
     @classmethod
-    def unseen(cls, signed_before_ms: float, recv_window_ms: int, late_horizon_ms: int) -> SendRecord:
+    def unseen(
+        cls, signed_before_ms: float, recv_window_ms: int, late_horizon_ms: int, clock_error_ms: float = 0.0
+    ) -> SendRecord:
         """Sends this process did not see (a restart, a racing handler, a store that forgot them): when, with
         what answer and how often is unknown, only that none was signed after ``signed_before_ms``. Look up
         only, never resend, and only call it absent once even a late execution could no longer show."""
@@ -65,6 +76,8 @@ class SendRecord:
             may_resend=False,
             late_execution_possible=True,
             late_horizon_ms=late_horizon_ms,
+            clock_error_ms=clock_error_ms,
+            unseen_sends=True,
         )
 
     @property
@@ -73,7 +86,7 @@ class SendRecord:
         horizon = max(
             self.recv_window_ms + CLOCK_MARGIN_MS, self.late_horizon_ms if self.late_execution_possible else 0
         )
-        return self.last_signed_ms + horizon
+        return self.last_signed_ms + horizon + self.clock_error_ms
 
     def unclear(self, code: int, signed_at_ms: float) -> SendRecord:
         """The record after an unclear outcome (``code`` 0 when there was no Binance code) of a request that
@@ -96,6 +109,13 @@ class SendRecord:
 
     def resent(self, signed_at_ms: float) -> SendRecord:
         return replace(self, attempts=self.attempts + 1, last_signed_ms=signed_at_ms)
+
+    def with_clocks(self, own_error_ms: float, host_gap_ms: float) -> SendRecord:
+        """The record with the clock error as measured now: this host's error to the exchange clock, plus the
+        largest difference to another Apply host's clock when another host may have sent (never less than the
+        error it was made with)."""
+        error = own_error_ms + (host_gap_ms if self.unseen_sends else 0.0)
+        return replace(self, clock_error_ms=max(self.clock_error_ms, error))
 
 
 def after_absent(record: SendRecord, now_ms: float) -> tuple[Step, float]:

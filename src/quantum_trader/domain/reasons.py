@@ -102,6 +102,19 @@ PROPOSAL_ID_CONFLICT = _r(
     "Give every new proposal a new id (a UUID's 32 hex digits, a ULID); send the same id again only for the "
     "same proposal, as a retry.",
 )
+CLOCK_OUT_OF_BOUNDS = _r(
+    "clock_out_of_bounds",
+    "skip",
+    "apply",
+    "Apply's clocks are outside their bounds: its offset to the exchange clock is too uncertain "
+    "(QT_APPLY__MAX_CLOCK_ERROR_MS), or another Apply host's clock differs from its own by more than "
+    "QT_APPLY__MAX_HOST_CLOCK_GAP_MS. It fails closed: it plans nothing and calls no order absent until they are "
+    "back, because whether an order could still execute is decided on those clocks.",
+    "A host without time sync (NTP stopped, a VM resumed), a slow or failing path to the exchange's /time, or a "
+    "peer Apply host with a wrong clock. `qt status` shows each host's reading.",
+    "Fix the time sync of the host named in Apply's log (`clocks out of bounds`); Apply resumes by itself once "
+    "the readings are within bounds again.",
+)
 
 # --- Governor (P3.2) --------------------------------------------------------------------------------------
 POLICY_PASSED = _r(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
+from quantum_trader.domain.clocks import ClockReading
 from quantum_trader.domain.filters import SymbolFilters
 
 
@@ -89,6 +90,14 @@ class Exchange(Protocol):
     async def orders_since(self, symbol: str, since_ms: float) -> list[OrderReport]: ...
 
     def now_ms(self) -> float: ...
+
+    async def sync_time(self) -> float:
+        """Measure the offset to the exchange clock again; returns it (local minus exchange, ms)."""
+        ...
+
+    def clock_reading(self) -> ClockReading | None:
+        """The last measurement of the exchange clock with its error bound (None: never measured)."""
+        ...
 
     @property
     def order_recv_window_ms(self) -> int: ...

@@ -22,6 +22,7 @@ import time
 from decimal import Decimal
 from typing import Any
 
+from quantum_trader.domain.clocks import ClockReading
 from quantum_trader.domain.filters import SymbolFilters
 from quantum_trader.domain.numbers import format_qty
 from quantum_trader.exchange.base import (
@@ -147,6 +148,7 @@ class BinanceFutures:
         self.order_recv_window_ms = order_recv_window_ms
         self.skew_ms = 0.0  # local clock minus exchange clock, as last measured
         self._synced_at = 0.0
+        self._reading: ClockReading | None = None
         self._filters: dict[str, SymbolFilters] = {}
         self._filters_at = 0.0
         client.observer = self._observe
@@ -161,10 +163,14 @@ class BinanceFutures:
         return time.time() * 1000 - self.skew_ms
 
     async def sync_time(self) -> float:
-        """Measure the offset to the exchange clock (midpoint of a round trip); returns it in ms."""
+        """Measure the offset to the exchange clock (midpoint of a round trip, so known to within half of it);
+        returns it in ms."""
+        started = time.monotonic()
         before = time.time() * 1000
         reply = await self._read("fapiPublicGetTime", {}, WEIGHTS["time"])
         after = time.time() * 1000
+        # the round trip on the monotonic clock: a step of the wall clock during it would not shrink the error
+        round_trip_ms = max(after - before, (time.monotonic() - started) * 1000)
         try:
             server = float(reply["serverTime"])
         except (KeyError, TypeError, ValueError):
@@ -172,7 +178,12 @@ class BinanceFutures:
         self.skew_ms = (before + after) / 2 - server
         self._client.options["timeDifference"] = round(self.skew_ms)
         self._synced_at = time.monotonic()
+        # +1 ms: the exchange reports whole milliseconds
+        self._reading = ClockReading(self.skew_ms, round_trip_ms / 2 + 1, after / 1000)
         return self.skew_ms
+
+    def clock_reading(self) -> ClockReading | None:
+        return self._reading
 
     async def _ensure_time(self) -> None:
         if not self._synced_at or time.monotonic() - self._synced_at > TIME_RESYNC_S:

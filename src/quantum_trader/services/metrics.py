@@ -66,6 +66,26 @@ class ApplyMetrics:
             "qt_apply_dead_letters", "Proposals moved to the dead-letter stream", registry=registry
         )
         self.in_flight = Gauge("qt_apply_plans_in_flight", "Plans waiting or executing", registry=registry)
+        self.clock_offset = Gauge(
+            "qt_apply_clock_offset_ms",
+            "This host's wall clock minus the exchange's, as last measured",
+            registry=registry,
+        )
+        self.clock_error = Gauge(
+            "qt_apply_clock_error_ms",
+            "How far that offset may be off now (half the measuring round trip plus drift since)",
+            registry=registry,
+        )
+        self.host_clock_gap = Gauge(
+            "qt_apply_host_clock_gap_ms",
+            "The largest difference between this host's clock and another live Apply host's, errors included",
+            registry=registry,
+        )
+        self.clock_ok = Gauge(
+            "qt_apply_clocks_within_bounds",
+            "1 while the clocks are within their bounds; 0: Apply fails closed (plans nothing, calls nothing absent)",
+            registry=registry,
+        )
         self.unresolved = Gauge(
             "qt_apply_unresolved_orders",
             "Orders sent whose outcome is not established yet (no result until it is)",

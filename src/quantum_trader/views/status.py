@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from quantum_trader.bus import keys
 from quantum_trader.bus.streams import GROUPS, group_backlog
+from quantum_trader.domain.clocks import ClockReading, decode, judge
 from quantum_trader.domain.text import printable
 
 
@@ -24,6 +25,9 @@ class Status:
     governor_mode: str = ""
     unresolved_orders: int = 0
     symbols: list[dict[str, Any]] = field(default_factory=list)
+    # each Apply host's reading of the exchange clock, and what they allow (domain/clocks.py)
+    clocks: list[dict[str, Any]] = field(default_factory=list)
+    clocks_problem: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,7 +50,14 @@ def _num(value: str | None, default: float = 0.0) -> float:
     return found if math.isfinite(found) else default
 
 
-async def collect(redis: aioredis.Redis, symbols: list[str], default_mode: str) -> Status:
+async def collect(
+    redis: aioredis.Redis,
+    symbols: list[str],
+    default_mode: str,
+    *,
+    max_clock_error_ms: float = 250.0,
+    max_host_clock_gap_ms: float = 500.0,
+) -> Status:
     now = time.time()
     status = Status()
     async for key in redis.scan_iter(match="quantum:health:*", count=200):
@@ -71,6 +82,7 @@ async def collect(redis: aioredis.Redis, symbols: list[str], default_mode: str) 
     status.kill_switch = await redis.get(keys.KILL_SWITCH) == "1"
     status.governor_mode = printable(await redis.get(keys.GOVERNOR_MODE) or f"{default_mode} (default)")
     status.unresolved_orders = int(await redis.zcard(keys.APPLY_INTENTS))
+    await _clocks(redis, status, now, max_clock_error_ms, max_host_clock_gap_ms)
     for symbol in symbols:
         snap = await redis.hgetall(keys.snapshot(symbol))
         ledger = await redis.hgetall(keys.ledger(symbol))
@@ -86,3 +98,33 @@ async def collect(redis: aioredis.Redis, symbols: list[str], default_mode: str) 
             }
         )
     return status
+
+
+async def _clocks(redis: aioredis.Redis, status: Status, now: float, max_error_ms: float, max_gap_ms: float) -> None:
+    """Each live Apply's clock reading; the clocks are judged from each host's point of view in turn."""
+    hosts = sorted(str(h) for h in await redis.smembers(keys.APPLY_CLOCK_HOSTS))
+    texts = await redis.mget([keys.apply_clock(h) for h in hosts]) if hosts else []
+    readings: dict[str, ClockReading] = {}
+    for host, text in zip(hosts, texts, strict=True):
+        if text is None:
+            continue  # stopped publishing
+        try:
+            reading, published_at = decode(str(text))
+        except ValueError:
+            status.clocks.append({"consumer": printable(host), "unreadable": True})
+            continue
+        readings[host] = reading
+        status.clocks.append(
+            {
+                "consumer": printable(host),
+                "offset_ms": round(reading.offset_ms, 1),
+                "error_ms": round(reading.error_at(now), 1),
+                "age_s": round(now - published_at, 1),
+            }
+        )
+    for host, reading in readings.items():
+        others = [r for h, r in readings.items() if h != host]
+        state = judge(reading, others, now, max_error_ms=max_error_ms, max_host_gap_ms=max_gap_ms)
+        if state.problem:
+            status.clocks_problem = f"{printable(host)}: {state.problem}"
+            return

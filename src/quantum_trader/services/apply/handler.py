@@ -187,12 +187,16 @@ class PlanHandler:
     ) -> None:
         min_score = self.settings.apply.min_kill_score
         position = None
-        if static_skip_reason(proposal, self.allowlist, min_score) is None:
+        clocks = self.executor.clocks()
+        if not clocks.ok:  # fail closed: an order sent now could not be proven absent or present safely
+            log.error(f"{proposal.symbol}: clocks out of bounds; not planning a close", why=clocks.problem)
+        elif static_skip_reason(proposal, self.allowlist, min_score) is None:
             try:
                 position = await self.positions.amount(proposal.symbol)
             except ExchangeError as exc:
                 log.warning(f"{proposal.symbol}: position unavailable", error=exc.message)
-        ctx = PlanningContext(self.allowlist, position, min_kill_score=min_score)
+        refusal = None if clocks.ok else reasons.CLOCK_OUT_OF_BOUNDS
+        ctx = PlanningContext(self.allowlist, position, min_kill_score=min_score, refusal=refusal)
         started = self._clock.mono()  # the permit window runs from the plan's creation, as the seed measures it
         plan = make_plan(proposal, ctx, plan_id, self._clock.wall())
         if plan.decision == "EXECUTE":

@@ -9,12 +9,15 @@ a final state, or proven absent (then at most one resend, inside the permit wind
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Literal
 
 from quantum_trader.clock import SYSTEM_CLOCK, Clock
+from quantum_trader.domain.clocks import ClockState, judge
 from quantum_trader.domain.execution import LATE_EXECUTION_HORIZON_MS, SendRecord, Step, after_absent, is_final
 from quantum_trader.exchange.base import (
     Exchange,
@@ -73,12 +76,20 @@ class OrderExecutor:
         resolve_timeout_s: float = RESOLVE_TIMEOUT_S,
         late_horizon_ms: int = LATE_EXECUTION_HORIZON_MS,
         clock: Clock = SYSTEM_CLOCK,
+        clocks: Callable[[], ClockState] | None = None,
     ) -> None:
         self.exchange = exchange
         self.log = log
         self.resolve_timeout_s = resolve_timeout_s
         self.late_horizon_ms = late_horizon_ms
         self.clock = clock
+        # what the clocks allow (Apply: services/apply/clocks.py, with the other hosts'); by default this host's
+        # own reading, unbounded
+        self.clocks = clocks or self._own_clock
+
+    def _own_clock(self) -> ClockState:
+        reading = self.exchange.clock_reading()
+        return judge(reading, [], self.clock.wall(), max_error_ms=math.inf, max_host_gap_ms=math.inf)
 
     async def execute(
         self, symbol: str, side: str, qty: Decimal, client_order_id: str, window_end_ms: float
@@ -150,12 +161,39 @@ class OrderExecutor:
                 await asyncio.sleep(LOOKUP_SPACING_S)
                 continue
             step, when_ms = after_absent(record, self.exchange.now_ms())
+            if step is not Step.QUERY_LATER:
+                # a verdict ("resend", "absent for good") only on the exchange clock measured right now, with
+                # its error and the other hosts' in the bound, and only while the clocks are within bounds
+                checked = await self._clocks_checked(record)
+                if checked is None:
+                    if self.clock.mono() > deadline:
+                        message = "the clocks are out of bounds: the order is not called absent"
+                        return OrderOutcome(OutcomeKind.UNKNOWN, message=message, attempts=record.attempts)
+                    await asyncio.sleep(spacing)
+                    spacing = min(spacing * 2, LOOKUP_SPACING_MAX_S)
+                    continue
+                record = checked
+                step, when_ms = after_absent(record, self.exchange.now_ms())
             if step is Step.QUERY_LATER:
                 await asyncio.sleep(max(0.0, when_ms - self.exchange.now_ms()) / 1000)
                 continue
             if step is Step.RESEND:
                 return Step.RESEND
             return OrderOutcome(OutcomeKind.NOT_PLACED, attempts=record.attempts)
+
+    async def _clocks_checked(self, record: SendRecord) -> SendRecord | None:
+        """The record with the clock errors as measured now (the exchange clock re-measured first); None while
+        the clocks are out of bounds or the exchange clock cannot be measured (fail closed: no verdict)."""
+        try:
+            await self.exchange.sync_time()
+        except ExchangeError as exc:
+            self.log.warning("cannot measure the exchange clock before a verdict; looking again", error=exc.message)
+            return None
+        state = self.clocks()
+        if not state.ok:
+            self.log.warning("clocks out of bounds: no order is called absent until they are back", why=state.problem)
+            return None
+        return record.with_clocks(state.own_error_ms, state.host_gap_ms)
 
     async def follow(self, symbol: str, client_order_id: str, record: SendRecord) -> OrderOutcome:
         """Look up an order whose sends are not to be repeated (``record.may_resend`` is False) until its

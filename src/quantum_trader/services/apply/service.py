@@ -17,6 +17,7 @@ from quantum_trader.clock import SYSTEM_CLOCK, Clock
 from quantum_trader.domain.trust import StoreIdentity
 from quantum_trader.exchange.base import Exchange
 from quantum_trader.secrets import permit_key
+from quantum_trader.services.apply.clocks import ClockWatch
 from quantum_trader.services.apply.handler import PlanHandler
 from quantum_trader.services.apply.orders import OrderExecutor
 from quantum_trader.services.apply.permit_waiter import PermitWaiter
@@ -53,12 +54,14 @@ class ApplyService(Service):
         self.watch = watch
         self.metrics = ApplyMetrics(registry or CollectorRegistry())
         self.waiter = PermitWaiter(redis, self.log)
+        self.clocks = ClockWatch(redis, exchange, settings, self.consumer, self.metrics, clock, self.log)
         executor = OrderExecutor(
             exchange,
             self.log,
             settings.apply.order_resolve_timeout_s,
             settings.exchange.late_execution_horizon_ms,
             clock,
+            clocks=self.clocks.state,
         )
         guard = getattr(exchange, "guard", None)
         if guard is not None:
@@ -87,8 +90,10 @@ class ApplyService(Service):
 
     async def run(self) -> None:
         await self.until_store(lambda: ensure_topology(self.redis))
+        await self.clocks.round()  # the peers' clocks are known before anything is planned
         reader = asyncio.create_task(self.waiter.run(), name="apply-audit-reader")
         sweeper = asyncio.create_task(self.sweeper.run(), name="apply-intent-sweeper")
+        clocks = asyncio.create_task(self.clocks.run(), name="apply-clocks")
         try:
             await self.waiter.ready.wait()
             self.log.info("Apply started", consumer=self.consumer, permit_wait_ms=self.settings.apply.permit_wait_ms)
@@ -108,7 +113,7 @@ class ApplyService(Service):
                 count=64,
             )
         finally:
-            await cancel_and_wait([reader, sweeper, *self._active.values()])
+            await cancel_and_wait([reader, sweeper, clocks, *self._active.values()])
             await self.handler.positions.aclose()
 
     def _store_changed(self, before: StoreIdentity | None, after: StoreIdentity, unsearched: bool) -> None:

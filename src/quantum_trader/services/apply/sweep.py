@@ -48,8 +48,14 @@ class IntentSweeper:
 
     async def run(self) -> None:
         handler = self.handler
-        # Older than a whole window plus a whole resolution: no live handler is still working on it.
-        stale_s = handler.wait_s + handler.executor.resolve_timeout_s + 1
+        # Older than a whole window plus a whole resolution: no live handler is still working on it (by the
+        # clock of the host that recorded it: the hosts' clocks may differ by up to the bound Apply keeps them to)
+        stale_s = (
+            handler.wait_s
+            + handler.executor.resolve_timeout_s
+            + 1
+            + handler.settings.apply.max_host_clock_gap_ms / 1000
+        )
         interval = min(INTENT_SWEEP_S, max(0.5, handler.executor.resolve_timeout_s / 2))
         while True:
             pause = interval

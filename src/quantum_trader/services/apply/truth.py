@@ -66,10 +66,12 @@ class ExchangeTruth:
         """The sends of a plan this process did not see, as far as they can be bounded (domain/trust.py)."""
         now = self._clock.wall()
         signed_before = prior_sends_signed_before(self.watch.epoch, plan_created_at, self._wait_s, now)
+        clocks = self.executor.clocks()  # the times it rests on may be another host's: the hosts' gap counts
         return SendRecord.unseen(
             signed_before * 1000 - self.skew_ms(),
             self.exchange.order_recv_window_ms,
             self.executor.late_horizon_ms,
+            clock_error_ms=clocks.own_error_ms + clocks.host_gap_ms,
         )
 
     async def ask(
