@@ -93,6 +93,10 @@ class SimAdmin:
                 return Decimal(str(row["positionAmt"]))
         return Decimal(0)
 
+    def add_fault(self, rule: dict[str, Any]) -> None:
+        """Script a fault (``/_sim/faults``: exchange/sim/faults.py), e.g. hold the next order a while."""
+        self._client.post("/_sim/faults", json=rule).raise_for_status()
+
     def orders(self, symbol: str | None = None) -> list[dict[str, Any]]:
         reply = self._client.get("/_sim/orders", params={"symbol": symbol} if symbol else None)
         reply.raise_for_status()

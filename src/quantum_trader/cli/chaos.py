@@ -59,7 +59,12 @@ RECOVERY_LIMIT_S = round(1.2 + CHAOS_HORIZON_MS / 1000 + 2.0, 1)
 FORGOTTEN_AFTER_S = 15.0
 OBSERVER_CATCH_UP_S = 0.5  # the observer's reads block 200 ms at most
 PROPOSE_PATIENCE_S = 60.0  # a store that takes no proposal for this long is not coming back: the run fails
-AIM_S = 1.0  # an aimed kill waits at most this long for a plan inside the order path
+AIM_S = 10.0  # an aimed kill waits at most this long for a plan inside the order path (one comes within a second)
+# An aimed kill (and a store loss) holds the next order at the exchange this long (inside its 1 s recvWindow,
+# so it still fills): the plan that sends it is in the order path (consumed, no result) for that long, so the
+# kill or the loss lands there by construction.
+HELD_ORDER = {"kind": "latency", "ms": 700, "path": "/fapi/v1/order", "method": "POST", "count": 1}
+LOSS_CONSUMPTION_S = 20.0  # a store loss waits at most this long for a consumption after its snapshot
 IN_ORDER_PATH_S = 10.0  # an intent recorded this recently is a plan inside the order path (older: stuck, not live)
 # with --store-loss: when this share of the plans has been proposed (away from the store restart at half)
 STORE_LOSSES = (0.2, 0.35, 0.8)
@@ -101,7 +106,11 @@ class ChaosReport:
     store_restarts: int = 0
     store_losses: int = 0
     adopted_from_exchange: int = 0  # results published from an order the store had forgotten
+    # proposals answered store_changed: older than the store instance (in flight at a restart or loss, or sent
+    # in a restarted store's first second), never executed for that reason (issue 20's goal: none)
+    refused_after_store_change: int = 0
     forgotten_proposals: int = 0  # proposals the store forgot before anything came of them: the client retries
+    answered_then_forgotten: int = 0  # proposals the store forgot after their answer was seen: not sent again
     resent_after_a_fill: int = 0  # ... of which the first plan had in fact filled (its order must answer it)
     resent_closed_twice: int = 0  # ... of which the retry closed again (a second order for one proposal id)
     max_recovery_s: float = 0.0
@@ -281,8 +290,17 @@ class Chaos:
         except (RedisError, OSError, TimeoutError):
             return 0
 
+    def _hold_next_order(self) -> None:
+        admin = self.system.admin()
+        try:
+            admin.add_fault(HELD_ORDER)
+        finally:
+            admin.close()
+
     async def _aim(self, rds: aioredis.Redis) -> bool:
-        """Wait (at most ``AIM_S``) until a plan is inside the order path; whether one is."""
+        """Hold the next order at the exchange, and wait (at most ``AIM_S``) until a plan is inside the order
+        path; whether one is (the run fails if none ever is: a run that aimed at nothing proved nothing)."""
+        await asyncio.to_thread(self._hold_next_order)
         deadline = time.monotonic() + AIM_S
         while time.monotonic() < deadline:
             if await self._in_order_path(rds):
@@ -340,7 +358,15 @@ class Chaos:
         snapshot = Path(tempfile.mkdtemp(prefix="qt-chaos-snap-")) / "dump.rdb"
         seen_before = len(self.seen.consumed)  # consumptions the observer saw after this may be forgotten
         await asyncio.to_thread(store.snapshot, admin, snapshot)
-        await asyncio.sleep(self.rng.uniform(1.0, 2.0))
+        # the flow goes on until a consumption came after the snapshot (its order held at the exchange, so the
+        # loss lands inside the order path by construction), then a second or so more
+        await asyncio.to_thread(self._hold_next_order)
+        deadline = time.monotonic() + LOSS_CONSUMPTION_S
+        while time.monotonic() < deadline:
+            if len(self.seen.consumed) > seen_before:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(self.rng.uniform(0.3, 1.0))
         # what the store is about to forget happened: pause its writes and let the observer read everything
         await asyncio.to_thread(_pause_writes, admin)
         await asyncio.sleep(OBSERVER_CATCH_UP_S)
@@ -431,11 +457,12 @@ class Chaos:
         return {f.get("plan_id", "") for _, f in await rds.xrange(keys.RESULT_STREAM)}
 
     async def _resend_forgotten(self, rds: aioredis.Redis) -> None:
-        """What a client does when the store forgot its proposal before anything came of it: no result, and the
+        """What a client does when the store forgot its proposal before it saw any answer: no result, and the
         proposal is no longer in the stream. It sends the same proposal again (its retry: the same proposal id).
-        Counted, and checked against the exchange: had the first plan filled, its order is the retry's answer
-        and no second order may follow."""
-        done = await self._with_results(rds)
+        A client that did see an answer (the observer read a result of the plan) has its answer and does not
+        send again, even if the store forgot that answer since. Counted, and checked against the exchange: had
+        the first plan filled, its order is the retry's answer and no second order may follow."""
+        done = await self._with_results(rds) | {p for p, seen in self.seen.results.items() if seen}
         forgotten = []
         for sub in list(self.submitted):
             if sub.plan_id in done:
@@ -472,9 +499,20 @@ class Chaos:
         r = self.report
         final = [f for _, f in await rds.xrange(keys.RESULT_STREAM)]
         per_plan = Counter(f["plan_id"] for f in final)
-        plan_ids = [sub.plan_id for sub in self.submitted]
-        r.plans = len(plan_ids)
-        r.results = sum(1 for p in plan_ids if per_plan[p] >= 1)
+        # A proposal whose answer the client saw and which the store then forgot entirely (proposal and result)
+        # is answered: the client has its answer and sends nothing again (_resend_forgotten). Its answer is the
+        # one seen, checked against the exchange with every result seen; the store owes it nothing more.
+        answered_then_forgotten = {
+            sub.plan_id
+            for sub in self.submitted
+            if per_plan[sub.plan_id] == 0
+            and self.seen.results.get(sub.plan_id)
+            and not await rds.xrange(keys.PROPOSAL_STREAM, sub.entry_id, sub.entry_id)
+        }
+        r.answered_then_forgotten = len(answered_then_forgotten)
+        plan_ids = [sub.plan_id for sub in self.submitted if sub.plan_id not in answered_then_forgotten]
+        r.plans = len(plan_ids) + len(answered_then_forgotten)
+        r.results = sum(1 for p in plan_ids if per_plan[p] >= 1) + len(answered_then_forgotten)
         r.lost_plans = sum(1 for p in plan_ids if per_plan[p] == 0)
         r.examples["lost plans"] = [p for p in plan_ids if per_plan[p] == 0][:10]
         r.duplicate_results = sum(1 for p in plan_ids if per_plan[p] > 1)
@@ -487,6 +525,7 @@ class Chaos:
         r.not_executed = dict(why.most_common())
         r.executions = len(executed)
         r.adopted_from_exchange = sum(1 for f in final if f.get("adopted") == "true")
+        r.refused_after_store_change = sum(1 for f in final if f.get("error") == "store_changed")
         placed = self._orders()
         r.orders = len(placed)
         orders = Counter(o["clientOrderId"] for o in placed)
@@ -618,6 +657,8 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
         ("  rejected by Apply", report.forgeries_rejected, "> 0"),
         ("  executed", report.forgeries_executed, "0"),
         ("results adopted from the exchange", report.adopted_from_exchange, ""),
+        ("proposals refused after a store change (store_changed)", report.refused_after_store_change, ""),
+        ("proposals the store forgot after their answer was seen", report.answered_then_forgotten, ""),
         ("proposals the store forgot (sent again)", report.forgotten_proposals, ""),
         ("  of which the first plan had filled", report.resent_after_a_fill, ""),
         ("  of which the retry closed again", report.resent_closed_twice, "0"),
