@@ -81,6 +81,7 @@ class ScriptedExchange:
     searches: list[tuple[str, float]] = field(default_factory=list)  # (symbol, since_ms) per search
     during_position_read: Callable[[], Awaitable[None]] | None = None  # what "happens meanwhile" (a race)
     on_lookup: Callable[[], None] | None = None  # called as each lookup arrives (to see the caller mid-call)
+    on_search: Callable[[], None] | None = None  # called as each search arrives (what happens meanwhile)
     clock_error_ms: float = 0.0  # the error of each reading of the exchange clock (half the round trip)
     syncs: list[float] = field(default_factory=list)  # the exchange clock at each measurement of it
     sync_failure: ExchangeError | None = None  # what a measurement raises (None: it succeeds)
@@ -159,6 +160,8 @@ class ScriptedExchange:
     async def orders_since(self, symbol: str, since_ms: float) -> list[OrderReport]:
         """The scripted search (``history``: per symbol, its orders or a failure); None: nobody expected one."""
         self.searches.append((symbol, since_ms))
+        if self.on_search is not None:
+            self.on_search()
         if self.history is None:
             raise AssertionError("unscripted order search")
         found = self.history.get(symbol, [])

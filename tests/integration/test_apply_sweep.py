@@ -573,3 +573,39 @@ async def test_the_first_search_of_a_new_instance_starts_at_once(
 
             await until(searched, 1.0)
         assert [symbol for symbol, _ in exchange.searches] == ["BTCUSDT"]
+
+
+async def test_a_search_during_which_the_store_changed_instance_marks_nothing_searched(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The search began on one instance; before it ended the store became another (a new epoch, with its own
+    window and settle time). Neither instance is marked searched, new proposals keep waiting, and the search is
+    still due (before the fix the new instance was recorded as searched by a search of the old one's window)."""
+    exchange = venue(history={})
+    async with apply_rig(store_url, tmp_path, exchange, symbols=["BTCUSDT", "ETHUSDT"]) as rig:
+        truth = rig.apply.handler.truth
+        rig.apply.sweeper.search_needed()
+        assert rig.apply.watch.epoch is not None
+        first = rig.apply.watch.epoch
+
+        def the_store_changes() -> None:
+            rig.apply.watch.epoch = dataclasses.replace(first, since=first.since + 5, key="another|epoch")
+
+        exchange.on_search = the_store_changes
+        assert await rig.apply.sweeper.adopt_orphans() is False
+        assert await searched_mark(rig) is None and not truth.searched.is_set()
+        assert rig.apply.sweeper.orphan_search.is_set()
+
+
+async def test_an_incomplete_search_after_the_settle_time_is_repeated_each_round_not_in_a_loop(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every search costs request weight per symbol: an incomplete one is tried again at the sweep's interval
+    (0.5 s here), not every 50 ms (which spent Binance's weight budget in seconds)."""
+    exchange = venue(history={"BTCUSDT": ExchangeUnavailable("allOrders: 503")})
+    async with apply_rig(store_url, tmp_path, exchange, apply=FAST, symbols=["BTCUSDT"]) as rig:
+        freeze_wall(rig, monkeypatch)
+        rig.apply.sweeper.search_needed()
+        async with sweeping(rig):
+            await asyncio.sleep(1.2)
+        assert 2 <= len(exchange.searches) <= 3  # at 0, 0.5 and 1.0 s

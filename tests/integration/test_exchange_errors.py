@@ -91,6 +91,21 @@ async def test_a_time_reply_without_a_server_time_is_unavailable_and_leaves_the_
     assert await exchange.server_time_ms() > 0  # the next good reply is used as usual
 
 
+async def test_a_measurement_of_the_clock_keeps_its_error_and_a_slower_one_does_not_replace_a_tighter_one(
+    sim: SimServer, exchange: BinanceFutures
+) -> None:
+    """The offset is known to within half the round trip (domain/clocks.py); a measurement over a slow round trip
+    (300 ms here) is less certain than the one held, so the held reading and its offset stay (one slow /time
+    would otherwise make Apply fail closed on an error it does not have)."""
+    assert exchange.clock_reading() is None
+    await exchange.sync_time()
+    first = exchange.clock_reading()
+    assert first is not None and 1 <= first.error_ms < 150 and first.offset_ms == exchange.skew_ms
+    fault(sim, "latency", TIME, ms=300)
+    await exchange.sync_time()
+    assert exchange.clock_reading() == first and exchange.skew_ms == first.offset_ms
+
+
 # --- reads: bans and throttles ------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ of a proposal the store could not vouch for.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -256,3 +257,54 @@ async def test_a_proposal_older_than_the_instance_does_not_wait_for_the_search(s
         await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 5)
         (result,) = await rig.results()
         assert result.error == reasons.STORE_CHANGED
+
+
+async def test_a_proposal_handled_again_after_a_store_error_on_a_store_that_lost_it_plans_nothing(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The handler held the entry in memory through a store outage; the store came back without it (an older
+    snapshot). Its id is newer than the new instance's floor, so the store would vouch for it: it must not be
+    planned (its first plan may have been answered, or executed, on the instance that is gone)."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        entry_id, fields, _ = await rig.propose(proposal_id="strategy-22")
+        await rig.rds.xdel(keys.PROPOSAL_STREAM, entry_id)  # what the store came back without
+        await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields, again=True), 5)
+        assert await plans_on_stream(rig) == [] and await rig.results() == []
+        assert exchange.position_reads == [] and exchange.kinds() == []
+
+
+async def test_a_read_made_while_the_store_changed_instance_is_not_taken_at_its_word(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The handler's read of a plan's markers can be the first to reach a new instance: what it read is taken
+    only if the epoch is the one it was before the read, and that epoch's forgotten orders were searched."""
+    async with apply_rig(store_url, tmp_path, scripted()) as rig:
+        truth = rig.apply.handler.truth
+        entry_id, _, _ = await rig.propose(proposal_id="strategy-23")
+        before = rig.epoch
+        assert truth.read_is_vouched(entry_id, before)
+        rig.apply.watch.epoch = replace(before, since=before.since + 1)  # another epoch since the read began
+        assert not truth.read_is_vouched(entry_id, before)
+        rig.apply.watch.epoch = before
+        truth.searched.clear()
+        assert not truth.read_is_vouched(entry_id, before)  # not searched: wait, then read again
+        assert truth.read_is_vouched("1-1", before)  # an older proposal is looked up anyway
+
+
+async def test_a_proposal_that_waited_a_minute_for_an_unfinished_search_is_refused_with_a_reason(
+    store_url: str, tmp_path: Path
+) -> None:
+    """Fail closed with an answer: search_incomplete, a SKIP plan of its own (a later retry is planned anew)."""
+    exchange = scripted({SYMBOL: D("0.010")})
+    async with apply_rig(store_url, tmp_path, exchange) as rig:
+        truth = rig.apply.handler.truth
+        truth.searched.clear()
+        truth.search_wait_s = 0.2
+        entry_id, fields, _ = await rig.propose(proposal_id="strategy-24")
+        await asyncio.wait_for(rig.handler.handle_proposal(entry_id, fields), 5)
+        (plan,) = await plans_on_stream(rig)
+        assert (plan.plan_id, plan.reason) == (refusal_plan_id(entry_id, "strategy-24"), reasons.SEARCH_INCOMPLETE)
+        (result,) = await rig.results()
+        assert (result.proposal_id, result.reason) == ("strategy-24", reasons.SEARCH_INCOMPLETE)
+        assert exchange.position_reads == [] and await rig.pending() == 0

@@ -68,9 +68,10 @@ redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'replid', ARGV[2], 'floor', floor
 return {floor, ARGV[3], 1, kept, ''}
 """
 
-# The search for forgotten orders is done: recorded in the epoch, if it is still this instance's.
+# The search for forgotten orders is done: recorded in the epoch, if the record is still that epoch's.
 MARK_SEARCHED = """
-if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'replid') ~= ARGV[2] then
+local e = redis.call('HMGET', KEYS[1], 'run_id', 'replid', 'floor', 'since')
+if table.concat({e[1] or '', e[2] or '', e[3] or '', e[4] or ''}, '|') ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'searched', '1')
@@ -149,12 +150,10 @@ class StoreWatch:
         else:
             self._on_change(previous, identity, unsearched)
 
-    async def mark_searched(self, redis: Any) -> None:
-        """Record in the instance's epoch that its forgotten orders were searched for."""
-        epoch = self.epoch
-        if epoch is not None:
-            ident = epoch.identity
-            await redis.eval(MARK_SEARCHED, 1, keys.STORE_EPOCH, ident.run_id, ident.replid)
+    async def mark_searched(self, redis: Any, epoch: Epoch) -> bool:
+        """Record in the store that ``epoch``'s forgotten orders were searched for, if its record is still that
+        epoch's (a search that began on one instance never marks another searched). Whether it was recorded."""
+        return bool(await redis.eval(MARK_SEARCHED, 1, keys.STORE_EPOCH, epoch.key))
 
     async def _identify(self, conn: Any) -> tuple[StoreIdentity, float, str]:
         """The server's identity; the latest it can have become that instance (its start if it has been a

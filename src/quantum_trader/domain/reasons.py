@@ -63,7 +63,8 @@ POSITION_UNAVAILABLE = _r(
     "apply",
     "Apply could not read the position from the exchange, so it cannot tell the side or size to close.",
     "The exchange (or simulator) was unreachable, rate-limited or answered with an error.",
-    "Check `qt exchange check` and the Apply log; the strategy may propose again once the exchange answers.",
+    "Check `qt exchange check` and the Apply log; the strategy may propose again (with a new proposal_id) once "
+    "the exchange answers.",
 )
 NO_POSITION = _r(
     "no_position",
@@ -88,7 +89,7 @@ DUPLICATE_IN_FLIGHT = _r(
     "Another plan for the same symbol is still waiting for permits or executing.",
     "A strategy re-sent a proposal, or two strategies proposed a close of the same symbol at once. Two "
     "concurrent closes of one position cannot both be right, so only the first proceeds.",
-    "Nothing; the strategy may propose again after the first plan's result.",
+    "Nothing; the strategy may propose again (with a new proposal_id) after the first plan's result.",
 )
 PROPOSAL_ID_CONFLICT = _r(
     "proposal_id_conflict",
@@ -101,6 +102,19 @@ PROPOSAL_ID_CONFLICT = _r(
     "proposal), or two strategies share one id space.",
     "Give every new proposal a new id (a UUID's 32 hex digits, a ULID); send the same id again only for the "
     "same proposal, as a retry.",
+)
+SEARCH_INCOMPLETE = _r(
+    "search_incomplete",
+    "skip",
+    "apply",
+    "The store changed instance (a restart, a failover) and Apply could not finish searching the exchange for "
+    "orders it may have forgotten within a minute; a new proposal is refused rather than planned without that "
+    "search (its plan's order could be among the forgotten ones: a retry after a loss must find it, not send "
+    "again).",
+    "The exchange's order history cannot be read for one of the symbols (errors, rate limits, a symbol it does "
+    "not know), an order of ours stays open, or a plan's outcome is being resolved for a long time.",
+    "Read Apply's log (`cannot search for forgotten orders`); once the search completes new proposals are planned "
+    "again. Propose again with a new proposal_id.",
 )
 CLOCK_OUT_OF_BOUNDS = _r(
     "clock_out_of_bounds",
@@ -155,7 +169,8 @@ GOVERNOR_COOLDOWN = _r(
     "governor",
     "A permit for the same symbol was granted less than QT_GOVERNOR__COOLDOWN_S ago.",
     "A strategy proposing closes of one symbol faster than the cooldown allows.",
-    "Nothing; propose again after the cooldown. Lower the cooldown only if the strategy really needs it.",
+    "Nothing; propose again (with a new proposal_id) after the cooldown. Lower the cooldown only if the strategy "
+    "really needs it.",
 )
 RATE_LIMIT_SYMBOL = _r(
     "rate_limit_symbol",
@@ -262,7 +277,7 @@ COOLDOWN_ACTIVE = _r(
     "p33",
     "An executed close changed this symbol less than QT_BRAIN__COOLDOWN_S (15 s) ago.",
     "The snapshot may not reflect the last fill yet.",
-    "Nothing; propose again after the cooldown.",
+    "Nothing; propose again (with a new proposal_id) after the cooldown.",
 )
 NO_SYMBOL_FILTERS = _r(
     "no_symbol_filters",
@@ -357,7 +372,7 @@ ORDER_NOT_FILLED = _r(
     "apply",
     "The exchange accepted the order but filled nothing (status EXPIRED or CANCELED).",
     "No liquidity at the moment of the market order, or the position closed meanwhile.",
-    "Check the position; the strategy may propose again.",
+    "Check the position; the strategy may propose again (with a new proposal_id).",
 )
 ORDER_NOT_PLACED = _r(
     "order_not_placed",
@@ -367,7 +382,7 @@ ORDER_NOT_PLACED = _r(
     "recvWindow has passed): nothing was traded. Typical after a crash of Apply before the exchange took the "
     "order, or a send that failed without reaching the exchange, when no resend was possible inside the window.",
     "A restart of Apply in the middle of an execution; an exchange or network failure at the moment of sending.",
-    "Nothing; the strategy may propose again.",
+    "Nothing; the strategy may propose again (with a new proposal_id: the same id is answered by this result).",
 )
 WINDOW_EXPIRED = _r(
     "window_expired",
@@ -375,7 +390,7 @@ WINDOW_EXPIRED = _r(
     "apply",
     "Apply was not running when the plan's permit window ended; the plan is closed without an order.",
     "An Apply restart that took longer than the permit window.",
-    "Nothing; the strategy may propose again.",
+    "Nothing; the strategy may propose again (with a new proposal_id: the same id is answered by this result).",
 )
 ORDER_NOT_SENT = _r(
     "order_not_sent",
@@ -395,7 +410,8 @@ STORE_CHANGED = _r(
     "already: it is never executed now. The exchange was asked first: an order of the plan would have been "
     "its result instead; there is none, and none can still execute.",
     "A store restart or failover while the proposal waited (or while its plan waited for permits).",
-    "Nothing; the strategy may propose again (a fresh proposal is handled normally).",
+    "Nothing; the strategy may propose again with a new proposal_id (a fresh proposal is handled normally; the same "
+    "id is answered by this result).",
 )
 DEAD_LETTERED = _r(
     "dead_lettered",

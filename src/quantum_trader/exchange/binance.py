@@ -175,11 +175,14 @@ class BinanceFutures:
             server = float(reply["serverTime"])
         except (KeyError, TypeError, ValueError):
             raise ExchangeUnavailable(f"unexpected /time reply: {truncate(str(reply))}") from None
-        self.skew_ms = (before + after) / 2 - server
-        self._client.options["timeDifference"] = round(self.skew_ms)
         self._synced_at = time.monotonic()
         # +1 ms: the exchange reports whole milliseconds
-        self._reading = ClockReading(self.skew_ms, round_trip_ms / 2 + 1, after / 1000)
+        reading = ClockReading((before + after) / 2 - server, round_trip_ms / 2 + 1, after / 1000)
+        if self._reading is not None and self._reading.error_at(reading.measured_at) < reading.error_ms:
+            return self.skew_ms  # a slower round trip than the reading held: that one (and its offset) is tighter
+        self._reading = reading
+        self.skew_ms = reading.offset_ms
+        self._client.options["timeDifference"] = round(self.skew_ms)
         return self.skew_ms
 
     def clock_reading(self) -> ClockReading | None:

@@ -94,8 +94,8 @@ class ClockWatch:
             try:
                 peers[host], _ = decode(str(text))
             except ValueError as exc:
-                # not a reading any Apply writes: a hostile or broken writer. Not compared, and said so: a
-                # host whose clock cannot be read is not known to be within bounds either.
+                # not a reading any Apply writes (only Apply's store account can write there: a bug, or a
+                # broken host): not compared, and logged every round until it is fixed or expires.
                 self.log.warning("an unreadable clock reading in the store; ignored", host=host, error=str(exc))
         self.peers = peers
 

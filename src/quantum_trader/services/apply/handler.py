@@ -94,7 +94,9 @@ class PlanHandler:
         self.allowlist = frozenset(settings.symbols)
         self.wait_s = settings.apply.permit_wait_ms / 1000
 
-    async def handle_proposal(self, entry_id: str, fields: dict[str, str]) -> None:
+    async def handle_proposal(self, entry_id: str, fields: dict[str, str], *, again: bool = False) -> None:
+        """One proposal entry: dead-lettered, answered, or its plan made and followed. ``again``: handled again
+        after a store error (the store may have changed instance meanwhile, and come back without it)."""
         try:
             proposal = from_fields(Proposal, fields)
         except MalformedEntry as exc:
@@ -114,14 +116,27 @@ class PlanHandler:
         plan_id = plan_id_for(proposal.proposal_id)
         log = self.log.bind(plan_id=plan_id, symbol=proposal.symbol, proposal_id=proposal.proposal_id)
         async with self._plans.hold(plan_id):
-            await self._handle(proposal, plan_id, entry_id, log)
+            await self._handle(proposal, plan_id, entry_id, log, again=again)
 
-    async def _handle(self, proposal: Proposal, plan_id: str, entry_id: str, log: Any) -> None:
-        await self.truth.wait_for_search(entry_id, log)
-        markers = await read_markers(self.redis, plan_id)
+    async def _handle(self, proposal: Proposal, plan_id: str, entry_id: str, log: Any, *, again: bool) -> None:
+        while True:  # until what is read was read on an instance whose word stands (searched, not changed since)
+            if not await self.truth.wait_for_search(entry_id, log):
+                await self._refuse(proposal, entry_id, log, reasons.SEARCH_INCOMPLETE)
+                return
+            before = self.truth.watch.epoch
+            markers = await read_markers(self.redis, plan_id)
+            if again and not await self.redis.xrange(keys.PROPOSAL_STREAM, entry_id, entry_id):
+                # Handled again after a store error, on a store that came back without the entry: nothing is
+                # planned for a proposal the store no longer has (its id would be newer than the instance's
+                # floor, so the store would wrongly vouch for it). If its plan had an order, the search for
+                # forgotten orders answers it; the client's retry finds that answer.
+                log.warning(f"{proposal.symbol}: the store came back without this proposal; nothing is planned")
+                return
+            if self.truth.read_is_vouched(entry_id, before):
+                break
         plan = markers.plan
         if not markers.same_request(request_of(proposal)):
-            await self._refuse(proposal, entry_id, log)
+            await self._refuse(proposal, entry_id, log, reasons.PROPOSAL_ID_CONFLICT)
             return
         if markers.has_result:
             if markers.proposal_entry_id not in ("", entry_id):
@@ -142,17 +157,20 @@ class PlanHandler:
         else:
             await self._plan_and_run(proposal, plan_id, entry_id, log, vouched)
 
-    async def _refuse(self, proposal: Proposal, entry_id: str, log: Any) -> None:
-        """A proposal reusing the id of a different one: refused with a SKIP plan of its own (the id's plan
-        answers the first proposal). No order can be its outcome, so the exchange is never asked."""
+    async def _refuse(self, proposal: Proposal, entry_id: str, log: Any, reason: str) -> None:
+        """A proposal refused before its id's plan is made or followed: reusing the id of a different proposal
+        (``proposal_id_conflict``: the id's plan answers the first one), or with no search for forgotten orders
+        (``search_incomplete``). A SKIP plan of its own answers it (its id: the entry's, not the proposal id's,
+        so a later retry is still planned normally). No order can be its outcome: the exchange is never asked."""
         plan_id = refusal_plan_id(entry_id, proposal.proposal_id)
         log = log.bind(plan_id=plan_id)
         markers = await read_markers(self.redis, plan_id)
         if markers.has_result:
             await self.redis.xack(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, entry_id)
             return
-        log.warning(f"{proposal.symbol}: proposal id {proposal.proposal_id} was used for a different proposal")
-        ctx = PlanningContext(self.allowlist, None, refusal=reasons.PROPOSAL_ID_CONFLICT)
+        if reason == reasons.PROPOSAL_ID_CONFLICT:
+            log.warning(f"{proposal.symbol}: proposal id {proposal.proposal_id} was used for a different proposal")
+        ctx = PlanningContext(self.allowlist, None, refusal=reason)
         plan = markers.plan or await self._publish_skip(proposal, ctx, plan_id, entry_id)
         await self.publish(PlanRun(plan, entry_id, log, None), not_executed(plan, reasons.SKIPPED, reason=plan.reason))
 
@@ -210,7 +228,7 @@ class PlanHandler:
             if published == "exists":  # another handler of this proposal id published it: follow that plan
                 markers = await read_markers(self.redis, plan_id)
                 if not markers.same_request(request):
-                    await self._refuse(proposal, entry_id, log)
+                    await self._refuse(proposal, entry_id, log, reasons.PROPOSAL_ID_CONFLICT)
                 elif markers.plan is not None:
                     await self._resume(PlanRun(markers.plan, entry_id, log, vouched))
                 return
@@ -285,7 +303,11 @@ class PlanHandler:
             await self._not_sent_after_a_change(run, "store_changed_at_consume", consumed_here=False)
         elif end is WaitEnd.ALREADY_EXECUTED:
             await self.recover(plan, run.entry_id, await self.redis.get(keys.executed_marker(plan.plan_id)), log)
-        elif end is not WaitEnd.ALREADY_FINISHED:
+        elif end is WaitEnd.ALREADY_FINISHED:
+            # its result is out (another handler's, of this entry or of another with the same proposal id):
+            # this entry is answered by it
+            await self.redis.xack(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, run.entry_id)
+        else:
             await self.finish(run, self.gate.unexecuted_result(plan, end, outcome, checks, waited_ms, log))
 
     async def _execute(self, run: PlanRun, p33: SlotCheck, deadline: float) -> None:

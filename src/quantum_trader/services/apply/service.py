@@ -136,12 +136,12 @@ class ApplyService(Service):
         self.waiter.restart()
 
     async def _dispatch(self, entry_id: str, fields: dict[str, str]) -> None:
-        await self._start(entry_id, lambda: self.handler.handle_proposal(entry_id, fields))
+        await self._start(entry_id, lambda again: self.handler.handle_proposal(entry_id, fields, again=again))
 
     async def _dispatch_poisoned(self, entry_id: str, fields: dict[str, str]) -> None:
-        await self._start(entry_id, lambda: self.handler.finish_poisoned(entry_id, fields))
+        await self._start(entry_id, lambda _: self.handler.finish_poisoned(entry_id, fields))
 
-    async def _start(self, entry_id: str, step: Callable[[], Awaitable[None]]) -> None:
+    async def _start(self, entry_id: str, step: Callable[[bool], Awaitable[None]]) -> None:
         """Handle one proposal concurrently; wait for a free slot first (backpressure)."""
         if entry_id in self._active:  # re-read after a reconnect while still being handled
             return
@@ -157,16 +157,19 @@ class ApplyService(Service):
 
         task.add_done_callback(done)
 
-    async def _retrying(self, entry_id: str, step: Callable[[], Awaitable[None]]) -> None:
+    async def _retrying(self, entry_id: str, step: Callable[[bool], Awaitable[None]]) -> None:
         """Handling before the send is idempotent (every step checks its marker), so a store outage there just
-        means: again. (After the send only the result's publication is retried: results.py.)"""
+        means: again (told so: the store may be another instance now). (After the send only the result's
+        publication is retried: results.py.)"""
         backoff = Backoff()
+        again = False
         while True:
             try:
-                await step()
+                await step(again)
                 return
             except STORE_ERRORS as exc:
                 self.log.warning("store unavailable mid-plan, retrying", entry_id=entry_id, error=str(exc))
+                again = True
                 await backoff.wait()
             except Exception:
                 self.log.exception("unexpected error; proposal left pending", entry_id=entry_id)

@@ -63,8 +63,8 @@ class IntentSweeper:
                 with self._step("the search for orders the store forgot"):
                     if await self.adopt_orphans():
                         self.orphan_search.clear()
-                    else:  # again as soon as the orders of before the change have all shown, or the next round
-                        pause = min(interval, max(0.05, self._until_settled_s()))
+                    elif (until_settled := self._until_settled_s()) > 0:
+                        pause = min(interval, max(0.05, until_settled))  # again once they have all shown
             due: list[str] = []
             with self._step("the intents"):
                 due = await self.redis.zrangebyscore(keys.APPLY_INTENTS, "-inf", self._clock.wall() - stale_s)
@@ -154,11 +154,11 @@ class IntentSweeper:
         self.log.info(
             "searched the exchange for orders the store forgot", adopted=adopted, complete=complete and settled
         )
-        if not (complete and settled):
+        if not (complete and settled) or not epoch.same_as(watch.epoch):
+            return False  # (the store changed during the search: the new instance is searched from its own start)
+        if not await watch.mark_searched(self.redis, epoch):
             return False
-        await watch.mark_searched(self.redis)
-        if epoch.same_as(watch.epoch):
-            truth.searched.set()
+        truth.searched.set()
         return True
 
     async def _legacy_plan_known(self, proposal_id: str) -> bool:

@@ -19,6 +19,10 @@ from quantum_trader.services.consumer import Backoff
 from quantum_trader.services.metrics import ApplyMetrics
 
 TRUTH_RETRY_MAX_S = 5.0  # while the exchange cannot say whether a plan's order exists, ask again this often
+# How long a new proposal waits for the search for orders a changed store forgot before it is refused
+# (search_incomplete): the search completes within the permit window plus the late-execution horizon of a change
+# when the exchange answers; a minute without it is a search that cannot finish, and a proposal deserves an answer.
+SEARCH_WAIT_S = 60.0
 
 
 class ExchangeTruth:
@@ -38,18 +42,34 @@ class ExchangeTruth:
         self._clock = clock
         self._wait_s = wait_s
         # Set once the exchange was searched for orders the current store instance forgot (services/apply/
-        # sweep.py); until then a proposal the store would vouch for waits (wait_for_search).
+        # sweep.py); until then a proposal the store would vouch for waits (wait_for_search), at most this long.
         self.searched = asyncio.Event()
+        self.search_wait_s = SEARCH_WAIT_S
 
-    async def wait_for_search(self, entry_id: str, log: Any) -> None:
+    async def wait_for_search(self, entry_id: str, log: Any) -> bool:
         """Hold a proposal newer than the store instance until the exchange was searched for the orders the
         instance forgot: one of them may be its plan's (a client's retry of a proposal whose records the store
         lost), and the search publishes its result, which the retry must find instead of planning again.
-        Older proposals need not wait: the exchange is asked for their plan's order anyway."""
+        Older proposals need not wait: the exchange is asked for their plan's order anyway. False: the search
+        did not complete within ``search_wait_s`` (the proposal is refused: fail closed, with an answer)."""
         if self.searched.is_set() or self.vouching(entry_id) is None:
-            return
+            return True
         log.info("waiting for the search for orders the store forgot before planning")
-        await self.searched.wait()
+        try:
+            await asyncio.wait_for(self.searched.wait(), self.search_wait_s)
+        except TimeoutError:
+            log.error("the search for orders the store forgot did not complete in time; refusing the proposal")
+            return False
+        return True
+
+    def read_is_vouched(self, entry_id: str, before: Epoch | None) -> bool:
+        """What was read from the store since the epoch was ``before`` may be taken at its word: the store is
+        still that instance (a read can be the first to reach another one), and for a proposal it would vouch
+        for, the instance's forgotten orders were searched."""
+        now = self.watch.epoch
+        if before is None or now is None:
+            return before is now
+        return before.same_as(now) and (self.searched.is_set() or self.vouching(entry_id) is None)
 
     def vouching(self, entry_id: str) -> Epoch | None:
         """The current epoch if the store can vouch for the plan of this proposal entry, else None."""
