@@ -20,6 +20,7 @@ from redis.exceptions import NoPermissionError
 
 from quantum_trader.bus import keys
 from quantum_trader.bus.errors import StoreUnavailableReply
+from quantum_trader.bus.scripts import INSTANCE_CHECK
 from quantum_trader.domain.trust import Epoch, StoreIdentity, started_before_ms, stream_id
 
 # The instance's epoch: kept if it names this instance (and is whole), else replaced by a new one. ``last_id``
@@ -68,15 +69,17 @@ redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'replid', ARGV[2], 'floor', floor
 return {floor, ARGV[3], 1, kept, ''}
 """
 
-# The search for forgotten orders is done: recorded in the epoch, if the record is still that epoch's.
-MARK_SEARCHED = """
-local e = redis.call('HMGET', KEYS[1], 'run_id', 'replid', 'floor', 'since')
-if table.concat({e[1] or '', e[2] or '', e[3] or '', e[4] or ''}, '|') ~= ARGV[1] then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'searched', '1')
+# The search for forgotten orders is done: recorded in the epoch, if the record is still that epoch's (the
+# scripts' own instance check, bus/scripts.py).
+MARK_SEARCHED = (
+    "local epoch, expected_epoch = KEYS[1], ARGV[1]\n"
+    + INSTANCE_CHECK
+    + """
+if instance_changed() then return 0 end
+redis.call('HSET', epoch, 'searched', '1')
 return 1
 """
+)
 
 
 # How far the store's clock may stand behind the clock that wrote the entries it loaded, at its start: NTP
