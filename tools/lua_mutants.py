@@ -64,11 +64,11 @@ MUTANTS: list[LuaMutant] = [
         "the right instance is refused and another accepted",
     ),
     LuaMutant(
-        "consume-instance-check-ignores-since",
+        "consume-instance-check-reads-identity",
         "CONSUME_PERMITS",
-        "e[4] or ''",
-        "expected_epoch:match('[^|]*$')",
-        "a new epoch of the same instance (another floor and since) passes for the old one",
+        "(redis.call('HGET', epoch, 'key') or '')",
+        "table.concat(redis.call('HMGET', epoch, 'run_id', 'replid', 'floor', 'since'), '|')",
+        "a restart that lost nothing refuses the plans vouched on the instance it continues",
     ),
     LuaMutant(
         "consume-instance-check-always-off",

@@ -32,7 +32,7 @@ import redis
 from quantum_trader import __version__
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import redact
-from quantum_trader.bus.embedded import EmbeddedStore, free_port
+from quantum_trader.bus.embedded import APPENDFSYNC, EmbeddedStore, free_port
 from quantum_trader.runtime import Runtime, clear_runtime, deferred_signals, read_runtime, write_runtime
 from quantum_trader.secrets import ensure_local_secrets, key_dir, read_secret_file, write_secret_file
 from quantum_trader.settings import Settings
@@ -114,6 +114,9 @@ class LocalSystem:
     log_dir: Path | None = None  # None: children log to this terminal
     env: dict[str, str] = field(default_factory=dict)
     persist_store: bool = True
+    # the embedded store's appendfsync (bus/embedded.py): "always" makes a restart lose nothing, and so refuse
+    # nothing in flight (docs/reliability.md)
+    appendfsync: str = APPENDFSYNC
     inherit_config: bool = True  # pass this process's QT_* settings to the children (qt up); not for private ones
     sim_args: list[str] = field(default_factory=list)  # extra `qt sim-exchange` options (e.g. raised limits)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -130,7 +133,13 @@ class LocalSystem:
 
     @classmethod
     def private(
-        cls, prefix: str, *, env: Mapping[str, str], persist_store: bool = False, sim_args: Sequence[str] = ()
+        cls,
+        prefix: str,
+        *,
+        env: Mapping[str, str],
+        persist_store: bool = False,
+        sim_args: Sequence[str] = (),
+        appendfsync: str = APPENDFSYNC,
     ) -> LocalSystem:
         """A throwaway system (qt demo, chaos, bench) under a new temporary state dir, on free ports, on the
         defaults plus ``env``: whatever QT_* the calling shell has, the private system means the same."""
@@ -142,6 +151,7 @@ class LocalSystem:
             log_dir=state_dir / "logs",
             env=dict(env),
             persist_store=persist_store,
+            appendfsync=appendfsync,
             inherit_config=False,
             sim_args=list(sim_args),
         )
@@ -201,7 +211,11 @@ class LocalSystem:
             if self._stopping:
                 raise StartupError("the system is stopping")
             self.store = EmbeddedStore(
-                self.settings.state_dir / "valkey", persist=self.persist_store, port=port, aclfile=aclfile
+                self.settings.state_dir / "valkey",
+                persist=self.persist_store,
+                port=port,
+                aclfile=aclfile,
+                appendfsync=self.appendfsync,
             )
             self.redis_url = self.store.start()
         for role in ROLES:

@@ -860,7 +860,7 @@ async def test_while_the_exchange_cannot_tell_the_lookup_is_asked_again(store_ur
 async def another_epoch(rig: Rig) -> None:
     """The store became another instance (a restart, a failover) while the plan was handled."""
     epoch = rig.apply.watch.epoch
-    rig.apply.watch.epoch = replace(epoch, since=epoch.since + 1)
+    rig.apply.watch.epoch = replace(epoch, since=epoch.since + 1, key=f"{epoch.key}-another")
 
 
 async def test_a_store_change_after_the_consume_is_looked_up_and_not_sent(store_url: str, tmp_path: Path) -> None:
@@ -1208,7 +1208,9 @@ async def test_a_poisoned_proposal_without_a_waiting_plan_publishes_nothing(
 async def another_instance_recorded(rig: Rig) -> None:
     """What a connection reaching another instance writes before anything else: that instance's epoch. The
     handler's own view (its watch's epoch) has not changed yet: only the scripts, inside the store, can see it."""
-    await rig.rds.hset(keys.STORE_EPOCH, mapping={"run_id": "another-instance", "floor": "1-0"})
+    await rig.rds.hset(
+        keys.STORE_EPOCH, mapping={"run_id": "another-instance", "floor": "1-0", "key": "another-instance|1-0"}
+    )
 
 
 async def test_the_consume_script_refuses_once_the_store_is_another_instance_and_nothing_is_sent(

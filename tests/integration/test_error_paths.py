@@ -414,3 +414,26 @@ def test_bench_rates_that_are_not_numbers_are_a_usage_error(env: dict[str, str])
     done = qt("bench", "--rates", "100,fast", env=env)
     assert done.returncode == 2, done.stderr
     assert one_line_error(done) == "qt: --rates: not a comma-separated list of numbers: '100,fast'"
+
+
+def test_qt_store_stamp_records_the_epoch_and_how_durable_the_store_is(own_store: str, env: dict[str, str]) -> None:
+    """`qt store-stamp` (the deployed store's ExecStartPost): with an admin account it records the epoch and
+    stamps the instance's durability (this store: no append-only file); with a service's account it is refused
+    in one line, and the record is left unstamped."""
+    env["QT_REDIS_URL"] = own_store
+    done = qt("store-stamp", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "durability: none (a restart begins a new epoch)" in done.stdout
+    control = redis.Redis.from_url(own_store, decode_responses=True)
+    try:
+        record = control.hgetall(keys.STORE_EPOCH)
+        assert (record["durability"], record["durable_run_id"]) == ("none", control.info("server")["run_id"])
+        control.hdel(keys.STORE_EPOCH, "durability")
+        control.execute_command("ACL", "SETUSER", "qt-no-config", "on", ">pw", "~*", "&*", "+@all", "-config")
+        env["QT_REDIS_URL"] = own_store.replace("redis://", "redis://qt-no-config:pw@")
+        refused = qt("store-stamp", "--wait", "1", env=env)
+        assert refused.returncode == 1
+        assert "may not stamp the store (an admin's is needed)" in one_line_error(refused)
+        assert "durability" not in control.hgetall(keys.STORE_EPOCH)
+    finally:
+        control.close()

@@ -284,7 +284,7 @@ async def test_a_read_made_while_the_store_changed_instance_is_not_taken_at_its_
         entry_id, _, _ = await rig.propose(proposal_id="strategy-23")
         before = rig.epoch
         assert truth.read_is_vouched(entry_id, before)
-        rig.apply.watch.epoch = replace(before, since=before.since + 1)  # another epoch since the read began
+        rig.apply.watch.epoch = replace(before, key="another")  # another epoch since the read began
         assert not truth.read_is_vouched(entry_id, before)
         rig.apply.watch.epoch = before
         truth.searched.clear()

@@ -653,13 +653,31 @@ async def test_permits_written_together_are_one_pipeline_of_scripts_not_a_transa
 
 # --- the instance check: a step decided on one store instance's word is refused on another ------------------
 
-EPOCH_RECORD = {"run_id": "run-1", "replid": "repl-1", "floor": "1700000000000-0", "since": "1700000000.5"}
 EPOCH_KEY = "run-1|repl-1|1700000000000-0|1700000000.5"
+EPOCH_RECORD = {
+    "run_id": "run-1",
+    "replid": "repl-1",
+    "floor": "1700000000000-0",
+    "since": "1700000000.5",
+    "key": EPOCH_KEY,
+}
+
+
+def new_epoch(**fields: str) -> dict[str, str]:
+    """The record of an epoch begun by another instance (or the same one again): another key."""
+    record = {**EPOCH_RECORD, **fields}
+    return {**record, "key": "|".join(record[name] for name in ("run_id", "replid", "floor", "since"))}
 
 
 @pytest.mark.parametrize(
     "change",
-    [{"run_id": "run-2"}, {"replid": "repl-2"}, {"floor": "1700000000001-0"}, {"since": "1700000000.6"}, None],
+    [
+        new_epoch(run_id="run-2"),
+        new_epoch(replid="repl-2"),
+        new_epoch(floor="1700000000001-0"),
+        new_epoch(since="1700000000.6"),
+        None,
+    ],
     ids=["restarted", "promoted", "another_floor", "another_since", "no_record"],
 )
 async def test_consume_refuses_when_the_store_is_not_the_instance_expected(
@@ -680,13 +698,22 @@ async def test_consume_on_the_instance_expected_consumes(rds: aioredis.Redis) ->
     assert await rds.get(keys.executed_marker(PLAN)) == MARKER
 
 
+async def test_consume_on_an_instance_that_continues_the_epoch_consumes(rds: aioredis.Redis) -> None:
+    """A restart that lost nothing (bus/identity.py CLAIM_EPOCH): another instance, the same epoch key. A plan
+    vouched on the instance before it is consumed; before continuity it was refused, and answered store_changed."""
+    await rds.hset(keys.STORE_EPOCH, mapping={**EPOCH_RECORD, "run_id": "run-2", "replid": "repl-2"})
+    await both_permits(rds)
+    assert await consume(rds, expected_epoch=EPOCH_KEY) == "ok"
+    assert await rds.get(keys.executed_marker(PLAN)) == MARKER
+
+
 @pytest.mark.parametrize("no_order", [True, False])
 async def test_a_result_is_refused_when_the_store_is_not_the_instance_expected(
     rds: aioredis.Redis, no_order: bool
 ) -> None:
     """Nothing published, nothing freed, nothing acknowledged: the exchange is asked first."""
     entry = await pending_entry(rds, keys.PROPOSAL_STREAM, keys.APPLY_GROUP)
-    await rds.hset(keys.STORE_EPOCH, mapping={**EPOCH_RECORD, "run_id": "run-2"})
+    await rds.hset(keys.STORE_EPOCH, mapping=new_epoch(run_id="run-2"))
     await rds.set(keys.symbol_in_flight("SOLUSDT"), PLAN)
     before = await store_state(rds)
     assert await publish_result(rds, entry, no_order=no_order, expected_epoch=EPOCH_KEY) == "store_changed"
@@ -698,7 +725,7 @@ async def test_a_result_already_published_is_acknowledged_whatever_the_instance(
     """The one result exists: a redelivery only acknowledges, even on another instance (nothing is decided)."""
     entry = await pending_entry(rds, keys.PROPOSAL_STREAM, keys.APPLY_GROUP)
     await rds.set(keys.result_marker(PLAN), "5-0", ex=600)
-    await rds.hset(keys.STORE_EPOCH, mapping={**EPOCH_RECORD, "run_id": "run-2"})
+    await rds.hset(keys.STORE_EPOCH, mapping=new_epoch(run_id="run-2"))
     assert await publish_result(rds, entry, expected_epoch=EPOCH_KEY) == "exists"
     assert await pending(rds, keys.PROPOSAL_STREAM, keys.APPLY_GROUP) == 0
 

@@ -9,14 +9,17 @@ proposal the store forgot (the proposal stream's newest kept entry lies before t
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from quantum_trader.bus import keys
-from quantum_trader.bus.connection import make_client
+from quantum_trader.bus.connection import make_client, record_epoch
+from quantum_trader.bus.embedded import EmbeddedStore
 from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.bus.streams import ensure_topology
+from quantum_trader.domain.trust import Epoch, StoreIdentity
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +77,131 @@ async def test_an_epoch_recorded_before_kept_existed_gets_it_and_stays_the_same_
     assert again is not None
     assert (again.floor, again.since, again.kept) == ((1500, 0), first.since, (1000, 0))
     assert await rds.hget(keys.STORE_EPOCH, "kept") == "1000-0"
+
+
+# --- a restart that lost nothing continues the epoch (issue 20, point 2: "a store restart that lost nothing
+# should refuse nothing") ---------------------------------------------------------------------------------------
+
+OLD_KEY = "old-run|old-repl|1000-0|1700000000.5"
+
+
+async def an_old_instance_recorded(rds: aioredis.Redis, **fields: str) -> None:
+    """The record the instance before this one left in the data this one loaded (as a restart finds it)."""
+    await rds.xadd(keys.PROPOSAL_STREAM, {"proposal_id": "old-1"}, id="900-0")
+    record = {
+        "run_id": "old-run",
+        "replid": "old-repl",
+        "floor": "1000-0",
+        "since": "1700000000.5",
+        "kept": "900-0",
+        "searched": "1",
+        "key": OLD_KEY,
+        "durability": "always",
+        "durable_run_id": "old-run",
+    }
+    await rds.hset(keys.STORE_EPOCH, mapping={**record, **fields})
+
+
+async def test_a_restart_of_an_instance_stamped_always_continues_its_epoch(store_url: str, rds: aioredis.Redis) -> None:
+    """The instance before this one wrote every write to disk before its reply: this one holds all it
+    acknowledged, so its epoch goes on (floor, since, kept, searched and the key the scripts compare): proposals
+    in flight across the restart stay vouched for. The stamp goes (this instance is stamped for itself)."""
+    await an_old_instance_recorded(rds)
+    epoch = (await claimed(store_url)).epoch
+    assert epoch is not None
+    assert (epoch.floor, epoch.since, epoch.kept, epoch.searched) == ((1000, 0), 1700000000.5, (900, 0), True)
+    assert (epoch.key, epoch.continued) == (OLD_KEY, 1)
+    assert epoch.identity.run_id == (await rds.info("server"))["run_id"]
+    record = await rds.hgetall(keys.STORE_EPOCH)
+    assert (record["key"], record["previous_run_id"], record["continued"]) == (OLD_KEY, "old-run", "1")
+    assert "durability" not in record and "durable_run_id" not in record
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"durability": "everysec"}, {"durable_run_id": "another-run"}, {"durability": "none"}, {"floor": ""}],
+    ids=["everysec", "stamp_of_another_instance", "no_aof", "record_not_whole"],
+)
+async def test_a_restart_that_may_have_lost_writes_begins_a_new_epoch(
+    store_url: str, rds: aioredis.Redis, fields: dict[str, str]
+) -> None:
+    """Not stamped ``always`` for the instance the record names (or the record is not whole): whatever that
+    instance acknowledged last may be gone, so a new epoch begins here (everything older is looked up)."""
+    await an_old_instance_recorded(rds, **fields)
+    if fields.get("floor") == "":
+        await rds.hdel(keys.STORE_EPOCH, "floor")
+    epoch = (await claimed(store_url)).epoch
+    assert epoch is not None and epoch.continued == 0
+    assert epoch.key != OLD_KEY and epoch.floor == (900, 0)  # the stream's last id, not the old floor
+    assert await rds.hget(keys.STORE_EPOCH, "key") == epoch.key
+
+
+async def test_a_continued_instance_without_a_proposal_this_apply_read_begins_a_new_epoch(
+    store_url: str, rds: aioredis.Redis
+) -> None:
+    """Stamped ``always``, yet the stream lacks a proposal this Apply read on the epoch (a backup restored, a
+    disk that lied about its fsync): the store forgot what it had acknowledged, so nothing is continued."""
+    await an_old_instance_recorded(rds)
+    watch = StoreWatch(record_epoch=True)
+    watch.epoch = Epoch(StoreIdentity("old-run", "old-repl"), (1000, 0), 1700000000.5, key=OLD_KEY)
+    watch.saw("900-0")
+    watch.saw("2000-0")  # read on the old instance; the data this one loaded ends at 900-0
+    client = make_client(store_url, watch)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+    assert watch.epoch is not None and watch.epoch.continued == 0 and watch.epoch.key != OLD_KEY
+    assert await rds.hget(keys.STORE_EPOCH, "lost") == "1"
+
+
+async def test_the_same_instance_without_a_proposal_this_apply_read_begins_a_new_epoch(
+    store_url: str, rds: aioredis.Redis
+) -> None:
+    """The epoch was continued before this Apply's connection came (the start hook claimed it), and the stream
+    lacks what this Apply had read: the next connection begins a new epoch (plans vouched before are refused by
+    the scripts from then on); one that read nothing newer keeps the epoch."""
+    await an_old_instance_recorded(rds)
+    first = (await claimed(store_url)).epoch
+    assert first is not None and first.continued == 1
+    reader = StoreWatch(record_epoch=True)
+    reader.epoch = first
+    reader.saw("900-0")
+    client = make_client(store_url, reader)
+    try:
+        await client.ping()
+        assert reader.epoch is not None and reader.epoch.same_as(first)  # nothing missing: the same epoch
+        reader.saw("5000-0")
+        await client.connection_pool.disconnect()
+        await client.ping()
+    finally:
+        await client.aclose()
+    assert reader.epoch is not None and not reader.epoch.same_as(first)
+    assert await rds.hget(keys.STORE_EPOCH, "key") == reader.epoch.key
+
+
+@pytest.mark.parametrize("appendfsync", ["always", "everysec"])
+async def test_a_real_restart_continues_the_epoch_only_when_every_write_was_fsynced(
+    tmp_path: Path, appendfsync: str
+) -> None:
+    """A real store killed (SIGKILL) and started again on its append-only file, stamped at each start as
+    ``qt store-stamp`` does after the deployed store's start: with ``always`` the epoch goes on, with
+    ``everysec`` (a host crash could have lost its last second) a new one begins."""
+    store = EmbeddedStore(tmp_path / "data", persist=True, appendfsync=appendfsync)
+    url = store.start()
+    try:
+        assert await record_epoch(url) == appendfsync
+        before = (await claimed(url)).epoch
+        client = make_client(url)
+        await client.xadd(keys.PROPOSAL_STREAM, {"proposal_id": "in-flight"})
+        await client.aclose()
+        store.kill()
+        store = EmbeddedStore(tmp_path / "data", persist=True, port=store.port, appendfsync=appendfsync)
+        store.start()
+        await record_epoch(url)
+        after = (await claimed(url)).epoch
+    finally:
+        store.stop()
+    assert before is not None and after is not None and after.identity != before.identity
+    assert after.same_as(before) is (appendfsync == "always")
+    assert after.continued == (1 if appendfsync == "always" else 0)

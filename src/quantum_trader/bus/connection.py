@@ -129,13 +129,17 @@ def make_client(url: str, watch: StoreWatch | None = None, retry: Retry | None =
     return client
 
 
-async def record_epoch(url: str) -> None:
-    """Record the store instance's epoch now (bus/identity.py), as Apply's first connection would. Done right
-    after a store starts (`qt up`, and the private systems of demo, chaos and bench): the floor is then exact,
-    so proposals sent right after the start are vouched for even before an Apply has connected."""
-    client = make_client(url, StoreWatch(record_epoch=True))
+async def record_epoch(admin_url: str) -> str:
+    """Record the store instance's epoch now (bus/identity.py), as Apply's first connection would, and stamp how
+    durable the instance is (an admin's CONFIG GET). Done right after a store starts (`qt up`, the private
+    systems of demo, chaos and bench, and `qt store-stamp` after the deployed store's start): the floor is
+    then exact, so proposals sent right after the start are vouched for even before an Apply has connected,
+    and a restart of an instance stamped ``always`` continues its epoch (it lost nothing). Returns the stamp."""
+    watch = StoreWatch(record_epoch=True)
+    client = make_client(admin_url, watch)
     try:
         await client.ping()
+        return await watch.stamp_durability(client)
     finally:
         await client.aclose()
 

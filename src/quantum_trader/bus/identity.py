@@ -23,33 +23,46 @@ from quantum_trader.bus.errors import StoreUnavailableReply
 from quantum_trader.bus.scripts import INSTANCE_CHECK
 from quantum_trader.domain.trust import Epoch, StoreIdentity, started_before_ms, stream_id
 
-# The instance's epoch: kept if it names this instance (and is whole), else replaced by a new one. ``last_id``
-# is the proposal stream's last generated id now (XINFO; the stream travels as an argument: Apply may only
-# consume it; only a missing stream means "none": any other error refuses the claim). The floor is that, or
-# the instance's start on its own clock (ARGV[5], ms; "" when not known) if lower: an instance that has been
-# a primary since it started gave every entry added since an id past its start. ``kept`` is the newest entry
-# at or below the floor: the newest proposal the instance kept of what came before it (a store that forgot
-# writes forgot what came after it; an epoch written before ``kept`` existed gets it now, and one whose floor
-# is unreadable is returned as it is, to be refused as unreadable). ``searched`` is set once an Apply has
-# searched the exchange for orders the instance forgot.
+# The instance's epoch: kept if it names this instance (and is whole), else replaced by a new one, or continued.
+# ``last`` is the proposal stream's last generated id now (XINFO; the stream travels as an argument: Apply may
+# only consume it; only a missing stream means "none": any other error refuses the claim). A new epoch's floor
+# is that, or the instance's start on its own clock (``time_floor``, ms; "" when not known) if lower: an
+# instance that has been a primary since it started gave every entry added since an id past its start.
+# ``kept`` is the newest entry at or below the floor: the newest proposal the instance kept of what came
+# before it (a store that forgot writes forgot what came after it; an epoch written before ``kept`` existed
+# gets it now, and one whose floor is unreadable is returned as it is, to be refused as unreadable).
+# ``searched`` is set once an Apply has searched the exchange for orders the instance forgot. ``key`` is what
+# the scripts compare (bus/scripts.py INSTANCE_CHECK): run_id|replid|floor|since of the instance that began
+# the epoch.
+#
+# Continued (docs/reliability.md, "A restart that lost nothing"): a restarted instance (``time_floor`` set: a
+# primary since it started) whose record names the instance before it, stamped durable (``appendfsync
+# always``, by an admin that read the config: STAMP_DURABILITY) keeps that epoch's floor, since, kept,
+# searched and key: it holds every write the old one acknowledged, so its word stands for them, and the
+# plans vouched on the old one stay vouched. Only the identity changes, and the stamp goes: this instance is
+# stamped for itself. Never continued, and a new epoch begun even on the same instance: when the stream's last
+# id is below a proposal the claiming Apply read on this epoch (``witness_key``, ``witness_id``): the store
+# lacks what it had acknowledged (a backup restored, a lying disk).
 CLAIM_EPOCH = """
+local epoch, claimed_run_id, claimed_replid, began, proposals = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local time_floor, witness_key, witness_id = ARGV[5], ARGV[6], ARGV[7]
 local function kept_at_or_below(floor)
-  local newest = redis.pcall('XREVRANGE', ARGV[4], floor, '-', 'COUNT', 1)
+  local newest = redis.pcall('XREVRANGE', proposals, floor, '-', 'COUNT', 1)
   if type(newest) == 'table' and newest.err then return nil, newest.err end
   if newest[1] then return newest[1][1] end
   return '0-0'
 end
-local cur = redis.call('HMGET', KEYS[1], 'run_id', 'replid', 'floor', 'since', 'kept', 'searched')
-if cur[1] == ARGV[1] and cur[2] == ARGV[2] and cur[3] and cur[4] then
-  local kept = cur[5]
-  if not kept then
-    kept = kept_at_or_below(cur[3])
-    if kept then redis.call('HSET', KEYS[1], 'kept', kept) else kept = '' end
-  end
-  return {cur[3], cur[4], 0, kept, cur[6] or ''}
+local function id_below(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not am or not bm then return false end
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
 end
 local last = '0-0'
-local info = redis.pcall('XINFO', 'STREAM', ARGV[4])
+local info = redis.pcall('XINFO', 'STREAM', proposals)
 if type(info) == 'table' and info.err then
   if not string.find(string.lower(info.err), 'no such key', 1, true) then return redis.error_reply(info.err) end
 else
@@ -57,16 +70,53 @@ else
     if info[i] == 'last-generated-id' then last = info[i + 1] end
   end
 end
+local cur = redis.call('HMGET', epoch, 'run_id', 'replid', 'floor', 'since', 'kept', 'searched', 'key',
+                       'durability', 'durable_run_id', 'continued')
+local whole = cur[1] and cur[2] and cur[3] and cur[4]
+local key = cur[7] or table.concat({cur[1] or '', cur[2] or '', cur[3] or '', cur[4] or ''}, '|')
+local lost = witness_id ~= '' and witness_key == key and id_below(last, witness_id)
+local function kept_of_current()
+  local kept = cur[5]
+  if not kept then
+    kept = kept_at_or_below(cur[3])
+    if kept then redis.call('HSET', epoch, 'kept', kept) else kept = '' end
+  end
+  return kept
+end
+if whole and cur[1] == claimed_run_id and cur[2] == claimed_replid and not lost then
+  local kept = kept_of_current()
+  if not cur[7] and kept ~= '' then redis.call('HSET', epoch, 'key', key) end
+  return {cur[3], cur[4], 0, kept, cur[6] or '', key, cur[10] or '0'}
+end
+if whole and not lost and time_floor ~= '' and cur[8] == 'always' and cur[9] == cur[1] then
+  local kept = kept_of_current()
+  local continued = tostring((tonumber(cur[10] or '0') or 0) + 1)
+  redis.call('HDEL', epoch, 'durability', 'durable_run_id')
+  redis.call('HSET', epoch, 'run_id', claimed_run_id, 'replid', claimed_replid, 'key', key,
+             'continued', continued, 'previous_run_id', cur[1], 'previous_replid', cur[2])
+  return {cur[3], cur[4], 1, kept, cur[6] or '', key, continued}
+end
 local floor = last
-if ARGV[5] ~= '' and tonumber(ARGV[5]) < tonumber(string.match(last, '^(%d+)')) then
-  floor = ARGV[5] .. '-18446744073709551615'
+if time_floor ~= '' and tonumber(time_floor) < tonumber(string.match(last, '^(%d+)')) then
+  floor = time_floor .. '-18446744073709551615'
 end
 local kept, err = kept_at_or_below(floor)
 if not kept then return redis.error_reply(err) end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'replid', ARGV[2], 'floor', floor, 'since', ARGV[3],
-           'last_id', last, 'kept', kept, 'previous_run_id', cur[1] or '', 'previous_replid', cur[2] or '')
-return {floor, ARGV[3], 1, kept, ''}
+key = table.concat({claimed_run_id, claimed_replid, floor, began}, '|')
+redis.call('DEL', epoch)
+redis.call('HSET', epoch, 'run_id', claimed_run_id, 'replid', claimed_replid, 'floor', floor, 'since', began,
+           'last_id', last, 'kept', kept, 'key', key, 'previous_run_id', cur[1] or '',
+           'previous_replid', cur[2] or '', 'lost', lost and '1' or '0')
+return {floor, began, 1, kept, '', key, '0'}
+"""
+
+# An admin read the instance's persistence config (CONFIG GET, which no service may run): recorded in the
+# epoch if the record names that instance. ``always`` (appendonly on, appendfsync always) lets the instance's
+# successor after a restart continue its epoch (CLAIM_EPOCH).
+STAMP_DURABILITY = """
+if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'durability', ARGV[2], 'durable_run_id', ARGV[1])
+return 1
 """
 
 # The search for forgotten orders is done: recorded in the epoch, if the record is still that epoch's (the
@@ -119,6 +169,7 @@ class StoreWatch:
         self._clock = clock
         self._on_change: OnChange | None = None
         self._undelivered: tuple[StoreIdentity | None, StoreIdentity, bool] | None = None
+        self._witness: tuple[str, str] = ("", "0-0")  # (epoch key, the newest proposal read on it): saw()
 
     def subscribe(self, on_change: OnChange) -> None:
         self._on_change = on_change
@@ -158,6 +209,18 @@ class StoreWatch:
         epoch's (a search that began on one instance never marks another searched). Whether it was recorded."""
         return bool(await redis.eval(MARK_SEARCHED, 1, keys.STORE_EPOCH, epoch.key))
 
+    async def stamp_durability(self, redis: Any) -> str:
+        """As an admin (CONFIG GET, which no service may run): how the instance keeps what it acknowledged,
+        recorded in its epoch (STAMP_DURABILITY), so that its successor after a restart can tell whether it
+        lost anything. ``always`` (appendonly on, appendfsync always: every write on disk before its reply),
+        ``everysec``, ``no``, or ``none`` (no append-only file). Returns what was recorded ("" if the record
+        names another instance: a restart in between; the new instance is stamped by its own start)."""
+        info = await redis.info("server")
+        config = await redis.config_get("appendonly", "appendfsync")
+        durability = "none" if config.get("appendonly") != "yes" else str(config.get("appendfsync", ""))
+        stamped = await redis.eval(STAMP_DURABILITY, 1, keys.STORE_EPOCH, str(info["run_id"]), durability)
+        return durability if stamped else ""
+
     async def _identify(self, conn: Any) -> tuple[StoreIdentity, float, str]:
         """The server's identity; the latest it can have become that instance (its start if it has been a
         primary since, ``second_repl_offset`` -1: never promoted; else now, as a promotion is not dated); and
@@ -188,6 +251,7 @@ class StoreWatch:
 
     async def _claim(self, conn: Any, identity: StoreIdentity, began: float, time_floor: str) -> Epoch:
         """The instance's epoch (created now if no Apply had used the instance before)."""
+        witness_key, witness_id = self._witness
         await conn.send_command(
             "EVAL",
             CLAIM_EPOCH,
@@ -198,7 +262,28 @@ class StoreWatch:
             repr(began),
             keys.PROPOSAL_STREAM,
             time_floor,
+            witness_key,
+            witness_id,
         )
-        floor, since, _, kept, searched = await conn.read_response()
-        key = f"{identity.run_id}|{identity.replid}|{floor}|{since}"
-        return Epoch(identity, stream_id(str(floor)), float(since), stream_id(str(kept)), searched == "1", key)
+        floor, since, _, kept, searched, key, continued = await conn.read_response()
+        return Epoch(
+            identity,
+            stream_id(str(floor)),
+            float(since),
+            stream_id(str(kept)),
+            searched == "1",
+            str(key),
+            int(continued),
+        )
+
+    def saw(self, entry_id: str) -> None:
+        """A proposal entry this process read from the store (Apply): the newest one read on the current epoch
+        is its witness that a continued instance holds what the old one acknowledged (CLAIM_EPOCH)."""
+        if self.epoch is None:
+            return
+        key, newest = self._witness
+        try:
+            if key != self.epoch.key or stream_id(entry_id) > stream_id(newest):
+                self._witness = (self.epoch.key, entry_id)
+        except ValueError:
+            return

@@ -65,14 +65,15 @@ redis.call('EXPIRE', record, record_ttl_s)
 return 1
 """
 
-# The check both scripts make when given the epoch the caller relies on: is the store still that instance? The
-# epoch record holds run_id|replid|floor|since of the instance the last Apply connection reached (bus/identity.py
-# writes it before the connection is used), so a script running on another instance finds another record.
+# The check both scripts make when given the epoch the caller relies on: is the store still that instance, or
+# one that continues it? The epoch record's key is run_id|replid|floor|since of the instance that began the
+# epoch (bus/identity.py CLAIM_EPOCH writes it before a connection is used); a restart that lost nothing keeps
+# it, any other change begins a new one, so a script running on an instance that may have forgotten finds
+# another key.
 INSTANCE_CHECK = """
 local function instance_changed()
   if not epoch then return false end
-  local e = redis.call('HMGET', epoch, 'run_id', 'replid', 'floor', 'since')
-  return table.concat({e[1] or '', e[2] or '', e[3] or '', e[4] or ''}, '|') ~= expected_epoch
+  return (redis.call('HGET', epoch, 'key') or '') ~= expected_epoch
 end
 """
 

@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import StoreUnavailable, make_client
+from quantum_trader.bus.embedded import APPENDFSYNC
 from quantum_trader.domain import oracle
 from quantum_trader.domain.models import GovernorPermit, Plan, from_fields
 from quantum_trader.domain.permits import encode_permit, sign
@@ -64,6 +65,13 @@ AIM_S = 10.0  # an aimed kill waits at most this long for a plan inside the orde
 # so it still fills): the plan that sends it is in the order path (consumed, no result) for that long, so the
 # kill or the loss lands there by construction.
 HELD_ORDER = {"kind": "latency", "ms": 700, "path": "/fapi/v1/order", "method": "POST", "count": 1}
+# Before the store restart the next position reads are slowed (Apply reads the position to plan a proposal; P3.3
+# polls the same endpoint), so proposals Apply has read but not yet planned are in flight when the store dies,
+# by construction: the restart waits for one (at most AIM_S). A restart that lost nothing must refuse none.
+HELD_POSITION_READS = {"kind": "latency", "ms": 1500, "path": "/fapi/v2/positionRisk", "method": "GET", "count": 6}
+# The plain run's store fsyncs every write (appendfsync always): its restart loses nothing, so it may refuse
+# nothing. The --store-loss run keeps the default (everysec): its losses are what a host crash under it loses.
+LOSSLESS_APPENDFSYNC = "always"
 LOSS_CONSUMPTION_S = 20.0  # a store loss waits at most this long for a consumption after its snapshot
 IN_ORDER_PATH_S = 10.0  # an intent recorded this recently is a plan inside the order path (older: stuck, not live)
 # with --store-loss: when this share of the plans has been proposed (away from the store restart at half)
@@ -109,6 +117,11 @@ class ChaosReport:
     # proposals answered store_changed: older than the store instance (in flight at a restart or loss, or sent
     # in a restarted store's first second), never executed for that reason (issue 20's goal: none)
     refused_after_store_change: int = 0
+    # the plain run's store restart: proposals Apply had read but not planned when the store died (at least one,
+    # by construction), and how many of those the restart refused (store_changed; a lossless restart: none)
+    unplanned_at_restart: int = 0
+    unplanned_at_restart_refused: int = 0
+    lossless_restart: bool = False  # the restart lost nothing (appendfsync always): it may refuse nothing
     forgotten_proposals: int = 0  # proposals the store forgot before anything came of them: the client retries
     answered_then_forgotten: int = 0  # proposals the store forgot after their answer was seen: not sent again
     resent_after_a_fill: int = 0  # ... of which the first plan had in fact filled (its order must answer it)
@@ -162,6 +175,12 @@ def verdict(report: ChaosReport) -> list[str]:
         failures.append("nothing executed")
     if report.store_restarts == 0:
         failures.append("the store was never restarted")
+    elif report.unplanned_at_restart == 0:
+        failures.append("no proposal was in flight unplanned when the store restarted")
+    if report.lossless_restart and report.refused_after_store_change:
+        failures.append(
+            f"a store restart that lost nothing refused {report.refused_after_store_change} proposals (store_changed)"
+        )
     if report.store_loss_run:  # the losses take most of a short run: they are its faults, kills may not come
         if report.store_losses == 0:
             failures.append("the store never forgot anything")
@@ -194,7 +213,9 @@ class Observed:
 
 
 class Chaos:
-    def __init__(self, system: Any, plans: int, rate: float, seed: int, store_loss: bool = False) -> None:
+    def __init__(
+        self, system: Any, plans: int, rate: float, seed: int, store_loss: bool = False, lossless: bool = False
+    ) -> None:
         self.system = system
         self.plans = plans
         self.rate = rate
@@ -203,7 +224,8 @@ class Chaos:
         self.submitted: list[ops.Submitted] = []
         self.symbol_of: dict[str, str] = {}
         self.resent: set[str] = set()  # client order ids of proposals sent again after the store forgot them
-        self.report = ChaosReport(store_loss_run=store_loss)
+        self.report = ChaosReport(store_loss_run=store_loss, lossless_restart=lossless and not store_loss)
+        self.unplanned_at_restart: set[str] = set()  # plan ids
         self.forged: dict[str, str] = {}  # plan id -> the attack written into its Governor slot
         self.seen = Observed()
         self.finished = asyncio.Event()
@@ -291,11 +313,42 @@ class Chaos:
             return 0
 
     def _hold_next_order(self) -> None:
+        self._add_fault(HELD_ORDER)
+
+    def _add_fault(self, fault: dict[str, Any]) -> None:
         admin = self.system.admin()
         try:
-            admin.add_fault(HELD_ORDER)
+            admin.add_fault(fault)
         finally:
             admin.close()
+
+    async def _unplanned(self, rds: aioredis.Redis) -> set[str]:
+        """The plans of proposals Apply has read (pending in its group) and not planned yet (no plan record)."""
+        try:
+            pending = await asyncio.wait_for(
+                rds.xpending_range(keys.PROPOSAL_STREAM, keys.APPLY_GROUP, "-", "+", 10_000), 1.0
+            )
+            read = {row["message_id"] for row in pending}
+            subs = [sub for sub in self.submitted if sub.entry_id in read]
+            if not subs:
+                return set()
+            planned = await asyncio.wait_for(
+                asyncio.gather(*(rds.exists(keys.plan_record(sub.plan_id)) for sub in subs)), 1.0
+            )
+        except (RedisError, OSError, TimeoutError):
+            return set()
+        return {sub.plan_id for sub, has_plan in zip(subs, planned, strict=True) if not has_plan}
+
+    async def _wait_unplanned(self, rds: aioredis.Redis) -> bool:
+        """Slow the next position reads, and wait (at most ``AIM_S``) until Apply has read a proposal it has not
+        planned yet; whether it has."""
+        await asyncio.to_thread(self._add_fault, HELD_POSITION_READS)
+        deadline = time.monotonic() + AIM_S
+        while time.monotonic() < deadline:
+            if await self._unplanned(rds):
+                return True
+            await asyncio.sleep(0.005)
+        return False
 
     async def _aim(self, rds: aioredis.Redis) -> bool:
         """Hold the next order at the exchange, and wait (at most ``AIM_S``) until a plan is inside the order
@@ -336,8 +389,11 @@ class Chaos:
 
     async def _restart_store(self, rds: aioredis.Redis) -> None:
         port = int(self.system.redis_url.rsplit(":", 1)[1])
+        await self._wait_unplanned(rds)
         landed = await self._aim(rds)
+        self.unplanned_at_restart = await self._unplanned(rds)
         self.system.store.kill()  # SIGKILL: no shutdown save, only what the append-only file holds
+        self.report.unplanned_at_restart = len(self.unplanned_at_restart)
         self.report.kills_in_order_path += landed
         await asyncio.sleep(self.rng.uniform(0.3, 1.0))
         await asyncio.to_thread(self.system.start_store, port)  # same data, same port, same users
@@ -526,6 +582,9 @@ class Chaos:
         r.executions = len(executed)
         r.adopted_from_exchange = sum(1 for f in final if f.get("adopted") == "true")
         r.refused_after_store_change = sum(1 for f in final if f.get("error") == "store_changed")
+        r.unplanned_at_restart_refused = sum(
+            1 for f in final if f.get("error") == "store_changed" and f.get("plan_id") in self.unplanned_at_restart
+        )
         placed = self._orders()
         r.orders = len(placed)
         orders = Counter(o["clientOrderId"] for o in placed)
@@ -609,12 +668,18 @@ def run_chaos(
 ) -> tuple[ChaosReport, Path]:
     from quantum_trader.system import LocalSystem
 
-    system = LocalSystem.private("qt-chaos-", env=CHAOS_ENV, persist_store=True, sim_args=CHAOS_SIM_ARGS)
+    system = LocalSystem.private(
+        "qt-chaos-",
+        env=CHAOS_ENV,
+        persist_store=True,
+        sim_args=CHAOS_SIM_ARGS,
+        appendfsync=APPENDFSYNC if store_loss else LOSSLESS_APPENDFSYNC,
+    )
     with system:
         system.start_infra()
         system.open_positions({symbol: amount for symbol, (amount, _) in SYMBOLS.items()})
         system.start_services()
-        report = asyncio.run(Chaos(system, plans, rate, seed, store_loss).run())
+        report = asyncio.run(Chaos(system, plans, rate, seed, store_loss, lossless=not store_loss).run())
     return report, system.settings.state_dir
 
 
@@ -657,7 +722,13 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
         ("  rejected by Apply", report.forgeries_rejected, "> 0"),
         ("  executed", report.forgeries_executed, "0"),
         ("results adopted from the exchange", report.adopted_from_exchange, ""),
-        ("proposals refused after a store change (store_changed)", report.refused_after_store_change, ""),
+        (
+            "proposals refused after a store change (store_changed)",
+            report.refused_after_store_change,
+            "0" if report.lossless_restart else "",
+        ),
+        ("read but not planned when the store restarted", report.unplanned_at_restart, "> 0"),
+        ("  of which refused (store_changed)", report.unplanned_at_restart_refused, ""),
         ("proposals the store forgot after their answer was seen", report.answered_then_forgotten, ""),
         ("proposals the store forgot (sent again)", report.forgotten_proposals, ""),
         ("  of which the first plan had filled", report.resent_after_a_fill, ""),

@@ -46,6 +46,40 @@ def acl_cmd(
     print(f"ACL users created: {', '.join(sorted(ROLES))} (passwords in {settings.state_dir / 'secrets'})")
 
 
+@app.command("store-stamp")
+def store_stamp_cmd(
+    wait: Annotated[float, typer.Option(help="seconds to wait for the store to answer (it may be starting)")] = 30.0,
+) -> None:
+    """Record the store instance's epoch and stamp how durable it is (CONFIG GET appendonly, appendfsync), with
+    an admin account at QT_REDIS_URL. Run it after every start of the store (deploy/systemd: ExecStartPost of
+    quantum-store.service): only an instance stamped ``always`` can be restarted without refusing the proposals
+    in flight (docs/reliability.md, "A restart that lost nothing")."""
+    import asyncio
+    import time
+
+    from redis.exceptions import NoPermissionError, RedisError
+
+    from quantum_trader.bus.connection import record_epoch, redact, resolve_redis_url
+
+    settings = settings_or_exit()
+    url = resolve_redis_url(settings)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            durability = asyncio.run(record_epoch(url))
+            break
+        except NoPermissionError as exc:
+            fail(f"the account at QT_REDIS_URL may not stamp the store (an admin's is needed): {exc}")
+        except (RedisError, OSError) as exc:
+            if time.monotonic() > deadline:
+                fail(f"the store at {redact(url)} did not answer within {wait:g} s: {exc}")
+            time.sleep(0.2)
+    if not durability:
+        fail("the store restarted while it was stamped; run qt store-stamp again")
+    note = "a restart continues its epoch" if durability == "always" else "a restart begins a new epoch"
+    print(f"store epoch recorded; durability: {durability} ({note})")
+
+
 @app.command("status")
 def status_cmd(json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False) -> None:
     """Services (heartbeat, lag, pending), kill switch, Governor mode, unresolved orders, positions and drift."""

@@ -405,11 +405,12 @@ STORE_CHANGED = _r(
     "store_changed",
     "error",
     "apply",
-    "The proposal is older than the store instance Apply now talks to (the store restarted, came back with "
-    "older data, or failed over to a replica), so the store cannot vouch that the plan was not answered "
-    "already: it is never executed now. The exchange was asked first: an order of the plan would have been "
-    "its result instead; there is none, and none can still execute.",
-    "A store restart or failover while the proposal waited (or while its plan waited for permits).",
+    "The proposal is older than the store instance Apply now talks to (the store restarted without proof that "
+    "it lost nothing, came back with older data, or failed over to a replica), so the store cannot vouch that "
+    "the plan was not answered already: it is never executed now. The exchange was asked first: an order of "
+    "the plan would have been its result instead; there is none, and none can still execute.",
+    "A store restart or failover while the proposal waited (or while its plan waited for permits). A restart "
+    "of a store stamped appendfsync always (qt store-stamp) lost nothing and refuses nothing.",
     "Nothing; the strategy may propose again with a new proposal_id (a fresh proposal is handled normally; the same "
     "id is answered by this result).",
 )

@@ -42,17 +42,22 @@ class Epoch:
     # store forgot was written after it)
     kept: StreamId = (0, 0)
     searched: bool = False  # an Apply has searched the exchange for orders this instance forgot
-    # run_id|replid|floor|since exactly as the epoch record holds them: what the scripts compare, inside the
-    # store, to refuse a step decided on this epoch's word once the store is another instance ("": not known)
+    # run_id|replid|floor|since of the instance that began the epoch, as its record holds it: what the scripts
+    # compare, inside the store, to refuse a step decided on this epoch's word once the store is an instance
+    # that does not continue it ("": not known)
     key: str = ""
+    # how many restarts that lost nothing this epoch has been continued through (bus/identity.py CLAIM_EPOCH):
+    # its word stands on the instance now as it did on the one that began it
+    continued: int = 0
 
     def same_as(self, other: Epoch | None) -> bool:
-        """The same epoch of the same instance (what was learnt about it since, e.g. ``searched``, aside)."""
-        return other is not None and (self.identity, self.floor, self.since) == (
-            other.identity,
-            other.floor,
-            other.since,
-        )
+        """The same epoch (what was learnt about it since, e.g. ``searched``, aside): begun by the same instance
+        with the same floor, on that instance or one that continues it."""
+        if other is None:
+            return False
+        if self.key and other.key:
+            return self.key == other.key
+        return (self.identity, self.floor, self.since) == (other.identity, other.floor, other.since)
 
     def trusts(self, proposal_entry_id: str, now: float) -> bool:
         """The proposal lived its whole life on this instance (so did its plan, permits, markers and order), and

@@ -127,15 +127,26 @@ class ApplyService(Service):
         if before is None or before == after:
             return
         self.metrics.store_changes.set(self.watch.changes)
-        self.log.warning(
-            "the store is another instance than before (restart or failover): plans it cannot vouch for are "
-            "looked up on the exchange",
-            run_id=after.run_id,
-            previous_run_id=before.run_id,
-        )
+        epoch = self.watch.epoch
+        if epoch is not None and epoch.continued:
+            self.log.warning(
+                "the store restarted and lost nothing (its append-only file is fsynced on every write): its word "
+                "stands for every plan, as before",
+                run_id=after.run_id,
+                previous_run_id=before.run_id,
+                continued=epoch.continued,
+            )
+        else:
+            self.log.warning(
+                "the store is another instance than before (restart or failover): plans it cannot vouch for are "
+                "looked up on the exchange",
+                run_id=after.run_id,
+                previous_run_id=before.run_id,
+            )
         self.waiter.restart()
 
     async def _dispatch(self, entry_id: str, fields: dict[str, str]) -> None:
+        self.watch.saw(entry_id)  # its witness that a store restart lost nothing it had read (CLAIM_EPOCH)
         await self._start(entry_id, lambda again: self.handler.handle_proposal(entry_id, fields, again=again))
 
     async def _dispatch_poisoned(self, entry_id: str, fields: dict[str, str]) -> None:
