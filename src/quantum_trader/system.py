@@ -97,6 +97,9 @@ class SimAdmin:
         """Script a fault (``/_sim/faults``: exchange/sim/faults.py), e.g. hold the next order a while."""
         self._client.post("/_sim/faults", json=rule).raise_for_status()
 
+    def clear_faults(self) -> None:
+        self._client.delete("/_sim/faults").raise_for_status()
+
     def orders(self, symbol: str | None = None) -> list[dict[str, Any]]:
         reply = self._client.get("/_sim/orders", params={"symbol": symbol} if symbol else None)
         reply.raise_for_status()

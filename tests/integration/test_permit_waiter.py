@@ -372,3 +372,15 @@ async def test_an_unexpected_error_is_logged_and_reading_resumes_with_a_fresh_ba
         for e in logged
         if e["event"].startswith("audit reader: unexpected error")
     )
+
+
+async def test_the_reader_hands_the_newest_entry_of_each_batch_to_the_store_watch(rds: aioredis.Redis) -> None:
+    """What the reader read is part of Apply's witness that a restarted store lost nothing (bus/identity.py
+    CLAIM_EPOCH): each batch's newest entry id is handed on."""
+    read: list[str] = []
+    waiter = PermitWaiter(rds, logs.get("apply"), on_read=read.append)
+    async with reading(waiter):
+        await audit(rds, "plan-a", "governor", "allow")
+        await settled(rds, waiter)
+        newest = str((await rds.xrevrange(keys.AUDIT_STREAM, count=1))[0][0])
+        assert read[-1] == newest

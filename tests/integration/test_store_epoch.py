@@ -8,7 +8,9 @@ proposal the store forgot (the proposal stream's newest kept entry lies before t
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -83,16 +85,30 @@ async def test_an_epoch_recorded_before_kept_existed_gets_it_and_stays_the_same_
 # should refuse nothing") ---------------------------------------------------------------------------------------
 
 OLD_KEY = "old-run|old-repl|1000-0|1700000000.5"
+OLD_SINCE = 1700000000.5
 
 
-async def an_old_instance_recorded(rds: aioredis.Redis, **fields: str) -> None:
+@pytest.fixture
+async def aof_store(tmp_path: Path) -> AsyncIterator[str]:
+    """A store of the test's own that keeps an append-only file (fsynced on every write), as the deployed one."""
+    store = EmbeddedStore(tmp_path / "aof", persist=True, appendfsync="always")
+    url = store.start()
+    try:
+        yield url
+    finally:
+        store.stop()
+
+
+async def an_old_instance_recorded(url: str, **fields: str) -> aioredis.Redis:
     """The record the instance before this one left in the data this one loaded (as a restart finds it)."""
+    rds = make_client(url)
     await rds.xadd(keys.PROPOSAL_STREAM, {"proposal_id": "old-1"}, id="900-0")
+    await rds.xadd(keys.AUDIT_STREAM, {"plan_id": "p"}, id="950-0")
     record = {
         "run_id": "old-run",
         "replid": "old-repl",
         "floor": "1000-0",
-        "since": "1700000000.5",
+        "since": repr(OLD_SINCE),
         "kept": "900-0",
         "searched": "1",
         "key": OLD_KEY,
@@ -100,21 +116,43 @@ async def an_old_instance_recorded(rds: aioredis.Redis, **fields: str) -> None:
         "durable_run_id": "old-run",
     }
     await rds.hset(keys.STORE_EPOCH, mapping={**record, **fields})
+    return rds
 
 
-async def test_a_restart_of_an_instance_stamped_always_continues_its_epoch(store_url: str, rds: aioredis.Redis) -> None:
+async def claimed_by(url: str, watch: StoreWatch) -> Epoch:
+    client = make_client(url, watch)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+    assert watch.epoch is not None
+    return watch.epoch
+
+
+def witness_of(key: str, since: float, proposal: str = "0-0", audit: str = "0-0") -> StoreWatch:
+    """An Apply's watch that last read on epoch ``key`` (begun at ``since``): these newest entries."""
+    watch = StoreWatch(record_epoch=True)
+    watch.epoch = Epoch(StoreIdentity("old-run", "old-repl"), (1000, 0), since, key=key)
+    for entry in ("1-0", proposal):
+        watch.saw(entry)
+    watch.saw_audit(audit)
+    return watch
+
+
+async def test_a_restart_of_an_instance_stamped_always_continues_its_epoch(aof_store: str) -> None:
     """The instance before this one wrote every write to disk before its reply: this one holds all it
     acknowledged, so its epoch goes on (floor, since, kept, searched and the key the scripts compare): proposals
-    in flight across the restart stay vouched for. The stamp goes (this instance is stamped for itself)."""
-    await an_old_instance_recorded(rds)
-    epoch = (await claimed(store_url)).epoch
-    assert epoch is not None
-    assert (epoch.floor, epoch.since, epoch.kept, epoch.searched) == ((1000, 0), 1700000000.5, (900, 0), True)
+    in flight across the restart stay vouched for. The stamp goes (this instance is stamped for itself). So it
+    does for an Apply that read up to the streams' ends on that epoch."""
+    rds = await an_old_instance_recorded(aof_store)
+    epoch = await claimed_by(aof_store, witness_of(OLD_KEY, OLD_SINCE, proposal="900-0", audit="950-0"))
+    assert (epoch.floor, epoch.since, epoch.kept, epoch.searched) == ((1000, 0), OLD_SINCE, (900, 0), True)
     assert (epoch.key, epoch.continued) == (OLD_KEY, 1)
     assert epoch.identity.run_id == (await rds.info("server"))["run_id"]
     record = await rds.hgetall(keys.STORE_EPOCH)
     assert (record["key"], record["previous_run_id"], record["continued"]) == (OLD_KEY, "old-run", "1")
     assert "durability" not in record and "durable_run_id" not in record
+    await rds.aclose()
 
 
 @pytest.mark.parametrize(
@@ -122,52 +160,73 @@ async def test_a_restart_of_an_instance_stamped_always_continues_its_epoch(store
     [{"durability": "everysec"}, {"durable_run_id": "another-run"}, {"durability": "none"}, {"floor": ""}],
     ids=["everysec", "stamp_of_another_instance", "no_aof", "record_not_whole"],
 )
-async def test_a_restart_that_may_have_lost_writes_begins_a_new_epoch(
-    store_url: str, rds: aioredis.Redis, fields: dict[str, str]
-) -> None:
+async def test_a_restart_that_may_have_lost_writes_begins_a_new_epoch(aof_store: str, fields: dict[str, str]) -> None:
     """Not stamped ``always`` for the instance the record names (or the record is not whole): whatever that
     instance acknowledged last may be gone, so a new epoch begins here (everything older is looked up)."""
-    await an_old_instance_recorded(rds, **fields)
+    rds = await an_old_instance_recorded(aof_store, **fields)
     if fields.get("floor") == "":
         await rds.hdel(keys.STORE_EPOCH, "floor")
-    epoch = (await claimed(store_url)).epoch
-    assert epoch is not None and epoch.continued == 0
+    epoch = await claimed_by(aof_store, StoreWatch(record_epoch=True))
+    assert epoch.continued == 0
     assert epoch.key != OLD_KEY and epoch.floor == (900, 0)  # the stream's last id, not the old floor
     assert await rds.hget(keys.STORE_EPOCH, "key") == epoch.key
+    await rds.aclose()
 
 
-async def test_a_continued_instance_without_a_proposal_this_apply_read_begins_a_new_epoch(
-    store_url: str, rds: aioredis.Redis
+async def test_an_instance_without_an_append_only_file_is_not_continued(store_url: str) -> None:
+    """The test store keeps no append-only file: it loaded whatever it loaded from a snapshot (or nothing), so
+    even a record stamped ``always`` by the instance before it is not continued."""
+    rds = await an_old_instance_recorded(store_url)
+    assert (await rds.info("persistence"))["aof_enabled"] == 0
+    epoch = await claimed_by(store_url, StoreWatch(record_epoch=True))
+    assert epoch.continued == 0 and epoch.key != OLD_KEY
+    await rds.aclose()
+
+
+@pytest.mark.parametrize(
+    "witness",
+    [
+        {"proposal": "2000-0"},  # a proposal read on the epoch that the stream lacks
+        {"audit": "3000-0"},  # an audit entry (a decision, a consume) read on the epoch that the stream lacks
+    ],
+    ids=["proposal_stream_behind", "audit_stream_behind"],
+)
+async def test_a_store_without_what_this_apply_read_on_the_epoch_is_not_continued(
+    aof_store: str, witness: dict[str, str]
 ) -> None:
-    """Stamped ``always``, yet the stream lacks a proposal this Apply read on the epoch (a backup restored, a
+    """Stamped ``always``, yet the streams end below what this Apply read on the epoch (a backup restored, a
     disk that lied about its fsync): the store forgot what it had acknowledged, so nothing is continued."""
-    await an_old_instance_recorded(rds)
-    watch = StoreWatch(record_epoch=True)
-    watch.epoch = Epoch(StoreIdentity("old-run", "old-repl"), (1000, 0), 1700000000.5, key=OLD_KEY)
-    watch.saw("900-0")
-    watch.saw("2000-0")  # read on the old instance; the data this one loaded ends at 900-0
-    client = make_client(store_url, watch)
-    try:
-        await client.ping()
-    finally:
-        await client.aclose()
-    assert watch.epoch is not None and watch.epoch.continued == 0 and watch.epoch.key != OLD_KEY
+    rds = await an_old_instance_recorded(aof_store)
+    epoch = await claimed_by(aof_store, witness_of(OLD_KEY, OLD_SINCE, **witness))
+    assert epoch.continued == 0 and epoch.key != OLD_KEY
     assert await rds.hget(keys.STORE_EPOCH, "lost") == "1"
+    await rds.aclose()
 
 
-async def test_the_same_instance_without_a_proposal_this_apply_read_begins_a_new_epoch(
-    store_url: str, rds: aioredis.Redis
-) -> None:
+async def test_a_store_holding_an_older_epoch_than_this_apply_read_on_is_not_continued(aof_store: str) -> None:
+    """A demoted primary back on its own data (or a backup of an earlier epoch): its record is an epoch older
+    than the one this Apply last read on (which began later, on another instance), so whatever that later
+    epoch wrote is missing here. An Apply that last read on an older epoch than the record's is no witness of
+    anything missing (the record's epoch began after it)."""
+    rds = await an_old_instance_recorded(aof_store)
+    later = await claimed_by(aof_store, witness_of("a-later-epoch", OLD_SINCE + 60))
+    assert later.continued == 0 and later.key != OLD_KEY
+    await rds.delete(keys.STORE_EPOCH, keys.PROPOSAL_STREAM, keys.AUDIT_STREAM)
+    await (await an_old_instance_recorded(aof_store)).aclose()
+    earlier = await claimed_by(aof_store, witness_of("an-earlier-epoch", OLD_SINCE - 60, proposal="99999-0"))
+    assert (earlier.key, earlier.continued) == (OLD_KEY, 1)
+    await rds.aclose()
+
+
+async def test_the_same_instance_without_what_this_apply_read_begins_a_new_epoch(aof_store: str) -> None:
     """The epoch was continued before this Apply's connection came (the start hook claimed it), and the stream
     lacks what this Apply had read: the next connection begins a new epoch (plans vouched before are refused by
-    the scripts from then on); one that read nothing newer keeps the epoch."""
-    await an_old_instance_recorded(rds)
-    first = (await claimed(store_url)).epoch
-    assert first is not None and first.continued == 1
-    reader = StoreWatch(record_epoch=True)
-    reader.epoch = first
-    reader.saw("900-0")
-    client = make_client(store_url, reader)
+    the scripts from then on, its key being new); one that read nothing newer keeps the epoch."""
+    rds = await an_old_instance_recorded(aof_store)
+    first = await claimed_by(aof_store, StoreWatch(record_epoch=True))
+    assert first.continued == 1
+    reader = witness_of(OLD_KEY, OLD_SINCE, proposal="900-0")
+    client = make_client(aof_store, reader)
     try:
         await client.ping()
         assert reader.epoch is not None and reader.epoch.same_as(first)  # nothing missing: the same epoch
@@ -178,6 +237,32 @@ async def test_the_same_instance_without_a_proposal_this_apply_read_begins_a_new
         await client.aclose()
     assert reader.epoch is not None and not reader.epoch.same_as(first)
     assert await rds.hget(keys.STORE_EPOCH, "key") == reader.epoch.key
+    await rds.aclose()
+
+
+async def test_a_store_with_a_replica_is_neither_stamped_always_nor_continued(aof_store: str, tmp_path: Path) -> None:
+    """A replica's copy of the record (and its stamp) travels with the data: restarted as a primary it could be
+    continued with whatever it had not received. So a primary with a replica is stamped ``replicated``, and a
+    claim that sees a replica drops a stamp and continues nothing."""
+    rds = await an_old_instance_recorded(aof_store)
+    replica = EmbeddedStore(tmp_path / "replica", persist=False)
+    replica_url = replica.start()
+    control = make_client(replica_url)
+    try:
+        port = int(aof_store.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
+        await control.execute_command("REPLICAOF", "127.0.0.1", str(port))
+        deadline = time.monotonic() + 10
+        while int((await rds.info("replication"))["connected_slaves"]) == 0:
+            assert time.monotonic() < deadline, "the replica never connected"
+            await asyncio.sleep(0.05)
+        epoch = await claimed_by(aof_store, StoreWatch(record_epoch=True))
+        assert epoch.continued == 0 and epoch.key != OLD_KEY
+        assert "durability" not in await rds.hgetall(keys.STORE_EPOCH)
+        assert await record_epoch(aof_store) == "replicated"
+    finally:
+        await control.aclose()
+        replica.stop()
+        await rds.aclose()
 
 
 @pytest.mark.parametrize("appendfsync", ["always", "everysec"])

@@ -23,6 +23,8 @@ def a_run(**changes: Any) -> ChaosReport:
         orders_verified=40,
         service_kills=2,
         store_restarts=1,
+        unplanned_at_restart=3,
+        lossless_restart=True,
         kills_in_order_path=1,
         store_loss_run=False,
         store_losses=0,
@@ -52,6 +54,8 @@ def test_a_run_that_did_everything_and_broke_nothing_passes() -> None:
         ({"executions": 0}, "nothing executed"),  # e.g. every plan denied or timed out
         ({"service_kills": 0, "kills_in_order_path": 0}, "no service was killed"),
         ({"store_restarts": 0}, "the store was never restarted"),
+        ({"unplanned_at_restart": 0}, "no proposal was in flight unplanned when the store restarted"),
+        ({"refused_after_store_change": 2}, "a store restart that lost nothing refused 2 proposals"),
         ({"kills_in_order_path": 0}, "no kill landed inside the order path"),
         ({**LOSSY, "store_losses": 0, "losses_in_order_path": 0}, "the store never forgot anything"),
         ({**LOSSY, "losses_in_order_path": 0}, "no store loss forgot a consumption"),
@@ -101,3 +105,9 @@ def test_a_default_report_proves_nothing() -> None:
     failures = verdict(ChaosReport())
     assert {"nothing executed", "no service was killed", "no forgery was attempted"} <= set(failures)
     assert "the store never forgot anything" in verdict(ChaosReport(store_loss_run=True))
+
+
+def test_refusals_fail_only_a_run_whose_store_restart_lost_nothing() -> None:
+    """The plain run's store fsyncs every write, so its restart may refuse nothing; the --store-loss run's
+    losses refuse what they must (proposals older than an instance that forgot)."""
+    assert verdict(a_run(**LOSSY, lossless_restart=False, refused_after_store_change=5)) == []

@@ -12,8 +12,10 @@ for orders the instance may have forgotten, does so; P3.3 reconciles its ledger.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.exceptions import NoPermissionError
@@ -36,16 +38,23 @@ from quantum_trader.domain.trust import Epoch, StoreIdentity, started_before_ms,
 # the epoch.
 #
 # Continued (docs/reliability.md, "A restart that lost nothing"): a restarted instance (``time_floor`` set: a
-# primary since it started) whose record names the instance before it, stamped durable (``appendfsync
-# always``, by an admin that read the config: STAMP_DURABILITY) keeps that epoch's floor, since, kept,
-# searched and key: it holds every write the old one acknowledged, so its word stands for them, and the
-# plans vouched on the old one stay vouched. Only the identity changes, and the stamp goes: this instance is
-# stamped for itself. Never continued, and a new epoch begun even on the same instance: when the stream's last
-# id is below a proposal the claiming Apply read on this epoch (``witness_key``, ``witness_id``): the store
-# lacks what it had acknowledged (a backup restored, a lying disk).
+# primary since it started) that loaded its data from its own append-only file (``aof_enabled``), has no
+# replicas, and whose record names the instance before it, stamped durable (``appendfsync always``, no
+# replicas, by an admin that read the config: STAMP_DURABILITY), keeps that epoch's floor, since, kept,
+# searched and key: it holds every write the old one acknowledged, so its word stands for them, and the plans
+# vouched on the old one stay vouched. Only the identity changes, and the stamp goes: this instance is stamped
+# for itself. A store with replicas loses its stamp (a replica's copy of it would travel with the data).
+#
+# The claiming Apply's witness: the epoch it last read on (key, since) and the newest proposal and audit entry
+# it read there. The store lost acknowledged writes (a backup restored, a lying disk, a demoted primary back on
+# its own data) when its streams end below what was read on the same epoch, or when it holds an older epoch
+# than the one read on: then nothing is continued, and a new epoch begins, even on the same instance (the
+# scripts refuse from then on what was vouched before). A new epoch's key ends with a nonce, so that it can
+# never equal one before it.
 CLAIM_EPOCH = """
 local epoch, claimed_run_id, claimed_replid, began, proposals = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local time_floor, witness_key, witness_id = ARGV[5], ARGV[6], ARGV[7]
+local time_floor, witness_key, witness_since, witness_proposal = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local audit, witness_audit, aof_enabled, replicas, nonce = ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]
 local function kept_at_or_below(floor)
   local newest = redis.pcall('XREVRANGE', proposals, floor, '-', 'COUNT', 1)
   if type(newest) == 'table' and newest.err then return nil, newest.err end
@@ -61,20 +70,33 @@ local function id_below(a, b)
   if #as ~= #bs then return #as < #bs end
   return as < bs
 end
-local last = '0-0'
-local info = redis.pcall('XINFO', 'STREAM', proposals)
-if type(info) == 'table' and info.err then
-  if not string.find(string.lower(info.err), 'no such key', 1, true) then return redis.error_reply(info.err) end
-else
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
+local function last_generated(stream)
+  local info = redis.pcall('XINFO', 'STREAM', stream)
+  if type(info) == 'table' and info.err then
+    if not string.find(string.lower(info.err), 'no such key', 1, true) then return nil, info.err end
+    return '0-0'
   end
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then return info[i + 1] end
+  end
+  return '0-0'
 end
+local last, err = last_generated(proposals)
+if not last then return redis.error_reply(err) end
 local cur = redis.call('HMGET', epoch, 'run_id', 'replid', 'floor', 'since', 'kept', 'searched', 'key',
                        'durability', 'durable_run_id', 'continued')
 local whole = cur[1] and cur[2] and cur[3] and cur[4]
 local key = cur[7] or table.concat({cur[1] or '', cur[2] or '', cur[3] or '', cur[4] or ''}, '|')
-local lost = witness_id ~= '' and witness_key == key and id_below(last, witness_id)
+local lost = false
+if witness_key ~= '' then
+  if witness_key == key then
+    local audit_last = last_generated(audit) or '0-0'
+    lost = id_below(last, witness_proposal) or id_below(audit_last, witness_audit)
+  else
+    lost = (tonumber(witness_since) or 0) > (tonumber(cur[4] or '') or 0)
+  end
+end
+if replicas ~= '0' and cur[8] then redis.call('HDEL', epoch, 'durability', 'durable_run_id') end
 local function kept_of_current()
   local kept = cur[5]
   if not kept then
@@ -88,7 +110,8 @@ if whole and cur[1] == claimed_run_id and cur[2] == claimed_replid and not lost 
   if not cur[7] and kept ~= '' then redis.call('HSET', epoch, 'key', key) end
   return {cur[3], cur[4], 0, kept, cur[6] or '', key, cur[10] or '0'}
 end
-if whole and not lost and time_floor ~= '' and cur[8] == 'always' and cur[9] == cur[1] then
+if whole and not lost and time_floor ~= '' and aof_enabled == '1' and replicas == '0' and cur[8] == 'always'
+   and cur[9] == cur[1] then
   local kept = kept_of_current()
   local continued = tostring((tonumber(cur[10] or '0') or 0) + 1)
   redis.call('HDEL', epoch, 'durability', 'durable_run_id')
@@ -100,9 +123,9 @@ local floor = last
 if time_floor ~= '' and tonumber(time_floor) < tonumber(string.match(last, '^(%d+)')) then
   floor = time_floor .. '-18446744073709551615'
 end
-local kept, err = kept_at_or_below(floor)
-if not kept then return redis.error_reply(err) end
-key = table.concat({claimed_run_id, claimed_replid, floor, began}, '|')
+local kept, kept_err = kept_at_or_below(floor)
+if not kept then return redis.error_reply(kept_err) end
+key = table.concat({claimed_run_id, claimed_replid, floor, began, nonce}, '|')
 redis.call('DEL', epoch)
 redis.call('HSET', epoch, 'run_id', claimed_run_id, 'replid', claimed_replid, 'floor', floor, 'since', began,
            'last_id', last, 'kept', kept, 'key', key, 'previous_run_id', cur[1] or '',
@@ -111,8 +134,8 @@ return {floor, began, 1, kept, '', key, '0'}
 """
 
 # An admin read the instance's persistence config (CONFIG GET, which no service may run): recorded in the
-# epoch if the record names that instance. ``always`` (appendonly on, appendfsync always) lets the instance's
-# successor after a restart continue its epoch (CLAIM_EPOCH).
+# epoch if the record names that instance. ``always`` (appendonly on, appendfsync always, no replicas) lets
+# the instance's successor after a restart continue its epoch (CLAIM_EPOCH).
 STAMP_DURABILITY = """
 if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'durability', ARGV[2], 'durable_run_id', ARGV[1])
@@ -169,7 +192,7 @@ class StoreWatch:
         self._clock = clock
         self._on_change: OnChange | None = None
         self._undelivered: tuple[StoreIdentity | None, StoreIdentity, bool] | None = None
-        self._witness: tuple[str, str] = ("", "0-0")  # (epoch key, the newest proposal read on it): saw()
+        self.witness = Witness()  # what this process read on the epoch it last read on: saw(), saw_audit()
 
     def subscribe(self, on_change: OnChange) -> None:
         self._on_change = on_change
@@ -182,8 +205,9 @@ class StoreWatch:
         in the answer fails the connection (a RedisError: redis-py then drops it, never uses it unchecked)."""
         await conn.on_connect()
         try:
-            identity, began, time_floor = await self._identify(conn)
-            epoch = await self._claim(conn, identity, began, time_floor) if self.record_epoch else None
+            server = await self._identify(conn)
+            identity = server.identity
+            epoch = await self._claim(conn, server) if self.record_epoch else None
         except (ValueError, TypeError) as exc:
             raise StoreUnavailableReply(f"the store's identity or epoch record is unreadable: {exc}") from None
         previous = self.identity
@@ -216,18 +240,22 @@ class StoreWatch:
         ``everysec``, ``no``, or ``none`` (no append-only file). Returns what was recorded ("" if the record
         names another instance: a restart in between; the new instance is stamped by its own start)."""
         info = await redis.info("server")
+        replication = await redis.info("replication")
         config = await redis.config_get("appendonly", "appendfsync")
         durability = "none" if config.get("appendonly") != "yes" else str(config.get("appendfsync", ""))
+        if replication.get("role") != "master" or int(replication.get("connected_slaves", 0)) > 0:
+            durability = "replicated"  # a replica's copy of the stamp would travel with the data
         stamped = await redis.eval(STAMP_DURABILITY, 1, keys.STORE_EPOCH, str(info["run_id"]), durability)
         return durability if stamped else ""
 
-    async def _identify(self, conn: Any) -> tuple[StoreIdentity, float, str]:
+    async def _identify(self, conn: Any) -> _Server:
         """The server's identity; the latest it can have become that instance (its start if it has been a
-        primary since, ``second_repl_offset`` -1: never promoted; else now, as a promotion is not dated); and
-        that start on the server's own clock plus ``START_MARGIN_MS`` (ms, "" when not known), from when on
-        every stream id it gives is its own."""
+        primary since, ``second_repl_offset`` -1: never promoted; else now, as a promotion is not dated); that
+        start on the server's own clock plus ``START_MARGIN_MS`` (ms, "" when not known), from when on every
+        stream id it gives is its own; and whether it loaded its data from an append-only file, and has
+        replicas (CLAIM_EPOCH continues an epoch only then, and only without)."""
         try:
-            await conn.send_command("INFO", "server", "replication")
+            await conn.send_command("INFO", "server", "replication", "persistence")
             info = parse_info(str(await conn.read_response()))
         except NoPermissionError:
             raise NoPermissionError(
@@ -247,27 +275,39 @@ class StoreWatch:
                 latest_start_ms = started_before_ms(server_us // 1000, uptime_s)
                 began = now - (server_us // 1000 - latest_start_ms) / 1000
                 time_floor = str(latest_start_ms + START_MARGIN_MS)
-        return StoreIdentity(info.get("run_id", ""), info.get("master_replid", "")), min(began, now), time_floor
+        return _Server(
+            StoreIdentity(info.get("run_id", ""), info.get("master_replid", "")),
+            min(began, now),
+            time_floor,
+            "1" if info.get("aof_enabled") == "1" else "0",
+            info.get("connected_slaves", "") or "unknown",
+        )
 
-    async def _claim(self, conn: Any, identity: StoreIdentity, began: float, time_floor: str) -> Epoch:
-        """The instance's epoch (created now if no Apply had used the instance before)."""
-        witness_key, witness_id = self._witness
+    async def _claim(self, conn: Any, server: _Server) -> Epoch:
+        """The instance's epoch (created now if no Apply had used the instance before, or continued)."""
+        witness = self.witness
         await conn.send_command(
             "EVAL",
             CLAIM_EPOCH,
             1,
             keys.STORE_EPOCH,
-            identity.run_id,
-            identity.replid,
-            repr(began),
+            server.identity.run_id,
+            server.identity.replid,
+            repr(server.began),
             keys.PROPOSAL_STREAM,
-            time_floor,
-            witness_key,
-            witness_id,
+            server.time_floor,
+            witness.key,
+            repr(witness.since),
+            witness.proposal,
+            keys.AUDIT_STREAM,
+            witness.audit,
+            server.aof_enabled,
+            server.replicas,
+            secrets.token_hex(4),
         )
         floor, since, _, kept, searched, key, continued = await conn.read_response()
         return Epoch(
-            identity,
+            server.identity,
             stream_id(str(floor)),
             float(since),
             stream_id(str(kept)),
@@ -277,13 +317,44 @@ class StoreWatch:
         )
 
     def saw(self, entry_id: str) -> None:
-        """A proposal entry this process read from the store (Apply): the newest one read on the current epoch
-        is its witness that a continued instance holds what the old one acknowledged (CLAIM_EPOCH)."""
-        if self.epoch is None:
+        """A proposal entry this process read from the store (Apply): part of its witness (Witness)."""
+        self._see(entry_id, audit=False)
+
+    def saw_audit(self, entry_id: str) -> None:
+        """An audit entry this process read from the store (Apply's permit waiter): part of its witness."""
+        self._see(entry_id, audit=True)
+
+    def _see(self, entry_id: str, *, audit: bool) -> None:
+        epoch = self.epoch
+        if epoch is None:
             return
-        key, newest = self._witness
+        witness = self.witness
+        if witness.key != epoch.key:
+            witness = Witness(epoch.key, epoch.since)
         try:
-            if key != self.epoch.key or stream_id(entry_id) > stream_id(newest):
-                self._witness = (self.epoch.key, entry_id)
+            newest = witness.audit if audit else witness.proposal
+            if stream_id(entry_id) <= stream_id(newest):
+                return
         except ValueError:
             return
+        self.witness = replace(witness, audit=entry_id) if audit else replace(witness, proposal=entry_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Witness:
+    """What one Apply process read on the epoch it last read on: the store lost acknowledged writes if it holds
+    an older epoch than that, or that epoch with its streams ending below what was read (CLAIM_EPOCH)."""
+
+    key: str = ""  # "": nothing read yet (no witness)
+    since: float = 0.0
+    proposal: str = "0-0"  # the newest proposal entry read
+    audit: str = "0-0"  # the newest audit entry read
+
+
+@dataclass(frozen=True, slots=True)
+class _Server:
+    identity: StoreIdentity
+    began: float
+    time_floor: str
+    aof_enabled: str  # "1": it loaded its data from its append-only file
+    replicas: str  # connected_slaves

@@ -315,6 +315,13 @@ class Chaos:
     def _hold_next_order(self) -> None:
         self._add_fault(HELD_ORDER)
 
+    def _clear_faults(self) -> None:
+        admin = self.system.admin()
+        try:
+            admin.clear_faults()
+        finally:
+            admin.close()
+
     def _add_fault(self, fault: dict[str, Any]) -> None:
         admin = self.system.admin()
         try:
@@ -339,16 +346,20 @@ class Chaos:
             return set()
         return {sub.plan_id for sub, has_plan in zip(subs, planned, strict=True) if not has_plan}
 
-    async def _wait_unplanned(self, rds: aioredis.Redis) -> bool:
-        """Slow the next position reads, and wait (at most ``AIM_S``) until Apply has read a proposal it has not
-        planned yet; whether it has."""
+    async def _wait_unplanned(self, rds: aioredis.Redis) -> set[str]:
+        """Slow the next position reads, propose a few closes (the flow may be over by now: a kill was being
+        aimed), and wait (at most ``AIM_S``) until Apply has read a proposal it has not planned yet: those
+        proposals' plan ids (empty if it never had one)."""
         await asyncio.to_thread(self._add_fault, HELD_POSITION_READS)
+        for symbol in sorted(SYMBOLS)[:3]:
+            await self._propose(rds, symbol, "chaos-restart")
         deadline = time.monotonic() + AIM_S
         while time.monotonic() < deadline:
-            if await self._unplanned(rds):
-                return True
+            unplanned = await self._unplanned(rds)
+            if unplanned:
+                return unplanned
             await asyncio.sleep(0.005)
-        return False
+        return set()
 
     async def _aim(self, rds: aioredis.Redis) -> bool:
         """Hold the next order at the exchange, and wait (at most ``AIM_S``) until a plan is inside the order
@@ -391,12 +402,17 @@ class Chaos:
         port = int(self.system.redis_url.rsplit(":", 1)[1])
         await self._wait_unplanned(rds)
         landed = await self._aim(rds)
-        self.unplanned_at_restart = await self._unplanned(rds)
+        unplanned = await self._unplanned(rds)
+        if not unplanned:  # planned while the kill was aimed at the order path: slow the reads again
+            unplanned = await self._wait_unplanned(rds)
+            landed = bool(await self._in_order_path(rds))
         self.system.store.kill()  # SIGKILL: no shutdown save, only what the append-only file holds
+        self.unplanned_at_restart = unplanned
         self.report.unplanned_at_restart = len(self.unplanned_at_restart)
         self.report.kills_in_order_path += landed
         await asyncio.sleep(self.rng.uniform(0.3, 1.0))
         await asyncio.to_thread(self.system.start_store, port)  # same data, same port, same users
+        await asyncio.to_thread(self._clear_faults)  # the slowed reads left over
         back = time.monotonic()
         self.report.store_restarts += 1
         # recovery: from the store's return until a brand-new proposal gets its result

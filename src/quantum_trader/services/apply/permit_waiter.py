@@ -9,6 +9,7 @@ Apply acts on is what it then reads and verifies in the permit keys.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -24,8 +25,16 @@ SLOT_OF_ISSUER = {"governor": "governor", "operator": "governor", "p33": "p33"}
 
 
 class PermitWaiter:
-    def __init__(self, redis: aioredis.Redis, log: Any, block_ms: int = 1000, count: int = 256) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        log: Any,
+        block_ms: int = 1000,
+        count: int = 256,
+        on_read: Callable[[str], None] | None = None,
+    ) -> None:
         self._redis = redis
+        self._on_read = on_read  # the newest entry of each batch read (the store watch's witness)
         self._log = log
         self._block_ms = block_ms
         self._count = count
@@ -91,6 +100,8 @@ class PermitWaiter:
                         await self._dead_letter(entry_id, fields, defect)
                     else:
                         self._note(fields)
+                if entries and self._on_read is not None:
+                    self._on_read(entries[-1][0])
 
     async def _dead_letter(self, entry_id: str, fields: dict[str, str], defect: str) -> None:
         """An unreadable audit line wakes nobody (Apply reads the permits themselves at the window's end); it

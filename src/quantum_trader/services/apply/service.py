@@ -53,7 +53,7 @@ class ApplyService(Service):
         self.exchange = exchange
         self.watch = watch
         self.metrics = ApplyMetrics(registry or CollectorRegistry())
-        self.waiter = PermitWaiter(redis, self.log)
+        self.waiter = PermitWaiter(redis, self.log, on_read=watch.saw_audit)
         self.clocks = ClockWatch(redis, exchange, settings, self.consumer, self.metrics, clock, self.log)
         executor = OrderExecutor(
             exchange,
