@@ -19,7 +19,9 @@ KEY_DIR = "secrets"
 
 # The store's ACL users, one password file each: one per service and operator role (bus/acl.py defines their
 # rights), and the admin that sets the store up. Named here, below the bus, because the secrets are made here.
-ACL_ROLES = ("apply", "governor", "brain", "operator", "web", "admin")
+# the services, the operator's commands, the dashboard, the admin; and the store's own: replication between
+# its nodes and the Sentinels that watch them (a high-availability store, `qt up --ha`, docs/deployment.md)
+ACL_ROLES = ("apply", "governor", "brain", "operator", "web", "admin", "replica", "sentinel")
 
 
 def read_secret_file(path: Path) -> str:

@@ -31,11 +31,12 @@ import redis
 
 from quantum_trader import __version__
 from quantum_trader.bus import keys
-from quantum_trader.bus.connection import redact
+from quantum_trader.bus.connection import redact, sync_client
 from quantum_trader.bus.embedded import APPENDFSYNC, EmbeddedStore, free_port
+from quantum_trader.bus.embedded_ha import EmbeddedHA, HAStartupError
 from quantum_trader.runtime import Runtime, clear_runtime, deferred_signals, read_runtime, write_runtime
 from quantum_trader.secrets import ensure_local_secrets, key_dir, read_secret_file, write_secret_file
-from quantum_trader.settings import Settings
+from quantum_trader.settings import ConfigError, Settings
 
 SERVICES = ("brain", "governor", "apply")
 START_TIMEOUT_S = 60.0
@@ -120,6 +121,8 @@ class LocalSystem:
     # the embedded store's appendfsync (bus/embedded.py): "always" makes a restart lose nothing, and so refuse
     # nothing in flight (docs/reliability.md)
     appendfsync: str = APPENDFSYNC
+    ha: bool = False  # the store as a primary, two replicas and three Sentinels (bus/embedded_ha.py)
+    ha_set: EmbeddedHA | None = None
     inherit_config: bool = True  # pass this process's QT_* settings to the children (qt up); not for private ones
     sim_args: list[str] = field(default_factory=list)  # extra `qt sim-exchange` options (e.g. raised limits)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -143,6 +146,7 @@ class LocalSystem:
         persist_store: bool = False,
         sim_args: Sequence[str] = (),
         appendfsync: str = APPENDFSYNC,
+        ha: bool = False,
     ) -> LocalSystem:
         """A throwaway system (qt demo, chaos, bench) under a new temporary state dir, on free ports, on the
         defaults plus ``env``: whatever QT_* the calling shell has, the private system means the same."""
@@ -155,6 +159,7 @@ class LocalSystem:
             env=dict(env),
             persist_store=persist_store,
             appendfsync=appendfsync,
+            ha=ha,
             inherit_config=False,
             sim_args=list(sim_args),
         )
@@ -204,7 +209,7 @@ class LocalSystem:
     def start_store(self, port: int | None = None) -> None:
         """Start (or restart, on the same port and data) the embedded store. It loads an ACL file with one user
         per service (and PING only for the anonymous default user), so its users survive restarts too."""
-        from quantum_trader.bus.acl import ROLES, USERS, acl_file
+        from quantum_trader.bus.acl import ADMIN, ROLES, STORE_USERS, USERS, acl_file
         from quantum_trader.bus.connection import acl_password_file, record_epoch, with_credentials
 
         passwords = {role: read_secret_file(acl_password_file(self.settings, role)) for role in ROLES}
@@ -213,17 +218,30 @@ class LocalSystem:
         with self._lock:
             if self._stopping:
                 raise StartupError("the system is stopping")
-            self.store = EmbeddedStore(
-                self.settings.state_dir / "valkey",
-                persist=self.persist_store,
-                port=port,
-                aclfile=aclfile,
-                appendfsync=self.appendfsync,
-            )
-            self.redis_url = self.store.start()
+            if self.ha:
+                self.ha_set = EmbeddedHA(
+                    self.settings.state_dir / "valkey-ha",
+                    aclfile,
+                    passwords["replica"],
+                    passwords["sentinel"],
+                    appendfsync=self.appendfsync,
+                )
+                try:
+                    self.redis_url = self.ha_set.start()
+                except HAStartupError as exc:
+                    raise StartupError(f"the high-availability store did not start: {exc}") from None
+            else:
+                self.store = EmbeddedStore(
+                    self.settings.state_dir / "valkey",
+                    persist=self.persist_store,
+                    port=port,
+                    aclfile=aclfile,
+                    appendfsync=self.appendfsync,
+                )
+                self.redis_url = self.store.start()
+        users = {**USERS, **STORE_USERS, "admin": ADMIN}
         for role in ROLES:
-            user = USERS[role].name if role in USERS else "qt-admin"
-            self.urls[role] = with_credentials(self.redis_url, user, acl_password_file(self.settings, role))
+            self.urls[role] = with_credentials(self.redis_url, users[role].name, acl_password_file(self.settings, role))
         asyncio.run(record_epoch(self.urls["admin"]))  # before anyone can send a proposal to the new instance
 
     def start_services(self, services: tuple[str, ...] = SERVICES, *, together: bool = False) -> None:
@@ -273,6 +291,8 @@ class LocalSystem:
                 try:
                     if self.store is not None:
                         self.store.stop()
+                    if self.ha_set is not None:
+                        self.ha_set.stop()
                 finally:
                     clear_runtime(self.settings, os.getpid())
                     for handle in self._logs:
@@ -356,7 +376,7 @@ class LocalSystem:
         process = self.processes[service]
         consumer = self.child_env(service)["QT_CONSUMER_NAME"]
         key = keys.health(service, consumer)
-        client = redis.Redis.from_url(
+        client = sync_client(
             self.urls["admin"],
             decode_responses=True,
             encoding_errors="surrogateescape",
@@ -382,8 +402,8 @@ class LocalSystem:
 def _check_store_answers(url: str) -> None:
     """The configured store answers a PING: otherwise one clear line now, not a traceback from a service."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
-    except ValueError as exc:  # a URL redis-py cannot read
+        client = sync_client(url, socket_connect_timeout=3, socket_timeout=3)
+    except (ValueError, ConfigError) as exc:  # a URL redis-py cannot read
         raise StartupError(f"QT_REDIS_URL is not a store URL: {exc}") from None
     try:
         client.ping()

@@ -67,7 +67,16 @@ def test_no_running_system_is_one_clear_line(env: dict[str, str]) -> None:
     assert "no store" in one_line_error(done) and "qt up" in done.stderr
 
 
-@pytest.mark.parametrize("url", ["foo://127.0.0.1:6379/0", "127.0.0.1:6379", "redis+sentinel://h1:26379/mymaster"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "foo://127.0.0.1:6379/0",
+        "127.0.0.1:6379",
+        "redis+sentinel://h1:26379",  # no master name
+        "redis+sentinel://h1,h2:26379/mymaster",  # a Sentinel without its port
+        "redis+sentinel://h1:26379/mymaster?sentinel_pasword=x",  # a misspelt option
+    ],
+)
 def test_a_store_url_redis_py_cannot_use_is_one_line_and_exit_2(env: dict[str, str], url: str) -> None:
     """Seen in issue 11: a raw ValueError traceback from redis-py in every service."""
     env["QT_REDIS_URL"] = url

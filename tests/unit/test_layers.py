@@ -122,8 +122,8 @@ def test_the_checker_sees_every_form_of_import(tmp_path: Path, source: str, expe
 
 
 def test_the_acl_users_are_the_roles_secrets_makes_passwords_for() -> None:
-    from quantum_trader.bus.acl import ROLES, USERS
+    from quantum_trader.bus.acl import ROLES, STORE_USERS, USERS
     from quantum_trader.secrets import ACL_ROLES
 
     assert ROLES == ACL_ROLES
-    assert (*USERS, "admin") == ACL_ROLES
+    assert (*USERS, "admin", *STORE_USERS) == ACL_ROLES

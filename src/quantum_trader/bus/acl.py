@@ -167,6 +167,32 @@ USERS: dict[str, AclUser] = {
 
 ADMIN = AclUser("qt-admin", ("~*",), ("+@all",))  # what `qt up` itself uses to set the store up; no service
 
+# The store's own accounts in a high-availability set (Valkey's and Redis's documented minimum): a replica
+# authenticates to its primary (masteruser/masterauth) to replicate, and a Sentinel to every node to watch it,
+# promote a replica (REPLICAOF), and rewrite the configuration of the nodes it reconfigures. No keys.
+STORE_USERS: dict[str, AclUser] = {
+    "replica": AclUser("qt-replica", (), ("+psync", "+replconf", "+ping")),
+    "sentinel": AclUser(
+        "qt-sentinel",
+        ("allchannels",),
+        (
+            "+multi",
+            "+slaveof",
+            "+replicaof",
+            "+ping",
+            "+exec",
+            "+subscribe",
+            "+config|rewrite",
+            "+role",
+            "+publish",
+            "+info",
+            "+client|setname",
+            "+client|kill",
+            "+script|kill",
+        ),
+    ),
+}
+
 
 def setuser_args(user: AclUser, password: str) -> list[str]:
     """Arguments of ``ACL SETUSER`` that define ``user`` from scratch (reset first: no stale rights remain)."""
@@ -185,7 +211,10 @@ def acl_file(passwords: dict[str, str], *, with_admin: bool = False) -> str:
     def digest(role: str) -> str:
         return "#" + hashlib.sha256(passwords[role].encode()).hexdigest()
 
-    lines = [" ".join(["user", user.name, "on", digest(role), *user.rules()]) for role, user in USERS.items()]
+    lines = [
+        " ".join(["user", user.name, "on", digest(role), *user.rules()])
+        for role, user in (*USERS.items(), *STORE_USERS.items())
+    ]
     if with_admin:
         lines.append(" ".join(["user", ADMIN.name, "on", digest("admin"), "allchannels", *ADMIN.keys, *ADMIN.commands]))
         lines.append("user default on nopass resetchannels -@all +ping")
@@ -198,7 +227,7 @@ async def apply_acl(admin: Any, passwords: dict[str, str], *, disable_default: b
     ``disable_default`` switches the password-less ``default`` user off: from then on only these users can
     connect. ``admin`` must be able to run ACL (the default user of a fresh server, or an admin).
     """
-    for role, user in USERS.items():
+    for role, user in (*USERS.items(), *STORE_USERS.items()):
         await admin.execute_command(*setuser_args(user, passwords[role]))
     await admin.execute_command(
         "ACL",

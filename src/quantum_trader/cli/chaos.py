@@ -41,7 +41,7 @@ from redis.exceptions import RedisError
 
 from quantum_trader import ops
 from quantum_trader.bus import keys
-from quantum_trader.bus.connection import StoreUnavailable, make_client
+from quantum_trader.bus.connection import StoreUnavailable, make_client, sync_client
 from quantum_trader.bus.embedded import APPENDFSYNC
 from quantum_trader.domain import oracle
 from quantum_trader.domain.models import GovernorPermit, Plan, from_fields
@@ -660,9 +660,8 @@ class Chaos:
 
 
 def _pause_writes(admin_url: str) -> None:
-    import redis
 
-    client = redis.Redis.from_url(admin_url)
+    client = sync_client(admin_url)
     try:
         client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
     finally:

@@ -76,6 +76,12 @@ def up_cmd(
     open_positions: Annotated[
         bool, typer.Option(help="open the demo positions on a fresh simulator so closes have something to do")
     ] = True,
+    ha: Annotated[
+        bool,
+        typer.Option(
+            "--ha", help="the store as a primary, two replicas and three Sentinels (loopback), reached via Sentinel"
+        ),
+    ] = False,
 ) -> None:
     """Start store, simulator and the three services; print where everything is; Ctrl-C stops it all."""
     from quantum_trader.cli.scenarios import DEMO_POSITIONS
@@ -86,7 +92,9 @@ def up_cmd(
     running = read_runtime(settings)
     if running is not None:
         fail(f"a system is already running (pid {running.pid}, store {running.redis_url}); stop it first")
-    system = LocalSystem(settings, ports=Ports.from_settings(settings))
+    if ha and settings.redis_url:
+        fail("--ha starts a store of its own: unset QT_REDIS_URL", EXIT_USAGE)
+    system = LocalSystem(settings, ports=Ports.from_settings(settings), ha=ha)
 
     def serve() -> str:
         """Until Ctrl-C, SIGTERM or SIGHUP (all a normal stop: exit 0), or a child exits; the failure, if any."""
