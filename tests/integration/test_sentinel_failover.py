@@ -24,6 +24,7 @@ from quantum_trader.bus.connection import make_client
 from quantum_trader.domain.oracle import plan_of_order
 from quantum_trader.domain.planning import plan_id_for
 from quantum_trader.system import LocalSystem
+from quantum_trader.views.status import collect
 
 pytestmark = pytest.mark.integration
 
@@ -105,12 +106,17 @@ def test_the_chain_follows_a_failover_and_answers_every_proposal_once() -> None:
         assert first_primary is not None
         failover_s = asyncio.run(_flow(system, first_primary))
         second_primary = system.ha_set.primary_port()
+        store = asyncio.run(_store_status(system))
         admin = system.admin()
         try:
             orders = admin.orders()
         finally:
             admin.close()
     assert second_primary not in (None, first_primary), "no replica was promoted"
+    # qt status shows the set as the Sentinels see it: the new primary, the old one down among the replicas
+    assert store["primary"] == f"127.0.0.1:{second_primary}" and store["sentinels"] == 3
+    flags = {replica["address"]: replica["flags"] for replica in store["replicas"]}
+    assert "s_down" in flags[f"127.0.0.1:{first_primary}"], flags
     per_plan: dict[str, int] = defaultdict(int)
     for order in orders:
         per_plan[plan_of_order(order["clientOrderId"]) or ""] += 1
@@ -163,3 +169,102 @@ async def _agree_with_the_exchange(system: LocalSystem, client: Client) -> None:
         for result in results:
             executed = result.get("executed") == "true"
             assert executed == (filled[plan] > 0), (proposal_id, result, filled[plan])
+
+
+# inside the order's 1 s recvWindow: it fills, 0.7 s after it was sent
+HELD_ORDER = {"kind": "latency", "ms": 700, "path": "/fapi/v1/order", "method": "POST", "count": 1}
+
+
+@pytest.mark.timeout(300)
+def test_a_primary_paused_past_a_promotion_takes_no_writes_and_every_proposal_is_answered_once() -> None:
+    """A partition, as everyone else sees it: the primary is stopped (SIGSTOP) while a plan is in the order path
+    (its permits consumed there, its order held at the exchange), a replica is promoted, the flow goes on, and
+    then the old primary comes back. Back, it refuses every write (``min-replicas-to-write``: its replicas
+    follow the new primary) until the Sentinels demote it; the consumed plan's result comes from the exchange
+    on the new primary; every proposal is answered and none closes twice."""
+    system = LocalSystem.private("qt-ha-", env=ENV, persist_store=True, ha=True)
+    with system:
+        system.start_infra()
+        system.open_positions(POSITIONS)
+        system.start_services(together=True)
+        assert system.ha_set is not None
+        refused = asyncio.run(_partition(system))
+        admin = system.admin()
+        try:
+            orders = admin.orders()
+        finally:
+            admin.close()
+    per_plan: dict[str, int] = defaultdict(int)
+    for order in orders:
+        per_plan[plan_of_order(order["clientOrderId"]) or ""] += 1
+    assert [plan for plan, n in per_plan.items() if n > 1] == [], "a proposal closed twice"
+    print(f"the old primary, resumed, answered a write: {refused}")
+    assert refused.startswith(("NOREPLICAS", "READONLY")), refused
+
+
+async def _partition(system: LocalSystem) -> str:
+    """The flow with the primary paused past a promotion and resumed; what the old primary answered to a write
+    right after it was resumed."""
+    ha = system.ha_set
+    assert ha is not None
+    old = ha.primary_port()
+    assert old is not None
+    client = Client(system.urls["operator"])
+    watcher = asyncio.create_task(client.watch())
+    observer = make_client(system.urls["admin"])
+    try:
+        for n in range(10):
+            await client.propose(n)
+            await asyncio.sleep(0.1)
+        await client.until_answered(30)
+        admin = system.admin()
+        try:
+            admin.add_fault(HELD_ORDER)
+        finally:
+            admin.close()
+        await client.propose(10)
+        deadline = time.monotonic() + 10
+        while not await observer.zcard(keys.APPLY_INTENTS):  # its permits consumed, its order held
+            assert time.monotonic() < deadline, "no plan reached the order path"
+            await asyncio.sleep(0.01)
+        ha.pause_node(old)
+        deadline = time.monotonic() + 30
+        while ha.primary_port() in (None, old):
+            assert time.monotonic() < deadline, "no replica was promoted"
+            await asyncio.sleep(0.2)
+        for n in range(11, 31):
+            await client.propose(n)
+            await asyncio.sleep(0.1)
+        ha.resume_node(old)
+        refused = await _write_to(old, system)
+        await client.until_answered(120)
+        await _agree_with_the_exchange(system, client)
+        held = client.seen["ha-10"]
+        assert held and all(result.get("executed") == "true" for result in held), held  # filled, and so told
+        return refused
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await client.rds.aclose()
+        await observer.aclose()
+
+
+async def _write_to(port: int, system: LocalSystem) -> str:
+    """What the node on ``port`` answers, right now, to a write by the admin (its error's first word)."""
+    password = system.urls["admin"].split("@", 1)[0].rsplit(":", 1)[1]
+    direct = make_client(f"redis://qt-admin:{password}@127.0.0.1:{port}/0")
+    try:
+        await direct.set("quantum:test:write-after-resume", "1")
+    except RedisError as exc:
+        return str(exc)
+    finally:
+        await direct.aclose()
+    return "accepted"
+
+
+async def _store_status(system: LocalSystem) -> dict[str, object]:
+    rds = make_client(system.urls["operator"])
+    try:
+        return (await collect(rds, sorted(POSITIONS), "auto")).store
+    finally:
+        await rds.aclose()

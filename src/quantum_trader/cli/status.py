@@ -42,6 +42,26 @@ def render(status: Status) -> None:
             else:
                 clocks.add_row(c["consumer"], f"{c['offset_ms']} ms", f"±{c['error_ms']} ms", f"{c['age_s']} s ago")
         console.print(clocks)
+    store = status.store
+    if store:
+        line = f"store: epoch of {store.get('run_id') or '?'}"
+        if store.get("epoch_age_s") is not None:
+            line += f", begun {store['epoch_age_s']} s ago"
+        if store.get("continued"):
+            line += f", continued through {store['continued']} restart(s) that lost nothing"
+        line += f", durability stamp: {store.get('durability') or 'none'}"
+        if store.get("lost"):
+            line += " [red](begun after the store lost writes an Apply had read)[/red]"
+        console.print(line)
+    if "primary" in store:
+        nodes = Table(title=f"store nodes (Sentinels: {store.get('sentinels', '?')})", title_justify="left")
+        for column in ("role", "address", "flags", "link", "replication offset"):
+            nodes.add_column(column)
+        nodes.add_row("primary", str(store["primary"]), str(store.get("primary_flags", "")), "", "")
+        for replica in store.get("replicas", []):
+            link = replica["link"] if replica["link"] == "ok" else f"[red]{replica['link']}[/red]"
+            nodes.add_row("replica", replica["address"], replica["flags"], link, str(replica["offset"]))
+        console.print(nodes)
     if status.clocks_problem:
         console.print(f"[red]clocks out of bounds (Apply plans nothing): {status.clocks_problem}[/red]")
     positions = Table(title="positions", title_justify="left")

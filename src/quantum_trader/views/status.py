@@ -10,6 +10,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from quantum_trader.bus import keys
 from quantum_trader.bus.streams import GROUPS, group_backlog
@@ -28,6 +29,9 @@ class Status:
     # each Apply host's reading of the exchange clock, and what they allow (domain/clocks.py)
     clocks: list[dict[str, Any]] = field(default_factory=list)
     clocks_problem: str = ""
+    # the store: its epoch as Apply recorded it, and for a Sentinel set, the primary and replicas as the
+    # Sentinels see them (what is down, what is not in sync)
+    store: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +87,7 @@ async def collect(
     status.governor_mode = printable(await redis.get(keys.GOVERNOR_MODE) or f"{default_mode} (default)")
     status.unresolved_orders = int(await redis.zcard(keys.APPLY_INTENTS))
     await _clocks(redis, status, now, max_clock_error_ms, max_host_clock_gap_ms)
+    await _store(redis, status, now)
     for symbol in symbols:
         snap = await redis.hgetall(keys.snapshot(symbol))
         ledger = await redis.hgetall(keys.ledger(symbol))
@@ -128,3 +133,41 @@ async def _clocks(redis: aioredis.Redis, status: Status, now: float, max_error_m
         if state.problem:
             status.clocks_problem = f"{printable(host)}: {state.problem}"
             return
+
+
+async def _store(redis: aioredis.Redis, status: Status, now: float) -> None:
+    """The epoch record (bus/identity.py) and, through a Sentinel URL, the set as the first Sentinel that
+    answers sees it."""
+    epoch = await redis.hgetall(keys.STORE_EPOCH)
+    status.store = {
+        "run_id": printable(epoch.get("run_id", ""))[:12],
+        "epoch_age_s": round(now - _num(epoch.get("since")), 1) if _num(epoch.get("since")) else None,
+        "continued": int(_num(epoch.get("continued"))),
+        "durability": printable(epoch.get("durability", "")),
+        "lost": epoch.get("lost") == "1",
+    }
+    pool = redis.connection_pool
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is None:
+        return
+    name = str(getattr(pool, "service_name", ""))
+    for sentinel in manager.sentinels:
+        try:
+            master = await sentinel.sentinel_master(name)
+            replicas = await sentinel.sentinel_slaves(name)
+        except (RedisError, OSError):
+            continue
+        status.store["primary"] = f"{master.get('ip')}:{master.get('port')}"
+        status.store["primary_flags"] = printable(str(master.get("flags", "")))
+        status.store["sentinels"] = 1 + int(master.get("num-other-sentinels", 0))
+        status.store["replicas"] = [
+            {
+                "address": f"{r.get('ip')}:{r.get('port')}",
+                "flags": printable(str(r.get("flags", ""))),
+                "link": printable(str(r.get("master-link-status", ""))),
+                "offset": int(r.get("slave-repl-offset", 0) or 0),
+            }
+            for r in replicas
+        ]
+        return
+    status.store["primary"] = "unknown: no Sentinel answers"
