@@ -126,3 +126,15 @@ def test_a_short_chaos_run_keeps_every_promise(env: dict[str, str]) -> None:
     assert report["ok"] and report["plans"] == report["results"] >= 60
     assert report["lost_plans"] == report["duplicate_orders"] == report["executions_without_two_permits"] == 0
     assert report["store_restarts"] == 1 and report["max_recovery_s"] <= RECOVERY_LIMIT_S
+
+
+# its own bound: the program's 300 s (pytest's default 120 s would cut it short on a loaded machine)
+@pytest.mark.timeout(330)
+def test_a_short_chaos_run_through_failovers_keeps_every_promise(env: dict[str, str]) -> None:
+    """`qt chaos --failover`: the store a primary, two replicas and three Sentinels; the primary killed twice and
+    paused once past a promotion (each aimed at a plan in the order path), a Sentinel restarted."""
+    done = qt("chaos", "--plans", "300", "--rate", "20", "--seed", "5", "--failover", "--json", env=env, timeout=300)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0, report
+    assert report["ok"] and report["failovers"] == 3 and report["writes_taken_by_a_resumed_primary"] == 0
+    assert report["duplicate_orders"] == report["results_disagreeing_with_exchange"] == report["lost_plans"] == 0

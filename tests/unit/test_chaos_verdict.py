@@ -111,3 +111,35 @@ def test_refusals_fail_only_a_run_whose_store_restart_lost_nothing() -> None:
     """The plain run's store fsyncs every write, so its restart may refuse nothing; the --store-loss run's
     losses refuse what they must (proposals older than an instance that forgot)."""
     assert verdict(a_run(**LOSSY, lossless_restart=False, refused_after_store_change=5)) == []
+
+
+FAILOVER = {
+    "failover_run": True,
+    "store_restarts": 0,
+    "unplanned_at_restart": 0,
+    "lossless_restart": False,
+    "service_kills": 0,
+    "failovers": 3,
+    "failover_seconds": [4.2, 3.9, 3.2],
+    "sentinel_restarts": 1,
+}
+
+
+def test_a_failover_run_needs_its_own_faults_not_the_store_restart_or_service_kills() -> None:
+    assert verdict(a_run(**FAILOVER)) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "failure"),
+    [
+        ({"failovers": 2, "failover_seconds": [4.2, 3.9]}, "2 failovers of the 3 faults of the primary"),
+        ({"failover_seconds": [4.2, 30.0, 3.2]}, "failovers over"),
+        ({"failover_seconds": [4.2, 3.9]}, "failovers over"),  # one never answered
+        ({"sentinel_restarts": 0}, "no Sentinel was restarted"),
+        ({"kills_in_order_path": 0}, "no fault of the primary landed inside the order path"),
+        ({"writes_taken_by_a_resumed_primary": 1}, "writes taken by a resumed old primary: 1"),
+    ],
+)
+def test_a_failover_run_fails_on_what_it_did_not_prove_or_broke(changes: dict[str, Any], failure: str) -> None:
+    failures = verdict(a_run(**{**FAILOVER, **changes}))
+    assert any(f.startswith(failure) for f in failures), failures

@@ -59,7 +59,7 @@ class _Parser(DefaultParser):  # type: ignore[misc]
     }
 
 
-def _split_netloc(netloc: str) -> tuple[str, str | None, str]:
+def split_netloc(netloc: str) -> tuple[str, str | None, str]:
     """(user, password or None, hosts) of a URL's netloc, without parsing the hosts (a Sentinel set lists
     several: ``h1:p1,h2:p2``, which urllib's ``hostname``/``port`` cannot read)."""
     userinfo, at, hosts = netloc.rpartition("@")
@@ -71,7 +71,7 @@ def _split_netloc(netloc: str) -> tuple[str, str | None, str]:
 
 def _with_userinfo(url: str, user: str, password: str | None) -> str:
     parts = urlsplit(url)
-    _, _, hosts = _split_netloc(parts.netloc)
+    _, _, hosts = split_netloc(parts.netloc)
     userinfo = quote(user, safe="") + (f":{password}" if password is not None else "")
     netloc = f"{userinfo}@{hosts}" if userinfo else hosts
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
@@ -81,7 +81,7 @@ def redact(url: str) -> str:
     """The URL without its passwords (in the userinfo and in a ``sentinel_password`` query), for logs and
     errors."""
     parts = urlsplit(url)
-    user, password, _ = _split_netloc(parts.netloc)
+    user, password, _ = split_netloc(parts.netloc)
     if password is not None:
         url = _with_userinfo(url, user, "***")
         parts = urlsplit(url)
@@ -111,7 +111,7 @@ class SentinelUrl:
 def sentinel_url(url: str) -> SentinelUrl:
     """Parse a Sentinel URL; a ConfigError that says what is wrong (never the password)."""
     parts = urlsplit(url)
-    user, password, hosts = _split_netloc(parts.netloc)
+    user, password, hosts = split_netloc(parts.netloc)
     sentinels = []
     for host in hosts.split(","):
         name, colon, port = host.strip().rpartition(":")

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import redis.asyncio as aioredis
@@ -41,7 +42,7 @@ from redis.exceptions import RedisError
 
 from quantum_trader import ops
 from quantum_trader.bus import keys
-from quantum_trader.bus.connection import StoreUnavailable, make_client, sync_client
+from quantum_trader.bus.connection import SENTINEL_SCHEMES, StoreUnavailable, make_client, split_netloc, sync_client
 from quantum_trader.bus.embedded import APPENDFSYNC
 from quantum_trader.domain import oracle
 from quantum_trader.domain.models import GovernorPermit, Plan, from_fields
@@ -76,6 +77,15 @@ LOSS_CONSUMPTION_S = 20.0  # a store loss waits at most this long for a consumpt
 IN_ORDER_PATH_S = 10.0  # an intent recorded this recently is a plan inside the order path (older: stuck, not live)
 # with --store-loss: when this share of the plans has been proposed (away from the store restart at half)
 STORE_LOSSES = (0.2, 0.35, 0.8)
+# with --failover (the store a primary, two replicas, three Sentinels: bus/embedded_ha.py): the faults, each when
+# this share of the plans has been proposed. A killed primary is started again (it rejoins as a replica) once a
+# replica was promoted; a paused one is resumed once a replica was promoted.
+FAILOVER_FAULTS = ((0.15, "kill_primary"), (0.35, "pause_primary"), (0.6, "kill_primary"), (0.8, "restart_sentinel"))
+# From a fault to the first decision on the new primary: the Sentinels' down-after (2 s) and election (about
+# 1 s), the services' socket timeout when the primary hangs instead of closing (5 s), then the search for orders
+# the old primary may have taken, which new proposals wait for (the permit window, 1.2 s, and the late-execution
+# horizon).
+FAILOVER_LIMIT_S = round(2.0 + 1.5 + 5.0 + 1.2 + CHAOS_HORIZON_MS / 1000, 1)
 SYMBOLS = {
     "BTCUSDT": ("100.000", "0.001"),
     "ETHUSDT": ("1000.000", "0.010"),
@@ -122,6 +132,13 @@ class ChaosReport:
     unplanned_at_restart: int = 0
     unplanned_at_restart_refused: int = 0
     lossless_restart: bool = False  # the restart lost nothing (appendfsync always): it may refuse nothing
+    # --failover: the faults of the high-availability store, each failover's time from the fault to the first
+    # answer to a proposal sent after it, and what a paused primary did with a write once resumed
+    failover_run: bool = False
+    failovers: int = 0
+    failover_seconds: list[float] = field(default_factory=list)
+    sentinel_restarts: int = 0
+    writes_taken_by_a_resumed_primary: int = 0
     forgotten_proposals: int = 0  # proposals the store forgot before anything came of them: the client retries
     answered_then_forgotten: int = 0  # proposals the store forgot after their answer was seen: not sent again
     resent_after_a_fill: int = 0  # ... of which the first plan had in fact filled (its order must answer it)
@@ -156,6 +173,7 @@ class ChaosReport:
             "executions without two permits": self.executions_without_two_permits,
             "retried proposals that closed twice": self.resent_closed_twice,
             "forged permits that executed": self.forgeries_executed,
+            "writes taken by a resumed old primary": self.writes_taken_by_a_resumed_primary,
             **{f"oracle: {kind}": n for kind, n in self.oracle.items()},
         }
         return {name: n for name, n in counts.items() if n}
@@ -173,7 +191,18 @@ def verdict(report: ChaosReport) -> list[str]:
         failures.append(f"recovery after the store restart took {report.max_recovery_s} s > {RECOVERY_LIMIT_S} s")
     if report.executions == 0:
         failures.append("nothing executed")
-    if report.store_restarts == 0:
+    if report.failover_run:
+        expected = sum(1 for _, fault in FAILOVER_FAULTS if fault != "restart_sentinel")
+        if report.failovers < expected:
+            failures.append(f"{report.failovers} failovers of the {expected} faults of the primary")
+        slow = [t for t in report.failover_seconds if t > FAILOVER_LIMIT_S]
+        if slow or len(report.failover_seconds) < report.failovers:
+            failures.append(f"failovers over {FAILOVER_LIMIT_S} s (or never answered): {report.failover_seconds}")
+        if report.sentinel_restarts == 0:
+            failures.append("no Sentinel was restarted")
+        if report.kills_in_order_path == 0:
+            failures.append("no fault of the primary landed inside the order path")
+    elif report.store_restarts == 0:
         failures.append("the store was never restarted")
     elif report.unplanned_at_restart == 0:
         failures.append("no proposal was in flight unplanned when the store restarted")
@@ -181,7 +210,9 @@ def verdict(report: ChaosReport) -> list[str]:
         failures.append(
             f"a store restart that lost nothing refused {report.refused_after_store_change} proposals (store_changed)"
         )
-    if report.store_loss_run:  # the losses take most of a short run: they are its faults, kills may not come
+    if report.failover_run:  # its faults are the store's
+        pass
+    elif report.store_loss_run:  # the losses take most of a short run: they are its faults, kills may not come
         if report.store_losses == 0:
             failures.append("the store never forgot anything")
         elif report.losses_in_order_path == 0:
@@ -198,7 +229,11 @@ def verdict(report: ChaosReport) -> list[str]:
 
 
 def _patient_client(url: str) -> aioredis.Redis:
-    """The observer's own connection: it rides out the store restarts (retries for ~20 s) instead of failing."""
+    """The observer's own connection: it rides out the store restarts (retries for ~20 s) instead of failing.
+    Through Sentinel, no retries below the caller's loops: redis-py's nest there, and a client waited 29 s for a
+    failover that took 3."""
+    if urlsplit(url).scheme in SENTINEL_SCHEMES:
+        return make_client(url)
     return make_client(url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=40))
 
 
@@ -210,11 +245,19 @@ class Observed:
     results: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
     plans: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
     consumed: list[tuple[str, str]] = field(default_factory=list)  # (audit entry id, plan id) of consumptions
+    result_ids: list[str] = field(default_factory=list)  # the stream ids of every result seen (when written)
 
 
 class Chaos:
     def __init__(
-        self, system: Any, plans: int, rate: float, seed: int, store_loss: bool = False, lossless: bool = False
+        self,
+        system: Any,
+        plans: int,
+        rate: float,
+        seed: int,
+        store_loss: bool = False,
+        lossless: bool = False,
+        failover: bool = False,
     ) -> None:
         self.system = system
         self.plans = plans
@@ -224,7 +267,11 @@ class Chaos:
         self.submitted: list[ops.Submitted] = []
         self.symbol_of: dict[str, str] = {}
         self.resent: set[str] = set()  # client order ids of proposals sent again after the store forgot them
-        self.report = ChaosReport(store_loss_run=store_loss, lossless_restart=lossless and not store_loss)
+        self.report = ChaosReport(
+            store_loss_run=store_loss, lossless_restart=lossless and not store_loss, failover_run=failover
+        )
+        self.failover = failover
+        self.fault_at: list[float] = []  # when each fault of the primary was made (wall clock, s)
         self.unplanned_at_restart: set[str] = set()  # plan ids
         self.forged: dict[str, str] = {}  # plan id -> the attack written into its Governor slot
         self.seen = Observed()
@@ -298,6 +345,8 @@ class Chaos:
                     for entry_id, fields in entries:
                         cursors[stream] = entry_id
                         into[stream][fields.get("plan_id", "")].append(dict(fields))
+                        if stream == keys.RESULT_STREAM:
+                            self.seen.result_ids.append(entry_id)
                         if stream == keys.AUDIT_STREAM and fields.get("decision") == "consumed":
                             self.seen.consumed.append((entry_id, fields.get("plan_id", "")))
         finally:
@@ -374,7 +423,11 @@ class Chaos:
 
     async def _kill_things(self, rds: aioredis.Redis) -> None:
         """A random service every 1-3 s (every other one aimed at the order path); the store once, when half of
-        the plans have been proposed; with --store-loss, the store forgetting three times (``STORE_LOSSES``)."""
+        the plans have been proposed; with --store-loss, the store forgetting three times (``STORE_LOSSES``);
+        with --failover, the faults of the high-availability store instead (``FAILOVER_FAULTS``)."""
+        if self.failover:
+            await self._fail_over(rds)
+            return
         restarted_store = False
         losses = [int(self.plans * share) for share in STORE_LOSSES] if self.store_loss else []
         next_kill = time.monotonic() + self.rng.uniform(1.0, 3.0)
@@ -397,6 +450,60 @@ class Chaos:
                 await asyncio.to_thread(self.system.start_service, service)
                 self.report.service_kills += 1
                 next_kill = time.monotonic() + self.rng.uniform(1.0, 3.0)
+
+    async def _fail_over(self, rds: aioredis.Redis) -> None:
+        """Each fault of ``FAILOVER_FAULTS`` when its share of the plans has been proposed."""
+        ha = self.system.ha_set
+        for share, fault in FAILOVER_FAULTS:
+            deadline = time.monotonic() + PROPOSE_PATIENCE_S
+            while time.monotonic() < deadline:
+                if len(self.submitted) >= int(self.plans * share):
+                    break
+                await asyncio.sleep(0.05)
+            if fault == "restart_sentinel":
+                await asyncio.to_thread(ha.restart_sentinel, self.rng.randrange(ha.sentinels))
+                self.report.sentinel_restarts += 1
+                continue
+            primary = await asyncio.to_thread(ha.primary_port)
+            if primary is None:
+                continue
+            landed = await self._aim(rds)
+            if fault == "kill_primary":
+                await asyncio.to_thread(ha.kill_node, primary)
+            else:
+                await asyncio.to_thread(ha.pause_node, primary)
+            self.fault_at.append(time.time())
+            self.report.kills_in_order_path += landed
+            if await self._promoted(primary):
+                self.report.failovers += 1
+            if fault == "kill_primary":
+                await asyncio.to_thread(ha.restart_node, primary)  # it rejoins as a replica
+            else:
+                await asyncio.to_thread(ha.resume_node, primary)
+                if await asyncio.to_thread(_takes_a_write, primary, self.system.urls["admin"]):
+                    self.report.writes_taken_by_a_resumed_primary += 1
+            self.last_loss = time.monotonic()  # a failover may lose what the replicas had not received
+
+    async def _promoted(self, old: int, timeout_s: float = 30.0) -> bool:
+        """Whether the Sentinels named another primary than ``old`` within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(self.system.ha_set.primary_port) not in (None, old):
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    def _failover_times(self) -> list[float]:
+        """For each fault of the primary: seconds from it to the first decision on the new primary, the first
+        result written after it (a result's stream id is the time its primary wrote it, and after the fault the
+        old primary writes nothing: it is dead, or paused and then refusing writes, which the run checks)."""
+        written = sorted(int(entry_id.partition("-")[0]) / 1000 for entry_id in self.seen.result_ids)
+        times = []
+        for at in self.fault_at:
+            after = [t for t in written if t > at]
+            if after:
+                times.append(round(after[0] - at, 2))
+        return times
 
     async def _restart_store(self, rds: aioredis.Redis) -> None:
         port = int(self.system.redis_url.rsplit(":", 1)[1])
@@ -598,6 +705,7 @@ class Chaos:
         r.executions = len(executed)
         r.adopted_from_exchange = sum(1 for f in final if f.get("adopted") == "true")
         r.refused_after_store_change = sum(1 for f in final if f.get("error") == "store_changed")
+        r.failover_seconds = self._failover_times()
         r.unplanned_at_restart_refused = sum(
             1 for f in final if f.get("error") == "store_changed" and f.get("plan_id") in self.unplanned_at_restart
         )
@@ -659,6 +767,22 @@ class Chaos:
             r.examples[f"oracle: {kind}"] = shown
 
 
+def _takes_a_write(port: int, admin_url: str) -> bool:
+    """Whether the node on ``port`` accepts a write right now (a resumed old primary must not: NOREPLICAS
+    while it is cut off from the replicas, READONLY once the Sentinels demoted it)."""
+    import redis
+
+    user, password, _ = split_netloc(urlsplit(admin_url).netloc)
+    client = redis.Redis(port=port, username=user, password=password, socket_timeout=2.0)
+    try:
+        client.set("quantum:chaos:write-after-resume", "1")
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+    return True
+
+
 def _pause_writes(admin_url: str) -> None:
 
     client = sync_client(admin_url)
@@ -679,7 +803,7 @@ def _agrees(result: dict[str, str], filled: Decimal) -> bool:
 
 
 def run_chaos(
-    settings: Settings, plans: int, rate: float, seed: int, store_loss: bool = False
+    settings: Settings, plans: int, rate: float, seed: int, store_loss: bool = False, failover: bool = False
 ) -> tuple[ChaosReport, Path]:
     from quantum_trader.system import LocalSystem
 
@@ -688,13 +812,15 @@ def run_chaos(
         env=CHAOS_ENV,
         persist_store=True,
         sim_args=CHAOS_SIM_ARGS,
-        appendfsync=APPENDFSYNC if store_loss else LOSSLESS_APPENDFSYNC,
+        appendfsync=APPENDFSYNC if store_loss or failover else LOSSLESS_APPENDFSYNC,
+        ha=failover,
     )
     with system:
         system.start_infra()
         system.open_positions({symbol: amount for symbol, (amount, _) in SYMBOLS.items()})
         system.start_services()
-        report = asyncio.run(Chaos(system, plans, rate, seed, store_loss, lossless=not store_loss).run())
+        chaos = Chaos(system, plans, rate, seed, store_loss, lossless=not (store_loss or failover), failover=failover)
+        report = asyncio.run(chaos.run())
     return report, system.settings.state_dir
 
 
@@ -727,9 +853,27 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
         ("executions without two permits", report.executions_without_two_permits, "0"),
         ("orders whose permits the oracle verified", report.orders_verified, "= orders"),
         *((f"oracle: {kind.replace('_', ' ')}", n, "0") for kind, n in report.oracle.items()),
-        ("service kills (SIGKILL)", report.service_kills, "" if report.store_loss_run else "> 0"),
-        ("store restarts", report.store_restarts, "> 0"),
+        (
+            "service kills (SIGKILL)",
+            report.service_kills,
+            "" if report.store_loss_run or report.failover_run else "> 0",
+        ),
+        ("store restarts", report.store_restarts, "" if report.failover_run else "> 0"),
         ("  kills inside the order path (consumed, no result)", report.kills_in_order_path, kills_bound),
+        *(
+            (
+                ("failovers (a replica promoted after a fault of the primary)", report.failovers, "3"),
+                (
+                    "  seconds from each fault to the first decision on the new primary",
+                    ", ".join(f"{t:g}" for t in report.failover_seconds),
+                    f"<= {FAILOVER_LIMIT_S}",
+                ),
+                ("  writes taken by a resumed old primary", report.writes_taken_by_a_resumed_primary, "0"),
+                ("  Sentinel restarts", report.sentinel_restarts, "> 0"),
+            )
+            if report.failover_run
+            else ()
+        ),
         ("store losses (back from a snapshot)", report.store_losses, "> 0" if report.store_loss_run else ""),
         ("  losses that forgot a consumption", report.losses_in_order_path, "> 0" if report.store_loss_run else ""),
         ("  consumptions the store forgot", report.forgotten_consumptions, ""),
@@ -742,7 +886,11 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
             report.refused_after_store_change,
             "0" if report.lossless_restart else "",
         ),
-        ("read but not planned when the store restarted", report.unplanned_at_restart, "> 0"),
+        (
+            "read but not planned when the store restarted",
+            report.unplanned_at_restart,
+            "" if report.failover_run else "> 0",
+        ),
         ("  of which refused (store_changed)", report.unplanned_at_restart_refused, ""),
         ("proposals the store forgot after their answer was seen", report.answered_then_forgotten, ""),
         ("proposals the store forgot (sent again)", report.forgotten_proposals, ""),

@@ -152,6 +152,14 @@ def chaos_cmd(
     store_loss: Annotated[
         bool, typer.Option("--store-loss", help="also make the store forget, three times (back from a snapshot)")
     ] = False,
+    failover: Annotated[
+        bool,
+        typer.Option(
+            "--failover",
+            help="the store a primary, two replicas and three Sentinels: kill and pause the primary, restart a "
+            "Sentinel (instead of the service kills and the store restart)",
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Run a private chain while killing its services (SIGKILL) and once its store; check the promises.
@@ -164,7 +172,9 @@ def chaos_cmd(
     from quantum_trader.cli.chaos import print_report, run_chaos
 
     settings = settings_or_exit()
-    report, state_dir = until_stopped(lambda: run_chaos(settings, plans, rate, seed, store_loss))
+    if failover and store_loss:
+        fail("--failover and --store-loss are separate runs", EXIT_USAGE)
+    report, state_dir = until_stopped(lambda: run_chaos(settings, plans, rate, seed, store_loss, failover))
     print_report(report, state_dir, json_out)
     raise typer.Exit(0 if report.ok else EXIT_FAILED)
 
