@@ -61,6 +61,11 @@ class ApplySettings(_Section):
         plus drift since) before Apply fails closed: plans nothing, calls no order absent (domain/clocks.py).
     max_host_clock_gap_ms: how far two Apply hosts' clocks may differ (errors included) before both fail closed:
         one host's "absent for good" rests on the times another wrote.
+    failover_fence_s: how long a primary cut off from its replicas may still take writes: the store's
+        ``min-replicas-max-lag`` plus the second its replicas acknowledge in (Redis's default lag is 10 s). After
+        a failover, orders of plans the promoted replica does not know may still be sent on the old primary
+        that long after the promotion was seen, so they are waited for that much longer (docs/reliability.md).
+        Only a promoted replica pays it; a restart does not (its predecessor is gone).
     metrics_port: Prometheus endpoint (DESIGN.md: 8043). 0 disables it.
     """
 
@@ -72,6 +77,7 @@ class ApplySettings(_Section):
     max_clock_error_ms: float = Field(250.0, gt=0, le=5000)
     # 500 ms: NTP keeps hosts within milliseconds; half a second apart, something is broken
     max_host_clock_gap_ms: float = Field(500.0, gt=0, le=10_000)
+    failover_fence_s: float = Field(11.0, ge=0, le=600)
     metrics_port: int = Field(8043, ge=0, le=65535)
 
 

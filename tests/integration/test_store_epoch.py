@@ -290,3 +290,26 @@ async def test_a_real_restart_continues_the_epoch_only_when_every_write_was_fsyn
     assert before is not None and after is not None and after.identity != before.identity
     assert after.same_as(before) is (appendfsync == "always")
     assert after.continued == (1 if appendfsync == "always" else 0)
+
+
+async def test_a_promoted_replica_is_an_epoch_of_its_own_marked_promoted(aof_store: str, tmp_path: Path) -> None:
+    """A replica made primary (REPLICAOF NO ONE, as a Sentinel does) has not been a primary since it started:
+    its epoch begins when an Apply first sees it, and is marked promoted (its old primary, cut off, may have taken
+    writes a while longer: the failover fence, domain/trust.py). A primary since its start is not."""
+    assert not (await claimed_by(aof_store, StoreWatch(record_epoch=True))).promoted
+    replica = EmbeddedStore(tmp_path / "replica", persist=False)
+    replica_url = replica.start()
+    control = make_client(replica_url)
+    try:
+        port = int(aof_store.rsplit(":", 1)[1].split("/")[0])
+        await control.execute_command("REPLICAOF", "127.0.0.1", str(port))
+        deadline = time.monotonic() + 10
+        while (await control.info("replication")).get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica never synced"
+            await asyncio.sleep(0.05)
+        await control.execute_command("REPLICAOF", "NO", "ONE")
+        epoch = await claimed_by(replica_url, StoreWatch(record_epoch=True))
+    finally:
+        await control.aclose()
+        replica.stop()
+    assert epoch.promoted and epoch.continued == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -88,3 +90,16 @@ def test_an_epoch_read_again_is_the_same_epoch_whatever_was_learnt_since() -> No
     assert not EPOCH.same_as(replace(EPOCH, floor=(1_700_000_000_001, 0)))
     assert not EPOCH.same_as(replace(EPOCH, identity=StoreIdentity("run-2", "repl-1")))
     assert not EPOCH.same_as(None)
+
+
+def test_a_promoted_replica_waits_out_the_fence_of_its_cut_off_primary() -> None:
+    """After a failover the old primary, cut off, may still have taken writes (a consume, then the order) until
+    its replicas' acknowledgements were min-replicas-max-lag old: a record-less plan's sends are bounded that
+    much later. A restarted instance's predecessor is gone (no fence), and a plan's own record bounds it."""
+    promoted = dataclasses.replace(EPOCH, promoted=True)
+    now = 1_700_000_500.0
+    assert prior_sends_signed_before(promoted, None, 1.2, now, fence_s=11.0) == pytest.approx(1_700_000_112.2)
+    assert prior_sends_signed_before(EPOCH, None, 1.2, now, fence_s=11.0) == pytest.approx(1_700_000_101.2)
+    assert prior_sends_signed_before(promoted, 1_700_000_050.0, 1.2, now, fence_s=11.0) == pytest.approx(
+        1_700_000_051.2
+    )

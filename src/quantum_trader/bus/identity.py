@@ -314,6 +314,7 @@ class StoreWatch:
             searched == "1",
             str(key),
             int(continued),
+            promoted=server.time_floor == "",  # not a primary since it started
         )
 
     def saw(self, entry_id: str) -> None:

@@ -83,9 +83,9 @@ STORE_LOSSES = (0.2, 0.35, 0.8)
 FAILOVER_FAULTS = ((0.15, "kill_primary"), (0.35, "pause_primary"), (0.6, "kill_primary"), (0.8, "restart_sentinel"))
 # From a fault to the first decision on the new primary: the Sentinels' down-after (2 s) and election (about
 # 1 s), the services' socket timeout when the primary hangs instead of closing (5 s), then the search for orders
-# the old primary may have taken, which new proposals wait for (the permit window, 1.2 s, and the late-execution
-# horizon).
-FAILOVER_LIMIT_S = round(2.0 + 1.5 + 5.0 + 1.2 + CHAOS_HORIZON_MS / 1000, 1)
+# the old primary may have taken, which new proposals wait for: the failover fence (min-replicas-max-lag 5 s of
+# bus/embedded_ha.py, plus 1 s), the permit window (1.2 s) and the late-execution horizon.
+FAILOVER_LIMIT_S = round(2.0 + 1.5 + 5.0 + 6.0 + 1.2 + CHAOS_HORIZON_MS / 1000, 1)
 SYMBOLS = {
     "BTCUSDT": ("100.000", "0.001"),
     "ETHUSDT": ("1000.000", "0.010"),

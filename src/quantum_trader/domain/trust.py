@@ -49,6 +49,9 @@ class Epoch:
     # how many restarts that lost nothing this epoch has been continued through (bus/identity.py CLAIM_EPOCH):
     # its word stands on the instance now as it did on the one that began it
     continued: int = 0
+    # the instance is a promoted replica (not a primary since it started): its old primary, cut off, may have
+    # taken writes a while after the promotion (the failover fence: prior_sends_signed_before)
+    promoted: bool = False
 
     def same_as(self, other: Epoch | None) -> bool:
         """The same epoch (what was learnt about it since, e.g. ``searched``, aside): begun by the same instance
@@ -90,7 +93,9 @@ def trusted(epoch: Epoch | None, proposal_entry_id: str, now: float) -> bool:
     return epoch is not None and epoch.trusts(proposal_entry_id, now)
 
 
-def prior_sends_signed_before(epoch: Epoch | None, plan_created_at: float | None, window_s: float, now: float) -> float:
+def prior_sends_signed_before(
+    epoch: Epoch | None, plan_created_at: float | None, window_s: float, now: float, fence_s: float = 0.0
+) -> float:
     """The latest wall time (epoch s) at which any attempt at a plan, seen here or not, can have signed its order
     request: every send leaves inside the plan's permit window (its deadline is checked right before the
     request is signed).
@@ -98,9 +103,13 @@ def prior_sends_signed_before(epoch: Epoch | None, plan_created_at: float | None
     With the plan's record, its own window bounds it: the record is the plan's only incarnation (a record that
     predates the instance survived the change; one made on this instance is for a proposal newer than it, as an
     older one is never planned again). Without a record, an attempt the store forgot consumed its permits on
-    an earlier instance, so before ``epoch.since``, inside a window that began before that. With no epoch
-    known either, only ``now`` bounds it.
+    an earlier instance, so before ``epoch.since``, inside a window that began before that; for a promoted
+    replica, before ``epoch.since + fence_s``: its old primary, cut off by a partition, took writes until its
+    replicas' acknowledgements were ``min-replicas-max-lag`` old, and the promotion came after the cut. With no
+    epoch known either, only ``now`` bounds it.
     """
     if plan_created_at is not None:
         return plan_created_at + window_s
-    return (epoch.since if epoch is not None else now) + window_s
+    if epoch is None:
+        return now + window_s
+    return epoch.since + (fence_s if epoch.promoted else 0.0) + window_s

@@ -75,7 +75,9 @@ class ApplyService(Service):
             self._scripts,
             waiter=self.waiter,
             gate=PermitGate(settings, redis, self._scripts, self.waiter, permit_keys, self.metrics, clock, self.log),
-            truth=ExchangeTruth(watch, exchange, executor, self.metrics, clock, wait_s),
+            truth=ExchangeTruth(
+                watch, exchange, executor, self.metrics, clock, wait_s, settings.apply.failover_fence_s
+            ),
             positions=PositionReads(exchange),
             executor=executor,
             publisher=ResultPublisher(self._scripts, self.metrics, clock),

@@ -34,6 +34,7 @@ class ExchangeTruth:
         metrics: ApplyMetrics,
         clock: Clock,
         wait_s: float,
+        fence_s: float = 0.0,
     ) -> None:
         self.watch = watch
         self.exchange = exchange
@@ -41,6 +42,7 @@ class ExchangeTruth:
         self.metrics = metrics
         self._clock = clock
         self._wait_s = wait_s
+        self._fence_s = fence_s  # settings.apply.failover_fence_s (domain/trust.py prior_sends_signed_before)
         # Set once the exchange was searched for orders the current store instance forgot (services/apply/
         # sweep.py); until then a proposal the store would vouch for waits (wait_for_search), at most this long.
         self.searched = asyncio.Event()
@@ -85,7 +87,7 @@ class ExchangeTruth:
     def unseen_sends(self, plan_created_at: float | None) -> SendRecord:
         """The sends of a plan this process did not see, as far as they can be bounded (domain/trust.py)."""
         now = self._clock.wall()
-        signed_before = prior_sends_signed_before(self.watch.epoch, plan_created_at, self._wait_s, now)
+        signed_before = prior_sends_signed_before(self.watch.epoch, plan_created_at, self._wait_s, now, self._fence_s)
         clocks = self.executor.clocks()  # the times it rests on may be another host's: the hosts' gap counts
         return SendRecord.unseen(
             signed_before * 1000 - self.skew_ms(),
