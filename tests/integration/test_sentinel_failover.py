@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from decimal import Decimal
 
+import httpx
 import pytest
 from redis.exceptions import RedisError
 
@@ -107,9 +108,15 @@ def test_the_chain_follows_a_failover_and_answers_every_proposal_once() -> None:
         assert system.ha_set is not None
         first_primary = system.ha_set.primary_port()
         assert first_primary is not None
+        assert metric_becomes(system, "qt_apply_store_replicas", 2) and metric_becomes(
+            system, "qt_apply_store_promoted", 0
+        )
         failover_s = asyncio.run(_flow(system, first_primary))
         second_primary = system.ha_set.primary_port()
         store = asyncio.run(_store_status(system))
+        # what the alerts read: a promoted replica, one replica left (the old primary stays down here)
+        assert metric_becomes(system, "qt_apply_store_promoted", 1)
+        assert metric_becomes(system, "qt_apply_store_replicas", 1)
         admin = system.admin()
         try:
             orders = admin.orders()
@@ -271,3 +278,15 @@ async def _store_status(system: LocalSystem) -> dict[str, object]:
         return (await collect(rds, sorted(POSITIONS), "auto")).store
     finally:
         await rds.aclose()
+
+
+def metric_becomes(system: LocalSystem, name: str, value: float, timeout_s: float = 15.0) -> bool:
+    """Whether Apply's metric ``name`` reads ``value`` within ``timeout_s`` (the sweeper refreshes it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{system.ports.apply}/metrics", timeout=2).text
+        for line in text.splitlines():
+            if line.startswith(name + " ") and float(line.split()[1]) == value:
+                return True
+        time.sleep(0.2)
+    return False

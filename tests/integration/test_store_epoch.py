@@ -301,7 +301,7 @@ async def test_a_promoted_replica_is_an_epoch_of_its_own_marked_promoted(aof_sto
     replica_url = replica.start()
     control = make_client(replica_url)
     try:
-        port = int(aof_store.rsplit(":", 1)[1].split("/")[0])
+        port = int(aof_store.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
         await control.execute_command("REPLICAOF", "127.0.0.1", str(port))
         deadline = time.monotonic() + 10
         while (await control.info("replication")).get("master_link_status") != "up":

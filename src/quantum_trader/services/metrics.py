@@ -113,6 +113,16 @@ class ApplyMetrics:
             "Times this process found the store to be another instance (restart, failover) than before",
             registry=registry,
         )
+        self.store_replicas = Gauge(
+            "qt_apply_store_replicas",
+            "Replicas connected to the store's primary, as it reports them (checked every sweep round)",
+            registry=registry,
+        )
+        self.store_promoted = Gauge(
+            "qt_apply_store_promoted",
+            "1 while the store's primary is a promoted replica (since the last failover, until it restarts)",
+            registry=registry,
+        )
         self.consumer_lag = Gauge(
             "qt_apply_consumer_lag", "Entries not yet delivered to the consumer group", ["group"], registry=registry
         )

@@ -65,6 +65,11 @@ class IntentSweeper:
                         self.orphan_search.clear()
                     elif (until_settled := self._until_settled_s()) > 0:
                         pause = min(interval, max(0.05, until_settled))  # again once they have all shown
+            with self._step("the store's replication"):
+                replication = await self.redis.info("replication")
+                handler.metrics.store_replicas.set(int(replication.get("connected_slaves", 0)))
+                epoch = handler.truth.watch.epoch
+                handler.metrics.store_promoted.set(1 if epoch is not None and epoch.promoted else 0)
             due: list[str] = []
             with self._step("the intents"):
                 due = await self.redis.zrangebyscore(keys.APPLY_INTENTS, "-inf", self._clock.wall() - stale_s)
