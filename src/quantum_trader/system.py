@@ -227,7 +227,9 @@ class LocalSystem:
                     appendfsync=self.appendfsync,
                 )
                 # how long a cut-off primary may take writes: Apply waits that out after a failover
-                self.env.setdefault("QT_APPLY__FAILOVER_FENCE_S", str(self.ha_set.min_replicas_max_lag_s + 1))
+                fence = "QT_APPLY__FAILOVER_FENCE_S"
+                if fence not in self.env and not (self.inherit_config and fence in os.environ):
+                    self.env[fence] = str(self.ha_set.min_replicas_max_lag_s + 1)
                 try:
                     self.redis_url = self.ha_set.start()
                 except HAStartupError as exc:

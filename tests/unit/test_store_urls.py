@@ -58,3 +58,21 @@ def test_a_services_account_is_written_into_a_sentinel_url(tmp_path: Path) -> No
     assert parsed.sentinels == (("127.0.0.1", 26379), ("127.0.0.1", 26380))
     plain = with_credentials("redis://127.0.0.1:6379/0", "qt-apply", secret)
     assert plain == "redis://qt-apply:p%40ss%2Fword@127.0.0.1:6379/0"
+
+
+def test_the_sentinels_password_is_added_when_qt_up_ha_made_one(tmp_path: Path) -> None:
+    for role, password in (("operator", "op-pass"), ("sentinel", "sen/pass")):
+        secret = tmp_path / f"acl-{role}.pass"
+        secret.write_text(password + "\n")
+        secret.chmod(0o600)
+    url = with_credentials("redis+sentinel://127.0.0.1:26379/qtm", "qt-operator", tmp_path / "acl-operator.pass")
+    parsed = sentinel_url(url)
+    assert (parsed.username, parsed.password, parsed.sentinel_password) == ("qt-operator", "op-pass", "sen/pass")
+    assert "sen/pass" not in redact(url) and "op-pass" not in redact(url)
+
+
+def test_a_password_that_is_not_url_encoded_is_refused_without_showing_it() -> None:
+    with pytest.raises(ConfigError) as raised:
+        check_url("redis+sentinel://qt-apply:ab/c?d@h1:26379/qtm")
+    message = str(raised.value)
+    assert "URL-encoded" in message and "ab/c" not in message and "c?d" not in message

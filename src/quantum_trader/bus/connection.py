@@ -108,8 +108,19 @@ class SentinelUrl:
     sentinel_password: str | None
 
 
+def _shown(url: str) -> str:
+    """A URL for an error about its own form: ``redact``, and everything up to the last ``@`` hidden too (a
+    password with a raw ``/``, ``?`` or ``#`` cuts the netloc before it, and redact would miss it)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if sep else "***"
+    return redact(url)
+
+
 def sentinel_url(url: str) -> SentinelUrl:
     """Parse a Sentinel URL; a ConfigError that says what is wrong (never the password)."""
+    if "@" in url.partition("://")[2] and "@" not in urlsplit(url).netloc:
+        raise ConfigError(f"QT_REDIS_URL: the password must be URL-encoded ({_shown(url)})")
     parts = urlsplit(url)
     user, password, hosts = split_netloc(parts.netloc)
     sentinels = []
@@ -159,7 +170,13 @@ def with_credentials(url: str, user: str, password_file: Path) -> str:
         return url
     from quantum_trader.secrets import read_secret_file
 
-    return _with_userinfo(url, user, quote(read_secret_file(password_file), safe=""))
+    url = _with_userinfo(url, user, quote(read_secret_file(password_file), safe=""))
+    sentinel_password = password_file.with_name("acl-sentinel.pass")  # `qt up --ha`: its Sentinels' password
+    parts = urlsplit(url)
+    if parts.scheme in SENTINEL_SCHEMES and sentinel_password.exists() and "sentinel_password" not in parts.query:
+        query = urlencode([*parse_qsl(parts.query), ("sentinel_password", read_secret_file(sentinel_password))])
+        url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+    return url
 
 
 def check_url(url: str) -> None:
@@ -216,11 +233,22 @@ def sync_client(url: str, **options: Any) -> redis.Redis:
         sentinel_options["username"] = parsed.sentinel_username
     if parsed.sentinel_password:
         sentinel_options["password"] = parsed.sentinel_password
+    sentinel_options["retry"] = SyncRetry(SyncNoBackoff(), 0)
     manager = SyncSentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_options)
     node_options = {**options, "db": parsed.db, "username": parsed.username, "password": parsed.password}
     if parsed.tls:
         node_options["ssl"] = True
-    return manager.master_for(parsed.master, **node_options)
+    return cast(redis.Redis, manager.master_for(parsed.master, redis_class=SyncSentinelClient, **node_options))
+
+
+class SyncSentinelClient(redis.Redis):  # type: ignore[misc]
+    """sync_client's client of a Sentinel set's primary: closing it closes its Sentinel connections too."""
+
+    def close(self) -> None:
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        super().close()
+        for sentinel in getattr(manager, "sentinels", ()):
+            sentinel.close()
 
 
 class SentinelClient(aioredis.Redis):  # type: ignore[misc]

@@ -52,13 +52,18 @@ class EmbeddedHA:
 
     @property
     def url(self) -> str:
-        """The Sentinel URL of the set, without credentials."""
+        """The Sentinel URL of the set, without credentials (bus/connection.py with_credentials adds the data
+        nodes' account and the Sentinels' password)."""
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
         return f"redis+sentinel://{hosts}/{MASTER_NAME}"
 
     def start(self) -> str:
         """Start the nodes (node 0 the primary), wait until every replica is in sync, start the Sentinels and
         wait until each knows every replica and every other Sentinel. Returns ``url``."""
+        # Only this user may read it: the nodes' and Sentinels' configuration files hold the replication and
+        # Sentinel passwords, and a Sentinel rewrites its file with the default mode.
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
         ports = [free_port() for _ in range(1 + self.replicas)]
         for index, port in enumerate(ports):
             extra = self._node_config()
@@ -76,7 +81,9 @@ class EmbeddedHA:
             self.nodes.append(node)
         self._wait(lambda: self._in_sync(ports[0]), "the replicas never caught up with the primary")
         self.sentinel_ports = [free_port() for _ in range(self.sentinels)]
-        self._sentinel_processes = [self._start_sentinel(i, ports[0]) for i in range(self.sentinels)]
+        for index in range(self.sentinels):  # each recorded as it starts: stop() stops what did
+            self._sentinel_processes.append(None)
+            self._sentinel_processes[index] = self._start_sentinel(index, ports[0])
         self._wait(self._sentinels_see_everything, "the Sentinels never saw every node and each other")
         return self.url
 
@@ -110,6 +117,9 @@ class EmbeddedHA:
                 f"sentinel parallel-syncs {MASTER_NAME} 1",
                 f"sentinel auth-user {MASTER_NAME} qt-sentinel",
                 f"sentinel auth-pass {MASTER_NAME} {self.sentinel_password}",
+                # clients (and the other Sentinels) must authenticate: nobody else may repoint the set
+                f"requirepass {self.sentinel_password}",
+                f"sentinel sentinel-pass {self.sentinel_password}",
             ]
             fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds a password
             with os.fdopen(fd, "w") as out:
@@ -118,8 +128,23 @@ class EmbeddedHA:
             process = subprocess.Popen(
                 [str(get_binary_path()), str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT, cwd=home
             )
-        self._wait(lambda: _pings(self.sentinel_ports[index]), f"Sentinel {index} did not start")
+        try:
+            self._wait(lambda: self._pings(self.sentinel_ports[index]), f"Sentinel {index} did not start")
+        except HAStartupError:
+            process.kill()
+            process.wait(timeout=5)
+            raise
         return process
+
+    def _sentinel(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, password=self.sentinel_password, socket_timeout=1.0)
+
+    def _pings(self, port: int) -> bool:
+        try:
+            with self._sentinel(port) as client:
+                return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
 
     # --- what the set looks like now ----------------------------------------------------------------------
 
@@ -127,7 +152,7 @@ class EmbeddedHA:
         """The primary's port as the first Sentinel that answers names it (None: none answers)."""
         for port in self.sentinel_ports:
             try:
-                with redis.Redis(port=port, socket_timeout=1.0) as sentinel:
+                with self._sentinel(port) as sentinel:
                     host_port = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)
             except (redis.RedisError, OSError):
                 continue
@@ -203,7 +228,7 @@ class EmbeddedHA:
     def _sentinels_see_everything(self) -> bool:
         for port in self.sentinel_ports:
             try:
-                with redis.Redis(port=port, socket_timeout=1.0) as sentinel:
+                with self._sentinel(port) as sentinel:
                     master = sentinel.sentinel_master(MASTER_NAME)
             except (redis.RedisError, OSError):
                 return False
@@ -218,11 +243,3 @@ class EmbeddedHA:
             if time.monotonic() > deadline:
                 raise HAStartupError(failure)
             time.sleep(0.1)
-
-
-def _pings(port: int) -> bool:
-    try:
-        with redis.Redis(port=port, socket_timeout=0.5) as client:
-            return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
