@@ -479,6 +479,8 @@ class Chaos:
             self.report.kills_in_order_path += landed
             if await self._promoted(primary):
                 self.report.failovers += 1
+            # a proposal sent after the fault whatever the flow does (it may be over): its answer times the failover
+            await self._propose(rds, sorted(SYMBOLS)[len(self.fault_at) % len(SYMBOLS)], "chaos-failover")
             if fault == "kill_primary":
                 await asyncio.to_thread(ha.restart_node, primary)  # it rejoins as a replica
             else:
