@@ -514,7 +514,7 @@ async def test_a_store_outage_is_logged_and_the_sweep_goes_on_when_the_store_is_
                 async with sweeping(rig):
 
                     async def warned() -> bool:
-                        return len([e for e in logged if e["log_level"] == "warning"]) >= 2
+                        return len([e for e in logged if e["log_level"] == "warning"]) >= 3
 
                     await until(warned, 3)
                     sweeper.redis = store
@@ -527,11 +527,12 @@ async def test_a_store_outage_is_logged_and_the_sweep_goes_on_when_the_store_is_
             sweeper.redis = store
             await unreachable.aclose()
         warnings = [e for e in logged if e["log_level"] == "warning"]
-        assert [e["event"] for e in warnings[:2]] == [
+        assert [e["event"] for e in warnings[:3]] == [
             "intent sweep: store unavailable (the search for orders the store forgot)",
             "intent sweep: store unavailable (the intents)",
+            "intent sweep: store unavailable (the store's replication)",
         ]
-        assert all("127.0.0.1:9" in e["error"] for e in warnings[:2])
+        assert all("127.0.0.1:9" in e["error"] for e in warnings[:3])
         assert await searched_mark(rig) == "1"
 
 

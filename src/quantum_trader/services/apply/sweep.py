@@ -65,11 +65,6 @@ class IntentSweeper:
                         self.orphan_search.clear()
                     elif (until_settled := self._until_settled_s()) > 0:
                         pause = min(interval, max(0.05, until_settled))  # again once they have all shown
-            with self._step("the store's replication"):
-                replication = await self.redis.info("replication")
-                handler.metrics.store_replicas.set(int(replication.get("connected_slaves", 0)))
-                epoch = handler.truth.watch.epoch
-                handler.metrics.store_promoted.set(1 if epoch is not None and epoch.promoted else 0)
             due: list[str] = []
             with self._step("the intents"):
                 due = await self.redis.zrangebyscore(keys.APPLY_INTENTS, "-inf", self._clock.wall() - stale_s)
@@ -78,6 +73,11 @@ class IntentSweeper:
                 if plan_id not in handler.executing:
                     with self._step(f"intent {plan_id}"):
                         await self.resolve_intent(plan_id)
+            with self._step("the store's replication"):  # what the alerts on replicas and failovers read
+                replication = await self.redis.info("replication")
+                handler.metrics.store_replicas.set(int(replication.get("connected_slaves", 0)))
+                epoch = handler.truth.watch.epoch
+                handler.metrics.store_promoted.set(1 if epoch is not None and epoch.promoted else 0)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), pause)
