@@ -312,4 +312,14 @@ async def test_a_promoted_replica_is_an_epoch_of_its_own_marked_promoted(aof_sto
     finally:
         await control.aclose()
         replica.stop()
-    assert epoch.promoted and epoch.continued == 0
+    assert epoch.promoted and epoch.continued == 0 and epoch.promoted_at == epoch.since
+
+
+async def test_a_restart_after_a_promotion_keeps_when_the_promotion_was_seen(store_url: str) -> None:
+    """The record this instance loaded is a promoted replica's (promoted_at set): the new epoch begun by the
+    restart keeps it, so the failover fence still runs from the promotion (domain/trust.py)."""
+    rds = await an_old_instance_recorded(store_url, durability="everysec", promoted_at="1700000000.5")
+    epoch = await claimed_by(store_url, StoreWatch(record_epoch=True))
+    assert epoch.key != OLD_KEY and not epoch.promoted and epoch.promoted_at == 1700000000.5
+    assert await rds.hget(keys.STORE_EPOCH, "promoted_at") == "1700000000.5"
+    await rds.aclose()

@@ -96,10 +96,16 @@ def test_a_promoted_replica_waits_out_the_fence_of_its_cut_off_primary() -> None
     """After a failover the old primary, cut off, may still have taken writes (a consume, then the order) until
     its replicas' acknowledgements were min-replicas-max-lag old: a record-less plan's sends are bounded that
     much later. A restarted instance's predecessor is gone (no fence), and a plan's own record bounds it."""
-    promoted = dataclasses.replace(EPOCH, promoted=True)
+    promoted = dataclasses.replace(EPOCH, promoted=True, promoted_at=EPOCH.since)
     now = 1_700_000_500.0
     assert prior_sends_signed_before(promoted, None, 1.2, now, fence_s=11.0) == pytest.approx(1_700_000_112.2)
     assert prior_sends_signed_before(EPOCH, None, 1.2, now, fence_s=11.0) == pytest.approx(1_700_000_101.2)
     assert prior_sends_signed_before(promoted, 1_700_000_050.0, 1.2, now, fence_s=11.0) == pytest.approx(
         1_700_000_051.2
     )
+    # the promoted primary restarted 5 s after the promotion: its epoch began then, the fence still runs
+    restarted = dataclasses.replace(EPOCH, since=EPOCH.since + 5, promoted_at=EPOCH.since)
+    assert prior_sends_signed_before(restarted, None, 1.2, now, fence_s=11.0) == pytest.approx(1_700_000_112.2)
+    # long after: the restart's own start bounds it
+    later = dataclasses.replace(EPOCH, since=EPOCH.since + 60, promoted_at=EPOCH.since)
+    assert prior_sends_signed_before(later, None, 1.2, now, fence_s=11.0) == pytest.approx(1_700_000_161.2)

@@ -50,7 +50,8 @@ from quantum_trader.domain.trust import Epoch, StoreIdentity, started_before_ms,
 # its own data) when its streams end below what was read on the same epoch, or when it holds an older epoch
 # than the one read on: then nothing is continued, and a new epoch begins, even on the same instance (the
 # scripts refuse from then on what was vouched before). A new epoch's key ends with a nonce, so that it can
-# never equal one before it.
+# never equal one before it. ``promoted_at``: when the latest promotion this data knows of was first seen (a
+# promoted replica's own since, inherited by the epochs after it): the failover fence runs from it.
 CLAIM_EPOCH = """
 local epoch, claimed_run_id, claimed_replid, began, proposals = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local time_floor, witness_key, witness_since, witness_proposal = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
@@ -84,7 +85,7 @@ end
 local last, err = last_generated(proposals)
 if not last then return redis.error_reply(err) end
 local cur = redis.call('HMGET', epoch, 'run_id', 'replid', 'floor', 'since', 'kept', 'searched', 'key',
-                       'durability', 'durable_run_id', 'continued')
+                       'durability', 'durable_run_id', 'continued', 'promoted_at')
 local whole = cur[1] and cur[2] and cur[3] and cur[4]
 local key = cur[7] or table.concat({cur[1] or '', cur[2] or '', cur[3] or '', cur[4] or ''}, '|')
 local lost = false
@@ -108,7 +109,7 @@ end
 if whole and cur[1] == claimed_run_id and cur[2] == claimed_replid and not lost then
   local kept = kept_of_current()
   if not cur[7] and kept ~= '' then redis.call('HSET', epoch, 'key', key) end
-  return {cur[3], cur[4], 0, kept, cur[6] or '', key, cur[10] or '0'}
+  return {cur[3], cur[4], 0, kept, cur[6] or '', key, cur[10] or '0', cur[11] or '0'}
 end
 if whole and not lost and time_floor ~= '' and aof_enabled == '1' and replicas == '0' and cur[8] == 'always'
    and cur[9] == cur[1] then
@@ -117,7 +118,7 @@ if whole and not lost and time_floor ~= '' and aof_enabled == '1' and replicas =
   redis.call('HDEL', epoch, 'durability', 'durable_run_id')
   redis.call('HSET', epoch, 'run_id', claimed_run_id, 'replid', claimed_replid, 'key', key,
              'continued', continued, 'previous_run_id', cur[1], 'previous_replid', cur[2])
-  return {cur[3], cur[4], 1, kept, cur[6] or '', key, continued}
+  return {cur[3], cur[4], 1, kept, cur[6] or '', key, continued, cur[11] or '0'}
 end
 local floor = last
 if time_floor ~= '' and tonumber(time_floor) < tonumber(string.match(last, '^(%d+)')) then
@@ -126,11 +127,14 @@ end
 local kept, kept_err = kept_at_or_below(floor)
 if not kept then return redis.error_reply(kept_err) end
 key = table.concat({claimed_run_id, claimed_replid, floor, began, nonce}, '|')
+-- the latest promotion this data knows of: a promoted primary that restarts soon after still owes the fence
+local promoted_at = cur[11] or '0'
+if time_floor == '' then promoted_at = began end
 redis.call('DEL', epoch)
 redis.call('HSET', epoch, 'run_id', claimed_run_id, 'replid', claimed_replid, 'floor', floor, 'since', began,
            'last_id', last, 'kept', kept, 'key', key, 'previous_run_id', cur[1] or '',
-           'previous_replid', cur[2] or '', 'lost', lost and '1' or '0')
-return {floor, began, 1, kept, '', key, '0'}
+           'previous_replid', cur[2] or '', 'lost', lost and '1' or '0', 'promoted_at', promoted_at)
+return {floor, began, 1, kept, '', key, '0', promoted_at}
 """
 
 # An admin read the instance's persistence config (CONFIG GET, which no service may run): recorded in the
@@ -305,7 +309,7 @@ class StoreWatch:
             server.replicas,
             secrets.token_hex(4),
         )
-        floor, since, _, kept, searched, key, continued = await conn.read_response()
+        floor, since, _, kept, searched, key, continued, promoted_at = await conn.read_response()
         return Epoch(
             server.identity,
             stream_id(str(floor)),
@@ -315,6 +319,7 @@ class StoreWatch:
             str(key),
             int(continued),
             promoted=server.time_floor == "",  # not a primary since it started
+            promoted_at=float(promoted_at),
         )
 
     def saw(self, entry_id: str) -> None:

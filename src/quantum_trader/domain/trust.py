@@ -52,6 +52,9 @@ class Epoch:
     # the instance is a promoted replica (not a primary since it started): its old primary, cut off, may have
     # taken writes a while after the promotion (the failover fence: prior_sends_signed_before)
     promoted: bool = False
+    # when the latest promotion the instance's data knows of was first seen (0: none): its own since if it is
+    # the promoted replica, inherited by a restart after it (the cut-off old primary is not gone with it)
+    promoted_at: float = 0.0
 
     def same_as(self, other: Epoch | None) -> bool:
         """The same epoch (what was learnt about it since, e.g. ``searched``, aside): begun by the same instance
@@ -103,13 +106,15 @@ def prior_sends_signed_before(
     With the plan's record, its own window bounds it: the record is the plan's only incarnation (a record that
     predates the instance survived the change; one made on this instance is for a proposal newer than it, as an
     older one is never planned again). Without a record, an attempt the store forgot consumed its permits on
-    an earlier instance, so before ``epoch.since``, inside a window that began before that; for a promoted
-    replica, before ``epoch.since + fence_s``: its old primary, cut off by a partition, took writes until its
-    replicas' acknowledgements were ``min-replicas-max-lag`` old, and the promotion came after the cut. With no
-    epoch known either, only ``now`` bounds it.
+    an earlier instance, so before ``epoch.since``, inside a window that began before that; after a promotion,
+    before ``epoch.promoted_at + fence_s`` too: the old primary, cut off by a partition, took writes until its
+    replicas' acknowledgements were ``min-replicas-max-lag`` old, and the promotion came after the cut (a
+    restart of the promoted primary soon after does not end that). With no epoch known either, only ``now``
+    bounds it.
     """
     if plan_created_at is not None:
         return plan_created_at + window_s
     if epoch is None:
         return now + window_s
-    return epoch.since + (fence_s if epoch.promoted else 0.0) + window_s
+    fenced = epoch.promoted_at + fence_s if epoch.promoted_at else 0.0
+    return max(epoch.since, fenced) + window_s
