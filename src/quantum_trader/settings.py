@@ -66,6 +66,12 @@ class ApplySettings(_Section):
         a failover, orders of plans the promoted replica does not know may still be sent on the old primary
         that long after the promotion was seen, so they are waited for that much longer (docs/reliability.md).
         Only a promoted replica pays it; a restart does not (its predecessor is gone).
+    consume_replicas: how many replicas must have acknowledged a plan's consumed permits (``WAIT``) before its
+        order is sent; 0 on a single store. With replicas, 1: a failover then keeps the consume, its intent and
+        its audit lines, so the new primary still answers the plan from its own records. Fewer acknowledgements
+        within ``consume_replicas_wait_ms``: the order is not sent, the result is ``store_unreplicated``.
+    consume_replicas_wait_ms: how long that wait may take (a replica acknowledges within a millisecond on a
+        healthy network; below the client's 5 s socket timeout).
     metrics_port: Prometheus endpoint (DESIGN.md: 8043). 0 disables it.
     """
 
@@ -78,6 +84,8 @@ class ApplySettings(_Section):
     # 500 ms: NTP keeps hosts within milliseconds; half a second apart, something is broken
     max_host_clock_gap_ms: float = Field(500.0, gt=0, le=10_000)
     failover_fence_s: float = Field(11.0, ge=0, le=600)
+    consume_replicas: int = Field(0, ge=0, le=16)
+    consume_replicas_wait_ms: int = Field(500, ge=10, le=4000)
     metrics_port: int = Field(8043, ge=0, le=65535)
 
 

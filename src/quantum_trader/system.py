@@ -226,10 +226,15 @@ class LocalSystem:
                     passwords["sentinel"],
                     appendfsync=self.appendfsync,
                 )
-                # how long a cut-off primary may take writes: Apply waits that out after a failover
-                fence = "QT_APPLY__FAILOVER_FENCE_S"
-                if fence not in self.env and not (self.inherit_config and fence in os.environ):
-                    self.env[fence] = str(self.ha_set.min_replicas_max_lag_s + 1)
+                # how long a cut-off primary may take writes: Apply waits that out after a failover; and a
+                # consume is on a replica before its order is sent
+                fenced = {
+                    "QT_APPLY__FAILOVER_FENCE_S": str(self.ha_set.min_replicas_max_lag_s + 1),
+                    "QT_APPLY__CONSUME_REPLICAS": "1",
+                }
+                for name, value in fenced.items():
+                    if name not in self.env and not (self.inherit_config and name in os.environ):
+                        self.env[name] = value
                 try:
                     self.redis_url = self.ha_set.start()
                 except HAStartupError as exc:

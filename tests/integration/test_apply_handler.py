@@ -369,7 +369,7 @@ async def test_an_allow_found_on_resuming_and_the_other_one_arriving_later_wake_
         await asyncio.sleep(0.3)  # resumed, read the slots, waiting for P3.3
         assert not task.done() and exchange.calls == []
         await rig.grant(plan, governor=False)
-        await asyncio.wait_for(task, 3)  # long before the 10 s window
+        await asyncio.wait_for(task, 8)  # before the 10 s window (a loaded machine is slow)
         assert exchange.sends == 1
 
 

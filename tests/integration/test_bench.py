@@ -49,7 +49,7 @@ def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_p
     assert sum(n for what, n in decisions["outcomes"].items() if what.startswith("p33 ")) == 1000
     assert _ordered(decisions["decided"])
 
-    assert report["steps"] == ["idle", "sequential", "durability", "open-loop", "decisions"]
+    assert report["steps"] == ["idle", "sequential", "durability", "fencing", "open-loop", "decisions"]
     parts = report["durability"]  # the store with the append-only file on, appendfsync set per part
     assert [p["appendfsync"] for p in parts] == ["everysec", "always", "everysec"]
     for p in parts:
@@ -58,11 +58,19 @@ def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_p
         assert {"store", "brain", "governor", "apply"} <= set(p["cpu_ms_per_plan"]), p
         assert p["aof_last_write_status"] == "ok" and (p["aof_written_bytes"] is None or p["aof_written_bytes"] > 0)
 
+    fencing = report["fencing"]  # the single store, then the HA set with consume_replicas 0, 1, 0
+    assert [(p["store"], p["consume_replicas"]) for p in fencing] == [("single", 0), ("ha", 0), ("ha", 1), ("ha", 0)]
+    for p in fencing:
+        assert p["plans"] == 20 and p["decided"]["samples"] == p["result"]["samples"] == 20, p
+        assert p["waits"] == (22 if p["consume_replicas"] else 0), p  # the store ran a WAIT per fenced plan
+        assert {"store", "brain", "governor", "apply"} <= set(p["cpu_ms_per_plan"]), p
+
     assert set(report["cpu_idle_pct"]) == set(report["rss_mb"]) == {"brain", "governor", "apply", "sim", "store"}
     markdown = (out / "bench.md").read_text()
     assert "| chain: plan -> both permits consumed (Apply) | 20 |" in markdown
     assert "Open loop through the whole chain" in markdown and "Decisions (plans straight" in markdown
     assert "| always | 20 |" in markdown and "appendfsync always against everysec" in markdown
+    assert "| ha | 1 | 20 | 22 |" in markdown and "The fence (WAIT for a replica) against HA unfenced" in markdown
     assert (out / "latency-vs-rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -316,3 +316,61 @@ def test_the_ha_sets_files_are_readable_by_this_user_only(tmp_path: Path) -> Non
             )
     finally:
         ha.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_consume_no_replica_acknowledges_is_never_sent_and_answered_store_unreplicated() -> None:
+    """``qt up --ha`` waits for one replica to hold a plan's consume before its order is sent (WAIT): with both
+    replicas stopped (SIGSTOP) the plan's permits are consumed on the primary, no order is sent, and the client
+    finds the result ``store_unreplicated`` under its proposal id. Once the replicas are back, the next proposal
+    executes, and a replica holds its consume."""
+    system = LocalSystem.private("qt-ha-", env=ENV, persist_store=True, ha=True)
+    with system:
+        system.start_infra()
+        system.open_positions(POSITIONS)
+        system.start_services(together=True)
+        ha = system.ha_set
+        assert ha is not None
+        primary = ha.primary_port()
+        replicas = [node.port for node in ha.nodes if node.port != primary and node.port is not None]
+        assert len(replicas) == 2
+        client = Client(system.urls["operator"])
+
+        async def flow() -> None:
+            watcher = asyncio.create_task(client.watch())
+            try:
+                for port in replicas:
+                    ha.pause_node(port)
+                try:
+                    await client.propose(0)
+                    await client.until_answered(4)  # within min-replicas-max-lag (5 s): the primary takes writes
+                finally:
+                    for port in replicas:
+                        ha.resume_node(port)
+                await asyncio.sleep(1.0)  # the replicas catch up
+                await client.propose(1)
+                await client.until_answered(30)
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+                await client.rds.aclose()
+
+        asyncio.run(flow())
+        admin = system.admin()
+        try:
+            orders = admin.orders()
+        finally:
+            admin.close()
+        password = system.urls["admin"].split("@", 1)[0].rsplit(":", 1)[1]
+        replica_url = f"redis://qt-admin:{password}@127.0.0.1:{replicas[0]}/0"
+        with redis.Redis.from_url(replica_url, socket_timeout=2) as replica:
+            on_replica = bool(replica.exists(keys.executed_marker(plan_id_for("ha-1"))))
+    [unsent] = client.seen["ha-0"]
+    assert (unsent["executed"], unsent["error"]) == ("false", "store_unreplicated"), unsent
+    assert unsent["proposal_id"] == "ha-0"
+    sent = [plan_of_order(order["clientOrderId"]) for order in orders]
+    assert plan_id_for("ha-0") not in sent
+    [executed] = client.seen["ha-1"]
+    assert executed["executed"] == "true", executed
+    assert sent.count(plan_id_for("ha-1")) == 1
+    assert on_replica

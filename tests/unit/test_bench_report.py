@@ -9,6 +9,7 @@ from pathlib import Path
 from quantum_trader.bench.bounds import StepStatus
 from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.durability import DurabilityPart, part
+from quantum_trader.bench.fencing import FencingPart
 from quantum_trader.bench.measure import Latency
 from quantum_trader.bench.report import (
     BenchReport,
@@ -16,6 +17,8 @@ from quantum_trader.bench.report import (
     decision_rows,
     durability_rows,
     durability_summary,
+    fencing_rows,
+    fencing_summary,
     highest_sustained,
     load_rows,
     markdown,
@@ -172,3 +175,38 @@ def test_a_step_that_did_not_finish_shows_in_its_row_and_under_the_tables() -> N
     assert "open loop 1000/s: done" not in text
     assert report.step_status[0].line() == "open loop 1000/s: done in 12.5 s"
     assert highest_sustained(report.decisions, "decided") is None  # a step that did not finish is not sustained
+
+
+def _fencing(store: str, replicas: int, p50: float, apply_ms: float) -> FencingPart:
+    return FencingPart(
+        store=store,
+        consume_replicas=replicas,
+        plans=10,
+        warmup=1,
+        decided=Latency(10, p50, p50 + 1, p50 + 2),
+        result=Latency(10, p50 + 2, p50 + 4, p50 + 5),
+        waits=11 if replicas else 0,
+        cpu_ms_per_plan={"store": 1.0, "brain": 2.0, "governor": 1.0, "apply": apply_ms},
+    )
+
+
+def test_fencing_rows_and_summary() -> None:
+    """The HA store against the single one, and the fenced part against the mean of the unfenced HA parts."""
+    report = BenchReport(plans=10, warmup=1)
+    report.fencing = [
+        _fencing("single", 0, 4.0, 5.0),
+        _fencing("ha", 0, 5.0, 5.0),
+        _fencing("ha", 1, 6.5, 5.5),
+        _fencing("ha", 0, 6.0, 6.0),
+    ]
+    assert fencing_rows(report)[2] == ["ha", "1", "10", "11", "6.50", "7.50", "8.50", "10.50", "1.00", "2.00", "1.00",
+                                       "5.50"]  # fmt: skip
+    assert fencing_summary(report) == (
+        "HA unfenced against the single store: decided p50 +1.50 ms, result p50 +1.50 ms, p99 +1.50 ms; "
+        "Apply CPU +0.50 ms/plan, store CPU +0.00 ms/plan. The fence (WAIT for a replica) against HA unfenced: "
+        "decided p50 +1.00 ms, result p50 +1.00 ms, p99 +1.00 ms; Apply CPU +0.00 ms/plan, store CPU +0.00 ms/plan. "
+        "The unfenced HA parts are 1.00 ms apart in result p50 (drift)."
+    )
+    text = markdown(report)
+    assert "| ha | 1 | 10 | 11 | 6.50 |" in text and fencing_summary(report) in text
+    assert fencing_summary(BenchReport(fencing=report.fencing[:2])) is None  # no fenced part: nothing to compare

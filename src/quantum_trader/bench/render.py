@@ -11,11 +11,14 @@ from rich.table import Table
 from quantum_trader.bench.report import (
     DECISION_HEADER,
     DURABILITY_HEADER,
+    FENCING_HEADER,
     LOAD_HEADER,
     BenchReport,
     decision_rows,
     durability_rows,
     durability_summary,
+    fencing_rows,
+    fencing_summary,
     latency_rows,
     load_rows,
 )
@@ -48,6 +51,11 @@ def show_step(event: str, r: BenchReport) -> None:
         title = "durability: appendfsync (sequential chain per setting, in this order; ms, CPU ms per plan)"
         table(title, DURABILITY_HEADER, durability_rows(r))
         if summary := durability_summary(r):
+            console.print(summary)
+    elif event == "fencing" and r.fencing:
+        title = "fencing: the single store, then HA with consume_replicas 0, 1, 0 (sequential; ms, CPU ms per plan)"
+        table(title, FENCING_HEADER, fencing_rows(r))
+        if summary := fencing_summary(r):
             console.print(summary)
     elif event == "open-loop" and r.open_loop:
         step = r.open_loop[-1]

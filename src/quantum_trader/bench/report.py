@@ -11,10 +11,11 @@ from quantum_trader import __version__
 from quantum_trader.bench.bounds import StepStatus
 from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.durability import DurabilityPart
+from quantum_trader.bench.fencing import FencingPart
 from quantum_trader.bench.measure import Latency
 
 # in the order they run: "sequential" and "open-loop" include the seed design's run of the same kind
-STEPS = ("idle", "sequential", "durability", "open-loop", "decisions")
+STEPS = ("idle", "sequential", "durability", "fencing", "open-loop", "decisions")
 P99_LIMIT_MS = 50.0  # "sustained" = p99 under this, and the answers keep up with the offered rate
 KEEP_UP = 0.95  # answers per second at least this share of the offered rate
 
@@ -49,6 +50,7 @@ class BenchReport:
     seed_open_loop: list[SeedStep] = field(default_factory=list)
     decisions: list[RateStep] = field(default_factory=list)
     durability: list[DurabilityPart] = field(default_factory=list)  # everysec, always, everysec
+    fencing: list[FencingPart] = field(default_factory=list)  # single store; HA with consume_replicas 0, 1, 0
     # the exchange-has-the-last-word rule: lookups Apply made per sequential plan (0 when the store vouches for
     # every plan), and what one lookup of an order by client id costs
     truth_lookups_per_plan: float | None = None
@@ -214,6 +216,61 @@ def durability_summary(r: BenchReport) -> str | None:
     return text + "."
 
 
+FENCING_HEADER = ["store", "consume_replicas", "plans", "WAITs", "decided p50", "p99", "result p50", "p99",
+                  "CPU ms/plan: store", "brain", "governor", "apply"]  # fmt: skip
+
+
+def fencing_rows(r: BenchReport) -> list[list[str]]:
+    return [
+        [
+            p.store,
+            str(p.consume_replicas),
+            str(p.plans),
+            str(p.waits),
+            _ms(p.decided.p50_ms),
+            _ms(p.decided.p99_ms),
+            _ms(p.result.p50_ms),
+            _ms(p.result.p99_ms),
+            *[_ms(p.cpu_ms_per_plan.get(name)) for name in DURABILITY_CPU],
+        ]
+        for p in r.fencing
+    ]
+
+
+def fencing_summary(r: BenchReport) -> str | None:
+    """The HA store against the single one, and the fence (WAIT) against the unfenced HA parts (their mean);
+    how far the unfenced parts are apart (drift)."""
+    single = [p for p in r.fencing if p.store == "single"]
+    open_ = [p for p in r.fencing if p.store == "ha" and p.consume_replicas == 0]
+    fenced = [p for p in r.fencing if p.store == "ha" and p.consume_replicas > 0]
+    if not single or not open_ or not fenced:
+        return None
+
+    def mean(parts: list[FencingPart], get: Any) -> float | None:
+        values = [get(p) for p in parts]
+        return sum(values) / len(values) if all(v is not None for v in values) else None
+
+    def diff(a: list[FencingPart], b: list[FencingPart], get: Any, unit: str) -> str:
+        x, y = mean(a, get), mean(b, get)
+        return f"{x - y:+.2f} {unit}" if x is not None and y is not None else "-"
+
+    def against(a: list[FencingPart], b: list[FencingPart]) -> str:
+        return (
+            f"decided p50 {diff(a, b, lambda p: p.decided.p50_ms, 'ms')}, "
+            f"result p50 {diff(a, b, lambda p: p.result.p50_ms, 'ms')}, "
+            f"p99 {diff(a, b, lambda p: p.result.p99_ms, 'ms')}; "
+            f"Apply CPU {diff(a, b, lambda p: p.cpu_ms_per_plan.get('apply'), 'ms/plan')}, "
+            f"store CPU {diff(a, b, lambda p: p.cpu_ms_per_plan.get('store'), 'ms/plan')}"
+        )
+
+    text = f"HA unfenced against the single store: {against(open_, single)}. "
+    text += f"The fence (WAIT for a replica) against HA unfenced: {against(fenced, open_)}"
+    p50s = [p.result.p50_ms for p in open_ if p.result.p50_ms is not None]
+    if len(p50s) > 1:
+        text += f". The unfenced HA parts are {max(p50s) - min(p50s):.2f} ms apart in result p50 (drift)"
+    return text + "."
+
+
 def cost_rows(r: BenchReport) -> list[list[str]]:
     rows = []
     for name in r.rss_mb:
@@ -253,6 +310,15 @@ def markdown(r: BenchReport) -> str:
                   ""]  # fmt: skip
         lines += [*_table(DURABILITY_HEADER, durability_rows(r)), ""]
         summary = durability_summary(r)
+        lines += [summary, ""] if summary else []
+    if r.fencing:
+        part0 = r.fencing[0]
+        lines += [f"High availability and its fence: the sequential chain on the single store, then on a primary "
+                  f"with two replicas and three Sentinels with Apply's consume_replicas 0, 1 (WAIT for a replica "
+                  f"before the order), 0; {part0.plans} plans per part after {part0.warmup} warm-up; latencies in "
+                  f"ms, CPU in ms per plan sent (store: the primary):", ""]  # fmt: skip
+        lines += [*_table(FENCING_HEADER, fencing_rows(r)), ""]
+        summary = fencing_summary(r)
         lines += [summary, ""] if summary else []
     if r.open_loop:
         lines += ["Open loop through the whole chain (latencies in ms; warm-up excluded):", ""]

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 
-from quantum_trader.bench import chain, durability, seed, truth
+from quantum_trader.bench import chain, durability, fencing, seed, truth
 from quantum_trader.bench.bounds import StepStatus, Waiting, bounded, run_loop, within
 from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.measure import CpuWindow, Latency, rss_mb
@@ -67,11 +67,13 @@ QUICK = Scenario(plans=60, seed_plans=10, idle_s=5.0, rates=(200.0,), rate_s=2.0
 SLACK_S = 30.0
 PER_SEQUENTIAL_PLAN_S = 0.1  # ~5 ms each on a quiet machine
 PER_LOOKUP_S = 0.1  # ~2 ms each; one is bounded by the exchange client's timeout (5 s)
+HA_START_S = 60.0  # the fencing step's HA set and services (about 10 s on a quiet machine)
+SERVICE_START_S = 30.0  # Apply's restart between its parts
 STORE_TIMEOUT_S = 10.0  # any one store command of the bench's own client (its blocking reads block <= 1 s)
 
 Show = Callable[[str, BenchReport], None]
 """Called as each part of the run ends, with the report so far: "idle", "sequential" (the chain, the lookups and
-the seed design's sequential run), "durability", "open-loop" (one rate: the last entries of ``open_loop`` and
+the seed design's sequential run), "durability", "fencing", "open-loop" (one rate: the last entries of ``open_loop`` and
 ``seed_open_loop``), "decisions" (one rate: the last entry of ``decisions``) and "status" (a step that did not
 finish: the last entry of ``step_status``)."""
 
@@ -120,7 +122,8 @@ def run_bench(scenario: Scenario, show: Show | None = None) -> BenchReport:
         if system.store is not None and system.store.pid is not None:
             pids["store"] = system.store.pid  # the two machines' other tenants, for where the CPU goes
         metrics_url = f"http://127.0.0.1:{system.ports.apply}/metrics"
-        run = _Run(system.urls["admin"], scenario, load, pids, report, metrics_url, system.settings, show)
+        settings = system.settings
+        run = _Run(system.urls["admin"], scenario, load, pids, report, metrics_url, settings, show, env, sim_args)
         run_loop(run.measure())
     report.sustained_plans_per_s = highest_sustained(report.open_loop, "result")
     report.sustained_decisions_per_s = highest_sustained(report.decisions, "decided")
@@ -137,6 +140,8 @@ class _Run:
     metrics_url: str
     settings: Settings
     show: Show
+    env: dict[str, str]  # the services' settings and the simulator's options: the fencing step's HA system's too
+    sim_args: list[str]
     redis: aioredis.Redis = field(init=False)  # the bench's own client, for the run
     window: CpuWindow = field(init=False)
 
@@ -163,6 +168,8 @@ class _Run:
                 await self.sequential()
             if "durability" in steps:  # before the load steps: the file is still small, no rewrite forks mid-step
                 await self.durability()
+            if "fencing" in steps:
+                await self.fencing()
             for rate in self.scenario.rates if "open-loop" in steps else ():
                 await self.open_loop(rate)
                 await asyncio.sleep(1.0)  # P3.3's in-flight marks and Apply's holds from the step are gone
@@ -236,6 +243,18 @@ class _Run:
         parts, _ = await self.step("durability", bound, run)
         self.report.durability = parts or []
         self.show("durability", self.report)
+
+    async def fencing(self) -> None:
+        plans = self.scenario.durability_plans or self.scenario.plans
+        warmup = max(1, plans // 10)
+
+        def run(waiting: Waiting) -> Awaitable[list[fencing.FencingPart]]:
+            return fencing.run_fencing(self.redis, self.window, self.env, self.sim_args, plans, warmup, waiting)
+
+        bound = HA_START_S + (1 + len(fencing.HA_SETTINGS)) * (sequential_bound(plans + warmup) + SERVICE_START_S)
+        parts, _ = await self.step("fencing", bound, run)
+        self.report.fencing = parts or []
+        self.show("fencing", self.report)
 
     async def open_loop(self, rate: float) -> None:
         seconds = self.scenario.rate_s

@@ -98,9 +98,12 @@ class LuaScript:
     def sha(self) -> str:
         return str(self._script.sha)
 
-    async def __call__(self, named_keys: Mapping[str, Any], named_args: Mapping[str, Any]) -> Any:
+    async def __call__(
+        self, named_keys: Mapping[str, Any], named_args: Mapping[str, Any], client: aioredis.Redis | None = None
+    ) -> Any:
+        """Run it (on ``client``, e.g. one connection held for a WAIT after it; default: the registering one)."""
         script_keys, args = self.layout.pack(named_keys, named_args)
-        return await self._script(keys=script_keys, args=args)
+        return await self._script(keys=script_keys, args=args, client=client)
 
     async def run_packed(self, script_keys: list[str], args: list[Any]) -> Any:
         return await self._script(keys=script_keys, args=args)

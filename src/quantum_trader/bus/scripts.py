@@ -217,7 +217,13 @@ class Issued(NamedTuple):
 
 
 ConsumeStatus = Literal[
-    "ok", "already_executed", "already_finished", "governor_permit_changed", "p33_permit_changed", "store_changed"
+    "ok",
+    "already_executed",
+    "already_finished",
+    "governor_permit_changed",
+    "p33_permit_changed",
+    "store_changed",
+    "unreplicated",  # not the script's: consumed, but fewer replicas than asked acknowledged it in time (WAIT)
 ]
 CONSUME_STATUSES: tuple[ConsumeStatus, ...] = (
     "ok",
@@ -391,34 +397,43 @@ class Scripts:
         latency_ms: float,
         audit_maxlen: int,
         expected_epoch: str = "",
+        replicas: int = 0,
+        replicas_wait_ms: int = 500,
     ) -> ConsumeStatus:
         """Consume both permits if they are still ``governor_raw`` / ``p33_raw`` (see CONSUME_PERMITS) and, with
         ``expected_epoch`` (``Epoch.key``), the store is still that instance; each ``consumed`` audit line carries
-        its permit's bytes (``permit``). Returns "ok" or why not."""
-        status = await self._consume(
-            {
-                "governor_permit": keys.governor_permit(plan_id),
-                "p33_permit": keys.p33_permit(plan_id),
-                "executed": keys.executed_marker(plan_id),
-                "audit": keys.AUDIT_STREAM,
-                "intents": keys.APPLY_INTENTS,
-                "result_marker": keys.result_marker(plan_id),
-                "epoch": keys.STORE_EPOCH if expected_epoch else None,
-            },
-            {
-                "governor_raw": governor_raw,
-                "p33_raw": p33_raw,
-                "marker": marker,
-                "marker_ttl_s": keys.PLAN_BOOKKEEPING_TTL_S,
-                "plan_id": plan_id,
-                "now": repr(now),
-                "symbol": symbol,
-                "audit_maxlen": audit_maxlen,
-                "latency_ms": f"{latency_ms:.3f}",
-                "expected_epoch": expected_epoch,
-            },
-        )
-        return one_of(CONSUME_STATUSES, str(status))
+        its permit's bytes (``permit``). With ``replicas``, a consume is "ok" only once that many replicas
+        acknowledged it (``WAIT``, within ``replicas_wait_ms``), else "unreplicated". Returns "ok" or why not."""
+        named_keys = {
+            "governor_permit": keys.governor_permit(plan_id),
+            "p33_permit": keys.p33_permit(plan_id),
+            "executed": keys.executed_marker(plan_id),
+            "audit": keys.AUDIT_STREAM,
+            "intents": keys.APPLY_INTENTS,
+            "result_marker": keys.result_marker(plan_id),
+            "epoch": keys.STORE_EPOCH if expected_epoch else None,
+        }
+        named_args = {
+            "governor_raw": governor_raw,
+            "p33_raw": p33_raw,
+            "marker": marker,
+            "marker_ttl_s": keys.PLAN_BOOKKEEPING_TTL_S,
+            "plan_id": plan_id,
+            "now": repr(now),
+            "symbol": symbol,
+            "audit_maxlen": audit_maxlen,
+            "latency_ms": f"{latency_ms:.3f}",
+            "expected_epoch": expected_epoch,
+        }
+        if not replicas:
+            return one_of(CONSUME_STATUSES, str(await self._consume(named_keys, named_args)))
+        # WAIT counts the writes of its own connection: the script and the WAIT share one
+        async with self._redis.client() as conn:
+            status = one_of(CONSUME_STATUSES, str(await self._consume(named_keys, named_args, conn)))
+            if status != "ok":
+                return status
+            acked = int(await conn.execute_command("WAIT", replicas, replicas_wait_ms))
+        return "ok" if acked >= replicas else "unreplicated"
 
     async def publish_result(
         self,

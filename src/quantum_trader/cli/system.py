@@ -195,12 +195,15 @@ def bench_cmd(
     ] = True,
     only: Annotated[
         str | None,
-        typer.Option(help="run only these steps, comma-separated: idle, sequential, durability, open-loop, decisions"),
+        typer.Option(
+            help="run only these steps, comma-separated: idle, sequential, durability, fencing, open-loop, decisions"
+        ),
     ] = None,
 ) -> None:
     """Latency, throughput and cost of the chain (separate processes, embedded store, simulator) against the
-    seed's polling design in the same run, and what the store's appendfsync setting costs. Loopback only;
-    bounded in time."""
+    seed's polling design in the same run, what the store's appendfsync setting costs, and what a
+    high-availability store and its fence (WAIT for a replica before each order) cost against the single one.
+    Loopback only; bounded in time."""
     import dataclasses
 
     from quantum_trader.bench.report import STEPS

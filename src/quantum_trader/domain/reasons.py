@@ -401,6 +401,18 @@ ORDER_NOT_SENT = _r(
     "A slow exchange answer before the send, rate-limit waits, or a window too short for the exchange's latency.",
     "Nothing for one; for many, lengthen QT_APPLY__PERMIT_WAIT_MS or look at the exchange latency.",
 )
+STORE_UNREPLICATED = _r(
+    "store_unreplicated",
+    "error",
+    "apply",
+    "Both permits were valid and consumed, but fewer store replicas than Apply's consume_replicas acknowledged "
+    "the consume within consume_replicas_wait_ms (WAIT), so a failover could have forgotten it: the order was "
+    "never sent.",
+    "The replicas lag or are cut off from the primary (a network fault, a replica restarting, a primary about to "
+    "be fenced by min-replicas-to-write).",
+    "Check `qt status` (store: replicas and their lag) and the QtStoreReplicaLost alert; the strategy may propose "
+    "again with a new proposal_id once the replicas are back.",
+)
 STORE_CHANGED = _r(
     "store_changed",
     "error",

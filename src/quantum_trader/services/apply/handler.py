@@ -301,6 +301,13 @@ class PlanHandler:
             await self._execute(run, checks[1], deadline)
         elif end is WaitEnd.STORE_CHANGED:  # the consume script found another instance: nothing was consumed
             await self._not_sent_after_a_change(run, "store_changed_at_consume", consumed_here=False)
+        elif end is WaitEnd.UNREPLICATED:  # consumed here, but a failover could forget it: never sent
+            log.warning(
+                f"{plan.symbol}: the consume reached fewer than {self.settings.apply.consume_replicas} replicas "
+                f"within {self.settings.apply.consume_replicas_wait_ms} ms; not sending"
+            )
+            result = not_executed(plan, reasons.STORE_UNREPLICATED, client_order_id=plan_client_order_id(plan))
+            await self.publish(run, result, consumed_here=True)
         elif end is WaitEnd.ALREADY_EXECUTED:
             await self.recover(plan, run.entry_id, await self.redis.get(keys.executed_marker(plan.plan_id)), log)
         elif end is WaitEnd.ALREADY_FINISHED:

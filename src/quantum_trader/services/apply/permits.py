@@ -36,6 +36,7 @@ class WaitEnd(Enum):
     TIMEOUT = "timeout"
     READY_LATE = "ready_late"  # both valid, but only after the window had closed (Apply was down)
     STORE_CHANGED = "store_changed"  # both valid, not consumed: the store is no longer the instance that vouched
+    UNREPLICATED = "unreplicated"  # consumed, but not acknowledged by enough replicas in time: not sent
 
 
 Checks = tuple[SlotCheck, SlotCheck]
@@ -82,11 +83,12 @@ class PermitGate:
                     if not consume:
                         return WaitEnd.READY_LATE, outcome, checks
                     status = await self._consume(plan, checks, expected_epoch)
-                    if status in ("ok", "already_executed", "already_finished", "store_changed"):
+                    if status in ("ok", "already_executed", "already_finished", "store_changed", "unreplicated"):
                         end = {
                             "ok": WaitEnd.CONSUMED,
                             "already_executed": WaitEnd.ALREADY_EXECUTED,
                             "store_changed": WaitEnd.STORE_CHANGED,
+                            "unreplicated": WaitEnd.UNREPLICATED,
                         }
                         return end.get(status, WaitEnd.ALREADY_FINISHED), outcome, checks
                     log.warning("permit changed between check and consume; re-reading", status=status)
@@ -178,6 +180,8 @@ class PermitGate:
             latency_ms=(now - plan.created_at) * 1000,
             audit_maxlen=self.settings.audit_maxlen,
             expected_epoch=expected_epoch,
+            replicas=self.settings.apply.consume_replicas,
+            replicas_wait_ms=self.settings.apply.consume_replicas_wait_ms,
         )
 
 
