@@ -19,6 +19,7 @@ from quantum_trader.domain import reasons
 from quantum_trader.domain.models import AuditEntry, MalformedEntry, Plan, Result, from_fields
 from quantum_trader.domain.planning import client_order_id, plan_id_for
 from quantum_trader.domain.verdict import Verdict
+from quantum_trader.journal import Journal, open_journal
 from quantum_trader.secrets import permit_key
 from quantum_trader.settings import Settings
 
@@ -126,7 +127,7 @@ async def decide_manually(
     if grant and await redis.get(keys.KILL_SWITCH) == "1":
         raise OperatorError("the kill switch is on: turn it off (qt governor kill-switch off) before granting")
     verdict = Verdict(grant, reason or (reasons.OPERATOR_GRANT if grant else reasons.OPERATOR_DENY))
-    (written, owner), *_ = await Scripts(redis).issue_permits(
+    (written, owner), *_ = await Scripts(redis, open_journal(settings, "operator", sync_each=True)).issue_permits(
         [
             governor_permit_write(
                 settings,
@@ -144,37 +145,33 @@ async def decide_manually(
     return f"{'granted' if grant else 'denied'} plan {plan_id} ({plan.symbol} {plan.action} {plan.qty})"
 
 
-async def _ops_audit(redis: aioredis.Redis, action: str, value: str, who: str) -> None:
-    await redis.xadd(
-        keys.OPS_AUDIT_STREAM,
-        {"action": action, "value": value, "who": who, "at": repr(time.time())},
-        maxlen=100_000,
-        approximate=True,
-    )
+async def _ops_audit(redis: aioredis.Redis, action: str, value: str, who: str, journal: Journal | None) -> None:
+    fields = {"action": action, "value": value, "who": who, "at": repr(time.time())}
+    await Scripts(redis, journal).append(keys.OPS_AUDIT_STREAM, fields, keys.OPS_AUDIT_MAXLEN)
 
 
-async def set_kill_switch(redis: aioredis.Redis, on: bool, who: str) -> None:
+async def set_kill_switch(redis: aioredis.Redis, on: bool, who: str, journal: Journal | None = None) -> None:
     if on:
         await redis.set(keys.KILL_SWITCH, "1")
     else:
         await redis.delete(keys.KILL_SWITCH)
-    await _ops_audit(redis, "kill_switch", "on" if on else "off", who)
+    await _ops_audit(redis, "kill_switch", "on" if on else "off", who, journal)
 
 
 async def kill_switch_on(redis: aioredis.Redis) -> bool:
     return bool(await redis.get(keys.KILL_SWITCH) == "1")
 
 
-async def set_governor_mode(redis: aioredis.Redis, mode: str, who: str) -> None:
+async def set_governor_mode(redis: aioredis.Redis, mode: str, who: str, journal: Journal | None = None) -> None:
     if mode not in ("auto", "manual"):
         raise OperatorError(f"mode must be auto or manual, not {mode!r}")
     await redis.set(keys.GOVERNOR_MODE, mode)
-    await _ops_audit(redis, "governor_mode", mode, who)
+    await _ops_audit(redis, "governor_mode", mode, who, journal)
 
 
-async def request_reconcile(redis: aioredis.Redis, who: str) -> None:
+async def request_reconcile(redis: aioredis.Redis, who: str, journal: Journal | None = None) -> None:
     await redis.set(keys.RECONCILE_REQUEST, who)
-    await _ops_audit(redis, "reconcile_request", "all", who)
+    await _ops_audit(redis, "reconcile_request", "all", who, journal)
 
 
 async def plan_audit(redis: aioredis.Redis, plan_id: str, since: str = "-") -> list[AuditEntry]:

@@ -165,6 +165,23 @@ class ExchangeSettings(_Section):
     timeout_ms: int = Field(5000, ge=100, le=120_000)
 
 
+class JournalSettings(_Section):
+    """The local audit log (journal.py): every audit, result, ledger and operator line a process writes to the
+    store, also appended to a file on its own host, so the trail survives a failover or a store that forgets.
+
+    dir: where the files go; empty means ``<state dir>/journal``. Give it its own disk if you can.
+    max_mb: a file is rotated at this size; keep: the rotated files kept per process (64 MB x 10: weeks of
+        trading at a few hundred plans an hour, about 1 KB of lines per plan).
+    fsync_ms: written lines are fsynced within this long (a power loss loses at most this much of the journal;
+        a killed process loses nothing: each line is in the kernel when the write returns).
+    """
+
+    dir: Path | None = None
+    max_mb: int = Field(64, ge=1, le=4096)
+    keep: int = Field(10, ge=1, le=1000)
+    fsync_ms: int = Field(200, ge=10, le=10_000)
+
+
 class WebSettings(_Section):
     """The dashboard (`qt web`, started by `qt up`).
 
@@ -245,6 +262,7 @@ class Settings(BaseSettings):
     exchange: ExchangeSettings = Field(default_factory=ExchangeSettings)
     keys: KeySettings = Field(default_factory=KeySettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    journal: JournalSettings = Field(default_factory=JournalSettings)
 
     _split = field_validator("symbols", mode="before")(_split_symbols)
 
@@ -255,6 +273,10 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"not a USD-M symbol: {', '.join(bad)}")
         return value
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.journal.dir or self.state_dir / "journal"
 
     @property
     def governor_allowlist(self) -> frozenset[str]:

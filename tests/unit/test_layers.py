@@ -1,6 +1,6 @@
 """The import rule (docs/architecture.md): each layer imports only from itself and the layers below it.
 
-    domain  <-  settings | clock  <-  secrets | runtime | logs | tasks  <-  bus | exchange  <-  services
+    domain  <-  settings | clock  <-  secrets | runtime | logs | tasks | journal  <-  bus | exchange  <-  services
             <-  ops | views | system  <-  web | bench  <-  cli  <-  __main__
 
 Modules of sibling parts in one layer (bus and exchange; ops, views and system; web and bench; ...) do not
@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "quantum_trader"
 LAYERS: list[set[str]] = [
     {"domain"},
     {"__init__", "settings", "clock"},  # __init__: the version
-    {"secrets", "runtime", "logs", "tasks"},
+    {"secrets", "runtime", "logs", "tasks", "journal"},
     {"bus", "exchange"},
     {"services"},
     {"ops", "views", "system"},

@@ -359,6 +359,8 @@ EXPECTED_DAY: dict[str, Any] = {
         {"at": "1800000000.306", "symbol": "SOLUSDT", "before": "", "after": "3", "source": "reconcile"},
     ],
     "service_starts": {"apply": 2, "brain": 1, "?": 1},
+    "kept_locally": {},  # set by views/trail.py from the journals, not by build_report
+    "journal_unreadable": {},
 }
 
 

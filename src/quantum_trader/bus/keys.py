@@ -47,6 +47,7 @@ LEDGER_GROUP = "p33-ledger"  # P3.3's ledger follower on the result stream
 SERVICE_EVENTS_STREAM = "quantum:stream:service.events"  # each service's starts and clean stops (qt report)
 SERVICE_EVENTS_MAXLEN = 100_000
 OPS_AUDIT_STREAM = "quantum:stream:ops.audit"  # operator actions: kill switch, Governor mode, reconcile requests
+OPS_AUDIT_MAXLEN = 100_000  # a few actions a day: years of them
 RECONCILE_REQUEST = "quantum:p33:reconcile_request"  # set by `qt brain reconcile`; the brain reconciles, deletes
 
 KILL_SWITCH = "quantum:governor:kill_switch"  # "1" = on; read by every Governor instance on every decision

@@ -48,6 +48,7 @@ from redis.exceptions import NoScriptError
 
 from quantum_trader.bus import keys
 from quantum_trader.bus.lua import Layout, LuaScript, one_of
+from quantum_trader.journal import Journal
 
 PUBLISH_PLAN_LAYOUT = Layout(
     keys=("plans", "record", "hold?"),
@@ -312,8 +313,10 @@ def _issued(reply: Any) -> Issued:
 class Scripts:
     """The scripts registered on one client, one typed wrapper each."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, journal: Journal | None = None) -> None:
         self._redis = redis
+        # every audit and result line a script writes is also appended here (journal.py), once written
+        self._journal = journal
         # The module's bodies as they are now (the Lua mutants of tools/lua_mutants.py replace them).
         self._consume = LuaScript(redis, CONSUME_PERMITS_LAYOUT, CONSUME_PERMITS)
         self._publish = LuaScript(redis, PUBLISH_RESULT_LAYOUT, PUBLISH_RESULT)
@@ -361,6 +364,14 @@ class Scripts:
         outcomes: tuple[PlanPublished, ...] = ("exists", "published", "busy")
         return outcomes[int(reply)]
 
+    async def append(self, stream: str, fields: dict[str, str], maxlen: int) -> str:
+        """A line no script writes (an audit line of a rejected permit, a duplicate decision, an operator's
+        action): XADD, then the journal. Returns the entry id."""
+        entry_id = str(await self._redis.xadd(stream, fields, maxlen=maxlen, approximate=True))
+        if self._journal is not None:
+            self._journal.append(stream, fields, entry_id)
+        return entry_id
+
     async def issue_permit(self, **write: Any) -> Issued:
         """Write one permit (see :class:`PermitWrite` for the arguments)."""
         return (await self.issue_permits([PermitWrite(**write)]))[0]
@@ -368,6 +379,14 @@ class Scripts:
     async def issue_permits(self, writes: Sequence[PermitWrite]) -> list[Issued]:
         """Run the permit script for each write, all in one round trip (a pipeline, not a transaction: each
         script is atomic on its own). Returns what each did, in order."""
+        issued = await self._issue_all(writes)
+        if self._journal is not None:
+            for write, done in zip(writes, issued, strict=True):
+                if done.written:
+                    self._journal.append(keys.AUDIT_STREAM, write.audit_fields)
+        return issued
+
+    async def _issue_all(self, writes: Sequence[PermitWrite]) -> list[Issued]:
         calls = [w.keys_and_args() for w in writes]
         if len(calls) == 1:
             return [_issued(await self._issue.run_packed(*calls[0]))]
@@ -426,14 +445,30 @@ class Scripts:
             "expected_epoch": expected_epoch,
         }
         if not replicas:
-            return one_of(CONSUME_STATUSES, str(await self._consume(named_keys, named_args)))
-        # WAIT counts the writes of its own connection: the script and the WAIT share one
-        async with self._redis.client() as conn:
-            status = one_of(CONSUME_STATUSES, str(await self._consume(named_keys, named_args, conn)))
-            if status != "ok":
-                return status
-            acked = int(await conn.execute_command("WAIT", replicas, replicas_wait_ms))
-        return "ok" if acked >= replicas else "unreplicated"
+            status = one_of(CONSUME_STATUSES, str(await self._consume(named_keys, named_args)))
+        else:  # WAIT counts the writes of its own connection: the script and the WAIT share one
+            async with self._redis.client() as conn:
+                status = one_of(CONSUME_STATUSES, str(await self._consume(named_keys, named_args, conn)))
+                if status == "ok":
+                    acked = int(await conn.execute_command("WAIT", replicas, replicas_wait_ms))
+                    status = "ok" if acked >= replicas else "unreplicated"
+        if self._journal is not None and status in ("ok", "unreplicated"):
+            for issuer, raw in (("governor", governor_raw), ("p33", p33_raw)):  # the script's two audit lines
+                self._journal.append(
+                    keys.AUDIT_STREAM,
+                    {
+                        "plan_id": plan_id,
+                        "issuer": "apply",
+                        "decision": "consumed",
+                        "reason": issuer,
+                        "subject": issuer,
+                        "at": named_args["now"],
+                        "latency_ms": named_args["latency_ms"],
+                        "symbol": symbol,
+                        "permit": raw,
+                    },
+                )
+        return status
 
     async def publish_result(
         self,
@@ -449,7 +484,7 @@ class Scripts:
         """Publish the plan's one result (unless it has one) and ack its proposal, in one script. "executed":
         refused, the result says no order was sent (``no_order``) and the plan's permits were consumed.
         "store_changed": refused, the store is no longer the instance ``expected_epoch`` names."""
-        status, _ = await self._publish(
+        status, entry_id = await self._publish(
             {
                 "result_marker": keys.result_marker(plan_id),
                 "results": keys.RESULT_STREAM,
@@ -470,4 +505,6 @@ class Scripts:
                 "fields": flatten(fields),
             },
         )
+        if self._journal is not None and status == "published":
+            self._journal.append(keys.RESULT_STREAM, fields, str(entry_id))
         return one_of(RESULT_STATUSES, str(status))

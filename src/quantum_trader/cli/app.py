@@ -19,6 +19,7 @@ import typer
 
 from quantum_trader import logs
 from quantum_trader.bus.connection import connect, resolve_redis_url
+from quantum_trader.journal import Journal, open_journal
 from quantum_trader.settings import ConfigError, Settings, load_settings
 
 app = typer.Typer(
@@ -117,6 +118,11 @@ def until_stopped(action: Callable[[], T]) -> T:
     except Interrupted as exc:
         print(f"qt: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
         raise typer.Exit(exc.exit_code) from None
+
+
+def operator_journal(settings: Settings) -> Journal:
+    """The local audit log of this operator's actions (journal.py: the file ``operator-<host>.jsonl``)."""
+    return open_journal(settings, "operator", sync_each=True)
 
 
 def operator_name() -> str:

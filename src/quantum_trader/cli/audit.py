@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from quantum_trader.domain.report import Report
-from quantum_trader.domain.story import Entry, Event
+from quantum_trader.domain.story import KEPT_IN, Entry, Event
 from quantum_trader.ops import OperatorError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
@@ -58,8 +58,12 @@ def print_story(plan: dict[str, str], events: list[Event]) -> None:
         table.add_column(name, justify="right" if name == "+ms" else "left")
     first = events[0].at if events else 0.0
     for e in events:
-        table.add_row(clock(e.at), f"{(e.at - first) * 1000:.1f}", e.step, e.actor, e.summary)
+        kept = e.detail.get(KEPT_IN)
+        what = f"{e.summary} (only in the journal of {kept})" if kept else e.summary
+        table.add_row(clock(e.at), f"{(e.at - first) * 1000:.1f}", e.step, e.actor, what)
     console.print(table)
+    if plan.get(KEPT_IN):
+        console.print("the store has no record of this plan: its story is told from the local journals")
 
 
 def decisions_json(entries: list[Entry]) -> str:
@@ -124,6 +128,8 @@ def report_rows(r: Report) -> list[tuple[str, str]]:
     ]
     starts = ", ".join(f"{s} {n}" for s, n in r.service_starts.items()) or "none"
     rows.append(("service starts", starts))
+    rows += [(f"kept only in the local journals: {name}", str(n)) for name, n in r.kept_locally.items()]
+    rows += [(f"unreadable journal lines: {name}", str(n)) for name, n in r.journal_unreadable.items()]
     return rows
 
 

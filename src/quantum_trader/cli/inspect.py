@@ -3,6 +3,7 @@ chain's state, its audit trail, and what a code means."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -105,6 +106,12 @@ def status_cmd(json_out: Annotated[bool, typer.Option("--json", help="print as J
         render(status)
 
 
+JOURNAL_OPTION = typer.Option(
+    help="the local audit logs to merge with the store's trail (default: QT_JOURNAL__DIR, else <state dir>/journal; "
+    "copy other hosts' files into one directory to merge them all)"
+)
+
+
 def _since(text: str) -> float:
     from quantum_trader.cli.audit import parse_since
 
@@ -126,6 +133,7 @@ def audit_cmd(
         bool, typer.Option("--dead-letters", help="list the dead letters of the period instead (every stream)")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    journal: Annotated[Path | None, JOURNAL_OPTION] = None,
 ) -> None:
     """The audit trail: one plan's story in time order (proposal, plan, each decision with issuer, reason and
     latency, consumption or rejection, order, result, ledger change), the permit decisions of a period, or
@@ -142,8 +150,9 @@ def audit_cmd(
         else:
             audit.print_dead_letters(rows, since)
         return
+    local = trail.read_local(journal or settings.journal_dir)
     if plan_id:
-        plan, events = with_store(settings, lambda r: trail.fetch_story(r, plan_id))
+        plan, events = with_store(settings, lambda r: trail.fetch_story(r, plan_id, local))
         if json_out:
             print(audit.story_json(plan, events))
         else:
@@ -152,7 +161,9 @@ def audit_cmd(
     seconds = _since(since)
     entries = with_store(
         settings,
-        lambda r: trail.fetch_decisions(r, seconds, symbol=symbol, issuer=issuer, decision=decision, limit=limit),
+        lambda r: trail.fetch_decisions(
+            r, seconds, symbol=symbol, issuer=issuer, decision=decision, limit=limit, local=local
+        ),
     )
     if json_out:
         print(audit.decisions_json(entries))
@@ -165,6 +176,7 @@ def report_cmd(
     since: Annotated[str, typer.Option(help="period: 90s, 15m, 1h, 24h, 7d")] = "24h",
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="print as a markdown table")] = False,
+    journal: Annotated[Path | None, JOURNAL_OPTION] = None,
 ) -> None:
     """The 24-hour check: plans, executions, timeouts by missing issuer, denies by reason, deny/allow ratio,
     permit wait p50/p99, slowest plans, ledger drift events, service starts."""
@@ -173,7 +185,8 @@ def report_cmd(
 
     settings = settings_or_exit()
     seconds = _since(since)
-    report = with_store(settings, lambda r: trail.fetch_report(r, seconds))
+    local = trail.read_local(journal or settings.journal_dir)
+    report = with_store(settings, lambda r: trail.fetch_report(r, seconds, local))
     audit.print_report(report, "json" if json_out else "markdown" if markdown else "table")
 
 

@@ -13,6 +13,7 @@ from quantum_trader.cli.app import (
     brain_app,
     configure_logging,
     governor_app,
+    operator_journal,
     operator_name,
     settings_or_exit,
     with_store,
@@ -56,7 +57,9 @@ def kill_switch_cmd(state: Annotated[Switch, typer.Argument(help="on: deny every
     from quantum_trader import ops
 
     settings = settings_or_exit()
-    with_store(settings, lambda r: ops.set_kill_switch(r, state is Switch.on, operator_name()))
+    with_store(
+        settings, lambda r: ops.set_kill_switch(r, state is Switch.on, operator_name(), operator_journal(settings))
+    )
     print(f"kill switch {state.value}")
 
 
@@ -66,7 +69,7 @@ def governor_mode_cmd(mode: Annotated[Mode, typer.Argument(help="auto: policy de
     from quantum_trader import ops
 
     settings = settings_or_exit()
-    with_store(settings, lambda r: ops.set_governor_mode(r, mode.value, operator_name()))
+    with_store(settings, lambda r: ops.set_governor_mode(r, mode.value, operator_name(), operator_journal(settings)))
     print(f"governor mode {mode.value}")
 
 
@@ -83,5 +86,5 @@ def brain_reconcile_cmd() -> None:
     from quantum_trader import ops
 
     settings = settings_or_exit()
-    with_store(settings, lambda r: ops.request_reconcile(r, operator_name()))
+    with_store(settings, lambda r: ops.request_reconcile(r, operator_name(), operator_journal(settings)))
     print("reconcile requested; the brain reconciles at its next snapshot poll")

@@ -38,6 +38,10 @@ class Report:
     slowest: list[dict[str, Any]] = field(default_factory=list)
     drift_events: list[dict[str, str]] = field(default_factory=list)  # ledger set to the exchange (not a fill)
     service_starts: dict[str, int] = field(default_factory=dict)
+    # lines of the period only the local journals kept (the store lost them), by stream; and journal lines that
+    # could not be read (a crash cut them short), by file
+    kept_locally: dict[str, int] = field(default_factory=dict)
+    journal_unreadable: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

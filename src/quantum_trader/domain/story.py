@@ -42,6 +42,41 @@ class Event:
     detail: dict[str, str] = field(default_factory=dict)
 
 
+KEPT_IN = "kept_in"  # the field marking a line found only in a local journal: which process's file kept it
+
+
+def merge_local(stored: Sequence[Entry], local: Iterable[tuple[Entry, str]]) -> list[Entry]:
+    """The store's entries of one stream plus, from the local journals (journal.py), every line the store no
+    longer has (a failover or a store that came back older erased it), each marked ``kept_in`` with the file
+    that kept it; in time order. A line is the store's when both have the same fields (the journal writes the
+    fields the store was given); a line two journals kept counts once. ``local`` holds ``((entry_id or "",
+    fields), where)``; a line without an id gets the id of its time."""
+    have = {line_identity(fields) for _, fields in stored}
+    extra: list[Entry] = []
+    for (entry_id, fields), where in local:
+        identity = line_identity(fields)
+        if identity in have:
+            continue
+        have.add(identity)
+        extra.append((entry_id or id_at(entry_time("0-0", fields)), {**fields, KEPT_IN: where}))
+    if not extra:
+        return list(stored)
+    return sorted([*stored, *extra], key=lambda e: (entry_time(*e), _id_order(e[0])))
+
+
+def line_identity(fields: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """A line's fields as one comparable value (the same line in the store and in a journal)."""
+    return tuple(sorted((k, v) for k, v in fields.items() if k != KEPT_IN))
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return 0, 0
+
+
 def _decision_event(entry_id: str, f: dict[str, str]) -> Event:
     decision, issuer, reason = f.get("decision", "?"), f.get("issuer", "?"), f.get("reason", "")
     latency = f.get("latency_ms", "")
@@ -95,7 +130,7 @@ def plan_story(
         if pf.get("close_pct"):
             summary += f" {pf['close_pct']} %"
         events.append(Event(entry_time(pid, pf), "proposal", pf.get("source") or "upstream", summary, dict(pf)))
-    if plan:
+    if plan and not plan.get(KEPT_IN):  # a plan the store forgot has no record to tell: its lines tell it
         created = float(plan.get("created_at") or 0)
         summary = f"{plan.get('decision', '?')} {plan.get('side', '')} {plan.get('qty', '')}".strip()
         if plan.get("reason"):

@@ -61,7 +61,7 @@ class PermitIssuer(Service):
             symbol=plan.symbol,
             subject=self.consumer,
         )
-        await self.redis.xadd(keys.AUDIT_STREAM, to_fields(entry), maxlen=self.settings.audit_maxlen, approximate=True)
+        await self._scripts.append(keys.AUDIT_STREAM, to_fields(entry), self.settings.audit_maxlen)
         self.log.info("plan already decided by another instance; dropped", plan_id=plan.plan_id, owner=owner)
 
     async def accept_plans(self, entries: Entries, group: str) -> tuple[list[tuple[str, Plan]], int]:

@@ -153,11 +153,13 @@ async def serve(kind: ServiceKind, settings: Settings) -> None:
         log.info(f"{kind} connected", store=redact(url), metrics_port=port or "off", mode=settings.exchange.mode)
         beat = asyncio.create_task(heartbeat(redis, kind, consumer, ready, service.metrics))
         ticker = asyncio.create_task(tick_forever(LOOP))
+        syncer = asyncio.create_task(service.journal.sync_forever())
         await service_event(redis, kind, consumer, "started")
         try:
             await service.run()
         finally:
-            await cancel_and_wait([beat, ticker])  # ended here: asyncio.run's teardown waits without a bound
+            await cancel_and_wait([beat, ticker, syncer])  # ended here: asyncio.run's teardown waits without a bound
+            service.journal.close()
             with contextlib.suppress(RedisError, *STORE_ERRORS):
                 await redis.delete(keys.health(kind, consumer))
             await service_event(redis, kind, consumer, "stopped")

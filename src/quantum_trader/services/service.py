@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from quantum_trader import logs
 from quantum_trader.bus.scripts import Scripts
 from quantum_trader.clock import SYSTEM_CLOCK, Clock
+from quantum_trader.journal import open_journal
 from quantum_trader.services.consumer import STORE_ERRORS, Backoff, Failover, consumer_name
 from quantum_trader.settings import Settings
 
@@ -27,7 +28,9 @@ class Service:
         self.redis = redis
         self.consumer = consumer or consumer_name(settings.consumer_name, self.name)
         self.log = logs.get(self.name)
-        self._scripts = Scripts(redis)
+        # the local copy of every audit and result line this instance writes (journal.py)
+        self.journal = open_journal(settings, self.name, self.consumer)
+        self._scripts = Scripts(redis, self.journal)
         self._clock = clock
 
     async def until_store(self, step: Callable[[], Awaitable[Any]]) -> Any:

@@ -34,6 +34,7 @@ from starlette.routing import Route
 from quantum_trader import ops
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import connect, resolve_redis_url
+from quantum_trader.journal import open_journal
 from quantum_trader.secrets import web_operator_token
 from quantum_trader.settings import Settings
 from quantum_trader.tasks import cancel_and_wait
@@ -130,6 +131,8 @@ def create_app(settings: Settings) -> Starlette:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
+    journal = open_journal(settings, "web", sync_each=True)  # the switch's flips, kept on this host too
+
     async def kill_switch(request: Request) -> Response:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
@@ -140,7 +143,7 @@ def create_app(settings: Settings) -> Starlette:
             body = None
         if not isinstance(body, dict) or not isinstance(body.get("on"), bool):
             return JSONResponse({"error": 'send {"on": true} or {"on": false}'}, status_code=400)
-        await ops.set_kill_switch(store["redis"], body["on"], "web")
+        await ops.set_kill_switch(store["redis"], body["on"], "web", journal)
         return JSONResponse({"kill_switch": body["on"]})
 
     async def healthz(_: Request) -> Response:

@@ -149,12 +149,7 @@ class PermitGate:
             symbol=plan.symbol,
             subject=check.slot,
         )
-        await self.redis.xadd(
-            keys.AUDIT_STREAM,
-            to_fields(entry),
-            maxlen=self.settings.audit_maxlen,
-            approximate=True,
-        )
+        await self._scripts.append(keys.AUDIT_STREAM, to_fields(entry), self.settings.audit_maxlen)
 
     async def _consume(self, plan: Plan, checks: Checks, expected_epoch: str) -> str:
         governor, p33 = checks

@@ -36,22 +36,22 @@ def parse_or_none(cls: Any, fields: dict[str, str]) -> Any:
         return None  # an unreadable snapshot is as good as none (stale); an unreadable ledger as missing
 
 
+def ledger_audit_fields(change: LedgerChange) -> dict[str, str]:
+    """The ledger audit line of a change (the store's, and the local journal's)."""
+    return {
+        "symbol": change.symbol,
+        "before": str(change.before.last_known_amt) if change.before else "none",
+        "after": str(change.after.last_known_amt),
+        "source": change.why,
+        "plan_id": change.plan_id,
+        "at": repr(change.after.updated_at),
+    }
+
+
 def queue_ledger_write(pipe: Any, change: LedgerChange, audit_maxlen: int) -> None:
     """Queue the ledger's new state and its audit entry on ``pipe`` (a transaction, executed by the caller)."""
     pipe.hset(keys.ledger(change.symbol), mapping=to_fields(change.after))
-    pipe.xadd(
-        keys.LEDGER_AUDIT_STREAM,
-        {
-            "symbol": change.symbol,
-            "before": str(change.before.last_known_amt) if change.before else "none",
-            "after": str(change.after.last_known_amt),
-            "source": change.why,
-            "plan_id": change.plan_id,
-            "at": repr(change.after.updated_at),
-        },
-        maxlen=audit_maxlen,
-        approximate=True,
-    )
+    pipe.xadd(keys.LEDGER_AUDIT_STREAM, ledger_audit_fields(change), maxlen=audit_maxlen, approximate=True)
 
 
 @dataclass(frozen=True, slots=True)

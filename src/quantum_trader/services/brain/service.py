@@ -23,7 +23,7 @@ from quantum_trader.exchange.base import Exchange, ExchangeError
 from quantum_trader.secrets import permit_key
 from quantum_trader.services.brain.follower import LedgerFollower
 from quantum_trader.services.brain.inputs import InputsRead, read_inputs
-from quantum_trader.services.brain.ledger import LedgerChange
+from quantum_trader.services.brain.ledger import LedgerChange, ledger_audit_fields
 from quantum_trader.services.brain.snapshots import SnapshotPoller
 from quantum_trader.services.consumer import STORE_ERRORS, Backoff, Entries, consume_group
 from quantum_trader.services.issuer import PermitIssuer
@@ -154,6 +154,8 @@ class BrainService(PermitIssuer):
                 await backoff.wait()
 
     def _ledger_moved(self, change: LedgerChange) -> None:
+        """Every ledger change, once written (its audit line goes to the journal too)."""
+        self.journal.append(keys.LEDGER_AUDIT_STREAM, ledger_audit_fields(change))
         self.metrics.ledger_updates.labels(change.why).inc()
         log = self.log.bind(plan_id=change.plan_id) if change.plan_id else self.log
         was = change.before.last_known_amt if change.before else "none"
