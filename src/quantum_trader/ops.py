@@ -8,6 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
@@ -18,8 +19,11 @@ from quantum_trader.bus.streams import STREAM_MAXLEN
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import AuditEntry, MalformedEntry, Plan, Result, from_fields
 from quantum_trader.domain.planning import client_order_id, plan_id_for
+from quantum_trader.domain.story import id_at, line_identity
 from quantum_trader.domain.verdict import Verdict
-from quantum_trader.journal import Journal, open_journal
+from quantum_trader.exchange.base import ExchangeError, OutcomeUnknown
+from quantum_trader.exchange.binance import BinanceFutures
+from quantum_trader.journal import Journal, open_journal, read_journal
 from quantum_trader.secrets import permit_key
 from quantum_trader.settings import Settings
 
@@ -185,3 +189,72 @@ async def plan_audit(redis: aioredis.Redis, plan_id: str, since: str = "-") -> l
             except MalformedEntry:
                 continue
     return found
+
+
+# --- break glass: the hour the chain fails closed -------------------------------------------------------------
+
+BREAK_GLASS_ACTIONS = ("break_glass_close", "break_glass_result")
+BREAK_GLASS_PREFIX = "qtbg-"  # never "qt-": the search for forgotten orders must not take one for a plan's order
+
+
+async def break_glass_close(
+    exchange: BinanceFutures, symbol: str, qty: Decimal | None, who: str, journal: Journal
+) -> tuple[str, list[dict[str, str]]]:
+    """Close ``qty`` (default: all) of ``symbol``'s position reduce-only, straight on the exchange, past the
+    permit chain. The intent is journaled (fsynced) before the order is sent and the outcome after, so the
+    trail has both whatever happens to the store or to this process. Returns the outcome line and the two
+    ops-audit lines for the store (``record_break_glass``). An order whose outcome is unknown is never sent
+    again: the line says so and names its client order id."""
+    position = (await exchange.positions([symbol])).get(symbol)
+    if position is None or position.amt == 0:
+        raise OperatorError(f"{symbol}: no open position on the exchange; nothing to close")
+    size = abs(position.amt)
+    if qty is None:
+        qty = size
+    if qty <= 0 or qty > size:
+        raise OperatorError(f"{symbol}: --qty {qty} must be above 0 and at most the position's size {size}")
+    side = "SELL" if position.amt > 0 else "BUY"
+    coid = f"{BREAK_GLASS_PREFIX}{uuid.uuid4().hex[:20]}"
+    intent = {
+        "action": "break_glass_close",
+        "value": f"{symbol} {side} {qty} reduce-only, client order id {coid} (position {position.amt})",
+        "who": who,
+        "at": repr(time.time()),
+    }
+    journal.append(keys.OPS_AUDIT_STREAM, intent)
+    try:
+        report = await exchange.place_reduce_only_market(symbol, side, qty, coid)
+        outcome = (
+            f"{symbol} {coid}: {report.status}, filled {report.executed_qty} @ {report.avg_price} "
+            f"(order {report.order_id})"
+        )
+    except OutcomeUnknown as exc:
+        outcome = f"{symbol} {coid}: outcome unknown ({exc.message}); look it up, do not send it again"
+    except ExchangeError as exc:
+        outcome = f"{symbol} {coid}: not placed ({type(exc).__name__}: {exc.message})"
+    done = {"action": "break_glass_result", "value": outcome, "who": who, "at": repr(time.time())}
+    journal.append(keys.OPS_AUDIT_STREAM, done)
+    return outcome, [intent, done]
+
+
+async def record_break_glass(redis: aioredis.Redis, journal_dir: Path) -> int:
+    """Copy into the store's operator audit every break-glass line of the journals in ``journal_dir`` that the
+    store does not have yet (it did not answer when the close was made, or lost the lines since). Returns how
+    many were added."""
+    lines = [
+        r.fields
+        for r in read_journal(journal_dir).records
+        if r.stream == keys.OPS_AUDIT_STREAM and r.fields.get("action") in BREAK_GLASS_ACTIONS
+    ]
+    if not lines:
+        return 0
+    oldest = min(float(f.get("at") or 0) for f in lines)
+    stored = await redis.xrange(keys.OPS_AUDIT_STREAM, id_at(oldest - 60), "+")
+    have = {line_identity(fields) for _, fields in stored}
+    added = 0
+    for fields in lines:
+        if line_identity(fields) not in have:
+            await redis.xadd(keys.OPS_AUDIT_STREAM, fields, maxlen=keys.OPS_AUDIT_MAXLEN, approximate=True)
+            have.add(line_identity(fields))
+            added += 1
+    return added

@@ -32,6 +32,8 @@ def test_the_sentinels_own_account_and_tls_come_from_the_url() -> None:
         ("redis+sentinel://h1/qtm", "'h1' is not a Sentinel host:port"),
         ("redis+sentinel://:pw@h1:99999/qtm", "'h1:99999' is not a Sentinel host:port"),
         ("redis+sentinel://h1:1/qtm?password=x", "unknown option 'password'"),
+        ("redis+sentinel://:pw@h1:1/qtm?ssl_ca_certs=/ca.crt", "ssl_* options need rediss+sentinel://"),
+        ("rediss+sentinel://:pw@h1:1/qtm?ssl_cert_reqs=none", "unknown option 'ssl_cert_reqs'"),
     ],
 )
 def test_a_malformed_sentinel_url_says_what_is_wrong_and_never_the_password(url: str, says: str) -> None:

@@ -92,11 +92,15 @@ def redact(url: str) -> str:
     return url
 
 
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")  # redis-py's names, as in a rediss:// URL's query
+
+
 @dataclass(frozen=True)
 class SentinelUrl:
     """``redis+sentinel://[user:pass@]h1:p1,h2:p2,h3:p3/<master>[/<db>][?sentinel_username=…&sentinel_password=…]``
-    (``rediss+sentinel://`` for TLS to the data nodes): the Sentinels to ask, the master's name, and the
-    account on the data nodes (the Sentinels have their own, in the query, when they require one)."""
+    (``rediss+sentinel://``: TLS to the Sentinels and the data nodes, with ``ssl_ca_certs``, ``ssl_certfile``,
+    ``ssl_keyfile`` in the query): the Sentinels to ask, the master's name, and the account on the data nodes
+    (the Sentinels have their own, in the query, when they require one)."""
 
     sentinels: tuple[tuple[str, int], ...]
     master: str
@@ -106,6 +110,8 @@ class SentinelUrl:
     tls: bool
     sentinel_username: str | None
     sentinel_password: str | None
+    # with TLS: the CA to trust and this client's certificate and key (ssl_ca_certs, ssl_certfile, ssl_keyfile)
+    tls_files: tuple[tuple[str, str], ...] = ()
 
 
 def _shown(url: str) -> str:
@@ -133,19 +139,28 @@ def sentinel_url(url: str) -> SentinelUrl:
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ConfigError(f"QT_REDIS_URL: a Sentinel URL ends with /<master name>[/<db>] ({redact(url)})")
     query = dict(parse_qsl(parts.query))
-    unknown = set(query) - {"sentinel_username", "sentinel_password"}
+    unknown = set(query) - {"sentinel_username", "sentinel_password", *TLS_FILES}
     if unknown:
         raise ConfigError(f"QT_REDIS_URL: unknown option {sorted(unknown)[0]!r} in a Sentinel URL")
+    tls = parts.scheme == "rediss+sentinel"
+    if not tls and set(query) & set(TLS_FILES):
+        raise ConfigError("QT_REDIS_URL: ssl_* options need rediss+sentinel:// (TLS)")
     return SentinelUrl(
         tuple(sentinels),
         unquote(path[0]),
         user or None,
         password,
         int(path[1]) if len(path) == 2 else 0,
-        parts.scheme == "rediss+sentinel",
+        tls,
         query.get("sentinel_username") or None,
         query.get("sentinel_password") or None,
+        tuple((name, query[name]) for name in TLS_FILES if query.get(name)),
     )
+
+
+def _tls(url: SentinelUrl) -> dict[str, Any]:
+    """TLS options for the Sentinels and the data nodes alike (rediss+sentinel: both are reached over TLS)."""
+    return {"ssl": True, **dict(url.tls_files)} if url.tls else {}
 
 
 def resolve_redis_url(settings: Settings) -> str:
@@ -228,16 +243,11 @@ def sync_client(url: str, **options: Any) -> redis.Redis:
     if urlsplit(url).scheme not in SENTINEL_SCHEMES:
         return redis.Redis.from_url(url, **options)
     parsed = sentinel_url(url)
-    sentinel_options: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0}
-    if parsed.sentinel_username:
-        sentinel_options["username"] = parsed.sentinel_username
-    if parsed.sentinel_password:
-        sentinel_options["password"] = parsed.sentinel_password
-    sentinel_options["retry"] = SyncRetry(SyncNoBackoff(), 0)
+    sentinel_options: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0, **_sentinel_auth(parsed)}
+    sentinel_options |= {"retry": SyncRetry(SyncNoBackoff(), 0), **_tls(parsed)}
     manager = SyncSentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_options)
     node_options = {**options, "db": parsed.db, "username": parsed.username, "password": parsed.password}
-    if parsed.tls:
-        node_options["ssl"] = True
+    node_options |= _tls(parsed)
     return cast(redis.Redis, manager.master_for(parsed.master, redis_class=SyncSentinelClient, **node_options))
 
 
@@ -272,16 +282,46 @@ def _sentinel_client(url: SentinelUrl, options: dict[str, Any]) -> SentinelClien
         "socket_timeout": 2.0,
         "socket_connect_timeout": 1.0,
         "protocol": 2,
+        **_sentinel_auth(url),
+        **_tls(url),
     }
-    if url.sentinel_username:
-        sentinel_options["username"] = url.sentinel_username
-    if url.sentinel_password:
-        sentinel_options["password"] = url.sentinel_password
-    node_options = {**options, "db": url.db, "username": url.username, "password": url.password}
-    if url.tls:
-        node_options["ssl"] = True
+    node_options = {**options, "db": url.db, "username": url.username, "password": url.password, **_tls(url)}
     manager = Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_options)
     return cast(SentinelClient, manager.master_for(url.master, redis_class=SentinelClient, **node_options))
+
+
+def _sentinel_auth(url: SentinelUrl) -> dict[str, str]:
+    """The Sentinels' own account, when they require one."""
+    auth = {}
+    if url.sentinel_username:
+        auth["username"] = url.sentinel_username
+    if url.sentinel_password:
+        auth["password"] = url.sentinel_password
+    return auth
+
+
+async def node_urls(url: str) -> list[str]:
+    """Every data node of the store at ``url``, each as a direct URL with the same account: ``url`` itself for
+    one server; for a Sentinel URL, the primary and the replicas the Sentinels know (for what is not replicated,
+    such as ACL users: ``qt acl --apply``). Raises StoreUnavailable when no Sentinel answers."""
+    if urlsplit(url).scheme not in SENTINEL_SCHEMES:
+        return [url]
+    parsed = sentinel_url(url)
+    options = {"retry": Retry(NoBackoff(), 0), "socket_timeout": 2.0, "socket_connect_timeout": 1.0}
+    manager = Sentinel(list(parsed.sentinels), sentinel_kwargs={**options, **_sentinel_auth(parsed), **_tls(parsed)})
+    try:
+        primary = await manager.discover_master(parsed.master)
+        replicas = await manager.discover_slaves(parsed.master)
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(f"no Sentinel of {redact(url)} named the primary of {parsed.master}: {exc}") from None
+    finally:
+        await manager.aclose()
+    scheme = "rediss" if parsed.tls else "redis"
+    account = ""
+    if parsed.username or parsed.password:
+        account = quote(parsed.username or "", safe="") + ":" + quote(parsed.password or "", safe="") + "@"
+    query = f"?{urlencode(parsed.tls_files)}" if parsed.tls_files else ""
+    return [f"{scheme}://{account}{host}:{port}/{parsed.db}{query}" for host, port in [primary, *replicas]]
 
 
 async def record_epoch(admin_url: str) -> str:

@@ -3,6 +3,7 @@ chain's state, its audit trail, and what a code means."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +31,7 @@ def acl_cmd(
     its URL: redis://qt-apply:<password>@host:port, and so on.
     """
     from quantum_trader.bus.acl import ROLES, acl_file, apply_acl
-    from quantum_trader.bus.connection import acl_password_file
+    from quantum_trader.bus.connection import acl_password_file, node_urls, redact
     from quantum_trader.secrets import ensure_local_secrets, read_secret_file
 
     settings = settings_or_exit()
@@ -43,8 +44,12 @@ def acl_cmd(
         return
     if not settings.redis_url:
         fail("--apply needs QT_REDIS_URL (with an account allowed to run ACL)", EXIT_USAGE)
-    with_store(settings, lambda r: apply_acl(r, passwords, disable_default=disable_default))
-    print(f"ACL users created: {', '.join(sorted(ROLES))} (passwords in {settings.state_dir / 'secrets'})")
+    # ACL users are not replicated: with a Sentinel URL, every node the Sentinels know gets them
+    for url in asyncio.run(node_urls(settings.redis_url)):
+        node = settings.model_copy(update={"redis_url": url})
+        with_store(node, lambda r: apply_acl(r, passwords, disable_default=disable_default))
+        print(f"ACL users created on {redact(url)}: {', '.join(sorted(ROLES))}")
+    print(f"passwords in {settings.state_dir / 'secrets'}")
 
 
 @app.command("store-stamp")

@@ -5,6 +5,7 @@
 - cli/exchange.py  exchange check
 - cli/permits.py   propose, permit (grant, deny)
 - cli/inspect.py   acl, status, audit, report, explain, version
+- cli/break_glass.py  break-glass (close, record): the hour the chain fails closed
 
 cli/app.py holds the Typer app, the helpers every command uses and the exit codes: 0 success; 1 the action
 failed (store or exchange unreachable, plan not executed); 2 misuse (bad option, bad configuration); 3 no
@@ -32,6 +33,7 @@ from quantum_trader.cli import system  # noqa: F401
 from quantum_trader.cli import exchange  # noqa: F401
 from quantum_trader.cli import permits  # noqa: F401
 from quantum_trader.cli import inspect  # noqa: F401
+from quantum_trader.cli import break_glass  # noqa: F401
 # isort: on
 
 __all__ = ["app", "run"]

@@ -45,6 +45,7 @@ async def dashboard_state(redis: aioredis.Redis, settings: Settings) -> dict[str
         "governor_mode": status.governor_mode,
         "unresolved_orders": status.unresolved_orders,
         "services": status.services,
+        "store": status.store,  # the instance, and through Sentinels which node is primary and the replicas
         "groups": status.groups,
         "symbols": status.symbols,
         "plans": plan_rows(plans, audit, results),

@@ -1,4 +1,7 @@
-"""The consume of a plan's permits is on a replica before its order can be sent (issue 21, fencing): with
+"""The nodes of a high-availability store (issue 21): ACL users on every node (`qt acl --apply` through the
+Sentinels), and the fence on the consume.
+
+The consume of a plan's permits is on a replica before its order can be sent (issue 21, fencing): with
 ``replicas``, CONSUME_PERMITS is followed by ``WAIT`` on the same connection, on a real primary with two real
 replicas (bus/embedded_ha.py). Paused replicas (SIGSTOP: they neither apply nor acknowledge) make it
 "unreplicated" within the bound; a WAIT on another connection than the script's would count nothing of the
@@ -8,9 +11,13 @@ script and say "ok" (the paused test fails that way).
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,9 +25,11 @@ import redis.asyncio as aioredis
 
 from quantum_trader.bus import keys
 from quantum_trader.bus.acl import ROLES, acl_file
-from quantum_trader.bus.connection import make_client
+from quantum_trader.bus.connection import acl_password_file, make_client, with_credentials
 from quantum_trader.bus.embedded_ha import EmbeddedHA
 from quantum_trader.bus.scripts import ConsumeStatus, Scripts
+from quantum_trader.secrets import write_secret_file
+from quantum_trader.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +37,14 @@ PLAN = "a" * 32
 WAIT_MS = 300
 
 
+PASSWORDS = {role: secrets.token_hex(8) for role in ROLES}
+
+
 @pytest.fixture(scope="module")
 def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmbeddedHA, str]]:
     """A primary, two replicas (one Sentinel, which the set needs to start); the admin's password."""
     tmp = tmp_path_factory.mktemp("replicated")
-    passwords = {role: secrets.token_hex(8) for role in ROLES}
+    passwords = PASSWORDS
     aclfile = tmp / "users.acl"
     aclfile.write_text(acl_file(passwords, with_admin=True))
     ha_set = EmbeddedHA(tmp / "ha", aclfile, passwords["replica"], passwords["sentinel"], sentinels=1, quorum=1)
@@ -47,10 +59,14 @@ def _url(port: int, password: str) -> str:
     return f"redis://qt-admin:{password}@127.0.0.1:{port}/0"
 
 
-async def _consume(url: str, plan_id: str, replicas: int) -> tuple[ConsumeStatus, float]:
+async def _consume(
+    url: str, plan_id: str, replicas: int, *, stored: bytes = b"gov", wait_ms: int = WAIT_MS
+) -> tuple[ConsumeStatus, float]:
+    """Store both permits (the Governor's as ``stored``), consume them as b"gov" and b"p33"; the status and
+    how long the call took."""
     rds: aioredis.Redis = make_client(url)
     try:
-        await rds.set(keys.governor_permit(plan_id), b"gov", ex=60)
+        await rds.set(keys.governor_permit(plan_id), stored, ex=60)
         await rds.set(keys.p33_permit(plan_id), b"p33", ex=60)
         started = time.monotonic()
         status = await Scripts(rds).consume_permits(
@@ -63,7 +79,7 @@ async def _consume(url: str, plan_id: str, replicas: int) -> tuple[ConsumeStatus
             latency_ms=1.0,
             audit_maxlen=1000,
             replicas=replicas,
-            replicas_wait_ms=WAIT_MS,
+            replicas_wait_ms=wait_ms,
         )
         return status, time.monotonic() - started
     finally:
@@ -115,37 +131,44 @@ def test_a_refused_consume_does_not_wait(ha: tuple[EmbeddedHA, str]) -> None:
     primary, *replicas = (node.port for node in ha_set.nodes)
     assert primary is not None
 
-    async def refused() -> tuple[str, float]:
-        rds: aioredis.Redis = make_client(_url(primary, password))
-        plan_id = PLAN[:-1] + "4"
-        try:
-            await rds.set(keys.governor_permit(plan_id), b"other", ex=60)
-            await rds.set(keys.p33_permit(plan_id), b"p33", ex=60)
-            started = time.monotonic()
-            status = await Scripts(rds).consume_permits(
-                plan_id=plan_id,
-                symbol="SOLUSDT",
-                governor_raw=b"gov",
-                p33_raw=b"p33",
-                marker="{}",
-                now=time.time(),
-                latency_ms=1.0,
-                audit_maxlen=1000,
-                replicas=2,
-                replicas_wait_ms=4000,
-            )
-            return status, time.monotonic() - started
-        finally:
-            await rds.aclose()
-
     for port in replicas:
         assert port is not None
         ha_set.pause_node(port)
     try:
-        status, took_s = asyncio.run(refused())
+        status, took_s = asyncio.run(
+            _consume(_url(primary, password), PLAN[:-1] + "4", 2, stored=b"other", wait_ms=4000)
+        )
     finally:
         for port in replicas:
             assert port is not None
             ha_set.resume_node(port)
     assert status == "governor_permit_changed"
     assert took_s < 3.0  # no 4 s WAIT behind it
+
+
+def test_qt_acl_apply_through_the_sentinels_creates_the_users_on_every_node(
+    ha: tuple[EmbeddedHA, str], tmp_path: Path
+) -> None:
+    """ACL users are not replicated: `qt acl --apply` with a Sentinel URL finds the primary and both replicas
+    and defines the users on each. A user deleted on every node can log in on every node again afterwards."""
+    ha_set, password = ha
+    settings = Settings(state_dir=tmp_path, _env_prefix="QT_IGNORED_")
+    for role, secret in PASSWORDS.items():  # the operator's state dir holds the set's passwords
+        write_secret_file(acl_password_file(settings, role), secret)
+    ports = [node.port for node in ha_set.nodes if node.port is not None]
+    for port in ports:
+        with redis.Redis.from_url(_url(port, password)) as node:
+            node.execute_command("ACL", "DELUSER", "qt-governor")
+    url = with_credentials(ha_set.url, "qt-admin", acl_password_file(settings, "admin"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
+    env |= {"QT_STATE_DIR": str(tmp_path), "QT_REDIS_URL": url}
+    done = subprocess.run(
+        [sys.executable, "-m", "quantum_trader", "acl", "--apply"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("ACL users created on redis://qt-admin:***@127.0.0.1:") == 3, done.stdout
+    assert password not in done.stdout + done.stderr
+    for port in ports:
+        with redis.Redis(port=port, username="qt-governor", password=PASSWORDS["governor"]) as node:
+            assert node.ping()
