@@ -58,8 +58,10 @@ def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_p
         assert {"store", "brain", "governor", "apply"} <= set(p["cpu_ms_per_plan"]), p
         assert p["aof_last_write_status"] == "ok" and (p["aof_written_bytes"] is None or p["aof_written_bytes"] > 0)
 
-    fencing = report["fencing"]  # the single store, then the HA set with consume_replicas 0, 1, 0
-    assert [(p["store"], p["consume_replicas"]) for p in fencing] == [("single", 0), ("ha", 0), ("ha", 1), ("ha", 0)]
+    fencing = report["fencing"]  # the single store, then the HA set with consume_replicas 0, 1, 0, 1
+    assert [(p["store"], p["consume_replicas"]) for p in fencing] == [
+        ("single", 0), ("ha", 0), ("ha", 1), ("ha", 0), ("ha", 1)
+    ]  # fmt: skip
     for p in fencing:
         assert p["plans"] == 20 and p["decided"]["samples"] == p["result"]["samples"] == 20, p
         assert p["waits"] == (22 if p["consume_replicas"] else 0), p  # the store ran a WAIT per fenced plan

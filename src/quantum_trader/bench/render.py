@@ -53,7 +53,7 @@ def show_step(event: str, r: BenchReport) -> None:
         if summary := durability_summary(r):
             console.print(summary)
     elif event == "fencing" and r.fencing:
-        title = "fencing: the single store, then HA with consume_replicas 0, 1, 0 (sequential; ms, CPU ms per plan)"
+        title = "fencing: the single store, then HA with consume_replicas 0, 1, 0, 1 (sequential; ms, CPU ms/plan)"
         table(title, FENCING_HEADER, fencing_rows(r))
         if summary := fencing_summary(r):
             console.print(summary)

@@ -50,7 +50,7 @@ class BenchReport:
     seed_open_loop: list[SeedStep] = field(default_factory=list)
     decisions: list[RateStep] = field(default_factory=list)
     durability: list[DurabilityPart] = field(default_factory=list)  # everysec, always, everysec
-    fencing: list[FencingPart] = field(default_factory=list)  # single store; HA with consume_replicas 0, 1, 0
+    fencing: list[FencingPart] = field(default_factory=list)  # single store; HA with consume_replicas 0, 1, 0, 1
     # the exchange-has-the-last-word rule: lookups Apply made per sequential plan (0 when the store vouches for
     # every plan), and what one lookup of an order by client id costs
     truth_lookups_per_plan: float | None = None
@@ -265,9 +265,10 @@ def fencing_summary(r: BenchReport) -> str | None:
 
     text = f"HA unfenced against the single store: {against(open_, single)}. "
     text += f"The fence (WAIT for a replica) against HA unfenced: {against(fenced, open_)}"
-    p50s = [p.result.p50_ms for p in open_ if p.result.p50_ms is not None]
-    if len(p50s) > 1:
-        text += f". The unfenced HA parts are {max(p50s) - min(p50s):.2f} ms apart in result p50 (drift)"
+    for name, parts in (("unfenced", open_), ("fenced", fenced)):
+        p50s = [p.result.p50_ms for p in parts if p.result.p50_ms is not None]
+        if len(p50s) > 1:
+            text += f". The {name} HA parts are {max(p50s) - min(p50s):.2f} ms apart in result p50 (drift)"
     return text + "."
 
 
@@ -315,7 +316,7 @@ def markdown(r: BenchReport) -> str:
         part0 = r.fencing[0]
         lines += [f"High availability and its fence: the sequential chain on the single store, then on a primary "
                   f"with two replicas and three Sentinels with Apply's consume_replicas 0, 1 (WAIT for a replica "
-                  f"before the order), 0; {part0.plans} plans per part after {part0.warmup} warm-up; latencies in "
+                  f"before the order), 0, 1; {part0.plans} plans per part after {part0.warmup} warm-up; latencies in "
                   f"ms, CPU in ms per plan sent (store: the primary):", ""]  # fmt: skip
         lines += [*_table(FENCING_HEADER, fencing_rows(r)), ""]
         summary = fencing_summary(r)
