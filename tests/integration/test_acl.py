@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,8 +18,8 @@ import redis.asyncio as aioredis
 from conftest import Chain, make_settings, set_position, sim_orders
 from quantum_trader import ops
 from quantum_trader.bus import keys
-from quantum_trader.bus.acl import ROLES, USERS, apply_acl
-from quantum_trader.bus.embedded import EmbeddedStore
+from quantum_trader.bus.acl import ROLES, USERS, acl_file, apply_acl, without
+from quantum_trader.bus.embedded import EmbeddedStore, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -186,3 +190,51 @@ async def test_the_whole_chain_works_under_least_privilege(locked_store, locked_
         await ops.set_kill_switch(locked_rds, False, "test")
     finally:
         await chain.stop()
+
+
+REDIS_SERVER = os.environ.get("QT_REDIS_SERVER") or shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+@pytest.mark.parametrize("before_7_2", [True, False])
+def test_the_acl_file_for_a_redis_7_0_loads_there_and_the_newer_one_is_refused(
+    tmp_path: Path, before_7_2: bool
+) -> None:
+    """Debian 12's redis-server is 7.0, which has no CLIENT SETINFO: a file naming it stops the server at start.
+    `qt acl --before-7-2` leaves it out; `qt acl --apply` asks the server (see test_store_tls's set)."""
+    if not os.access(REDIS_SERVER, os.X_OK):
+        pytest.skip("Debian's redis-server is not installed (`make test` installs it)")
+    version = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True, check=True).stdout
+    if "v=7.0." not in version and "v=7.1." not in version:
+        pytest.skip(f"this redis-server is not a 7.0/7.1: {version.strip()}")
+    passwords = {role: secrets.token_hex(8) for role in ROLES}
+    aclfile = tmp_path / "users.acl"
+    aclfile.write_text(acl_file(passwords, with_admin=True, before_7_2=before_7_2))
+    port = free_port()
+    process = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--aclfile", str(aclfile), "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        if not before_7_2:
+            assert process.wait(timeout=10) != 0  # refused at start
+            assert b"setinfo" in (process.stdout.read() if process.stdout else b"").lower()
+            return
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with redis.Redis(port=port, username="qt-governor", password=passwords["governor"]) as governor:
+                    assert governor.ping()
+                    break
+            except redis.ConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.1)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def test_rules_for_commands_a_server_lacks_are_left_out_everywhere_selectors_included() -> None:
+    rules = ["~a", "+client|setinfo", "+client|setname", "(~b +client|setinfo +xack)", "-client|SETINFO"]
+    assert without(rules, frozenset({"client|setinfo"})) == ["~a", "+client|setname", "(~b +xack)"]
+    assert without(rules, frozenset()) == rules

@@ -159,3 +159,168 @@ def test_a_tls_sentinel_url_carries_its_files_to_the_sentinels_and_the_nodes(pki
         "ssl_certfile": pki.path("client.crt"),
         "ssl_keyfile": pki.path("client.key"),
     }
+
+
+# --- a Sentinel set over TLS ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TlsSet:
+    nodes: dict[int, subprocess.Popen[bytes]]  # port -> node
+    sentinel_ports: list[int]
+    sentinels: list[subprocess.Popen[bytes]]
+
+    def url(self, pki: Pki) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        files = f"ssl_ca_certs={pki.path('ca.crt')}&ssl_certfile={pki.path('client.crt')}"
+        return f"rediss+sentinel://{hosts}/qtm?{files}&ssl_keyfile={pki.path('client.key')}"
+
+
+def _tls_args(pki: Pki) -> list[str]:
+    return [
+        "--tls-cert-file", pki.path("server.crt"), "--tls-key-file", pki.path("server.key"),
+        "--tls-ca-cert-file", pki.path("ca.crt"), "--tls-auth-clients", "yes", "--tls-replication", "yes",
+    ]  # fmt: skip
+
+
+def _answers(port: int, pki: Pki) -> bool:
+    try:
+        with redis.Redis.from_url(_url(port, pki), socket_timeout=1) as probe:
+            return bool(probe.ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _until(ready: object, what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def tls_set(pki: Pki, tmp_path: Path) -> Iterator[TlsSet]:
+    """A primary, two replicas and three Sentinels, all TLS only (port 0), client certificates required
+    everywhere, replication and the Sentinels' links over TLS too."""
+    if not os.access(REDIS_SERVER, os.X_OK):
+        pytest.skip("Debian's redis-server is not installed (`make test` installs it)")
+    ports = [free_port() for _ in range(3)]
+    started = TlsSet({}, [], [])
+    try:
+        for n, port in enumerate(ports):
+            data = tmp_path / f"node-{n}"
+            data.mkdir()
+            args = [REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", *_tls_args(pki),
+                    "--save", "", "--appendonly", "no", "--dir", str(data),
+                    "--repl-diskless-sync-delay", "0"]  # fmt: skip
+            if n:
+                args += ["--replicaof", "127.0.0.1", str(ports[0])]
+            started.nodes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for port in ports:
+            _until(lambda port=port: _answers(port, pki), f"node {port} did not start")  # type: ignore[misc]
+
+        def in_sync() -> bool:
+            with redis.Redis.from_url(_url(ports[0], pki), socket_timeout=1) as primary:
+                return int(primary.info("replication").get("connected_slaves", 0)) == 2
+
+        _until(in_sync, "the replicas never caught up")
+        for n in range(3):
+            port = free_port()
+            home = tmp_path / f"sentinel-{n}"
+            home.mkdir()
+            conf = home / "sentinel.conf"
+            conf.write_text(
+                "\n".join([
+                    "port 0", f"tls-port {port}", "bind 127.0.0.1", f"dir {home}",
+                    f"tls-cert-file {pki.path('server.crt')}", f"tls-key-file {pki.path('server.key')}",
+                    f"tls-ca-cert-file {pki.path('ca.crt')}", "tls-auth-clients yes", "tls-replication yes",
+                    f"sentinel monitor qtm 127.0.0.1 {ports[0]} 2",
+                    "sentinel down-after-milliseconds qtm 2000", "sentinel failover-timeout qtm 10000",
+                ]) + "\n"
+            )  # fmt: skip
+            started.sentinel_ports.append(port)
+            started.sentinels.append(
+                subprocess.Popen(
+                    [REDIS_SERVER, str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    cwd=home,
+                )
+            )
+
+        def sentinels_see_everything() -> bool:
+            for port in started.sentinel_ports:
+                try:
+                    with redis.Redis.from_url(_url(port, pki), socket_timeout=1) as sentinel:
+                        master = sentinel.sentinel_master("qtm")
+                except (redis.RedisError, OSError):
+                    return False
+                if master.get("num-slaves") != 2 or master.get("num-other-sentinels") != 2:
+                    return False
+            return True
+
+        _until(sentinels_see_everything, "the Sentinels never saw every node and each other", 30)
+        yield started
+    finally:
+        for process in [*started.sentinels, *started.nodes.values()]:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.mark.timeout(180)
+def test_the_chain_follows_a_failover_of_a_tls_sentinel_set(tls_set: TlsSet, pki: Pki, tmp_path: Path) -> None:
+    """Over `rediss+sentinel://` with the CA and a client certificate: `qt acl --apply` reaches every node
+    through the TLS Sentinels, the chain executes a close, the primary is killed, a replica is promoted, and the
+    chain executes the next close on it."""
+    url = tls_set.url(pki)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
+    env |= {"QT_REDIS_URL": url, "QT_STATE_DIR": str(tmp_path / "admin")}
+    acl = subprocess.run([sys.executable, "-m", "quantum_trader", "acl", "--apply"], env=env,
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert acl.returncode == 0, acl.stderr
+    assert acl.stdout.count("ACL users created on rediss://127.0.0.1:") == 3, acl.stdout
+    settings = Settings(state_dir=tmp_path, redis_url=url, _env_prefix="QT_IGNORED_")
+    system = LocalSystem(
+        settings,
+        ports=Ports.free(),
+        log_dir=tmp_path / "logs",
+        env={"QT_GOVERNOR__COOLDOWN_S": "0", "QT_BRAIN__COOLDOWN_S": "0", "QT_APPLY__FAILOVER_FENCE_S": "1"},
+        inherit_config=False,
+    )
+    with system:
+        system.start_infra()
+        system.open_positions({"SOLUSDT": "100", "BNBUSDT": "10.00"})
+        system.start_services(together=True)
+
+        async def close(symbol: str, qty: Decimal, timeout_s: float) -> bool:
+            """Propose until a close executes, as a strategy would: a proposal the store did not take (between
+            primaries) is sent again, and one refused store_changed (sent before Apply saw the new primary) is
+            proposed anew."""
+            rds = make_client(url)
+            deadline = time.monotonic() + timeout_s
+            try:
+                while time.monotonic() < deadline:
+                    try:
+                        sub = await ops.propose(rds, symbol, "PARTIAL_CLOSE", qty=qty, source="tls-ha-test")
+                        result = await ops.wait_result(rds, sub.plan_id, 30, sub.result_cursor)
+                    except (redis.RedisError, OSError):
+                        await asyncio.sleep(0.2)
+                        continue
+                    if result is not None and result.executed:
+                        return True
+                    assert result is None or result.error == "store_changed", result
+                return False
+            finally:
+                await rds.aclose()
+
+        assert asyncio.run(close("SOLUSDT", Decimal(1), 30))
+        first = next(iter(tls_set.nodes))
+        tls_set.nodes[first].kill()
+        tls_set.nodes[first].wait(timeout=10)
+
+        def promoted() -> bool:
+            with redis.Redis.from_url(_url(tls_set.sentinel_ports[0], pki), socket_timeout=1) as sentinel:
+                return int(sentinel.sentinel_master("qtm")["port"]) != first
+
+        _until(promoted, "no replica was promoted", 30)
+        assert asyncio.run(close("BNBUSDT", Decimal("0.01"), 60))

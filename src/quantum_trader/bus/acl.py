@@ -194,25 +194,48 @@ STORE_USERS: dict[str, AclUser] = {
 }
 
 
-def setuser_args(user: AclUser, password: str) -> list[str]:
-    """Arguments of ``ACL SETUSER`` that define ``user`` from scratch (reset first: no stale rights remain)."""
-    return ["ACL", "SETUSER", user.name, "reset", "on", f">{password}", *user.rules()]
+# Subcommands a Redis before 7.2 does not know (Debian 12's redis-server is 7.0): an ACL rule naming one is an
+# error there, in ACL SETUSER and in an aclfile alike, so such a store gets the users without them.
+NEWER_THAN_7_0 = frozenset({"client|setinfo"})
 
 
-def acl_file(passwords: dict[str, str], *, with_admin: bool = False) -> str:
+def without(rules: list[str], unknown: frozenset[str]) -> list[str]:
+    """``rules`` minus every ``+name`` / ``-name`` of a command in ``unknown``, selectors included."""
+
+    def keep(token: str) -> bool:
+        return not (token[:1] in ("+", "-") and token[1:].lower() in unknown)
+
+    kept = []
+    for rule in rules:
+        if rule.startswith("(") and rule.endswith(")"):
+            kept.append("(" + " ".join(t for t in rule[1:-1].split() if keep(t)) + ")")
+        elif keep(rule):
+            kept.append(rule)
+    return kept
+
+
+def setuser_args(user: AclUser, password: str, unknown: frozenset[str] = frozenset()) -> list[str]:
+    """Arguments of ``ACL SETUSER`` that define ``user`` from scratch (reset first: no stale rights remain),
+    without rules for the commands in ``unknown`` (ones the server does not have)."""
+    return ["ACL", "SETUSER", user.name, "reset", "on", f">{password}", *without(user.rules(), unknown)]
+
+
+def acl_file(passwords: dict[str, str], *, with_admin: bool = False, before_7_2: bool = False) -> str:
     """The users as an ACL file (``aclfile`` in valkey.conf / redis.conf), passwords as SHA-256 hashes.
 
     ``with_admin`` adds the admin user and restricts ``default`` (no password) to PING, which is what
     `qt up` loads into the embedded store: the users survive a store restart, and an anonymous client can
-    learn that the server is up and nothing else.
+    learn that the server is up and nothing else. ``before_7_2``: for a Redis 7.0 or 7.1, which refuses a
+    file that names a subcommand it does not have (``NEWER_THAN_7_0``).
     """
+    unknown = NEWER_THAN_7_0 if before_7_2 else frozenset()
     import hashlib
 
     def digest(role: str) -> str:
         return "#" + hashlib.sha256(passwords[role].encode()).hexdigest()
 
     lines = [
-        " ".join(["user", user.name, "on", digest(role), *user.rules()])
+        " ".join(["user", user.name, "on", digest(role), *without(user.rules(), unknown)])
         for role, user in (*USERS.items(), *STORE_USERS.items())
     ]
     if with_admin:
@@ -221,14 +244,25 @@ def acl_file(passwords: dict[str, str], *, with_admin: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def unknown_commands(admin: Any) -> frozenset[str]:
+    """Which of the (sub)commands the rules name this server does not have: ``NEWER_THAN_7_0`` on a Redis
+    before 7.2 (a Valkey has them all)."""
+    info = await admin.info("server")
+    if info.get("valkey_version"):
+        return frozenset()
+    major, minor, *_ = (int(part) for part in f"{info.get('redis_version', '0')}.0.0".split(".")[:2])
+    return NEWER_THAN_7_0 if (major, minor) < (7, 2) else frozenset()
+
+
 async def apply_acl(admin: Any, passwords: dict[str, str], *, disable_default: bool) -> None:
     """Create (or redefine) every service user and the admin user on the store ``admin`` is connected to.
 
     ``disable_default`` switches the password-less ``default`` user off: from then on only these users can
     connect. ``admin`` must be able to run ACL (the default user of a fresh server, or an admin).
     """
+    unknown = await unknown_commands(admin)
     for role, user in (*USERS.items(), *STORE_USERS.items()):
-        await admin.execute_command(*setuser_args(user, passwords[role]))
+        await admin.execute_command(*setuser_args(user, passwords[role], unknown))
     await admin.execute_command(
         "ACL",
         "SETUSER",

@@ -23,6 +23,12 @@ def acl_cmd(
     disable_default: Annotated[
         bool, typer.Option(help="with --apply: switch the password-less default user off")
     ] = False,
+    before_7_2: Annotated[
+        bool,
+        typer.Option(
+            "--before-7-2", help="the file for a Redis 7.0 or 7.1 (Debian 12's redis-server), which refuses newer rules"
+        ),
+    ] = False,
 ) -> None:
     """The per-service ACL users: print them as an ACL file (passwords as SHA-256; with an admin user and the
     default user limited to PING), or create them (--apply).
@@ -30,6 +36,8 @@ def acl_cmd(
     Passwords come from <state dir>/secrets/acl-<role>.pass (0600; generated when missing). Give each service
     its URL: redis://qt-apply:<password>@host:port, and so on.
     """
+    from redis.exceptions import RedisError
+
     from quantum_trader.bus.acl import ROLES, acl_file, apply_acl
     from quantum_trader.bus.connection import acl_password_file, node_urls, redact
     from quantum_trader.secrets import ensure_local_secrets, read_secret_file
@@ -40,14 +48,17 @@ def acl_cmd(
     if not apply:
         # as a store's aclfile: with the admin user and the anonymous default user limited to PING (an aclfile
         # that leaves `default` out would leave it able to do everything)
-        print(acl_file(passwords, with_admin=True), end="")
+        print(acl_file(passwords, with_admin=True, before_7_2=before_7_2), end="")
         return
     if not settings.redis_url:
         fail("--apply needs QT_REDIS_URL (with an account allowed to run ACL)", EXIT_USAGE)
     # ACL users are not replicated: with a Sentinel URL, every node the Sentinels know gets them
     for url in asyncio.run(node_urls(settings.redis_url)):
         node = settings.model_copy(update={"redis_url": url})
-        with_store(node, lambda r: apply_acl(r, passwords, disable_default=disable_default))
+        try:  # the rules a server does not know are left out for it (apply_acl asks it)
+            with_store(node, lambda r: apply_acl(r, passwords, disable_default=disable_default))
+        except RedisError as exc:
+            fail(f"the store at {redact(url)} refused the users: {exc}")
         print(f"ACL users created on {redact(url)}: {', '.join(sorted(ROLES))}")
     print(f"passwords in {settings.state_dir / 'secrets'}")
 
