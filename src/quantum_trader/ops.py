@@ -4,8 +4,10 @@ the kill switch, switch the Governor's mode, ask P3.3 to reconcile. Used by the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -19,7 +21,7 @@ from quantum_trader.bus.streams import STREAM_MAXLEN
 from quantum_trader.domain import reasons
 from quantum_trader.domain.models import AuditEntry, MalformedEntry, Plan, Result, from_fields
 from quantum_trader.domain.planning import client_order_id, plan_id_for
-from quantum_trader.domain.story import id_at, line_identity
+from quantum_trader.domain.story import line_identity
 from quantum_trader.domain.verdict import Verdict
 from quantum_trader.exchange.base import ExchangeError, OutcomeUnknown
 from quantum_trader.exchange.binance import BinanceFutures
@@ -201,17 +203,17 @@ async def break_glass_close(
     exchange: BinanceFutures, symbol: str, qty: Decimal | None, who: str, journal: Journal
 ) -> tuple[str, list[dict[str, str]]]:
     """Close ``qty`` (default: all) of ``symbol``'s position reduce-only, straight on the exchange, past the
-    permit chain. The intent is journaled (fsynced) before the order is sent and the outcome after, so the
-    trail has both whatever happens to the store or to this process. Returns the outcome line and the two
-    ops-audit lines for the store (``record_break_glass``). An order whose outcome is unknown is never sent
-    again: the line says so and names its client order id."""
+    permit chain. The intent is journaled and fsynced before the order is sent (nothing is sent when it cannot
+    be), the outcome after, so the trail has both whatever happens to the store or to this process. Returns
+    the outcome line and the two ops-audit lines for the store (``record_break_glass``). An order whose outcome
+    is unknown is never sent again: the line says so and names its client order id."""
     position = (await exchange.positions([symbol])).get(symbol)
     if position is None or position.amt == 0:
         raise OperatorError(f"{symbol}: no open position on the exchange; nothing to close")
     size = abs(position.amt)
     if qty is None:
         qty = size
-    if qty <= 0 or qty > size:
+    if not qty.is_finite() or qty <= 0 or qty > size:
         raise OperatorError(f"{symbol}: --qty {qty} must be above 0 and at most the position's size {size}")
     side = "SELL" if position.amt > 0 else "BUY"
     coid = f"{BREAK_GLASS_PREFIX}{uuid.uuid4().hex[:20]}"
@@ -221,7 +223,11 @@ async def break_glass_close(
         "who": who,
         "at": repr(time.time()),
     }
-    journal.append(keys.OPS_AUDIT_STREAM, intent)
+    try:
+        journal.append_or_raise(keys.OPS_AUDIT_STREAM, intent)
+        journal.sync()
+    except OSError as exc:
+        raise OperatorError(f"cannot record the close in {journal.path} ({exc}): nothing was sent") from None
     try:
         report = await exchange.place_reduce_only_market(symbol, side, qty, coid)
         outcome = (
@@ -233,24 +239,30 @@ async def break_glass_close(
     except ExchangeError as exc:
         outcome = f"{symbol} {coid}: not placed ({type(exc).__name__}: {exc.message})"
     done = {"action": "break_glass_result", "value": outcome, "who": who, "at": repr(time.time())}
-    journal.append(keys.OPS_AUDIT_STREAM, done)
+    if journal.append(keys.OPS_AUDIT_STREAM, done):
+        with contextlib.suppress(OSError):
+            journal.sync()
+    else:
+        outcome += f" (NOT in the journal {journal.path}: keep this line)"
     return outcome, [intent, done]
 
 
-async def record_break_glass(redis: aioredis.Redis, journal_dir: Path) -> int:
-    """Copy into the store's operator audit every break-glass line of the journals in ``journal_dir`` that the
-    store does not have yet (it did not answer when the close was made, or lost the lines since). Returns how
-    many were added."""
-    lines = [
+def break_glass_lines(journal_dir: Path) -> list[dict[str, str]]:
+    """Every break-glass line of the journals in ``journal_dir``."""
+    return [
         r.fields
         for r in read_journal(journal_dir).records
         if r.stream == keys.OPS_AUDIT_STREAM and r.fields.get("action") in BREAK_GLASS_ACTIONS
     ]
+
+
+async def record_break_glass(redis: aioredis.Redis, lines: list[dict[str, str]]) -> int:
+    """Add to the store's operator audit every one of ``lines`` it does not have yet (it did not answer when
+    the close was made, or lost the lines since). The whole stream is compared (it is small: operators' actions),
+    so no clock decides what counts as there. Returns how many were added."""
     if not lines:
         return 0
-    oldest = min(float(f.get("at") or 0) for f in lines)
-    stored = await redis.xrange(keys.OPS_AUDIT_STREAM, id_at(oldest - 60), "+")
-    have = {line_identity(fields) for _, fields in stored}
+    have = {line_identity(fields) async for _, fields in _entries(redis, keys.OPS_AUDIT_STREAM)}
     added = 0
     for fields in lines:
         if line_identity(fields) not in have:
@@ -258,3 +270,14 @@ async def record_break_glass(redis: aioredis.Redis, journal_dir: Path) -> int:
             have.add(line_identity(fields))
             added += 1
     return added
+
+
+async def _entries(redis: aioredis.Redis, stream: str) -> AsyncIterator[tuple[str, dict[str, str]]]:
+    cursor = "-"
+    while True:
+        chunk = await redis.xrange(stream, cursor, "+", count=1000)
+        for entry in chunk:
+            yield entry
+        if len(chunk) < 1000:
+            return
+        cursor = f"({chunk[-1][0]}"

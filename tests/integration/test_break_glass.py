@@ -104,3 +104,25 @@ def test_a_key_file_others_can_read_is_refused_by_name(sim: SimServer, tmp_path:
     done = _qt("break-glass", "close", SYMBOL, *args, "--bypass-the-permit-chain", env=_env(tmp_path, sim, NO_STORE))
     assert done.returncode == 2 and "op.key must be mode 0600" in done.stderr, done.stderr
     assert SIM_KEY not in done.stderr + done.stdout and sim_orders(sim, SYMBOL) == []
+
+
+def test_a_close_that_cannot_be_journaled_is_not_sent(sim: SimServer, tmp_path: Path) -> None:
+    """The journal is the record that survives everything: no record, no order."""
+    set_position(sim, SYMBOL, "0.05")
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the journal directory should be")
+    env = _env(tmp_path, sim, NO_STORE) | {"QT_JOURNAL__DIR": str(blocked)}
+    done = _qt("break-glass", "close", SYMBOL, *_keys(tmp_path), "--bypass-the-permit-chain", env=env)
+    assert done.returncode == 1 and "nothing was sent" in done.stderr, done.stderr
+    assert sim_orders(sim, SYMBOL) == [] and sim_position(sim, SYMBOL) == Decimal("0.05")
+
+
+@pytest.mark.parametrize("qty", ["NaN", "-0.01", "0", "Infinity"])
+def test_a_quantity_that_is_not_a_positive_number_is_refused_before_anything(
+    sim: SimServer, tmp_path: Path, qty: str
+) -> None:
+    set_position(sim, SYMBOL, "0.05")
+    args = ("break-glass", "close", SYMBOL, "--qty", qty, *_keys(tmp_path), "--bypass-the-permit-chain")
+    done = _qt(*args, env=_env(tmp_path, sim, NO_STORE))
+    assert done.returncode == 2 and "--qty" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert sim_orders(sim, SYMBOL) == []

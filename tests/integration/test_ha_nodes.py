@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 
 from quantum_trader.bus import keys
 from quantum_trader.bus.acl import ROLES, acl_file
@@ -172,3 +173,43 @@ def test_qt_acl_apply_through_the_sentinels_creates_the_users_on_every_node(
     for port in ports:
         with redis.Redis(port=port, username="qt-governor", password=PASSWORDS["governor"]) as node:
             assert node.ping()
+
+
+def test_a_fenced_consume_through_the_sentinels_keeps_the_clients_sentinel_connections(
+    ha: tuple[EmbeddedHA, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consume's WAIT runs on a single-connection client sharing the pool; closing that one must not close
+    the Sentinel connections every other task of the service shares (only the owning client's close does)."""
+    ha_set, password = ha
+    closed: list[object] = []
+    real = Sentinel.aclose
+
+    async def spy(self: Sentinel) -> None:
+        closed.append(self)
+        await real(self)
+
+    monkeypatch.setattr(Sentinel, "aclose", spy)
+    url = ha_set.url.replace("redis+sentinel://", f"redis+sentinel://qt-admin:{password}@")
+    url += f"?sentinel_password={PASSWORDS['sentinel']}"
+
+    async def run() -> list[ConsumeStatus]:
+        rds: aioredis.Redis = make_client(url)
+        try:
+            statuses = []
+            for n in range(3):
+                plan_id = PLAN[:-1] + f"{5 + n}"
+                await rds.set(keys.governor_permit(plan_id), b"gov", ex=60)
+                await rds.set(keys.p33_permit(plan_id), b"p33", ex=60)
+                statuses.append(
+                    await Scripts(rds).consume_permits(
+                        plan_id=plan_id, symbol="SOLUSDT", governor_raw=b"gov", p33_raw=b"p33", marker="{}",
+                        now=time.time(), latency_ms=1.0, audit_maxlen=1000, replicas=1, replicas_wait_ms=WAIT_MS,
+                    )
+                )  # fmt: skip
+            assert closed == []  # three fenced consumes, the Sentinels still open
+            return statuses
+        finally:
+            await rds.aclose()
+
+    assert asyncio.run(run()) == ["ok", "ok", "ok"]
+    assert len(closed) == 1  # the client's own close

@@ -134,6 +134,11 @@ def test_the_chain_follows_a_failover_and_answers_every_proposal_once() -> None:
     assert store["primary"] == f"127.0.0.1:{second_primary}" and store["sentinels"] == 3
     flags = {replica["address"]: replica["flags"] for replica in store["replicas"]}
     assert "s_down" in flags[f"127.0.0.1:{first_primary}"], flags
+    # and how far the live replica is behind the new primary (its ROLE), in bytes; the dead one has no lag
+    lags = {replica["address"]: replica.get("lag_bytes") for replica in store["replicas"]}
+    assert lags[f"127.0.0.1:{first_primary}"] is None
+    (live,) = (lag for address, lag in lags.items() if address != f"127.0.0.1:{first_primary}")
+    assert live is not None and live >= 0, lags
     per_plan: dict[str, int] = defaultdict(int)
     for order in orders:
         per_plan[plan_of_order(order["clientOrderId"]) or ""] += 1

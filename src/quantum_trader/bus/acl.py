@@ -145,7 +145,8 @@ USERS: dict[str, AclUser] = {
     ),
     "operator": AclUser(  # the `qt` commands: propose, permit grant/deny, kill switch, mode, status, proof
         "qt-operator",
-        _r("quantum:*")
+        commands=(*BASE_COMMANDS, "+role"),  # qt status: each replica's lag behind the primary
+        keys=_r("quantum:*")
         + _rw(
             keys.PROPOSAL_STREAM,
             GOVERNOR_PERMITS,
@@ -161,6 +162,7 @@ USERS: dict[str, AclUser] = {
     "web": AclUser(  # the dashboard: reads everything, writes only the kill switch and its audit line
         "qt-web",
         _r("quantum:*") + _rw(keys.KILL_SWITCH, keys.OPS_AUDIT_STREAM),
+        (*BASE_COMMANDS, "+role"),  # the store's nodes and each replica's lag
     ),
 }
 

@@ -268,8 +268,9 @@ class SentinelClient(aioredis.Redis):  # type: ignore[misc]
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         manager = getattr(self.connection_pool, "sentinel_manager", None)
+        owner = self.auto_close_connection_pool  # False for a client() sharing the pool: the Sentinels stay open
         await super().aclose(close_connection_pool)
-        if isinstance(manager, Sentinel):
+        if isinstance(manager, Sentinel) and (close_connection_pool or (close_connection_pool is None and owner)):
             await manager.aclose()
 
 
@@ -321,7 +322,12 @@ async def node_urls(url: str) -> list[str]:
     if parsed.username or parsed.password:
         account = quote(parsed.username or "", safe="") + ":" + quote(parsed.password or "", safe="") + "@"
     query = f"?{urlencode(parsed.tls_files)}" if parsed.tls_files else ""
-    return [f"{scheme}://{account}{host}:{port}/{parsed.db}{query}" for host, port in [primary, *replicas]]
+
+    def node(host: str, port: int) -> str:
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address
+        return f"{scheme}://{account}{host}:{port}/{parsed.db}{query}"
+
+    return [node(host, port) for host, port in [primary, *replicas]]
 
 
 async def record_epoch(admin_url: str) -> str:

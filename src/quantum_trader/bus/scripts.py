@@ -432,7 +432,7 @@ class Scripts:
             "result_marker": keys.result_marker(plan_id),
             "epoch": keys.STORE_EPOCH if expected_epoch else None,
         }
-        named_args = {
+        named_args: dict[str, Any] = {
             "governor_raw": governor_raw,
             "p33_raw": p33_raw,
             "marker": marker,
@@ -446,29 +446,36 @@ class Scripts:
         }
         if not replicas:
             status = one_of(CONSUME_STATUSES, str(await self._consume(named_keys, named_args)))
-        else:  # WAIT counts the writes of its own connection: the script and the WAIT share one
-            async with self._redis.client() as conn:
-                status = one_of(CONSUME_STATUSES, str(await self._consume(named_keys, named_args, conn)))
-                if status == "ok":
-                    acked = int(await conn.execute_command("WAIT", replicas, replicas_wait_ms))
-                    status = "ok" if acked >= replicas else "unreplicated"
-        if self._journal is not None and status in ("ok", "unreplicated"):
-            for issuer, raw in (("governor", governor_raw), ("p33", p33_raw)):  # the script's two audit lines
-                self._journal.append(
-                    keys.AUDIT_STREAM,
-                    {
-                        "plan_id": plan_id,
-                        "issuer": "apply",
-                        "decision": "consumed",
-                        "reason": issuer,
-                        "subject": issuer,
-                        "at": named_args["now"],
-                        "latency_ms": named_args["latency_ms"],
-                        "symbol": symbol,
-                        "permit": raw,
-                    },
-                )
-        return status
+            self._journal_consumed(status, named_args, (governor_raw, p33_raw))
+            return status
+        # WAIT counts the writes of its own connection: the script and the WAIT share one
+        async with self._redis.client() as conn:
+            status = one_of(CONSUME_STATUSES, str(await self._consume(named_keys, named_args, conn)))
+            self._journal_consumed(status, named_args, (governor_raw, p33_raw))  # kept even if the WAIT fails
+            if status != "ok":
+                return status
+            acked = int(await conn.execute_command("WAIT", replicas, replicas_wait_ms))
+        return "ok" if acked >= replicas else "unreplicated"
+
+    def _journal_consumed(self, status: str, named_args: dict[str, Any], raws: tuple[bytes, bytes]) -> None:
+        """The consume script's two audit lines, in the journal as the script wrote them."""
+        if self._journal is None or status != "ok":
+            return
+        for issuer, raw in zip(("governor", "p33"), raws, strict=True):
+            self._journal.append(
+                keys.AUDIT_STREAM,
+                {
+                    "plan_id": named_args["plan_id"],
+                    "issuer": "apply",
+                    "decision": "consumed",
+                    "reason": issuer,
+                    "subject": issuer,
+                    "at": named_args["now"],
+                    "latency_ms": named_args["latency_ms"],
+                    "symbol": named_args["symbol"],
+                    "permit": raw,
+                },
+            )
 
     async def publish_result(
         self,

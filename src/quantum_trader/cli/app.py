@@ -121,7 +121,7 @@ def until_stopped(action: Callable[[], T]) -> T:
 
 
 def operator_journal(settings: Settings) -> Journal:
-    """The local audit log of this operator's actions (journal.py: the file ``operator-<host>.jsonl``)."""
+    """The local audit log of this operator's actions (journal.py: ``operator.operator.<host>.jsonl``)."""
     return open_journal(settings, "operator", sync_each=True)
 
 

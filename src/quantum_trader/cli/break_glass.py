@@ -60,23 +60,25 @@ def close_cmd(
         amount = Decimal(qty) if qty is not None else None
     except InvalidOperation:
         fail(f"--qty: not a number: {qty!r}", EXIT_USAGE)
+    if amount is not None and (not amount.is_finite() or amount <= 0):
+        fail(f"--qty: a positive quantity, not {qty!r}", EXIT_USAGE)
     settings = settings_or_exit()
     symbol = symbol.upper()
     key, secret = read_secret_file(key_file), read_secret_file(secret_file)  # ConfigError: exit 2, names the file
     journal = operator_journal(settings)
 
-    async def close() -> str:
+    async def close() -> tuple[str, list[dict[str, str]]]:
         exchange = make_exchange(settings.exchange, key, secret, sim_url_for(settings))
         try:
             await exchange.sync_time()
-            outcome, _ = await ops.break_glass_close(exchange, symbol, amount, operator_name(), journal)
-            return outcome
+            return await ops.break_glass_close(exchange, symbol, amount, operator_name(), journal)
         finally:
             await exchange.close()
 
-    print(asyncio.run(close()))
-    print(f"recorded in {journal.path}")
-    _record_now(settings)
+    outcome, lines = asyncio.run(close())
+    print(outcome)
+    print(f"journal: {journal.path}")
+    _record_now(settings, lines)
 
 
 @break_glass_app.command("record")
@@ -87,12 +89,14 @@ def record_cmd() -> None:
     from quantum_trader.cli.app import with_store
 
     settings = settings_or_exit()
-    added = with_store(settings, lambda r: ops.record_break_glass(r, settings.journal_dir))
+    lines = ops.break_glass_lines(settings.journal_dir)
+    added = with_store(settings, lambda r: ops.record_break_glass(r, lines))
     print(f"{added} break-glass line(s) added to the store's operator audit")
 
 
-def _record_now(settings: Settings) -> None:
-    """Record the journal's break-glass lines in the store if one answers within STORE_WAIT_S; say so if not."""
+def _record_now(settings: Settings, lines: list[dict[str, str]]) -> None:
+    """Record ``lines`` (this close's) and the journal's other break-glass lines in the store if one answers
+    within STORE_WAIT_S; say so if not."""
     from redis.exceptions import RedisError
 
     from quantum_trader import ops
@@ -101,7 +105,8 @@ def _record_now(settings: Settings) -> None:
     async def record() -> int:
         redis = await asyncio.wait_for(connect(resolve_redis_url(settings)), STORE_WAIT_S)
         try:
-            return await asyncio.wait_for(ops.record_break_glass(redis, settings.journal_dir), STORE_WAIT_S * 3)
+            every = [*lines, *ops.break_glass_lines(settings.journal_dir)]
+            return await asyncio.wait_for(ops.record_break_glass(redis, every), STORE_WAIT_S * 3)
         finally:
             await redis.aclose()
 

@@ -55,12 +55,13 @@ def render(status: Status) -> None:
         console.print(line)
     if "primary" in store:
         nodes = Table(title=f"store nodes (Sentinels: {store.get('sentinels', '?')})", title_justify="left")
-        for column in ("role", "address", "flags", "link", "replication offset"):
+        for column in ("role", "address", "flags", "link", "replication offset", "lag (bytes)"):
             nodes.add_column(column)
-        nodes.add_row("primary", str(store["primary"]), str(store.get("primary_flags", "")), "", "")
+        nodes.add_row("primary", str(store["primary"]), str(store.get("primary_flags", "")), "", "", "")
         for replica in store.get("replicas", []):
             link = replica["link"] if replica["link"] == "ok" else f"[red]{replica['link']}[/red]"
-            nodes.add_row("replica", replica["address"], replica["flags"], link, str(replica["offset"]))
+            lag = str(replica.get("lag_bytes", "-"))
+            nodes.add_row("replica", replica["address"], replica["flags"], link, str(replica["offset"]), lag)
         console.print(nodes)
     if status.clocks_problem:
         console.print(f"[red]clocks out of bounds (Apply plans nothing): {status.clocks_problem}[/red]")

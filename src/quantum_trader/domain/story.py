@@ -8,7 +8,7 @@ else the millisecond part of its stream id (every stream entry has one).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 Entry = tuple[str, dict[str, str]]
@@ -45,16 +45,23 @@ class Event:
 KEPT_IN = "kept_in"  # the field marking a line found only in a local journal: which process's file kept it
 
 
-def merge_local(stored: Sequence[Entry], local: Iterable[tuple[Entry, str]]) -> list[Entry]:
+def merge_local(
+    stored: Sequence[Entry],
+    local: Iterable[tuple[Entry, str]],
+    same: Callable[[dict[str, str]], Hashable] | None = None,
+) -> list[Entry]:
     """The store's entries of one stream plus, from the local journals (journal.py), every line the store no
     longer has (a failover or a store that came back older erased it), each marked ``kept_in`` with the file
     that kept it; in time order. A line is the store's when both have the same fields (the journal writes the
-    fields the store was given); a line two journals kept counts once. ``local`` holds ``((entry_id or "",
-    fields), where)``; a line without an id gets the id of its time."""
-    have = {line_identity(fields) for _, fields in stored}
+    fields the store was given), or the same ``same(fields)`` when given (results: one per plan, the store's
+    first: a result a failover erased and the plan's later answer on the new primary count once); a line two
+    journals kept counts once. ``local`` holds ``((entry_id or "", fields), where)``; a line without an id gets
+    the id of its time."""
+    identify = same or line_identity
+    have = {identify(fields) for _, fields in stored}
     extra: list[Entry] = []
     for (entry_id, fields), where in local:
-        identity = line_identity(fields)
+        identity = identify(fields)
         if identity in have:
             continue
         have.add(identity)
@@ -62,6 +69,11 @@ def merge_local(stored: Sequence[Entry], local: Iterable[tuple[Entry, str]]) -> 
     if not extra:
         return list(stored)
     return sorted([*stored, *extra], key=lambda e: (entry_time(*e), _id_order(e[0])))
+
+
+def one_per_plan(fields: dict[str, str]) -> Hashable:
+    """Results: one per plan (a line without a plan id is only the same as itself)."""
+    return fields.get("plan_id") or line_identity(fields)
 
 
 def line_identity(fields: dict[str, str]) -> tuple[tuple[str, str], ...]:

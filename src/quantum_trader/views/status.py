@@ -169,5 +169,25 @@ async def _store(redis: aioredis.Redis, status: Status, now: float) -> None:
             }
             for r in replicas
         ]
+        await _lag(redis, status.store["replicas"])
         return
     status.store["primary"] = "unknown: no Sentinel answers"
+
+
+async def _lag(redis: aioredis.Redis, replicas: list[dict[str, Any]]) -> None:
+    """Each replica's lag behind the primary, in bytes of the replication stream, from the primary's own ROLE
+    (its offset and each replica's acknowledged one); left out when ROLE is not allowed or answers otherwise."""
+    try:
+        role = await redis.execute_command("ROLE")
+    except (RedisError, OSError):
+        return
+    if not isinstance(role, list | tuple) or len(role) < 3 or str(role[0]) != "master":
+        return
+    try:
+        offset = int(role[1])
+        acked = {f"{entry[0]}:{entry[1]}": int(entry[2]) for entry in role[2]}
+    except (TypeError, ValueError, IndexError):
+        return
+    for replica in replicas:
+        if replica["address"] in acked:
+            replica["lag_bytes"] = max(0, offset - acked[replica["address"]])

@@ -25,6 +25,7 @@ from quantum_trader.domain.story import (
     id_at,
     line_identity,
     merge_local,
+    one_per_plan,
     plan_story,
 )
 from quantum_trader.journal import read_journal
@@ -163,7 +164,8 @@ async def fetch_report(redis: aioredis.Redis, since_s: float, local: LocalLines 
     read = {name: await collect(redis, stream, start) for name, stream in streams.items()}
     kept_locally = {}
     for name, stream in streams.items():
-        merged = merge_local(read[name], (local or LocalLines()).of(stream, until - since_s))
+        same = one_per_plan if stream == keys.RESULT_STREAM else None
+        merged = merge_local(read[name], (local or LocalLines()).of(stream, until - since_s), same)
         if len(merged) > len(read[name]):
             kept_locally[name] = len(merged) - len(read[name])
         read[name] = merged
