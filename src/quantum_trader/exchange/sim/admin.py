@@ -155,9 +155,23 @@ def admin_late_executions(state: SimState, request: Request, data: Any) -> list[
 
 
 AdminHandler = Callable[[SimState, Request, Any], Any]
+
+
+def admin_user_events(state: SimState, request: Request, data: Any) -> Json:
+    """The user-data stream's events numbered above ``?after=N`` (oldest first) and the newest number: what the
+    stream's WebSocket will push (issue 22), readable before it exists."""
+    try:
+        after = int(request.query_params.get("after", "0"))
+    except ValueError:
+        raise AdminError("after must be an integer") from None
+    events, last = state.engine.user_events(after)
+    return {"events": [{"n": n, "event": event} for n, event in events], "last": last}
+
+
 ADMIN_ROUTES: Final[dict[tuple[str, str], AdminHandler]] = {
     ("GET", "/_sim/state"): admin_state,
     ("GET", "/_sim/orders"): admin_orders,
+    ("GET", "/_sim/user-events"): admin_user_events,
     ("POST", "/_sim/reset"): admin_reset,
     ("POST", "/_sim/position"): admin_position,
     ("POST", "/_sim/price"): admin_price,

@@ -101,7 +101,13 @@ class SimApp:
     def gateway(
         self, endpoint: Endpoint, request: Request, raw_query: bytes, body: bytes, params: dict[str, str], now: int
     ) -> Reply | None:
-        """The gateway's checks of a SIGNED request received at ``now``; the refusal, or None."""
+        """The gateway's checks of a SIGNED (or USER_STREAM: API key only) request received at ``now``; the
+        refusal, or None."""
+        if endpoint.key_only:
+            api_key = request.headers.get("x-mbx-apikey") or ""
+            if not hmac.compare_digest(api_key.encode(), self.state.config.api_key.encode()):
+                return error_reply(EngineError(-2015, "Invalid API-key, IP, or permissions for action.", 401))
+            return None
         if not endpoint.signed:
             return None
         try:

@@ -44,6 +44,7 @@ class Book(Prices):
             order.status = "CANCELED"
             order.update_ms = self.now_ms()
             del self._open[spec.symbol][order.order_id]
+            self._order_event(spec, order, "CANCELED")
             return order
 
     def cancel_all(self, symbol: str) -> int:
@@ -53,6 +54,7 @@ class Book(Prices):
             now = self.now_ms()
             for order in book.values():
                 order.status, order.update_ms = "CANCELED", now
+                self._order_event(spec, order, "CANCELED")
             count = len(book)
             book.clear()
             return count

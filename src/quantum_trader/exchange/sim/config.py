@@ -20,6 +20,8 @@ class SimConfig:
     price_step_ms / price_sigma: the mark price walk's step and per-step log-return deviation (0 freezes prices).
     symbols, wallet_usdt, leverage, fee_rate: the markets, the starting USDT wallet, the default leverage
         and the taker fee charged on each fill's notional.
+    listen_key_lifetime_s: how long a user-data listen key lives after its last POST or PUT (Binance: 60 min;
+        short in tests of expiry).
     """
 
     host: str = "127.0.0.1"
@@ -39,3 +41,4 @@ class SimConfig:
     wallet_usdt: Decimal = Decimal("100000")
     leverage: int = 20
     fee_rate: Decimal = Decimal(0)
+    listen_key_lifetime_s: float = 3600.0

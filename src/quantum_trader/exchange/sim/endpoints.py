@@ -39,6 +39,7 @@ class Endpoint:
     signed: bool = True
     orders: int = 0  # counted on the ORDERS limits
     matching: bool = False  # processed by the matching engine, which applies its own recvWindow (-5028)
+    key_only: bool = False  # USER_STREAM security: the API key header, no signature (the listen key endpoints)
 
     def weigh(self, params: Mapping[str, str]) -> int:
         if self.weight_no_symbol is not None and not params.get("symbol"):
@@ -186,6 +187,26 @@ def change_position_mode(call: Call) -> Json:
     return {"code": 200, "msg": "success"}
 
 
+def _listen_key(call: Call) -> Json:
+    """POST /fapi/v1/listenKey: the account's active key, extended (a new one when there is none)."""
+    return {"listenKey": call.engine.listen_keys.create(call.now)}
+
+
+def _keep_alive(call: Call) -> Json:
+    """PUT /fapi/v1/listenKey: extend the account's key (the ``listenKey`` parameter, when sent, must name it)."""
+    keys = call.engine.listen_keys
+    key = call.params.get("listenKey") or keys.live(call.now) or ""
+    keys.keep_alive(key, call.now)
+    return {"listenKey": key}
+
+
+def _close_key(call: Call) -> Json:
+    """DELETE /fapi/v1/listenKey: close the account's key."""
+    keys = call.engine.listen_keys
+    keys.close(call.params.get("listenKey") or keys.live(call.now) or "", call.now)
+    return {}
+
+
 ENDPOINTS: Final[dict[tuple[str, str], Endpoint]] = {
     ("GET", "/fapi/v1/ping"): Endpoint(lambda call: {}, 1, signed=False),
     ("GET", "/fapi/v1/time"): Endpoint(lambda call: {"serverTime": call.now}, 1, signed=False),
@@ -210,4 +231,7 @@ ENDPOINTS: Final[dict[tuple[str, str], Endpoint]] = {
     ("GET", "/fapi/v1/userTrades"): Endpoint(user_trades, 5),
     ("GET", "/fapi/v1/leverageBracket"): Endpoint(leverage_bracket, 1),
     ("POST", "/fapi/v1/leverage"): Endpoint(change_leverage, 1),
+    ("POST", "/fapi/v1/listenKey"): Endpoint(_listen_key, 1, signed=False, key_only=True),
+    ("PUT", "/fapi/v1/listenKey"): Endpoint(_keep_alive, 1, signed=False, key_only=True),
+    ("DELETE", "/fapi/v1/listenKey"): Endpoint(_close_key, 1, signed=False, key_only=True),
 }

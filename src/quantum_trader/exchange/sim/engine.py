@@ -35,6 +35,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from decimal import Decimal
 
@@ -43,6 +44,7 @@ from quantum_trader.exchange.sim.orders import Orders
 from quantum_trader.exchange.sim.params import ZERO, EngineError, Json
 from quantum_trader.exchange.sim.records import Account, Mark, Order, Position, Trade
 from quantum_trader.exchange.sim.symbols import DEFAULT_SYMBOLS, SymbolSpec, bench_symbols
+from quantum_trader.exchange.sim.userdata import USER_EVENTS_KEPT, ListenKeys
 
 # Imported from here by the app, the CLI, the benchmark and the tests.
 __all__ = [
@@ -90,6 +92,7 @@ class Engine(Orders, Book):
         self._id_rng = random.Random(f"{seed}/ids")
         self._next_order_id = 4_000_000_000 + self._id_rng.randrange(1_000_000)
         self._next_trade_id = 300_000_000 + self._id_rng.randrange(1_000_000)
+        self.listen_keys = ListenKeys()  # the account's user-data key (not reset: an account reset keeps it)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -108,6 +111,8 @@ class Engine(Orders, Book):
         self._by_client_id = {}
         self._open = {symbol: {} for symbol in self.specs}
         self._trades = []
+        self._user_events = deque(maxlen=USER_EVENTS_KEPT)
+        self._user_event_count = 0
 
     def reset(self) -> None:
         """Back to the initial wallet, flat positions, no orders, start prices, one-way mode."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Final
 
-from quantum_trader.exchange.sim.params import ONE, ZERO
+from quantum_trader.exchange.sim import userdata
+from quantum_trader.exchange.sim.params import ONE, ZERO, Json
 from quantum_trader.exchange.sim.records import EngineState, Order, Position, Trade
 from quantum_trader.exchange.sim.symbols import SymbolSpec
 
@@ -52,6 +53,34 @@ class Fills(EngineState):
             )
         )
         self._next_trade_id += 1
+        # the trade's events: X is the status the fill leaves (the caller may then expire an immediate rest)
+        order.status = "FILLED" if order.executed_qty == order.orig_qty else "PARTIALLY_FILLED"
+        self._order_event(spec, order, "TRADE", self._trades[-1])
+        unrealized = position.amt * (price - position.entry_price) if position.amt else ZERO
+        self._emit(
+            userdata.account_update(
+                "ORDER", now, now, self.account.wallet,
+                [(position, unrealized, spec.price_precision, spec.quantity_precision)],
+            )
+        )  # fmt: skip
+
+    def _order_event(self, spec: SymbolSpec, order: Order, execution: str, trade: Trade | None = None) -> None:
+        self._emit(
+            userdata.order_trade_update(
+                order, execution, self.now_ms(), trade,
+                price_places=spec.price_precision, qty_places=spec.quantity_precision,
+            )
+        )  # fmt: skip
+
+    def _emit(self, event: Json) -> None:
+        """One user-data event, in order (under the engine's lock, like everything that makes one)."""
+        self._user_event_count += 1
+        self._user_events.append((self._user_event_count, event))
+
+    def user_events(self, after: int = 0) -> tuple[list[tuple[int, Json]], int]:
+        """The kept events numbered above ``after``, oldest first, and the number of the newest."""
+        with self._lock:
+            return [(n, e) for n, e in self._user_events if n > after], self._user_event_count
 
     @staticmethod
     def _apply_to_position(position: Position, signed: Decimal, price: Decimal) -> Decimal:
@@ -90,4 +119,6 @@ class Fills(EngineState):
             if qty:
                 self._fill(spec, order, qty, order.price, maker=True)
             order.status = "FILLED" if order.executed_qty == order.orig_qty else "EXPIRED"
+            if order.status == "EXPIRED":
+                self._order_event(spec, order, "EXPIRED")
             del book[order.order_id]

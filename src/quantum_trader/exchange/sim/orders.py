@@ -218,6 +218,7 @@ class Orders(Accounts):
         self._next_order_id += 1
         self._orders[order.order_id] = order
         self._by_client_id.setdefault((spec.symbol, order.client_order_id), []).append(order.order_id)
+        self._order_event(spec, order, "NEW")
         return order
 
     def _generate_client_id(self) -> str:
@@ -236,11 +237,13 @@ class Orders(Accounts):
                 order.status = "FILLED"
             elif order.type == "MARKET" or order.time_in_force != "GTC":
                 order.status = "EXPIRED"  # the unfilled rest of an immediate order is not kept
+                self._order_event(spec, order, "EXPIRED")
             else:
                 order.status = "PARTIALLY_FILLED" if order.executed_qty else "NEW"
                 self._open[spec.symbol][order.order_id] = order
         elif order.time_in_force == "IOC":
             order.status = "EXPIRED"
+            self._order_event(spec, order, "EXPIRED")
         else:
             self._open[spec.symbol][order.order_id] = order
 

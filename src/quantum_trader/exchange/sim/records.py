@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import random
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Final
 
-from quantum_trader.exchange.sim.params import ZERO, EngineError, require
+from quantum_trader.exchange.sim.params import ZERO, EngineError, Json, require
 from quantum_trader.exchange.sim.symbols import SymbolSpec
 
 OPEN_STATUSES: Final = frozenset({"NEW", "PARTIALLY_FILLED"})
@@ -111,6 +112,10 @@ class EngineState:
     _by_client_id: dict[tuple[str, str], list[int]]
     _open: dict[str, dict[int, Order]]
     _trades: list[Trade]
+    # the user-data stream's events (exchange/sim/userdata.py), numbered from 1 in the order they happened; the
+    # newest USER_EVENTS_KEPT of them (a reader further behind has lost the stream and must resync from REST)
+    _user_events: deque[tuple[int, Json]]
+    _user_event_count: int
 
     @property
     def lock(self) -> threading.RLock:

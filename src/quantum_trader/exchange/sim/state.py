@@ -16,6 +16,7 @@ class SimState:
     def __init__(self, config: SimConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
+        engine.listen_keys.lifetime_ms = round(config.listen_key_lifetime_s * 1000)
         self.limiter = RateLimiter(config)
         self.faults = FaultBook()
         self.late: list[LateExecution] = []  # every late_execution since the last reset, oldest first

@@ -1,0 +1,124 @@
+"""The simulator's user-data stream, the part before the WebSocket (issue 22, first step): the listen key's REST
+endpoints with Binance's rules, asked by a client written from Binance's docs and by ccxt, and the events the
+engine records as it works (``ORDER_TRADE_UPDATE``, ``ACCOUNT_UPDATE``), read through the admin API in the
+shapes the stream will push."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from sim_fixtures import ADMIN_TOKEN, BinanceClient, client, make_ccxt, make_client, sim
+
+from quantum_trader.exchange.sim import SimConfig, SimServer
+
+pytestmark = pytest.mark.integration
+__all__ = ["client", "sim"]  # fixtures, imported for pytest
+
+SYMBOL = "BTCUSDT"
+# Every field of Binance's USD-M ORDER_TRADE_UPDATE order object and ACCOUNT_UPDATE position (its docs' examples)
+ORDER_FIELDS = {"s", "c", "S", "o", "f", "q", "p", "ap", "sp", "x", "X", "i", "l", "z", "L", "N", "n", "T", "t", "b",
+                "a", "m", "R", "wt", "ot", "ps", "cp", "rp", "pP", "si", "ss", "V", "pm", "gtd"}  # fmt: skip
+POSITION_FIELDS = {"s", "pa", "ep", "bep", "cr", "up", "mt", "iw", "ps"}
+
+
+def _key_call(client: BinanceClient, method: str, params: dict[str, str] | None = None, key: str | None = None) -> Any:
+    headers = {"X-MBX-APIKEY": client.api_key if key is None else key}
+    return client.http.request(method, f"{client.url}/fapi/v1/listenKey", params=params, headers=headers)
+
+
+def _events(client: BinanceClient, after: int = 0) -> list[dict[str, Any]]:
+    reply = client.admin("GET", f"/_sim/user-events?after={after}")
+    assert reply.status_code == 200, reply.text
+    return [row["event"] for row in reply.json()["events"]]
+
+
+def test_one_active_key_post_extends_put_keeps_alive_delete_closes(client: BinanceClient) -> None:
+    first = _key_call(client, "POST")
+    assert first.status_code == 200 and len(first.json()["listenKey"]) == 64
+    key = first.json()["listenKey"]
+    assert _key_call(client, "POST").json() == {"listenKey": key}  # the account's active key, not a new one
+    assert _key_call(client, "PUT").json() == {"listenKey": key}
+    assert _key_call(client, "PUT", {"listenKey": key}).status_code == 200
+    wrong = _key_call(client, "PUT", {"listenKey": "x" * 64})
+    assert (wrong.status_code, wrong.json()) == (400, {"code": -1125, "msg": "This listenKey does not exist."})
+    assert _key_call(client, "DELETE").json() == {}
+    gone = _key_call(client, "PUT")
+    assert gone.status_code == 400 and gone.json()["code"] == -1125
+    assert _key_call(client, "POST").json()["listenKey"] != key  # a new key after the close
+
+
+def test_the_listen_key_needs_the_api_key_but_no_signature(client: BinanceClient) -> None:
+    refused = _key_call(client, "POST", key="not-the-key")
+    assert refused.status_code == 401 and refused.json()["code"] == -2015
+
+
+def test_a_key_not_kept_alive_expires() -> None:
+    config = SimConfig(admin_token=ADMIN_TOKEN, price_sigma=0.0, listen_key_lifetime_s=0.3)
+    with SimServer(config) as server, httpx.Client(timeout=5.0) as http:
+        binance = make_client(server, http)
+        key = _key_call(binance, "POST").json()["listenKey"]
+        assert _key_call(binance, "PUT").status_code == 200
+        time.sleep(0.5)
+        assert _key_call(binance, "PUT").json()["code"] == -1125
+        assert _key_call(binance, "POST").json()["listenKey"] != key
+
+
+def test_ccxt_asks_for_and_keeps_alive_the_key(sim: SimServer, client: BinanceClient) -> None:
+    async def go() -> tuple[str, Any]:
+        exchange = make_ccxt(sim)
+        try:
+            created = await exchange.fapiPrivatePostListenKey()
+            kept = await exchange.fapiPrivatePutListenKey({"listenKey": created["listenKey"]})
+            return created["listenKey"], kept
+        finally:
+            await exchange.close()
+
+    key, kept = asyncio.run(go())
+    assert len(key) == 64 and kept == {"listenKey": key}
+
+
+def test_a_reduce_only_close_is_a_new_order_a_trade_and_an_account_update_of_that_symbol_only(
+    client: BinanceClient,
+) -> None:
+    assert client.admin("POST", "/_sim/position", {"symbol": SYMBOL, "amt": "0.100"}).status_code == 200
+    assert client.admin("POST", "/_sim/position", {"symbol": "ETHUSDT", "amt": "1.000"}).status_code == 200
+    before = client.admin("GET", "/_sim/user-events").json()["last"]
+    placed = client.order(symbol=SYMBOL, side="SELL", quantity="0.010", reduceOnly="true", newClientOrderId="qt-p1")
+    assert placed.status_code == 200, placed.text
+    new, trade, account = _events(client, before)
+    assert [e["e"] for e in (new, trade, account)] == ["ORDER_TRADE_UPDATE", "ORDER_TRADE_UPDATE", "ACCOUNT_UPDATE"]
+    assert set(new["o"]) == set(trade["o"]) == ORDER_FIELDS
+    assert (new["o"]["x"], new["o"]["X"], new["o"]["l"], new["o"]["z"]) == ("NEW", "NEW", "0.000", "0.000")
+    o = trade["o"]
+    assert (o["s"], o["c"], o["S"], o["o"], o["R"], o["ps"]) == (SYMBOL, "qt-p1", "SELL", "MARKET", True, "BOTH")
+    assert (o["x"], o["X"], o["l"], o["z"], o["i"]) == ("TRADE", "FILLED", "0.010", "0.010", placed.json()["orderId"])
+    assert Decimal(o["L"]) == Decimal(o["ap"]) > 0 and o["t"] > 0  # one fill: its price is the average
+    assert account["a"]["m"] == "ORDER"
+    [position] = account["a"]["P"]  # the symbol the fill moved, not ETHUSDT
+    assert set(position) == POSITION_FIELDS and (position["s"], position["pa"]) == (SYMBOL, "0.090")
+    assert new["E"] <= trade["E"] <= account["E"] and trade["T"] == o["T"]
+
+
+def test_a_cancelled_resting_order_and_an_unfillable_ioc_are_their_own_events(client: BinanceClient) -> None:
+    assert client.admin("POST", "/_sim/position", {"symbol": SYMBOL, "amt": "0.100"}).status_code == 200
+    mark = Decimal(client.public("GET", "/fapi/v1/premiumIndex", {"symbol": SYMBOL}).json()["markPrice"])
+    far = str((mark * Decimal("1.04")).quantize(Decimal("0.1")))
+    before = client.admin("GET", "/_sim/user-events").json()["last"]
+    rest = client.order(symbol=SYMBOL, side="SELL", type="LIMIT", quantity="0.010", price=far, timeInForce="GTC")
+    assert rest.status_code == 200, rest.text
+    cancel = client.signed("DELETE", "/fapi/v1/order", {"symbol": SYMBOL, "orderId": rest.json()["orderId"]})
+    assert cancel.status_code == 200, cancel.text
+    ioc = client.order(symbol=SYMBOL, side="SELL", type="LIMIT", quantity="0.010", price=far, timeInForce="IOC")
+    assert ioc.status_code == 200, ioc.text
+    seen = [(e["o"]["i"], e["o"]["x"], e["o"]["X"]) for e in _events(client, before)]
+    assert seen == [
+        (rest.json()["orderId"], "NEW", "NEW"),
+        (rest.json()["orderId"], "CANCELED", "CANCELED"),
+        (ioc.json()["orderId"], "NEW", "NEW"),
+        (ioc.json()["orderId"], "EXPIRED", "EXPIRED"),
+    ]
