@@ -1,11 +1,12 @@
-"""The simulator's user-data stream, the part before the WebSocket (issue 22, first step): the listen key's REST
-endpoints with Binance's rules, asked by a client written from Binance's docs and by ccxt, and the events the
-engine records as it works (``ORDER_TRADE_UPDATE``, ``ACCOUNT_UPDATE``), read through the admin API in the
-shapes the stream will push."""
+"""The simulator's user-data stream (issue 22, first steps): the listen key's REST endpoints with Binance's
+rules, asked by a client written from Binance's docs and by ccxt; the events the engine records as it works
+(``ORDER_TRADE_UPDATE``, ``ACCOUNT_UPDATE``), read through the admin API; and the WebSocket that pushes them,
+read with the ``websockets`` client: both URL forms, the event filter, the end of a key."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from decimal import Decimal
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 from sim_fixtures import ADMIN_TOKEN, BinanceClient, client, make_ccxt, make_client, sim
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
 
 from quantum_trader.exchange.sim import SimConfig, SimServer
 
@@ -122,3 +125,68 @@ def test_a_cancelled_resting_order_and_an_unfillable_ioc_are_their_own_events(cl
         (ioc.json()["orderId"], "NEW", "NEW"),
         (ioc.json()["orderId"], "EXPIRED", "EXPIRED"),
     ]
+
+
+# --- the WebSocket --------------------------------------------------------------------------------------------
+
+
+def _ws_url(server_url: str, path: str) -> str:
+    return server_url.replace("http://", "ws://") + path
+
+
+def _next(ws: Any, timeout_s: float = 5.0) -> dict[str, Any]:
+    return dict(json.loads(ws.recv(timeout=timeout_s)))
+
+
+@pytest.mark.parametrize("path", ["/ws/{key}", "/private/ws?listenKey={key}"])
+def test_the_stream_pushes_each_order_event_and_account_update_in_order(client: BinanceClient, path: str) -> None:
+    """Connected with the live key (both URL forms), a close placed over REST arrives as NEW, TRADE and the
+    position's ACCOUNT_UPDATE, in that order, the same events the engine recorded."""
+    assert client.admin("POST", "/_sim/position", {"symbol": SYMBOL, "amt": "0.100"}).status_code == 200
+    key = _key_call(client, "POST").json()["listenKey"]
+    with connect(_ws_url(client.url, path.format(key=key))) as ws:
+        before = client.admin("GET", "/_sim/user-events").json()["last"]
+        placed = client.order(symbol=SYMBOL, side="SELL", quantity="0.010", reduceOnly="true", newClientOrderId="qt-w")
+        assert placed.status_code == 200, placed.text
+        pushed = [_next(ws) for _ in range(3)]
+    assert pushed == _events(client, before)
+    assert [(e["e"], e.get("o", {}).get("x")) for e in pushed] == [
+        ("ORDER_TRADE_UPDATE", "NEW"), ("ORDER_TRADE_UPDATE", "TRADE"), ("ACCOUNT_UPDATE", None)
+    ]  # fmt: skip
+
+
+def test_the_private_url_filters_by_event_type(client: BinanceClient) -> None:
+    assert client.admin("POST", "/_sim/position", {"symbol": SYMBOL, "amt": "0.100"}).status_code == 200
+    key = _key_call(client, "POST").json()["listenKey"]
+    with connect(_ws_url(client.url, f"/private/ws?listenKey={key}&events=ACCOUNT_UPDATE")) as ws:
+        for _ in range(2):
+            placed = client.order(symbol=SYMBOL, side="SELL", quantity="0.010", reduceOnly="true")
+            assert placed.status_code == 200, placed.text
+        pushed = [_next(ws) for _ in range(2)]
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=0.5)  # nothing else: the order events were filtered out
+    assert [(e["e"], e["a"]["P"][0]["pa"]) for e in pushed] == [
+        ("ACCOUNT_UPDATE", "0.090"),
+        ("ACCOUNT_UPDATE", "0.080"),
+    ]
+
+
+def test_an_expired_key_ends_the_stream_with_listen_key_expired() -> None:
+    config = SimConfig(admin_token=ADMIN_TOKEN, price_sigma=0.0, listen_key_lifetime_s=0.5)
+    with SimServer(config) as server, httpx.Client(timeout=5.0) as http:
+        binance = make_client(server, http)
+        key = _key_call(binance, "POST").json()["listenKey"]
+        with connect(_ws_url(server.url, f"/ws/{key}")) as ws:
+            expired = _next(ws, timeout_s=3.0)
+            assert (expired["e"], expired["listenKey"]) == ("listenKeyExpired", key) and expired["E"] > 0
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=2.0)
+
+
+def test_a_deleted_key_ends_the_stream_and_another_key_is_refused(client: BinanceClient) -> None:
+    key = _key_call(client, "POST").json()["listenKey"]
+    with connect(_ws_url(client.url, f"/ws/{key}")) as ws:
+        assert _key_call(client, "DELETE").status_code == 200
+        assert _next(ws)["e"] == "listenKeyExpired"
+    with pytest.raises(InvalidStatus), connect(_ws_url(client.url, "/ws/" + "x" * 64)):
+        pass  # refused before the handshake completes

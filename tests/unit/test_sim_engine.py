@@ -597,3 +597,14 @@ def test_matching_engine_window_ends_at_timestamp_plus_recv_window() -> None:
     check_me_window(6000, {"timestamp": "1000"})  # default recvWindow 5000
     with pytest.raises(EngineError):
         check_me_window(6001, {"timestamp": "1000"})
+
+
+def test_user_data_events_never_go_back_in_time_when_the_hosts_clock_does(engine: Engine, clock: FakeClock) -> None:
+    """Binance orders a connection's events by their event time: the host's clock stepping back does not."""
+    order(engine)
+    clock.advance(-5.0)  # NTP steps the host's clock back
+    order(engine)
+    events, last = engine.user_events()
+    times = [event["E"] for _, event in events]
+    assert last == len(events) == 6 and times == sorted(times)  # NEW, TRADE, ACCOUNT_UPDATE twice
+    assert [n for n, _ in events] == list(range(1, 7))

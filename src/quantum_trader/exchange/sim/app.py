@@ -20,7 +20,7 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from quantum_trader.exchange.sim.admin import ADMIN_HEADER, ADMIN_ROUTES, AdminError
 from quantum_trader.exchange.sim.auth import authenticate, check_me_window
@@ -31,6 +31,7 @@ from quantum_trader.exchange.sim.faults import FaultError, Reply, apply_fault
 from quantum_trader.exchange.sim.late import LateExecution
 from quantum_trader.exchange.sim.params import EngineError
 from quantum_trader.exchange.sim.state import SimState
+from quantum_trader.exchange.sim.stream import UserStreams
 
 # SimState and check_me_window are imported from here by server.py and the tests.
 __all__ = ["SimApp", "SimState", "build_engine", "check_me_window", "create_app", "error_reply"]
@@ -196,7 +197,13 @@ def create_app(config: SimConfig, engine: Engine | None = None) -> Starlette:
     """The simulator as an ASGI app; ``app.state.sim`` is its :class:`SimState` (engine, limiter, faults)."""
     state = SimState(config, engine if engine is not None else build_engine(config))
     dispatch = SimApp(state)
+    streams = UserStreams(state.engine)
     methods = ["GET", "POST", "PUT", "DELETE"]
-    app = Starlette(routes=[Route("/{path:path}", dispatch.handle, methods=methods)])
+    routes = [
+        WebSocketRoute("/ws/{listen_key}", streams.serve),
+        WebSocketRoute("/private/ws", streams.serve),
+        Route("/{path:path}", dispatch.handle, methods=methods),
+    ]
+    app = Starlette(routes=routes)
     app.state.sim = state
     return app

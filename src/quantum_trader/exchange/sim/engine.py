@@ -93,6 +93,8 @@ class Engine(Orders, Book):
         self._next_order_id = 4_000_000_000 + self._id_rng.randrange(1_000_000)
         self._next_trade_id = 300_000_000 + self._id_rng.randrange(1_000_000)
         self.listen_keys = ListenKeys()  # the account's user-data key (not reset: an account reset keeps it)
+        self._user_event_listeners = []
+        self._user_event_ms = 0
         self._reset_state()
 
     def _reset_state(self) -> None:

@@ -3,6 +3,7 @@ resting LIMIT orders fill at their own price once the mark crosses it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Final
 
@@ -73,9 +74,18 @@ class Fills(EngineState):
         )  # fmt: skip
 
     def _emit(self, event: Json) -> None:
-        """One user-data event, in order (under the engine's lock, like everything that makes one)."""
+        """One user-data event, in order (under the engine's lock, like everything that makes one). Its event time
+        ``E`` never goes back (Binance orders a connection's events by it): the host's clock may."""
+        event["E"] = self._user_event_ms = max(int(event["E"]), self._user_event_ms)
         self._user_event_count += 1
         self._user_events.append((self._user_event_count, event))
+        for listener in self._user_event_listeners:
+            listener(self._user_event_count, event)
+
+    def add_user_event_listener(self, listener: Callable[[int, Json], None]) -> None:
+        """``listener(number, event)`` for every event from now on (called under the engine's lock)."""
+        with self._lock:
+            self._user_event_listeners.append(listener)
 
     def user_events(self, after: int = 0) -> tuple[list[tuple[int, Json]], int]:
         """The kept events numbered above ``after``, oldest first, and the number of the newest."""

@@ -116,6 +116,8 @@ class EngineState:
     # newest USER_EVENTS_KEPT of them (a reader further behind has lost the stream and must resync from REST)
     _user_events: deque[tuple[int, Json]]
     _user_event_count: int
+    _user_event_ms: int  # the newest event time given
+    _user_event_listeners: list[Callable[[int, Json], None]]  # the stream's connections (not reset)
 
     @property
     def lock(self) -> threading.RLock:

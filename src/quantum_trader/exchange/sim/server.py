@@ -18,6 +18,8 @@ GET    /_sim/state          {"serverTime", "dualSidePosition", "wallet": {"asset
                             "faults": [rule...]}
 GET    /_sim/orders         [order...] every order, oldest first, shaped like GET /fapi/v1/order
                             (``?symbol=`` filters)
+GET    /_sim/user-events    {"events": [{"n", "event"}...], "last"}: the user-data events numbered above
+                            ``?after=N`` (the newest 2,000 are kept), as the stream at /ws/<listenKey> pushes them
 POST   /_sim/reset          {} -> {"ok": true}: wallet, positions, orders, prices, position mode, rate limits
                             and faults back to the start (order ids keep increasing); pending late
                             executions are cancelled
