@@ -17,6 +17,7 @@ from sim_fixtures import ADMIN_TOKEN, BinanceClient, client, make_ccxt, make_cli
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from quantum_trader.domain.oracle import plan_of_order
 from quantum_trader.exchange.sim import SimConfig, SimServer
 
 pytestmark = pytest.mark.integration
@@ -190,3 +191,56 @@ def test_a_deleted_key_ends_the_stream_and_another_key_is_refused(client: Binanc
         assert _next(ws)["e"] == "listenKeyExpired"
     with pytest.raises(InvalidStatus), connect(_ws_url(client.url, "/ws/" + "x" * 64)):
         pass  # refused before the handshake completes
+
+
+@pytest.mark.parametrize(("adl", "client_id"), [(False, "autoclose-"), (True, "adl_autoclose")])
+def test_a_liquidation_or_adl_is_a_close_the_chain_did_not_make_on_the_stream(
+    client: BinanceClient, adl: bool, client_id: str
+) -> None:
+    assert client.admin("POST", "/_sim/position", {"symbol": SYMBOL, "amt": "-0.050"}).status_code == 200
+    key = _key_call(client, "POST").json()["listenKey"]
+    with connect(_ws_url(client.url, f"/ws/{key}")) as ws:
+        closed = client.admin("POST", "/_sim/force-close", {"symbol": SYMBOL, "qty": "0.020", "adl": adl})
+        assert closed.status_code == 200, closed.text
+        new, trade, account = (_next(ws) for _ in range(3))
+    assert new["o"]["c"].startswith(client_id) and trade["o"]["c"] == new["o"]["c"]
+    assert (trade["o"]["S"], trade["o"]["o"], trade["o"]["R"], trade["o"]["X"]) == (
+        "BUY",
+        "LIQUIDATION",
+        True,
+        "FILLED",
+    )
+    assert (account["a"]["m"], account["a"]["P"][0]["pa"]) == ("ORDER", "-0.030")
+    assert plan_of_order(trade["o"]["c"]) is None  # never one of the chain's orders
+
+
+def test_a_position_changed_outside_the_exchanges_order_flow_is_an_account_update(client: BinanceClient) -> None:
+    key = _key_call(client, "POST").json()["listenKey"]
+    with connect(_ws_url(client.url, f"/ws/{key}")) as ws:
+        assert client.admin("POST", "/_sim/position", {"symbol": "ETHUSDT", "amt": "2.000"}).status_code == 200
+        update = _next(ws)
+    assert (update["e"], update["a"]["m"]) == ("ACCOUNT_UPDATE", "ADJUSTMENT")
+    assert [(p["s"], p["pa"]) for p in update["a"]["P"]] == [("ETHUSDT", "2.000")]
+
+
+def test_the_mark_price_streams_push_every_second_and_follow_the_price(client: BinanceClient) -> None:
+    with connect(_ws_url(client.url, "/ws/btcusdt@markPrice@1s")) as ws:
+        first = _next(ws)
+        assert client.admin("POST", "/_sim/price", {"symbol": SYMBOL, "price": "61000"}).status_code == 200
+        second = _next(ws, timeout_s=3.0)
+    assert (first["e"], first["s"]) == ("markPriceUpdate", SYMBOL) and second["E"] > first["E"]
+    assert Decimal(second["p"]) == Decimal(61000) and second["T"] > second["E"]
+    with connect(_ws_url(client.url, "/stream?streams=ethusdt@markPrice@1s/btcusdt@markPrice@1s")) as ws:
+        names = {_next(ws)["stream"] for _ in range(2)}
+    assert names == {"ethusdt@markPrice@1s", "btcusdt@markPrice@1s"}
+    with pytest.raises(InvalidStatus), connect(_ws_url(client.url, "/ws/nosuchusdt@markPrice@1s")):
+        pass
+
+
+def test_a_connection_is_cut_after_its_lifetime() -> None:
+    config = SimConfig(admin_token=ADMIN_TOKEN, price_sigma=0.0, stream_max_connection_s=0.5)
+    with SimServer(config) as server, httpx.Client(timeout=5.0) as http:
+        key = _key_call(make_client(server, http), "POST").json()["listenKey"]
+        with connect(_ws_url(server.url, f"/ws/{key}")) as ws, pytest.raises(ConnectionClosed) as cut:
+            ws.recv(timeout=3.0)
+    assert cut.value.rcvd is not None and cut.value.rcvd.code == 1001

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from quantum_trader.exchange.sim import userdata
 from quantum_trader.exchange.sim.params import ONE, ZERO, EngineError
 from quantum_trader.exchange.sim.prices import Prices
 from quantum_trader.exchange.sim.records import Position
@@ -76,7 +77,13 @@ class Accounts(Prices):
             position = self._position(symbol, side)
             position.amt = amt
             position.entry_price = ZERO if not amt else (entry_price or self._mark(spec))
-            position.update_ms = self.now_ms()
+            position.update_ms = now = self.now_ms()
+            unrealized = self.unrealized_pnl(position)
+            update = userdata.account_update(
+                "ADJUSTMENT", now, now, self.account.wallet,
+                [(position, unrealized, spec.price_precision, spec.quantity_precision)],
+            )  # fmt: skip
+            self._emit(update)
             return position
 
     def position_sides(self) -> tuple[str, ...]:

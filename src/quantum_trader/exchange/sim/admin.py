@@ -157,6 +157,18 @@ def admin_late_executions(state: SimState, request: Request, data: Any) -> list[
 AdminHandler = Callable[[SimState, Request, Any], Any]
 
 
+def admin_force_close(state: SimState, request: Request, data: Any) -> Json:
+    """The exchange closes a position itself: a liquidation, or an auto-deleverage with ``"adl": true``."""
+    engine = state.engine
+    spec = engine.spec(str(_field(data, "symbol")))
+    qty = _field(data, "qty", required=False)
+    adl = _field(data, "adl", required=False) or False
+    if not isinstance(adl, bool):
+        raise AdminError("adl must be true or false")
+    order = engine.force_close(spec.symbol, _decimal(qty, "qty") if qty is not None else None, adl=adl)
+    return shapes.order_json(engine, order)
+
+
 def admin_user_events(state: SimState, request: Request, data: Any) -> Json:
     """The user-data stream's events numbered above ``?after=N`` (oldest first) and the newest number: what the
     stream's WebSocket will push (issue 22), readable before it exists."""
@@ -172,6 +184,7 @@ ADMIN_ROUTES: Final[dict[tuple[str, str], AdminHandler]] = {
     ("GET", "/_sim/state"): admin_state,
     ("GET", "/_sim/orders"): admin_orders,
     ("GET", "/_sim/user-events"): admin_user_events,
+    ("POST", "/_sim/force-close"): admin_force_close,
     ("POST", "/_sim/reset"): admin_reset,
     ("POST", "/_sim/position"): admin_position,
     ("POST", "/_sim/price"): admin_price,

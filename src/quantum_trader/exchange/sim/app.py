@@ -197,11 +197,12 @@ def create_app(config: SimConfig, engine: Engine | None = None) -> Starlette:
     """The simulator as an ASGI app; ``app.state.sim`` is its :class:`SimState` (engine, limiter, faults)."""
     state = SimState(config, engine if engine is not None else build_engine(config))
     dispatch = SimApp(state)
-    streams = UserStreams(state.engine)
+    streams = UserStreams(state.engine, config.stream_max_connection_s)
     methods = ["GET", "POST", "PUT", "DELETE"]
     routes = [
         WebSocketRoute("/ws/{listen_key}", streams.serve),
         WebSocketRoute("/private/ws", streams.serve),
+        WebSocketRoute("/stream", streams.serve_combined),
         Route("/{path:path}", dispatch.handle, methods=methods),
     ]
     app = Starlette(routes=routes)

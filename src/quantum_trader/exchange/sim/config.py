@@ -22,6 +22,7 @@ class SimConfig:
         and the taker fee charged on each fill's notional.
     listen_key_lifetime_s: how long a user-data listen key lives after its last POST or PUT (Binance: 60 min;
         short in tests of expiry).
+    stream_max_connection_s: a user-data connection is cut this long after it opened (Binance: 24 hours).
     """
 
     host: str = "127.0.0.1"
@@ -42,3 +43,4 @@ class SimConfig:
     leverage: int = 20
     fee_rate: Decimal = Decimal(0)
     listen_key_lifetime_s: float = 3600.0
+    stream_max_connection_s: float = 86400.0

@@ -215,11 +215,46 @@ class Orders(Accounts):
             time_ms=now,
             update_ms=now,
         )
+        self._register(spec, order)
+        return order
+
+    def _register(self, spec: SymbolSpec, order: Order) -> None:
+        """An order the exchange accepted (its id taken), in the history, announced on the user-data stream."""
         self._next_order_id += 1
         self._orders[order.order_id] = order
         self._by_client_id.setdefault((spec.symbol, order.client_order_id), []).append(order.order_id)
         self._order_event(spec, order, "NEW")
-        return order
+
+    def force_close(self, symbol: str, qty: Decimal | None = None, *, adl: bool = False) -> Order:
+        """The exchange closes (part of) a position itself, as a liquidation (client id ``autoclose-<ms>``) or an
+        auto-deleverage (``adl_autoclose``) does: a reduce-only order at the mark, filled at once, with its
+        user-data events. A close the trading system did not make, on purpose."""
+        with self._lock:
+            spec = self.spec(symbol)
+            position = next((p for p in self.positions(symbol, include_flat=False)), None)
+            if position is None:
+                raise EngineError(-2022, "ReduceOnly Order is rejected.")
+            size = abs(position.amt)
+            qty = size if qty is None else min(qty, size)
+            mark = self._mark(spec)
+            now = self.now_ms()
+            order = Order(
+                order_id=self._next_order_id,
+                symbol=spec.symbol,
+                client_order_id="adl_autoclose" if adl else f"autoclose-{now}",
+                side="SELL" if position.amt > 0 else "BUY",
+                type="LIQUIDATION",
+                time_in_force="IOC",
+                position_side=position.position_side,
+                reduce_only=True,
+                orig_qty=qty,
+                price=mark,
+                time_ms=now,
+                update_ms=now,
+            )
+            self._register(spec, order)
+            self._fill(spec, order, qty, mark, maker=False)
+            return order
 
     def _generate_client_id(self) -> str:
         return "".join(self._id_rng.choices(_ID_ALPHABET, k=22))

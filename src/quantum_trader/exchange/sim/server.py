@@ -26,6 +26,8 @@ POST   /_sim/reset          {} -> {"ok": true}: wallet, positions, orders, price
 POST   /_sim/position       {"symbol", "amt": "0.5", "entry_price"?: "…", "position_side"?: "LONG"} -> the
                             position row; a change made outside the trading system (no wallet effect)
 POST   /_sim/price          {"symbol", "price"} -> {"symbol", "markPrice"}
+POST   /_sim/force-close    {"symbol", "qty"?, "adl"?: true} -> the order: the exchange closes the position
+                            itself (liquidation ``autoclose-<ms>``, or ADL ``adl_autoclose``), with its events
 POST   /_sim/position-mode  {"dual": true|false} -> {"dualSidePosition"}
 POST   /_sim/wallet         {"balance": "…"} -> {"asset", "balance"}
 POST   /_sim/clock          {"offset_ms": 5000} -> {"offset_ms", "serverTime"}: the exchange's clock runs

@@ -146,3 +146,14 @@ def account_update(
 
 def listen_key_expired(key: str, event_ms: int) -> Json:
     return {"e": "listenKeyExpired", "E": event_ms, "listenKey": key}
+
+
+FUNDING_INTERVAL_MS: Final = 8 * 3600 * 1000
+
+
+def mark_price_update(symbol: str, mark: str, event_ms: int) -> Json:
+    """``markPriceUpdate`` of ``<symbol>@markPrice[@1s]`` (index and settle price: the mark, as the simulator
+    has one price per symbol; the funding rate the simulator's constant)."""
+    next_funding = (event_ms // FUNDING_INTERVAL_MS + 1) * FUNDING_INTERVAL_MS
+    return {"e": "markPriceUpdate", "E": event_ms, "s": symbol, "p": mark, "ap": mark, "P": mark, "i": mark,
+            "r": "0.00010000", "T": next_funding}  # fmt: skip
