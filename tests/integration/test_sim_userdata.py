@@ -244,3 +244,90 @@ def test_a_connection_is_cut_after_its_lifetime() -> None:
         with connect(_ws_url(server.url, f"/ws/{key}")) as ws, pytest.raises(ConnectionClosed) as cut:
             ws.recv(timeout=3.0)
     assert cut.value.rcvd is not None and cut.value.rcvd.code == 1001
+
+
+# --- stream faults ---------------------------------------------------------------------------------------------
+
+
+def _fault(client: BinanceClient, **rule: Any) -> Any:
+    return client.admin("POST", "/_sim/stream-faults", rule)
+
+
+def _closes(client: BinanceClient, n: int) -> None:
+    for _ in range(n):
+        placed = client.order(symbol=SYMBOL, side="SELL", quantity="0.010", reduceOnly="true")
+        assert placed.status_code == 200, placed.text
+
+
+def _stream(client: BinanceClient) -> Any:
+    """A connection to the whole stream (every event: the faults act on the stream, before any filter)."""
+    assert client.admin("POST", "/_sim/position", {"symbol": SYMBOL, "amt": "0.100"}).status_code == 200
+    key = _key_call(client, "POST").json()["listenKey"]
+    return connect(_ws_url(client.url, f"/ws/{key}"))
+
+
+def _sig(event: dict[str, Any]) -> str:
+    if event["e"] == "ORDER_TRADE_UPDATE":
+        return f"{event['o']['x']}:{event['o']['i']}"
+    return f"ACCOUNT:{event['a']['P'][0]['pa']}"
+
+
+def _recorded(client: BinanceClient, after: int) -> list[str]:
+    return [_sig(e) for e in _events(client, after)]
+
+
+def _last(client: BinanceClient) -> int:
+    return int(client.admin("GET", "/_sim/user-events").json()["last"])
+
+
+def test_a_dropped_connection_is_closed_by_the_exchange(client: BinanceClient) -> None:
+    with _stream(client) as ws:
+        assert _fault(client, kind="drop").status_code == 200
+        with pytest.raises(ConnectionClosed) as dropped:
+            ws.recv(timeout=3.0)
+    assert dropped.value.rcvd is not None and dropped.value.rcvd.code == 1011
+
+
+def test_duplicated_and_reordered_events(client: BinanceClient) -> None:
+    """Each close is NEW, TRADE, ACCOUNT_UPDATE: the first event duplicated, then the first pair swapped."""
+    with _stream(client) as ws:
+        before = _last(client)
+        assert _fault(client, kind="duplicate", count=1).status_code == 200
+        _closes(client, 1)
+        new, trade, account = _recorded(client, before)
+        assert [_sig(_next(ws)) for _ in range(4)] == [new, new, trade, account]
+        before = _last(client)
+        assert _fault(client, kind="reorder", count=1).status_code == 200
+        _closes(client, 1)
+        new, trade, account = _recorded(client, before)
+        assert [_sig(_next(ws)) for _ in range(3)] == [trade, new, account]
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=0.3)  # nothing more: the faults are spent
+
+
+def test_a_silence_loses_events_without_closing_and_a_delay_lets_later_ones_overtake(client: BinanceClient) -> None:
+    with _stream(client) as ws:
+        armed = time.monotonic()
+        assert _fault(client, kind="silence", ms=1500).status_code == 200
+        _closes(client, 1)
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=0.3)  # lost, and the connection is still open
+        time.sleep(max(0.0, armed + 1.6 - time.monotonic()))
+        before = _last(client)
+        _closes(client, 1)
+        assert [_sig(_next(ws)) for _ in range(3)] == _recorded(client, before)  # after the silence: all of them
+        before = _last(client)
+        assert _fault(client, kind="delay", count=1, ms=700).status_code == 200
+        _closes(client, 1)
+        new, trade, account = _recorded(client, before)
+        assert [_sig(_next(ws, timeout_s=3.0)) for _ in range(3)] == [trade, account, new]  # the late one last
+
+
+def test_a_fault_that_makes_no_sense_is_refused_by_name(client: BinanceClient) -> None:
+    refused = _fault(client, kind="meteor")
+    assert refused.status_code == 400 and "kind must be one of" in refused.json()["error"]
+    assert _fault(client, kind="delay").status_code == 400  # no ms
+    assert _fault(client, kind="duplicate", count=2).status_code == 200
+    assert client.admin("GET", "/_sim/stream-faults").json() == {"faults": [{"kind": "duplicate", "count": 2, "ms": 0}]}
+    assert client.admin("DELETE", "/_sim/stream-faults").status_code == 200
+    assert client.admin("GET", "/_sim/stream-faults").json() == {"faults": []}

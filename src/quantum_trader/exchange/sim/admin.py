@@ -169,6 +169,29 @@ def admin_force_close(state: SimState, request: Request, data: Any) -> Json:
     return shapes.order_json(engine, order)
 
 
+def admin_stream_fault(state: SimState, request: Request, data: Any) -> Json:
+    """Arm a fault of the user-data stream (exchange/sim/stream.py StreamFault)."""
+    kind = str(_field(data, "kind"))
+    count, ms = _field(data, "count", required=False), _field(data, "ms", required=False)
+    for name, value in (("count", count), ("ms", ms)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise AdminError(f"{name} must be an integer")
+    try:
+        fault = state.streams.arm(kind, count if count is not None else 1, ms or 0)
+    except ValueError as exc:
+        raise AdminError(str(exc)) from None
+    return fault.describe()
+
+
+def admin_stream_faults(state: SimState, request: Request, data: Any) -> Json:
+    return {"faults": [fault.describe() for fault in state.streams.faults]}
+
+
+def admin_clear_stream_faults(state: SimState, request: Request, data: Any) -> Json:
+    state.streams.clear()
+    return {"ok": True}
+
+
 def admin_user_events(state: SimState, request: Request, data: Any) -> Json:
     """The user-data stream's events numbered above ``?after=N`` (oldest first) and the newest number: what the
     stream's WebSocket will push (issue 22), readable before it exists."""
@@ -185,6 +208,9 @@ ADMIN_ROUTES: Final[dict[tuple[str, str], AdminHandler]] = {
     ("GET", "/_sim/orders"): admin_orders,
     ("GET", "/_sim/user-events"): admin_user_events,
     ("POST", "/_sim/force-close"): admin_force_close,
+    ("POST", "/_sim/stream-faults"): admin_stream_fault,
+    ("GET", "/_sim/stream-faults"): admin_stream_faults,
+    ("DELETE", "/_sim/stream-faults"): admin_clear_stream_faults,
     ("POST", "/_sim/reset"): admin_reset,
     ("POST", "/_sim/position"): admin_position,
     ("POST", "/_sim/price"): admin_price,

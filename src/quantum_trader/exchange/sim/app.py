@@ -31,7 +31,6 @@ from quantum_trader.exchange.sim.faults import FaultError, Reply, apply_fault
 from quantum_trader.exchange.sim.late import LateExecution
 from quantum_trader.exchange.sim.params import EngineError
 from quantum_trader.exchange.sim.state import SimState
-from quantum_trader.exchange.sim.stream import UserStreams
 
 # SimState and check_me_window are imported from here by server.py and the tests.
 __all__ = ["SimApp", "SimState", "build_engine", "check_me_window", "create_app", "error_reply"]
@@ -197,7 +196,7 @@ def create_app(config: SimConfig, engine: Engine | None = None) -> Starlette:
     """The simulator as an ASGI app; ``app.state.sim`` is its :class:`SimState` (engine, limiter, faults)."""
     state = SimState(config, engine if engine is not None else build_engine(config))
     dispatch = SimApp(state)
-    streams = UserStreams(state.engine, config.stream_max_connection_s)
+    streams = state.streams
     methods = ["GET", "POST", "PUT", "DELETE"]
     routes = [
         WebSocketRoute("/ws/{listen_key}", streams.serve),

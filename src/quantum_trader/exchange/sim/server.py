@@ -33,6 +33,8 @@ POST   /_sim/wallet         {"balance": "…"} -> {"asset", "balance"}
 POST   /_sim/clock          {"offset_ms": 5000} -> {"offset_ms", "serverTime"}: the exchange's clock runs
                             that far ahead of the host's (negative: behind); reset sets it back to 0
 POST   /_sim/faults         a rule (see ``faults.py``) -> the rule;  GET lists them;  DELETE clears them
+POST   /_sim/stream-faults  {"kind": drop|silence|delay|duplicate|reorder, "count"?, "ms"?} -> the fault of the
+                            user-data stream (see ``stream.py``);  GET lists them;  DELETE clears them
 GET    /_sim/late           [{"method", "path", "symbol", "clientOrderId", "receivedAt", "dueAt", "windowEnd",
                             "outcome": "pending"|"executed"|"refused", "executedAt", "httpStatus", "reply"}...]
                             the requests ``late_execution`` rules deferred since the last reset, oldest

@@ -8,6 +8,7 @@ from quantum_trader.exchange.sim.engine import Engine
 from quantum_trader.exchange.sim.faults import FaultBook
 from quantum_trader.exchange.sim.late import LateExecution
 from quantum_trader.exchange.sim.ratelimit import RateLimiter
+from quantum_trader.exchange.sim.stream import UserStreams
 
 
 class SimState:
@@ -20,6 +21,7 @@ class SimState:
         self.limiter = RateLimiter(config)
         self.faults = FaultBook()
         self.late: list[LateExecution] = []  # every late_execution since the last reset, oldest first
+        self.streams = UserStreams(engine, config.stream_max_connection_s)  # the WebSockets (and their faults)
 
     def reset(self) -> None:
         with self.engine.lock:
@@ -29,3 +31,4 @@ class SimState:
             self.engine.reset()
         self.limiter.reset()
         self.faults.clear()
+        self.streams.clear()

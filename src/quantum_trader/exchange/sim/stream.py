@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from dataclasses import dataclass
 from typing import Final
 
 import msgspec
@@ -26,27 +27,108 @@ KEY_CHECK_S: Final = 0.2  # how soon a connection learns its key is gone
 MARK_PRICE: Final = re.compile(r"([a-z0-9]+)@markPrice(@1s)?")
 POLICY_VIOLATION: Final = 1008
 GOING_AWAY: Final = 1001
+INTERNAL_ERROR: Final = 1011
 
 _encode = msgspec.json.encode
 
 
+FAULT_KINDS: Final = ("drop", "silence", "delay", "duplicate", "reorder")
+
+
+@dataclass
+class StreamFault:
+    """A fault of the user-data stream, for every open connection: ``drop`` closes them all now (1011);
+    ``silence`` loses every event for ``ms`` while the connections stay open (the server still answers pings: a
+    client finds out by the exchange's REST state, not by the connection); ``delay`` delivers each of the next
+    ``count`` events ``ms`` late (later events overtake it); ``duplicate`` delivers each of the next ``count``
+    twice; ``reorder`` swaps each of the next ``count`` pairs."""
+
+    kind: str
+    count: int = 1
+    ms: int = 0
+    ends_at: float = 0.0  # silence: the loop time it ends
+
+    def describe(self) -> Json:
+        return {"kind": self.kind, "count": self.count, "ms": self.ms}
+
+
 class UserStreams:
-    """Every open user-data connection of one simulator; the engine's events fan out to them."""
+    """Every open user-data connection of one simulator; the engine's events fan out to them, through the
+    stream faults a test armed."""
 
     def __init__(self, engine: Engine, max_connection_s: float = 86400.0) -> None:
         self.engine = engine
         self.max_connection_s = max_connection_s  # Binance cuts a connection after 24 hours
         self._queues: set[asyncio.Queue[Json]] = set()
+        self._sockets: set[WebSocket] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.faults: list[StreamFault] = []
+        self._held: Json | None = None  # reorder: the first of a pair, until the second comes
+        self._dropping: set[asyncio.Task[None]] = set()
         engine.add_user_event_listener(self._publish)
 
     def _publish(self, number: int, event: Json) -> None:
         """Called by the engine, under its lock, in whatever thread made the event."""
         loop = self._loop
-        if loop is None or loop.is_closed():
-            return
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._deliver, event)
+
+    def _put(self, event: Json) -> None:
         for queue in list(self._queues):
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            queue.put_nowait(event)
+
+    def _deliver(self, event: Json) -> None:
+        """On the loop: one event to every connection, through the first armed fault."""
+        fault = self.faults[0] if self.faults else None
+        if fault is None:
+            self._put(event)
+            return
+        loop = asyncio.get_running_loop()
+        if fault.kind == "silence":
+            if loop.time() < fault.ends_at:
+                return  # lost, as on a connection that went quiet
+            self.faults.pop(0)
+            self._deliver(event)
+            return
+        if fault.kind == "delay":
+            loop.call_later(fault.ms / 1000, self._put, event)
+        elif fault.kind == "duplicate":
+            self._put(event)
+            self._put(event)
+        elif fault.kind == "reorder":
+            if self._held is None:
+                self._held = event
+                return
+            self._put(event)
+            self._put(self._held)
+            self._held = None
+        fault.count -= 1
+        if fault.count <= 0:
+            self.faults.pop(0)
+
+    def arm(self, kind: str, count: int = 1, ms: int = 0) -> StreamFault:
+        """Arm a fault (``drop`` acts at once), from the server's loop. ValueError for a kind or value that makes
+        no sense."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(FAULT_KINDS)}")
+        if count < 1 or ms < 0 or (kind in ("silence", "delay") and ms == 0):
+            raise ValueError("count must be at least 1, and silence and delay need ms > 0")
+        fault = StreamFault(kind, count, ms)
+        loop = self._loop = asyncio.get_running_loop()  # the admin API's request, on the server's loop
+        if kind == "drop":
+            for websocket in list(self._sockets):
+                task = loop.create_task(_drop(websocket))
+                self._dropping.add(task)  # kept until done (a task nobody holds may be collected)
+                task.add_done_callback(self._dropping.discard)
+            return fault
+        if kind == "silence":
+            fault.ends_at = loop.time() + ms / 1000
+        self.faults.append(fault)
+        return fault
+
+    def clear(self) -> None:
+        self.faults.clear()
+        self._held = None
 
     def _live(self) -> str | None:
         with self.engine.lock:
@@ -65,6 +147,7 @@ class UserStreams:
         self._loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Json] = asyncio.Queue()
         self._queues.add(queue)
+        self._sockets.add(websocket)
         await websocket.accept()
         closed = asyncio.ensure_future(_until_closed(websocket))
         cut_at = asyncio.get_running_loop().time() + self.max_connection_s
@@ -89,6 +172,7 @@ class UserStreams:
             return
         finally:
             self._queues.discard(queue)
+            self._sockets.discard(websocket)
             closed.cancel()
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
                 await closed
@@ -132,6 +216,11 @@ class UserStreams:
             closed.cancel()
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
                 await closed
+
+
+async def _drop(websocket: WebSocket) -> None:
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        await websocket.close(code=INTERNAL_ERROR, reason="dropped (a fault of the simulator)")
 
 
 async def _until_closed(websocket: WebSocket) -> None:
