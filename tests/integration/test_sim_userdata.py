@@ -11,9 +11,10 @@ import time
 from decimal import Decimal
 from typing import Any
 
+import ccxt.pro as ccxtpro
 import httpx
 import pytest
-from sim_fixtures import ADMIN_TOKEN, BinanceClient, client, make_ccxt, make_client, sim
+from sim_fixtures import ADMIN_TOKEN, CCXT_SECTIONS, BinanceClient, client, make_ccxt, make_client, sim
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -331,3 +332,44 @@ def test_a_fault_that_makes_no_sense_is_refused_by_name(client: BinanceClient) -
     assert client.admin("GET", "/_sim/stream-faults").json() == {"faults": [{"kind": "duplicate", "count": 2, "ms": 0}]}
     assert client.admin("DELETE", "/_sim/stream-faults").status_code == 200
     assert client.admin("GET", "/_sim/stream-faults").json() == {"faults": []}
+
+
+def test_ccxt_pro_watches_an_order_fill_on_the_simulators_stream(sim: SimServer, client: BinanceClient) -> None:
+    """ccxt's pro client (the one most Binance bots use) gets its listen key over REST and the order's fill
+    from the stream, as it would from Binance."""
+    assert client.admin("POST", "/_sim/position", {"symbol": SYMBOL, "amt": "0.100"}).status_code == 200
+
+    async def watch() -> list[Any]:
+        exchange = ccxtpro.binanceusdm(
+            {
+                "apiKey": sim.config.api_key,
+                "secret": sim.config.api_secret,
+                "options": {"fetchCurrencies": False, "defaultType": "future", "fetchMarkets": {"types": ["linear"]}},
+            }
+        )
+        for section, version in CCXT_SECTIONS.items():
+            exchange.urls["api"][section] = f"{sim.url}/fapi/{version}"
+        exchange.urls["api"]["ws"]["linear"] = _ws_url(sim.url, "/ws")
+        try:
+            await exchange.load_markets()
+            streams = sim.app.state.sim.streams
+            before = streams.accepted
+            watching = asyncio.ensure_future(exchange.watch_orders("BTC/USDT:USDT"))
+            deadline = time.monotonic() + 10
+            while streams.accepted == before:  # ccxt asked for a key and connected with it
+                assert time.monotonic() < deadline, "ccxt never connected to the user-data stream"
+                await asyncio.sleep(0.05)
+            placed = await asyncio.to_thread(
+                client.order, symbol=SYMBOL, side="SELL", quantity="0.010", reduceOnly="true", newClientOrderId="qt-px"
+            )
+            assert placed.status_code == 200, placed.text
+            seen = list(await asyncio.wait_for(watching, 10))
+            while seen[-1]["status"] != "closed":  # each watch returns at the next update: NEW, then the fill
+                seen += await asyncio.wait_for(exchange.watch_orders("BTC/USDT:USDT"), 10)
+            return seen
+        finally:
+            await exchange.close()
+
+    orders = asyncio.run(watch())
+    assert [(o["clientOrderId"], o["status"], o["filled"]) for o in orders][-1] == ("qt-px", "closed", 0.01)
+    assert {o["clientOrderId"] for o in orders} == {"qt-px"}

@@ -65,7 +65,13 @@ class UserStreams:
         self.faults: list[StreamFault] = []
         self._held: Json | None = None  # reorder: the first of a pair, until the second comes
         self._dropping: set[asyncio.Task[None]] = set()
+        self.accepted = 0  # user-data connections accepted so far
         engine.add_user_event_listener(self._publish)
+
+    @property
+    def connections(self) -> int:
+        """User-data connections open now."""
+        return len(self._sockets)
 
     def _publish(self, number: int, event: Json) -> None:
         """Called by the engine, under its lock, in whatever thread made the event."""
@@ -149,6 +155,7 @@ class UserStreams:
         self._queues.add(queue)
         self._sockets.add(websocket)
         await websocket.accept()
+        self.accepted += 1
         closed = asyncio.ensure_future(_until_closed(websocket))
         cut_at = asyncio.get_running_loop().time() + self.max_connection_s
         try:
