@@ -104,6 +104,7 @@ def test_a_second_up_on_the_same_state_dir_is_refused(env: dict[str, str]) -> No
 
 
 # its own bound: the program's 300 s (pytest's default 120 s would cut it short on a loaded machine)
+@pytest.mark.long  # make test-long; store losses: test_store_loss.py, test_long_reboot.py stay in make test
 @pytest.mark.timeout(330)
 def test_a_short_chaos_run_with_store_losses_keeps_every_promise(env: dict[str, str]) -> None:
     """`qt chaos --store-loss`: the store also comes back three times with older data only (failover and host
@@ -129,6 +130,7 @@ def test_a_short_chaos_run_keeps_every_promise(env: dict[str, str]) -> None:
 
 
 # its own bound: the program's 300 s (pytest's default 120 s would cut it short on a loaded machine)
+@pytest.mark.long  # make test-long; failovers under load: test_sentinel_failover.py stays in make test
 @pytest.mark.timeout(330)
 def test_a_short_chaos_run_through_failovers_keeps_every_promise(env: dict[str, str]) -> None:
     """`qt chaos --failover`: the store a primary, two replicas and three Sentinels; the primary killed twice and
