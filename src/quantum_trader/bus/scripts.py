@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
@@ -217,23 +217,12 @@ class Issued(NamedTuple):
     owner: str
 
 
-ConsumeStatus = Literal[
-    "ok",
-    "already_executed",
-    "already_finished",
-    "governor_permit_changed",
-    "p33_permit_changed",
-    "store_changed",
-    "unreplicated",  # not the script's: consumed, but fewer replicas than asked acknowledged it in time (WAIT)
+ScriptConsumeStatus = Literal[
+    "ok", "already_executed", "already_finished", "governor_permit_changed", "p33_permit_changed", "store_changed"
 ]
-CONSUME_STATUSES: tuple[ConsumeStatus, ...] = (
-    "ok",
-    "already_executed",
-    "already_finished",
-    "governor_permit_changed",
-    "p33_permit_changed",
-    "store_changed",
-)
+CONSUME_STATUSES: tuple[ScriptConsumeStatus, ...] = get_args(ScriptConsumeStatus)
+# and one that is not the script's: consumed, but fewer replicas than asked acknowledged it in time (WAIT)
+ConsumeStatus = Literal[ScriptConsumeStatus, "unreplicated"]
 PlanPublished = Literal["published", "exists", "busy"]
 ResultPublished = Literal["published", "exists", "executed", "store_changed"]
 RESULT_STATUSES: tuple[ResultPublished, ...] = ("published", "exists", "executed", "store_changed")

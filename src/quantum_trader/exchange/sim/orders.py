@@ -199,31 +199,52 @@ class Orders(Accounts):
 
     def _record(self, request: _Request, qty: Decimal, time_in_force: str, price: Decimal) -> Order:
         """The accepted order, with its id, in the order history."""
-        spec = request.spec
+        return self._accept(
+            request.spec,
+            client_id=request.client_id or self._generate_client_id(),
+            side=request.side,
+            order_type=request.order_type,
+            time_in_force=time_in_force,
+            position_side=request.position_side,
+            reduce_only=request.reduce_only,
+            qty=qty,
+            price=price,
+        )
+
+    def _accept(
+        self,
+        spec: SymbolSpec,
+        *,
+        client_id: str,
+        side: str,
+        order_type: str,
+        time_in_force: str,
+        position_side: str,
+        reduce_only: bool,
+        qty: Decimal,
+        price: Decimal,
+    ) -> Order:
+        """An order the exchange accepted (its id taken), in the history, announced on the user-data stream."""
         now = self.now_ms()
         order = Order(
             order_id=self._next_order_id,
             symbol=spec.symbol,
-            client_order_id=request.client_id or self._generate_client_id(),
-            side=request.side,
-            type=request.order_type,
+            client_order_id=client_id,
+            side=side,
+            type=order_type,
             time_in_force=time_in_force,
-            position_side=request.position_side,
-            reduce_only=request.reduce_only,
+            position_side=position_side,
+            reduce_only=reduce_only,
             orig_qty=qty,
             price=price,
             time_ms=now,
             update_ms=now,
         )
-        self._register(spec, order)
-        return order
-
-    def _register(self, spec: SymbolSpec, order: Order) -> None:
-        """An order the exchange accepted (its id taken), in the history, announced on the user-data stream."""
         self._next_order_id += 1
         self._orders[order.order_id] = order
         self._by_client_id.setdefault((spec.symbol, order.client_order_id), []).append(order.order_id)
         self._order_event(spec, order, "NEW")
+        return order
 
     def force_close(self, symbol: str, qty: Decimal | None = None, *, adl: bool = False) -> Order:
         """The exchange closes (part of) a position itself, as a liquidation (client id ``autoclose-<ms>``) or an
@@ -237,22 +258,17 @@ class Orders(Accounts):
             size = abs(position.amt)
             qty = size if qty is None else min(qty, size)
             mark = self._mark(spec)
-            now = self.now_ms()
-            order = Order(
-                order_id=self._next_order_id,
-                symbol=spec.symbol,
-                client_order_id="adl_autoclose" if adl else f"autoclose-{now}",
+            order = self._accept(
+                spec,
+                client_id="adl_autoclose" if adl else f"autoclose-{self.now_ms()}",
                 side="SELL" if position.amt > 0 else "BUY",
-                type="LIQUIDATION",
+                order_type="LIQUIDATION",
                 time_in_force="IOC",
                 position_side=position.position_side,
                 reduce_only=True,
-                orig_qty=qty,
+                qty=qty,
                 price=mark,
-                time_ms=now,
-                update_ms=now,
             )
-            self._register(spec, order)
             self._fill(spec, order, qty, mark, maker=False)
             return order
 
