@@ -22,7 +22,6 @@ from quantum_trader.bus.connection import record_epoch
 from quantum_trader.bus.embedded import EmbeddedStore
 from quantum_trader.domain.oracle import plan_of_order
 from quantum_trader.domain.planning import plan_id_for
-from quantum_trader.system import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -45,9 +44,9 @@ async def results_of(rds: aioredis.Redis, plan_ids: list[str], timeout: float) -
 @pytest.mark.parametrize("kill_after_s", [0.0, 0.003, 0.02])
 async def test_store_killed_mid_flow_loses_no_plan_and_doubles_no_order(sim, tmp_path: Path, kill_after_s) -> None:
     data = Path(tempfile.mkdtemp(prefix="qt-aof-"))
-    port = free_port()
-    store = EmbeddedStore(data, persist=True, port=port)
+    store = EmbeddedStore(data, persist=True)
     url = store.start()
+    port = store.port
     settings = make_settings(
         tmp_path,
         url,
@@ -135,9 +134,9 @@ async def test_a_lossless_store_restart_under_load_answers_every_proposal_findab
     position reads Apply plans with are slowed first, and the kill waits for one), nor one sent in the restarted
     instance's first second. Before the epoch was continued through such a restart, 2 of 300 were refused."""
     data = Path(tempfile.mkdtemp(prefix="qt-aof-load-"))
-    port = free_port()
-    store = EmbeddedStore(data, persist=True, port=port, appendfsync="always")
+    store = EmbeddedStore(data, persist=True, appendfsync="always")
     url = store.start()
+    port = store.port
     assert await record_epoch(url) == "always"  # as `qt store-stamp` does after the deployed store's start
     settings = make_settings(
         tmp_path,

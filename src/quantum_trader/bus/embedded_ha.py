@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis
 
-from quantum_trader.bus.embedded import APPENDFSYNC, EmbeddedStore, free_port
+from quantum_trader.bus.embedded import APPENDFSYNC, PORT_TRIES, EmbeddedStore, free_port
 
 MASTER_NAME = "qtm"
 STARTUP_S = 15.0
@@ -64,26 +64,21 @@ class EmbeddedHA:
         # Sentinel passwords, and a Sentinel rewrites its file with the default mode.
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
-        ports = [free_port() for _ in range(1 + self.replicas)]
-        for index, port in enumerate(ports):
+        for index in range(1 + self.replicas):  # each node picks its port (and another if it was taken)
             extra = self._node_config()
             if index:
-                extra["replicaof"] = f"127.0.0.1 {ports[0]}"
+                extra["replicaof"] = f"127.0.0.1 {self.nodes[0].port}"
             node = EmbeddedStore(
-                self.data_dir / f"node-{index}",
-                persist=True,
-                port=port,
-                aclfile=self.aclfile,
-                appendfsync=self.appendfsync,
-                extra=extra,
+                self.data_dir / f"node-{index}", aclfile=self.aclfile, appendfsync=self.appendfsync, extra=extra
             )
             node.start()
             self.nodes.append(node)
-        self._wait(lambda: self._in_sync(ports[0]), "the replicas never caught up with the primary")
-        self.sentinel_ports = [free_port() for _ in range(self.sentinels)]
+        primary = self.nodes[0].port
+        self._wait(lambda: self._in_sync(primary), "the replicas never caught up with the primary")
         for index in range(self.sentinels):  # each recorded as it starts: stop() stops what did
+            self.sentinel_ports.append(free_port())
             self._sentinel_processes.append(None)
-            self._sentinel_processes[index] = self._start_sentinel(index, ports[0])
+            self._sentinel_processes[index] = self._start_first_time(index, primary)
         self._wait(self._sentinels_see_everything, "the Sentinels never saw every node and each other")
         return self.url
 
@@ -97,6 +92,24 @@ class EmbeddedHA:
             # a replica that (re)joins is sent the data at once: the default waits 5 s for more to join
             "repl-diskless-sync-delay": "0",
         }
+
+    def _start_first_time(self, index: int, primary_port: int) -> subprocess.Popen[bytes]:
+        """A new Sentinel on the port picked for it, or on another if someone took that one in between."""
+        for _ in range(PORT_TRIES - 1):
+            try:
+                return self._start_sentinel(index, primary_port)
+            except HAStartupError:
+                if "Address already in use" not in self._sentinel_log(index):
+                    raise
+                (self.data_dir / f"sentinel-{index}" / "sentinel.conf").unlink()  # it names the port
+                self.sentinel_ports[index] = free_port()
+        return self._start_sentinel(index, primary_port)
+
+    def _sentinel_log(self, index: int) -> str:
+        try:
+            return (self.data_dir / f"sentinel-{index}" / "sentinel.log").read_text(errors="replace")
+        except OSError:
+            return ""
 
     def _start_sentinel(self, index: int, primary_port: int) -> subprocess.Popen[bytes]:
         """A Sentinel with a configuration file of its own (Sentinels rewrite theirs)."""
@@ -129,7 +142,13 @@ class EmbeddedHA:
                 [str(get_binary_path()), str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT, cwd=home
             )
         try:
-            self._wait(lambda: self._pings(self.sentinel_ports[index]), f"Sentinel {index} did not start")
+
+            def up() -> bool:
+                if process.poll() is not None:  # exited (a port taken, a bad file): no use waiting 15 s
+                    raise HAStartupError(f"Sentinel {index} exited at start (its log: {home / 'sentinel.log'})")
+                return self._pings(self.sentinel_ports[index])
+
+            self._wait(up, f"Sentinel {index} did not start")
         except HAStartupError:
             process.kill()
             process.wait(timeout=5)
