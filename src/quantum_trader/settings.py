@@ -165,6 +165,32 @@ class ExchangeSettings(_Section):
     timeout_ms: int = Field(5000, ge=100, le=120_000)
 
 
+class StreamSettings(_Section):
+    """Binance's user-data stream (exchange/userstream.py): positions, fills and mark prices pushed by the
+    exchange instead of polled.
+
+    push: follow the stream. False: poll only, as before the stream existed (a rollback switch for an incident:
+        the services behave exactly as without it).
+    url: the WebSocket base; empty means the mode's: the simulator's own for sim, wss://fstream.binancefuture.com
+        for testnet and demo, wss://fstream.binance.com for live.
+    keepalive_s: the listen key is extended (PUT) this often; Binance closes a key 60 minutes after its last
+        extension, so 30 minutes leaves one failed PUT room for another.
+    silence_s: a connection with mark price streams gets a frame every second; none for this long and it is
+        taken as dead (a half-open connection answers nothing) and replaced.
+    ping_s: WebSocket pings this often; no pong within as long again and the connection is replaced.
+    backoff_min_s / backoff_max_s: the wait before reconnecting, doubled after each failure up to the max
+        (with jitter, so several processes do not reconnect in step).
+    """
+
+    push: bool = True
+    url: str = ""
+    keepalive_s: float = Field(1800.0, gt=0, le=3300)
+    silence_s: float = Field(5.0, gt=1, le=600)
+    ping_s: float = Field(20.0, gt=0, le=300)
+    backoff_min_s: float = Field(0.2, gt=0, le=60)
+    backoff_max_s: float = Field(30.0, gt=0, le=600)
+
+
 class JournalSettings(_Section):
     """The local audit log (journal.py): every audit, result, ledger and operator line a process writes to the
     store, also appended to a file on its own host, so the trail survives a failover or a store that forgets.
@@ -263,6 +289,7 @@ class Settings(BaseSettings):
     keys: KeySettings = Field(default_factory=KeySettings)
     web: WebSettings = Field(default_factory=WebSettings)
     journal: JournalSettings = Field(default_factory=JournalSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
 
     _split = field_validator("symbols", mode="before")(_split_symbols)
 

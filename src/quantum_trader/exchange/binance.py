@@ -63,7 +63,23 @@ WEIGHTS = {
     "allOrders": 5,
     "positionSide": 30,
     "balance": 5,
+    "listenKey": 1,
 }
+LISTEN_KEY_UNKNOWN = -1125  # "This listenKey does not exist.": POST a new one
+STREAM_URLS = {"testnet": "wss://fstream.binancefuture.com", "demo": "wss://fstream.binancefuture.com",
+               "live": "wss://fstream.binance.com"}  # fmt: skip
+
+
+def stream_base(settings: ExchangeSettings, sim_url: str, override: str = "") -> str:
+    """The user-data stream's WebSocket base for the mode (``override``: QT_STREAM__URL)."""
+    if override:
+        return override.rstrip("/")
+    if settings.mode == "sim":
+        if not sim_url:
+            raise ExchangeUnavailable("mode sim needs the simulator's URL (QT_EXCHANGE__SIM_URL or `qt up`)")
+        return "ws" + sim_url.rstrip("/").removeprefix("http")
+    return STREAM_URLS[settings.mode]
+
 
 _SIM_SECTIONS = {
     "fapiPublic": "v1",
@@ -306,6 +322,22 @@ class BinanceFutures:
             self._filters_at = time.monotonic()
         return self._filters
 
+    # --- the user-data stream's key ---------------------------------------------------------------------
+
+    async def create_listen_key(self) -> str:
+        """POST /fapi/v1/listenKey: the account's active key (extended), or a new one when there is none. One
+        key serves every process of the account; none of them ever DELETEs it (another may be reading)."""
+        reply = await self._read("fapiPrivatePostListenKey", {}, WEIGHTS["listenKey"])
+        key = reply.get("listenKey") if isinstance(reply, dict) else None
+        if not isinstance(key, str) or not key:
+            raise ExchangeUnavailable(f"unexpected listenKey reply: {truncate(str(reply))}")
+        return key
+
+    async def keep_alive_listen_key(self, key: str) -> None:
+        """PUT /fapi/v1/listenKey: extend the key another 60 minutes. ExchangeUnavailable with code -1125 when
+        the exchange no longer knows it (POST again)."""
+        await self._read("fapiPrivatePutListenKey", {"listenKey": key}, WEIGHTS["listenKey"])
+
     # --- orders -----------------------------------------------------------------------------------------
 
     async def place_reduce_only_market(
@@ -404,4 +436,4 @@ class BinanceFutures:
             raise ExchangeUnavailable(f"unreadable order query reply ({exc}): {truncate(str(reply))}") from None
 
 
-__all__ = ["LIVE_CONFIRMATION", "BinanceFutures", "ExchangeError", "build_ccxt", "make_exchange"]
+__all__ = ["LIVE_CONFIRMATION", "BinanceFutures", "ExchangeError", "build_ccxt", "make_exchange", "stream_base"]

@@ -31,6 +31,7 @@ from quantum_trader.exchange.sim.faults import FaultError, Reply, apply_fault
 from quantum_trader.exchange.sim.late import LateExecution
 from quantum_trader.exchange.sim.params import EngineError
 from quantum_trader.exchange.sim.state import SimState
+from quantum_trader.exchange.sim.stream import COMBINED_PATHS
 
 # SimState and check_me_window are imported from here by server.py and the tests.
 __all__ = ["SimApp", "SimState", "build_engine", "check_me_window", "create_app", "error_reply"]
@@ -199,9 +200,10 @@ def create_app(config: SimConfig, engine: Engine | None = None) -> Starlette:
     streams = state.streams
     methods = ["GET", "POST", "PUT", "DELETE"]
     routes = [
+        WebSocketRoute("/ws", streams.serve),
         WebSocketRoute("/ws/{listen_key}", streams.serve),
         WebSocketRoute("/private/ws", streams.serve),
-        WebSocketRoute("/stream", streams.serve_combined),
+        *(WebSocketRoute(path, streams.serve_combined) for path in COMBINED_PATHS),
         Route("/{path:path}", dispatch.handle, methods=methods),
     ]
     app = Starlette(routes=routes)

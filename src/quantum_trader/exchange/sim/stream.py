@@ -5,7 +5,9 @@ key gets every event the engine records from then on (exchange/sim/userdata.py),
 filtered by ``events`` when given. When its key stops being live (it expired, was closed, or another was made),
 the connection gets ``listenKeyExpired`` and is closed, and nothing more arrives: a client must POST a key and
 connect again, then resync from REST. A connection with any other key is refused (closed, 1008); one open for
-``max_connection_s`` (24 hours) is cut (1001). Pings are answered by the WebSocket server itself.
+``max_connection_s`` (24 hours) is cut (1001). Pings are answered by the WebSocket server itself. Any
+connection, including the bare ``/ws`` and ``/stream`` (and ``/private/stream`` …), takes Binance's live
+``SUBSCRIBE`` / ``UNSUBSCRIBE`` / ``LIST_SUBSCRIPTIONS`` requests, as Binance's own clients send them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ INTERNAL_ERROR: Final = 1011
 _encode = msgspec.json.encode
 
 
-FAULT_KINDS: Final = ("drop", "silence", "delay", "duplicate", "reorder")
+# the combined form (``{"stream", "data"}``): the classic path and the newer split ones Binance's SDK uses
+COMBINED_PATHS: Final = ("/stream", "/private/stream", "/public/stream", "/market/stream")
+FAULT_KINDS: Final = ("drop", "silence", "delay", "duplicate", "reorder", "garbage")
+# what ``garbage`` sends: bytes that are not UTF-8, a truncated JSON text, an event that breaks its schema
+GARBAGE: Final = (
+    b"\xff\xfe\x80 not utf-8",
+    '{"e": "ORDER_TRADE_UPDATE", "E": ',
+    '{"e": "ACCOUNT_UPDATE", "E": "soon"}',
+)
 
 
 @dataclass
@@ -41,7 +51,10 @@ class StreamFault:
     ``silence`` loses every event for ``ms`` while the connections stay open (the server still answers pings: a
     client finds out by the exchange's REST state, not by the connection); ``delay`` delivers each of the next
     ``count`` events ``ms`` late (later events overtake it); ``duplicate`` delivers each of the next ``count``
-    twice; ``reorder`` swaps each of the next ``count`` pairs."""
+    twice; ``reorder`` swaps each of the next ``count`` pairs; ``garbage`` sends ``count`` rounds of frames
+    that are no event (bytes that are not UTF-8, truncated JSON, a schema broken) to every connection now.
+    While a silence lasts, the mark price ticks of a connection with a listen key are lost too: the whole
+    connection is quiet, as a half-open one is."""
 
     kind: str
     count: int = 1
@@ -121,9 +134,10 @@ class UserStreams:
             raise ValueError("count must be at least 1, and silence and delay need ms > 0")
         fault = StreamFault(kind, count, ms)
         loop = self._loop = asyncio.get_running_loop()  # the admin API's request, on the server's loop
-        if kind == "drop":
+        if kind in ("drop", "garbage"):
             for websocket in list(self._sockets):
-                task = loop.create_task(_drop(websocket))
+                work = _drop(websocket) if kind == "drop" else _garbage(websocket, count)
+                task = loop.create_task(work)
                 self._dropping.add(task)  # kept until done (a task nobody holds may be collected)
                 task.add_done_callback(self._dropping.discard)
             return fault
@@ -141,88 +155,173 @@ class UserStreams:
             return self.engine.listen_keys.live(self.engine.now_ms())
 
     async def serve(self, websocket: WebSocket) -> None:
+        """``/ws/<listenKey>``, ``/ws/<symbol>@markPrice@1s``, ``/private/ws?listenKey=&events=``, and the bare
+        ``/ws`` a client subscribes on with ``SUBSCRIBE`` (Binance's futures connector does)."""
         key = websocket.path_params.get("listen_key") or websocket.query_params.get("listenKey") or ""
-        if "@" in key:  # /ws/<symbol>@markPrice@1s: a market stream, not a listen key
-            await self.serve_market(websocket, [key], combined=False)
+        if not key and websocket.url.path.startswith("/private/"):
+            await websocket.close(code=POLICY_VIOLATION, reason="listenKey required")
             return
         chosen = websocket.query_params.get("events")
         wanted = frozenset(name for name in re.split(r"[/,]", chosen) if name) if chosen else None
-        if not key or key != self._live():
-            await websocket.close(code=POLICY_VIOLATION, reason="invalid listenKey")
-            return
+        await self._serve(websocket, [key] if key else [], combined=False, wanted=wanted)
+
+    async def serve_combined(self, websocket: WebSocket) -> None:
+        """``/stream?streams=a/b`` and the bare ``/stream``, ``/private/stream``, ``/public/stream``,
+        ``/market/stream`` (Binance's newer SDK subscribes there): each message ``{"stream": name, "data": event}``."""
+        names = [name for name in websocket.query_params.get("streams", "").split("/") if name]
+        await self._serve(websocket, names, combined=True, wanted=None)
+
+    async def _serve(
+        self, websocket: WebSocket, names: list[str], *, combined: bool, wanted: frozenset[str] | None
+    ) -> None:
+        """One connection: the streams named in its URL, then whatever it subscribes to or leaves with
+        ``SUBSCRIBE`` / ``UNSUBSCRIBE`` (``LIST_SUBSCRIPTIONS`` lists them). A user-data stream (a listen key)
+        gets the engine's events from the moment it is subscribed; a mark price stream ticks every 1 or 3 s.
+        Names in the URL that are neither (or a key that is not live) refuse the connection (1008); in a
+        SUBSCRIBE they get an error reply and the connection goes on."""
+        connection = _Connection(websocket, combined, wanted)
+        for name in names:
+            problem = self._subscribe(connection, name)
+            if problem:
+                await websocket.close(code=POLICY_VIOLATION, reason=problem[:120])
+                return
         self._loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Json] = asyncio.Queue()
-        self._queues.add(queue)
         self._sockets.add(websocket)
         await websocket.accept()
         self.accepted += 1
-        closed = asyncio.ensure_future(_until_closed(websocket))
-        cut_at = asyncio.get_running_loop().time() + self.max_connection_s
+        inbox: asyncio.Queue[str | None] = asyncio.Queue()
+        reading = asyncio.ensure_future(_read_into(websocket, inbox))
+        loop = asyncio.get_running_loop()
+        cut_at = loop.time() + self.max_connection_s
         try:
-            while not closed.done():
-                if asyncio.get_running_loop().time() >= cut_at:
+            while True:
+                now = loop.time()
+                if now >= cut_at:
                     await websocket.close(code=GOING_AWAY, reason="connection lifetime reached")
                     return
-                getting = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getting, closed}, timeout=KEY_CHECK_S, return_when="FIRST_COMPLETED")
-                if getting not in done:
-                    getting.cancel()
-                if key != self._live():
-                    await websocket.send_text(_encode(listen_key_expired(key, self.engine.now_ms())).decode())
+                await self._tick_markets(connection, now)
+                waiting: set[asyncio.Future[object]] = {asyncio.ensure_future(inbox.get())}
+                if connection.keys:
+                    waiting.add(asyncio.ensure_future(connection.queue.get()))
+                timeout = min([KEY_CHECK_S, *(due - now for due in connection.due.values())])
+                done, pending = await asyncio.wait(waiting, timeout=max(0.0, timeout), return_when="FIRST_COMPLETED")
+                for future in pending:
+                    future.cancel()
+                for future in done:
+                    item = future.result()
+                    if item is None:  # the client went away
+                        return
+                    if isinstance(item, str):
+                        await self._answer(connection, item)
+                    elif isinstance(item, dict):
+                        await connection.send_event(item)
+                expired = next((key for key in connection.keys if key != self._live()), None)
+                if expired is not None:
+                    event = listen_key_expired(expired, self.engine.now_ms())
+                    await connection.send(event, expired)
                     await websocket.close()
                     return
-                if getting in done:
-                    event = getting.result()
-                    if wanted is None or event.get("e") in wanted:
-                        await websocket.send_text(_encode(event).decode())
         except (WebSocketDisconnect, RuntimeError):  # the client went away mid-send
             return
         finally:
-            self._queues.discard(queue)
+            self._queues.discard(connection.queue)
             self._sockets.discard(websocket)
-            closed.cancel()
+            reading.cancel()
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
-                await closed
+                await reading
 
-    async def serve_combined(self, websocket: WebSocket) -> None:
-        """``/stream?streams=a/b``: each message ``{"stream": name, "data": event}``."""
-        names = [name for name in websocket.query_params.get("streams", "").split("/") if name]
-        await self.serve_market(websocket, names, combined=True)
+    def _subscribe(self, connection: _Connection, name: str) -> str | None:
+        """Add one stream to ``connection``; what is wrong with it, or None."""
+        match = MARK_PRICE.fullmatch(name)
+        if match is not None:
+            if match.group(1).upper() not in self.engine.specs:
+                return f"unknown symbol in stream {name[:64]}"
+            connection.markets[name] = (match.group(1).upper(), 1.0 if match.group(2) else 3.0)
+            connection.due.setdefault(name, 0.0)
+            return None
+        if "@" in name or not name:
+            return f"unknown stream {name[:64]}"
+        if name != self._live():
+            return "invalid listenKey"
+        if not connection.keys:
+            self._queues.add(connection.queue)
+        connection.keys.add(name)
+        return None
 
-    async def serve_market(self, websocket: WebSocket, names: list[str], *, combined: bool) -> None:
-        """Mark price streams: ``<symbol>@markPrice`` every 3 s, ``<symbol>@markPrice@1s`` every second; any
-        other stream name (or an unknown symbol) is refused."""
-        streams: list[tuple[str, str, float]] = []
-        for name in names:
-            match = MARK_PRICE.fullmatch(name)
-            if match is None or match.group(1).upper() not in self.engine.specs:
-                await websocket.close(code=POLICY_VIOLATION, reason=f"unknown stream {name[:64]}")
-                return
-            streams.append((name, match.group(1).upper(), 1.0 if match.group(2) else 3.0))
-        if not streams:
-            await websocket.close(code=POLICY_VIOLATION, reason="no stream")
-            return
-        await websocket.accept()
-        closed = asyncio.ensure_future(_until_closed(websocket))
-        loop = asyncio.get_running_loop()
-        due = {name: loop.time() for name, _, _ in streams}
+    def _unsubscribe(self, connection: _Connection, name: str) -> None:
+        connection.markets.pop(name, None)
+        connection.due.pop(name, None)
+        connection.keys.discard(name)
+        if not connection.keys:
+            self._queues.discard(connection.queue)
+
+    async def _answer(self, connection: _Connection, text: str) -> None:
+        """A request of Binance's live-subscription protocol: ``{"method": …, "params": […], "id": …}``; the
+        reply carries the same id, ``{"result": null}`` or an error ``{"code", "msg"}`` (Binance's codes: 2 an
+        invalid request, 3 invalid JSON)."""
         try:
-            while not closed.done():
-                now = loop.time()
-                for name, symbol, every_s in streams:
-                    if due[name] <= now:
-                        due[name] = now + every_s
-                        mark = self.engine.spec(symbol).price(self.engine.mark_price(symbol))
-                        event = mark_price_update(symbol, mark, self.engine.now_ms())
-                        message = {"stream": name, "data": event} if combined else event
-                        await websocket.send_text(_encode(message).decode())
-                await asyncio.wait({closed}, timeout=max(0.0, min(due.values()) - loop.time()))
-        except (WebSocketDisconnect, RuntimeError):
+            request = msgspec.json.decode(text)
+        except msgspec.DecodeError:
+            await connection.reply({"code": 3, "msg": "Invalid JSON"}, None)
             return
-        finally:
-            closed.cancel()
-            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
-                await closed
+        if not isinstance(request, dict):
+            await connection.reply({"code": 2, "msg": "Invalid request: not an object"}, None)
+            return
+        ident = request.get("id")
+        method, params = request.get("method"), request.get("params", [])
+        if not isinstance(params, list) or not all(isinstance(name, str) for name in params):
+            await connection.reply({"code": 2, "msg": "Invalid request: params must be a list of names"}, ident)
+            return
+        if method == "LIST_SUBSCRIPTIONS":
+            await connection.reply({"result": sorted([*connection.keys, *connection.markets])}, ident)
+        elif method == "SUBSCRIBE":
+            problems = [problem for name in params if (problem := self._subscribe(connection, name))]
+            reply: Json = {"code": 2, "msg": f"Invalid request: {problems[0]}"} if problems else {"result": None}
+            await connection.reply(reply, ident)
+        elif method == "UNSUBSCRIBE":
+            for name in params:
+                self._unsubscribe(connection, name)
+            await connection.reply({"result": None}, ident)
+        else:
+            await connection.reply({"code": 2, "msg": f"Invalid request: unknown method {str(method)[:32]}"}, ident)
+
+    def _silent(self, now: float) -> bool:
+        fault = self.faults[0] if self.faults else None
+        return fault is not None and fault.kind == "silence" and now < fault.ends_at
+
+    async def _tick_markets(self, connection: _Connection, now: float) -> None:
+        """Mark price streams: ``<symbol>@markPrice`` every 3 s, ``<symbol>@markPrice@1s`` every second."""
+        for name, (symbol, every_s) in list(connection.markets.items()):
+            if connection.due[name] <= now:
+                connection.due[name] = now + every_s
+                if connection.keys and self._silent(now):
+                    continue  # a silent user-data connection is silent through and through
+                mark = self.engine.spec(symbol).price(self.engine.mark_price(symbol))
+                await connection.send(mark_price_update(symbol, mark, self.engine.now_ms()), name)
+
+
+class _Connection:
+    """What one client is subscribed to, and how its messages are framed."""
+
+    def __init__(self, websocket: WebSocket, combined: bool, wanted: frozenset[str] | None) -> None:
+        self.websocket = websocket
+        self.combined = combined
+        self.wanted = wanted  # /private/ws?events=: the event types it asked for (None: all)
+        self.keys: set[str] = set()
+        self.markets: dict[str, tuple[str, float]] = {}  # stream name -> (symbol, seconds between ticks)
+        self.due: dict[str, float] = {}  # stream name -> loop time of its next tick
+        self.queue: asyncio.Queue[Json] = asyncio.Queue()
+
+    async def send(self, event: Json, stream: str) -> None:
+        message = {"stream": stream, "data": event} if self.combined else event
+        await self.websocket.send_text(_encode(message).decode())
+
+    async def send_event(self, event: Json) -> None:
+        if self.keys and (self.wanted is None or event.get("e") in self.wanted):
+            await self.send(event, next(iter(self.keys)))
+
+    async def reply(self, body: Json, ident: object) -> None:
+        await self.websocket.send_text(_encode({**body, "id": ident}).decode())
 
 
 async def _drop(websocket: WebSocket) -> None:
@@ -230,9 +329,27 @@ async def _drop(websocket: WebSocket) -> None:
         await websocket.close(code=INTERNAL_ERROR, reason="dropped (a fault of the simulator)")
 
 
-async def _until_closed(websocket: WebSocket) -> None:
-    """Read (and ignore) what the client sends until it goes away."""
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
+async def _garbage(websocket: WebSocket, rounds: int) -> None:
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        for _ in range(rounds):
+            for frame in GARBAGE:
+                if isinstance(frame, bytes):
+                    await websocket.send_bytes(frame)
+                else:
+                    await websocket.send_text(frame)
+
+
+async def _read_into(websocket: WebSocket, inbox: asyncio.Queue[str | None]) -> None:
+    """Put each text the client sends into ``inbox``, then None when it goes away."""
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None and message.get("bytes") is not None:
+                text = message["bytes"].decode("utf-8", "replace")
+            if text is not None:
+                inbox.put_nowait(text)
+    finally:
+        inbox.put_nowait(None)

@@ -2,8 +2,8 @@
 (``POST/PUT/DELETE /fapi/v1/listenKey``) and the events the engine emits as it works, built from its records:
 ``ORDER_TRADE_UPDATE`` (an order accepted, a fill, an unfilled rest expired) and ``ACCOUNT_UPDATE`` (the wallet
 and the positions a fill moved, only those), in Binance's USD-M shapes (docs/exchange.md). The WebSocket that
-pushes them (``/ws/<listenKey>``, ``/private/ws``) is the next step of issue 22; until then the admin API serves
-them (``GET /_sim/user-events``) so their shapes and order can be tested.
+pushes them is exchange/sim/stream.py; the admin API also serves them (``GET /_sim/user-events``) so tests can
+compare what was pushed with what was recorded.
 
 Binance's rules kept here: one active key per account; POST returns it (a new one when there is none) and
 extends it; PUT extends a live key and answers ``-1125 This listenKey does not exist.`` for any other; DELETE
