@@ -125,9 +125,12 @@ class BrainSettings(_Section):
     cooldown_s: after an allow, no other allow for the symbol until its result arrives or this passes, and
         none within this time after an executed close (DESIGN: 15).
     metrics_port: Prometheus endpoint (DESIGN.md: 8045). 0 disables it.
+    safety_poll_s: while the user-data stream is healthy (``stream.push``) it writes the snapshots and the full
+        poll is only the safety net, this often; whenever the stream is not healthy, ``snapshot_interval_s``.
     """
 
     snapshot_interval_s: float = Field(5.0, gt=0)
+    safety_poll_s: float = Field(60.0, gt=0, le=3600)
     snapshot_max_age_s: float = Field(10.0, gt=0)
     qty_tolerance_pct: Decimal = Field(Decimal("1"), ge=0)
     cooldown_s: float = Field(15.0, ge=0)

@@ -20,6 +20,7 @@ def _ordered(latency: dict[str, float]) -> bool:
     return 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
 
 
+@pytest.mark.timeout(300)
 def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     done = qt("bench", "--quick", "--plans", "20", "--out", str(out), env=program_env(tmp_path), timeout=300)
@@ -49,7 +50,13 @@ def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_p
     assert sum(n for what, n in decisions["outcomes"].items() if what.startswith("p33 ")) == 1000
     assert _ordered(decisions["decided"])
 
-    assert report["steps"] == ["idle", "sequential", "durability", "fencing", "open-loop", "decisions"]
+    assert report["steps"] == ["idle", "sequential", "durability", "fencing", "push", "open-loop", "decisions"]
+    push = report["push"]  # P3.3 with the user-data stream, poll only, with the stream again
+    assert [(p["push"], p["stream_healthy"], p["changes"]) for p in push] == [(True, True, 20), (False, False, 3),
+                                                                            (True, True, 20)]  # fmt: skip
+    for p in push:
+        assert p["shown"]["samples"] == p["changes"] and _ordered(p["shown"]), p
+        assert p["weight_per_min"] >= 0 and p["idle_s"] == 5.0, p
     parts = report["durability"]  # the store with the append-only file on, appendfsync set per part
     assert [p["appendfsync"] for p in parts] == ["everysec", "always", "everysec"]
     for p in parts:
@@ -73,6 +80,7 @@ def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_p
     assert "Open loop through the whole chain" in markdown and "Decisions (plans straight" in markdown
     assert "| always | 20 |" in markdown and "appendfsync always against everysec" in markdown
     assert "| ha | 1 | 20 | 22 |" in markdown and "The fence (WAIT for a replica) against HA unfenced" in markdown
+    assert "| poll only | - | 3 |" in markdown and "Positions pushed by the exchange" in markdown
     assert (out / "latency-vs-rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

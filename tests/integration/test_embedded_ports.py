@@ -84,7 +84,7 @@ def test_a_sentinel_whose_picked_port_was_taken_starts_on_another(
     aclfile = tmp_path / "users.acl"
     aclfile.write_text(acl_file(passwords, with_admin=True))
     ha_set = EmbeddedHA(
-        tmp_path / "ha", aclfile, passwords["replica"], passwords["sentinel"], replicas=1, sentinels=1, quorum=1
+        tmp_path / "ha", aclfile, passwords["replica"], passwords["sentinel"], replicas=0, sentinels=1, quorum=1
     )
     try:
         ha_set.start()

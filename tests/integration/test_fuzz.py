@@ -120,7 +120,12 @@ async def run(batch_proposals, batch_plans, batch_results, permits, sim, store_u
         assert victim_result is not None and not victim_result.executed
         await ops.set_governor_mode(rds, "auto", "fuzz")
         # every service is still alive, and a good proposal is still served
-        assert all(not task.done() for task in chain.tasks.values()), "a service died on bad input"
+        dead = {
+            name: task.exception() if not task.cancelled() else "cancelled"
+            for name, task in chain.tasks.items()
+            if task.done()
+        }
+        assert not dead, f"a service died on bad input: {dead}"
         good = await ops.propose(rds, "SOLUSDT", "FULL_CLOSE")
         result = await ops.wait_result(rds, good.plan_id, 15, good.result_cursor)
         assert result is not None and result.executed

@@ -274,7 +274,7 @@ async def test_a_plan_asking_for_a_fresh_snapshot_is_not_failed_by_an_earlier_po
     brain = chain.services["brain"]
     since = time.time()
     add_fault(sim, kind="http_5xx", status=503, path="/fapi/v2/positionRisk", method="GET", count=1)
-    brain.ask_refresh(["XRPUSDT"])
+    brain.snapshots.ask_refresh(["XRPUSDT"], force=True)  # a poll now, even with the stream healthy
     await until(lambda: _faults_left_none(sim), timeout=5)  # that poll ran into the 503
     assert await brain.snapshots.snapshots_since(["XRPUSDT"], since)
 

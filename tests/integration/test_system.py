@@ -4,6 +4,7 @@ others, found through the state directory; then Ctrl-C stops everything."""
 from __future__ import annotations
 
 import json
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -47,7 +48,17 @@ def test_up_then_propose_from_another_process_closes_the_position(env: dict[str,
             ready = httpx.get(f"{base}/readyz")
             assert (ready.status_code, ready.text) == (200, "ok: deciding\n"), service
 
-        status = json.loads(qt("status", "--json", env=env).stdout)
+        deadline = time.monotonic() + 20  # the heartbeat that carries the stream's health comes every few s
+        while True:
+            status = json.loads(qt("status", "--json", env=env).stdout)
+            streams = {s["service"]: s["stream"] for s in status["services"]}
+            if streams.get("brain") == "healthy" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert streams == {"apply": "off", "brain": "healthy", "governor": "off"}
+        assert "brain" in (shown := qt("status", env=env).stdout) and "healthy · reconnects" in shown
+        p33 = httpx.get(f"http://127.0.0.1:{env['QT_BRAIN__METRICS_PORT']}/metrics").text
+        assert "p33_stream_healthy 1.0" in p33 and "p33_stream_resyncs_total" in p33  # P3.3 follows the stream
         assert sorted(s["service"] for s in status["services"] if s["ready"]) == ["apply", "brain", "governor"]
         btc = next(row for row in status["symbols"] if row["symbol"] == "BTCUSDT")
         assert Decimal(btc["exchange"]) == 0 and Decimal(btc["ledger"]) == 0 and Decimal(btc["drift"]) == 0

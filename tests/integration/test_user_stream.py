@@ -51,7 +51,7 @@ class Owner:
         self.resyncs += 1
         return {symbol: info.update_time_ms for symbol, info in read.items()}
 
-    async def on_event(self, event: StreamEvent) -> None:
+    async def on_event(self, event: StreamEvent, received_at: float) -> None:
         self.events.append(event)
         if isinstance(event, AccountUpdate):
             self.positions.update({p.s: p.pa for p in event.a.P})

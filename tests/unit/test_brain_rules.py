@@ -357,5 +357,63 @@ def test_a_snapshot_taken_when_the_ledger_last_changed_is_not_stale() -> None:
     assert reason(i=behind) == reasons.STALE_SNAPSHOT
 
 
+def test_a_snapshot_that_shows_the_ledgers_last_fill_is_not_behind_it_whatever_the_local_times() -> None:
+    """A pushed position often arrives (and is written) before the fill's result is recorded in the ledger:
+    by the exchange's clock it shows that fill, so it is not behind. Only for a ledger moved by results, only
+    when the fill's time is known, and never when the snapshot shows less than the latest fill."""
+    fill_ms = 1_796_000_000_500
+    moved = replace_ledger(updated_at=NOW - 1, source="result", last_fill_ms=fill_ms)
+    pushed = msgspec.structs.replace(snapshot(ts=NOW - 1.005), synced_ms=fill_ms)
+    assert behind_ledger(pushed, moved) is False
+    assert reason(i=inputs(snapshot=pushed, ledger=moved)) == reasons.SANITY_CHECKS_PASSED
+    short = msgspec.structs.replace(pushed, synced_ms=fill_ms - 1)  # a millisecond short of the fill
+    assert behind_ledger(short, moved) is True
+    unknown = msgspec.structs.replace(moved, last_fill_ms=0)  # no fill time: the local times decide
+    assert behind_ledger(pushed, unknown) is True
+    reconciled = msgspec.structs.replace(moved, source="reconcile")  # set from the exchange: local times decide
+    assert behind_ledger(pushed, reconciled) is True
+
+
+def test_a_result_moves_the_ledgers_latest_fill_time_forward_only() -> None:
+    """Results commute (applied in any order): the latest fill's time is the largest seen, and a reconcile or
+    an adoption keeps it."""
+    from quantum_trader.domain.ledger import adopt_outside_growth, apply_result
+    from quantum_trader.domain.ledger import reconcile as reconcile_ledger
+    from quantum_trader.domain.models import Result
+
+    def fill(ms: int) -> Result:
+        return Result(plan_id="a" * 32, symbol="BTCUSDT", side="LONG", executed=True, filled_qty=D("0.1"),
+                      order_time_ms=ms)  # fmt: skip
+
+    start = ledger("1")
+    later = apply_result(start, fill(2_000), "1-0", NOW)
+    assert later is not None and later.last_fill_ms == 2_000
+    earlier = apply_result(later, fill(1_000), "2-0", NOW)
+    assert earlier is not None and earlier.last_fill_ms == 2_000
+    reconciled = reconcile_ledger(earlier, D("5"), NOW)
+    assert reconciled is not None and reconciled.last_fill_ms == 2_000
+    adopted = adopt_outside_growth(earlier, D("9"), NOW)
+    assert adopted is not None and adopted.last_fill_ms == 2_000
+    unknown = apply_result(earlier, fill(0), "3-0", NOW)  # a fill whose time the exchange did not give
+    assert unknown is not None and unknown.last_fill_ms == 0  # no snapshot can be shown to include it now
+    after = apply_result(unknown, fill(3_000), "4-0", NOW)
+    assert after is not None and after.last_fill_ms == 3_000
+
+
+def test_a_pushed_position_older_than_the_ledgers_last_change_is_not_compared_with_it() -> None:
+    """A fill's result can be recorded before the fill's push arrives: the pushed state then predates the
+    ledger and would look like growth (a false adoption). Only a state at least as new as the ledger's latest
+    fill (or, for a ledger taken from the exchange, newer than that read) is compared."""
+    from quantum_trader.domain.ledger import pushed_is_newer
+
+    by_results = replace_ledger(source="result", last_fill_ms=5_000)
+    assert pushed_is_newer(by_results, 5_000) and pushed_is_newer(by_results, 6_000)
+    assert not pushed_is_newer(by_results, 4_999)
+    assert not pushed_is_newer(replace_ledger(source="result", last_fill_ms=0), 9_999)  # fill time unknown
+    from_exchange = replace_ledger(source="reconcile", synced_at_ms=7_000)
+    assert pushed_is_newer(from_exchange, 7_001) and not pushed_is_newer(from_exchange, 7_000)
+    assert pushed_is_newer(None, 1)
+
+
 def replace_ledger(**changes: Any) -> Ledger:
     return msgspec.structs.replace(ledger(), **changes)

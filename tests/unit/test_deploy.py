@@ -13,7 +13,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from quantum_trader.services.metrics import ApplyMetrics, BrainMetrics, GovernorMetrics, build_info
+from quantum_trader.exchange.userstream import StreamHealth
+from quantum_trader.services.metrics import ApplyMetrics, BrainMetrics, GovernorMetrics, build_info, stream_metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 NAME = re.compile(r"\b((?:qt|p33)_[a-z0-9_]+)")
@@ -26,6 +27,8 @@ def exported_names() -> set[str]:
         registry = CollectorRegistry()
         cls(registry)
         build_info(registry, kind)
+        if kind == "brain":  # the user-data stream's health, registered by the brain (services/brain/service.py)
+            stream_metrics(registry, "p33", StreamHealth)
         for family in registry.collect():
             names.add(family.name)
             names.update(family.name + suffix for suffix in SUFFIXES.get(family.type, ()))

@@ -217,6 +217,7 @@ def test_to_fields_text_forms() -> None:
         "entry_price": "0.0000001",
         "mark_price": "0",
         "ts": "0.0",
+        "synced_ms": "0",
     }
 
 

@@ -13,6 +13,7 @@ from quantum_trader.bench.report import (
     DURABILITY_HEADER,
     FENCING_HEADER,
     LOAD_HEADER,
+    PUSH_HEADER,
     BenchReport,
     decision_rows,
     durability_rows,
@@ -21,6 +22,7 @@ from quantum_trader.bench.report import (
     fencing_summary,
     latency_rows,
     load_rows,
+    push_rows,
 )
 
 # As cli/render.py's: a table piped to a file or CI log would otherwise be folded to 80 columns and unreadable.
@@ -57,6 +59,9 @@ def show_step(event: str, r: BenchReport) -> None:
         table(title, FENCING_HEADER, fencing_rows(r))
         if summary := fencing_summary(r):
             console.print(summary)
+    elif event == "push" and r.push:
+        title = "push: outside change -> P3.3's snapshot, with the stream, poll only, with the stream again"
+        table(title, PUSH_HEADER, push_rows(r))
     elif event == "open-loop" and r.open_loop:
         step = r.open_loop[-1]
         title = f"open loop through the chain at {step.target_per_s:g}/s, and the seed design (ms)"

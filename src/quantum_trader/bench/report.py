@@ -13,9 +13,10 @@ from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.durability import DurabilityPart
 from quantum_trader.bench.fencing import FencingPart
 from quantum_trader.bench.measure import Latency
+from quantum_trader.bench.push import PushPart
 
 # in the order they run: "sequential" and "open-loop" include the seed design's run of the same kind
-STEPS = ("idle", "sequential", "durability", "fencing", "open-loop", "decisions")
+STEPS = ("idle", "sequential", "durability", "fencing", "push", "open-loop", "decisions")
 P99_LIMIT_MS = 50.0  # "sustained" = p99 under this, and the answers keep up with the offered rate
 KEEP_UP = 0.95  # answers per second at least this share of the offered rate
 
@@ -51,6 +52,7 @@ class BenchReport:
     decisions: list[RateStep] = field(default_factory=list)
     durability: list[DurabilityPart] = field(default_factory=list)  # everysec, always, everysec
     fencing: list[FencingPart] = field(default_factory=list)  # single store; HA with consume_replicas 0, 1, 0, 1
+    push: list[PushPart] = field(default_factory=list)  # P3.3 with push, without (poll only), with again
     # the exchange-has-the-last-word rule: lookups Apply made per sequential plan (0 when the store vouches for
     # every plan), and what one lookup of an order by client id costs
     truth_lookups_per_plan: float | None = None
@@ -272,6 +274,25 @@ def fencing_summary(r: BenchReport) -> str | None:
     return text + "."
 
 
+PUSH_HEADER = ["P3.3", "stream healthy", "outside changes", "to snapshot p50 (ms)", "p99", "max",
+               "idle REST weight/min (chain)"]  # fmt: skip
+
+
+def push_rows(r: BenchReport) -> list[list[str]]:
+    return [
+        [
+            "push" if p.push else "poll only",
+            "yes" if p.stream_healthy else "-",
+            str(p.changes),
+            _ms(p.shown.p50_ms),
+            _ms(p.shown.p99_ms),
+            _ms(p.shown.max_ms),
+            _num(p.weight_per_min),
+        ]
+        for p in r.push
+    ]
+
+
 def cost_rows(r: BenchReport) -> list[list[str]]:
     rows = []
     for name in r.rss_mb:
@@ -321,6 +342,11 @@ def markdown(r: BenchReport) -> str:
         lines += [*_table(FENCING_HEADER, fencing_rows(r)), ""]
         summary = fencing_summary(r)
         lines += [summary, ""] if summary else []
+    if r.push:
+        lines += [f"Positions pushed by the exchange: an outside change (a position set on the simulator) to P3.3's "
+                  f"snapshot showing it, with the user-data stream, with push off (the poll), and with it again; "
+                  f"the whole chain's REST weight per minute over {r.push[0].idle_s:g} s idle:", ""]  # fmt: skip
+        lines += [*_table(PUSH_HEADER, push_rows(r)), ""]
     if r.open_loop:
         lines += ["Open loop through the whole chain (latencies in ms; warm-up excluded):", ""]
         lines += [*_table(LOAD_HEADER, load_rows(r)), ""]

@@ -13,11 +13,11 @@ import os
 import platform
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from quantum_trader.bench import chain, durability, fencing, seed, truth
+from quantum_trader.bench import chain, durability, fencing, push, seed, truth
 from quantum_trader.bench.bounds import StepStatus, Waiting, bounded, run_loop, within
 from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.measure import CpuWindow, Latency, rss_mb
@@ -55,11 +55,14 @@ class Scenario:
     event_loop: str = "asyncio"
     durability_plans: int | None = None  # per appendfsync part, after a 10 % warm-up; None: as ``plans``
     lookups: int = 200  # order lookups timed (what a plan the store cannot vouch for pays once)
+    push_changes: tuple[int, int] = (200, 20)  # outside changes timed with push, and with the poll (up to 5 s each)
+    push_idle_s: float = 60.0  # the window the idle REST weight is counted over, per part
     steps: tuple[str, ...] = STEPS  # which steps run (in STEPS order whatever the order here)
 
 
 QUICK = Scenario(plans=60, seed_plans=10, idle_s=5.0, rates=(200.0,), rate_s=2.0, decision_rates=(1000.0,),
-                 decision_s=1.0, load_symbols=20, durability_plans=20, lookups=20)  # fmt: skip
+                 decision_s=1.0, load_symbols=20, durability_plans=20, lookups=20, push_changes=(20, 3),
+                 push_idle_s=5.0)  # fmt: skip
 
 
 # The bounds: what each step should take, plus slack for reading the streams back on a loaded machine. Only a
@@ -124,6 +127,7 @@ def run_bench(scenario: Scenario, show: Show | None = None) -> BenchReport:
         metrics_url = f"http://127.0.0.1:{system.ports.apply}/metrics"
         settings = system.settings
         run = _Run(system.urls["admin"], scenario, load, pids, report, metrics_url, settings, show, env, sim_args)
+        run.system = system
         run_loop(run.measure())
     report.sustained_plans_per_s = highest_sustained(report.open_loop, "result")
     report.sustained_decisions_per_s = highest_sustained(report.decisions, "decided")
@@ -143,6 +147,7 @@ class _Run:
     env: dict[str, str]  # the services' settings and the simulator's options: the fencing step's HA system's too
     sim_args: list[str]
     redis: aioredis.Redis = field(init=False)  # the bench's own client, for the run
+    system: Any = None  # the run's LocalSystem (the push step restarts P3.3 on it)
     window: CpuWindow = field(init=False)
 
     async def step(
@@ -170,6 +175,8 @@ class _Run:
                 await self.durability()
             if "fencing" in steps:
                 await self.fencing()
+            if "push" in steps:
+                await self.push()
             for rate in self.scenario.rates if "open-loop" in steps else ():
                 await self.open_loop(rate)
                 await asyncio.sleep(1.0)  # P3.3's in-flight marks and Apply's holds from the step are gone
@@ -255,6 +262,31 @@ class _Run:
         parts, _ = await self.step("fencing", bound, run)
         self.report.fencing = parts or []
         self.show("fencing", self.report)
+
+    async def push(self) -> None:
+        scenario = self.scenario
+        brain_metrics = f"http://127.0.0.1:{self.system.ports.brain}/metrics"
+
+        def run(waiting: Waiting) -> Awaitable[list[push.PushPart]]:
+            return push.run_push(
+                self.redis,
+                self.system,
+                self.system.sim_url,
+                self.system.sim_admin_token(),
+                brain_metrics,
+                scenario.push_changes,
+                scenario.push_idle_s,
+                waiting,
+            )
+
+        pushed, polled = scenario.push_changes
+        per_change = push.CHANGE_BOUND_S / 10
+        bound = len(push.PARTS) * (scenario.push_idle_s + 2 * SERVICE_START_S) + (2 * pushed + 10 * polled) * per_change
+        parts, _ = await self.step("push", bound + SLACK_S, run)
+        self.report.push = parts or []
+        self.pids["brain"] = self.system.processes["brain"].pid  # restarted: the cost table follows the new one
+        self.window = CpuWindow(self.pids)
+        self.show("push", self.report)
 
     async def open_loop(self, rate: float) -> None:
         seconds = self.scenario.rate_s

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from quantum_trader.bus.embedded import APPENDFSYNC, PORT_TRIES, EmbeddedStore, free_port
 
@@ -98,16 +100,18 @@ class EmbeddedHA:
         for _ in range(PORT_TRIES - 1):
             try:
                 return self._start_sentinel(index, primary_port)
-            except HAStartupError:
-                if "Address already in use" not in self._sentinel_log(index):
+            except HAStartupError as exc:
+                if "could not bind" not in str(exc):
                     raise
                 (self.data_dir / f"sentinel-{index}" / "sentinel.conf").unlink()  # it names the port
                 self.sentinel_ports[index] = free_port()
         return self._start_sentinel(index, primary_port)
 
-    def _sentinel_log(self, index: int) -> str:
+    def _sentinel_log(self, index: int, since: int = 0) -> str:
         try:
-            return (self.data_dir / f"sentinel-{index}" / "sentinel.log").read_text(errors="replace")
+            with open(self.data_dir / f"sentinel-{index}" / "sentinel.log", "rb") as log:
+                log.seek(since)
+                return log.read().decode(errors="replace")
         except OSError:
             return ""
 
@@ -138,14 +142,18 @@ class EmbeddedHA:
             with os.fdopen(fd, "w") as out:
                 out.write("\n".join(lines) + "\n")
         with open(home / "sentinel.log", "ab") as log:
+            since = log.tell()  # this start's part of the log (a restart appends to it)
             process = subprocess.Popen(
                 [str(get_binary_path()), str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT, cwd=home
             )
         try:
 
             def up() -> bool:
-                if process.poll() is not None:  # exited (a port taken, a bad file): no use waiting 15 s
-                    raise HAStartupError(f"Sentinel {index} exited at start (its log: {home / 'sentinel.log'})")
+                if process.poll() is not None or "Address already in use" in self._sentinel_log(index, since):
+                    # exited, or could not bind (a port taken): no use waiting 15 s
+                    taken = "Address already in use" in self._sentinel_log(index, since)
+                    why = "could not bind its port" if taken else "exited at start"
+                    raise HAStartupError(f"Sentinel {index} {why} (its log: {home / 'sentinel.log'})")
                 return self._pings(self.sentinel_ports[index])
 
             self._wait(up, f"Sentinel {index} did not start")
@@ -156,7 +164,8 @@ class EmbeddedHA:
         return process
 
     def _sentinel(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=self.sentinel_password, socket_timeout=1.0)
+        # one try: redis-py's own retries would make a look at a Sentinel that is not there take seconds
+        return redis.Redis(port=port, password=self.sentinel_password, socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
 
     def _pings(self, port: int) -> bool:
         try:

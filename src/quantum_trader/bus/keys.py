@@ -128,6 +128,12 @@ def p33_symbol_in_flight(symbol: str) -> str:
     return f"quantum:p33:inflight:{symbol}"
 
 
+def p33_drift_seen(symbol: str, transaction_ms: int, event_ms: int) -> str:
+    """Claimed by the P3.3 instance that records a pushed position change as drift: one line per change for
+    the account, however many instances follow the stream."""
+    return f"quantum:p33:drift:{symbol}:{transaction_ms}:{event_ms}"
+
+
 def p33_result_seen(plan_id: str) -> str:
     """Set when P3.3's ledger follower has seen the plan's result: an allow decided after that (the Governor
     denied first and the result went by) sets no in-flight mark, as no result would ever release it."""

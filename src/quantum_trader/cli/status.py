@@ -7,13 +7,25 @@ from decimal import Decimal
 from quantum_trader.views.status import Status
 
 
+def _stream(s: dict[str, object]) -> str:
+    state = s.get("stream", "off")
+    if state == "off":
+        return "off (poll only)"
+    counts = f"reconnects {s['stream_reconnects']} · renewals {s['stream_renewals']} · resyncs {s['stream_resyncs']}"
+    age = s.get("stream_last_event_age_s", -1.0)
+    last = f" · last event {age} s ago" if isinstance(age, float) and age >= 0 else ""
+    if state == "healthy":
+        return f"healthy · {counts}{last}"
+    return f"[red]down[/red] ({s.get('stream_error') or 'connecting'}) · {counts}"
+
+
 def render(status: Status) -> None:
     from rich.table import Table
 
     from quantum_trader.cli.render import console
 
     services = Table(title="services", title_justify="left")
-    for column in ("service", "consumer", "pid", "ready", "heartbeat", "lag", "pending"):
+    for column in ("service", "consumer", "pid", "ready", "heartbeat", "lag", "pending", "user-data stream"):
         services.add_column(column)
     for s in status.services:
         services.add_row(
@@ -24,9 +36,10 @@ def render(status: Status) -> None:
             f"{s['heartbeat_age_s']} s ago",
             str(s["lag"]),
             str(s["pending"]),
+            _stream(s),
         )
     if not status.services:
-        services.add_row("[red]none running[/red]", "", "", "", "", "", "")
+        services.add_row("[red]none running[/red]", "", "", "", "", "", "", "")
     console.print(services)
     switch = "[red]ON: every plan is denied[/red]" if status.kill_switch else "off"
     console.print(

@@ -196,7 +196,8 @@ def bench_cmd(
     only: Annotated[
         str | None,
         typer.Option(
-            help="run only these steps, comma-separated: idle, sequential, durability, fencing, open-loop, decisions"
+            help="run only these steps, comma-separated: idle, sequential, durability, fencing, push, open-loop, "
+            "decisions"
         ),
     ] = None,
 ) -> None:

@@ -34,6 +34,8 @@ def apply_result(
         last_result_id=result_id,
         last_exec_at=now,
         synced_at_ms=ledger.synced_at_ms if ledger else 0,
+        # a fill whose time is not known makes the latest one unknown: no snapshot can be shown to include it
+        last_fill_ms=max(result.order_time_ms, ledger.last_fill_ms if ledger else 0) if result.order_time_ms else 0,
     )
 
 
@@ -61,7 +63,21 @@ def reconcile(ledger: Ledger | None, exchange_amt: Decimal, now: float, synced_a
         last_result_id=ledger.last_result_id if ledger else "",
         last_exec_at=ledger.last_exec_at if ledger else 0.0,
         synced_at_ms=max(synced_at_ms, ledger.synced_at_ms if ledger else 0),
+        last_fill_ms=ledger.last_fill_ms if ledger else 0,
     )
+
+
+def pushed_is_newer(ledger: Ledger | None, transaction_ms: int) -> bool:
+    """A pushed position (the state after the exchange's transaction at ``transaction_ms``) can be compared
+    with ``ledger``: it is at least as new as the ledger's last change. A ledger moved by results is as new as
+    its latest fill (unknown: never comparable, the poll decides); one taken from the exchange, as the time up
+    to which it is the exchange's own. An older pushed state (a fill's result recorded before the fill's push
+    arrived, or an earlier event) would show growth that is only the ledger being ahead."""
+    if ledger is None:
+        return True
+    if ledger.source == "result":
+        return bool(ledger.last_fill_ms) and transaction_ms >= ledger.last_fill_ms
+    return transaction_ms > ledger.synced_at_ms
 
 
 def adopt_outside_growth(
@@ -87,4 +103,5 @@ def adopt_outside_growth(
         last_result_id=ledger.last_result_id,
         last_exec_at=ledger.last_exec_at,
         synced_at_ms=max(synced_at_ms, ledger.synced_at_ms),
+        last_fill_ms=ledger.last_fill_ms,
     )

@@ -183,7 +183,10 @@ class Snapshot(Struct, frozen=True, kw_only=True):
     position_amt: Decimal
     entry_price: Decimal
     mark_price: Decimal
-    ts: float
+    ts: float  # when it was last known true: the poll's request sent, or a frame of the healthy stream received
+    # exchange time (ms) up to which it shows every fill: the position's last change, or a poll's request time
+    # less the clock margin (0: not known; snapshots before 2026-12 lack it)
+    synced_ms: int = 0
 
 
 class Ledger(Struct, frozen=True, kw_only=True):
@@ -198,6 +201,9 @@ class Ledger(Struct, frozen=True, kw_only=True):
     # exchange time (ms) up to which the amount is the exchange's own (set when it is taken from the exchange):
     # a fill at or before it is already in it, and its result must not move it again
     synced_at_ms: int = 0
+    # exchange time (ms) of the latest fill a result moved it by (0: none known): a snapshot that shows every
+    # fill up to then is not behind it (domain/brain/snapshot_age.py)
+    last_fill_ms: int = 0
 
 
 # --- stream field conversion ------------------------------------------------------------------------------

@@ -54,9 +54,14 @@ class Sequence:
         return True
 
     def resynced(self, symbol: str, update_time_ms: int) -> bool:
-        """A REST read of the position (its ``updateTime``): held unless the stream already brought a newer or
-        the same change. True when the read is the state to keep."""
-        return self.position(symbol, update_time_ms, READ)
+        """A REST read of the position (its ``updateTime``): held unless the stream already brought a newer
+        change. True when the read is the state to keep (also when it is the very state held: a read that
+        confirms it says it is still true now)."""
+        version = (update_time_ms, READ)
+        if version < self.positions.get(symbol, (-1, -1)):
+            return False
+        self.positions[symbol] = version
+        return True
 
     def order(self, symbol: str, order_id: int, cumulative: Decimal, status: str, transaction_ms: int) -> bool:
         """True (and held) when this order state is newer than the one held."""

@@ -25,13 +25,13 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import msgspec
-import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from quantum_trader import logs
 from quantum_trader.domain.stream_sequence import Sequence
 from quantum_trader.exchange.base import ExchangeError
 from quantum_trader.exchange.stream_events import (
@@ -46,13 +46,14 @@ from quantum_trader.exchange.stream_events import (
 )
 from quantum_trader.settings import StreamSettings
 
-log = structlog.get_logger("userstream")
+log = logs.get("userstream")  # the project's logger: a log call that fails never ends the stream
 
 LISTEN_KEY_UNKNOWN: Final = -1125
 OPEN_TIMEOUT_S: Final = 10.0
 KEEPALIVE_RETRY_S: Final = 60.0  # a failed PUT (other than -1125) is tried again this soon
 
 
+@runtime_checkable
 class ListenKeys(Protocol):
     """The REST side of the stream (exchange/binance.py BinanceFutures)."""
 
@@ -68,8 +69,9 @@ class StreamOwner(Protocol):
         """Re-read the REST state after a (re)connect; return each position's ``updateTime`` (ms) read."""
         ...
 
-    async def on_event(self, event: StreamEvent) -> None:
-        """An event that is new (an ``ACCOUNT_UPDATE`` carries only the positions that are)."""
+    async def on_event(self, event: StreamEvent, received_at: float) -> None:
+        """An event that is new (an ``ACCOUNT_UPDATE`` carries only the positions that are), with the wall
+        time its frame was received (not handled: events can wait in the queue)."""
         ...
 
     async def on_bad_frame(self, reason: str) -> None:
@@ -168,7 +170,7 @@ class UserDataStream:
             health.last_frame_at = health.connected_at
             health.sessions += 1
             log.info("user-data stream connected", session=health.sessions, symbols=len(self._symbols))
-            frames: asyncio.Queue[str | bytes] = asyncio.Queue()
+            frames: asyncio.Queue[tuple[float, str | bytes]] = asyncio.Queue()
             reader = asyncio.ensure_future(self._read(ws, frames))
             keeper = asyncio.ensure_future(self._keep_alive(key))
             try:
@@ -187,10 +189,10 @@ class UserDataStream:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
 
-    async def _read(self, ws: ClientConnection, frames: asyncio.Queue[str | bytes]) -> None:
+    async def _read(self, ws: ClientConnection, frames: asyncio.Queue[tuple[float, str | bytes]]) -> None:
         async for frame in ws:
-            self.health.last_frame_at = self._now()
-            frames.put_nowait(frame)
+            self.health.last_frame_at = received = self._now()
+            frames.put_nowait((received, frame))
 
     async def _keep_alive(self, key: str) -> None:
         """PUT the key every ``keepalive_s``; -1125 ends the session (the key is gone)."""
@@ -210,13 +212,20 @@ class UserDataStream:
             wait = self._settings.keepalive_s
 
     async def _consume(
-        self, frames: asyncio.Queue[str | bytes], reader: asyncio.Future[None], keeper: asyncio.Future[None]
+        self,
+        frames: asyncio.Queue[tuple[float, str | bytes]],
+        reader: asyncio.Future[None],
+        keeper: asyncio.Future[None],
     ) -> None:
         silence = self._settings.silence_s if self._symbols else None  # without mark prices a quiet key is normal
         while True:
             getting = asyncio.ensure_future(frames.get())
             waiting: set[asyncio.Future[Any]] = {getting, reader, keeper}
-            done, _ = await asyncio.wait(waiting, timeout=silence, return_when="FIRST_COMPLETED")
+            try:
+                done, _ = await asyncio.wait(waiting, timeout=silence, return_when="FIRST_COMPLETED")
+            finally:
+                if not getting.done():  # cancelled while waiting: no pending get left behind
+                    getting.cancel()
             if getting not in done:
                 getting.cancel()
                 for task in (reader, keeper):
@@ -226,9 +235,9 @@ class UserDataStream:
                         code = f" ({ws.close_code} {ws.close_reason})" if ws is not None and ws.close_code else ""
                         raise SessionEnded(f"closed by the exchange{code}")
                 raise SessionEnded(f"no frame for {silence:.0f} s (a silent connection)")
-            await self._handle(getting.result())
+            await self._handle(*getting.result())
 
-    async def _handle(self, frame: str | bytes) -> None:
+    async def _handle(self, received_at: float, frame: str | bytes) -> None:
         try:
             event = decode_event(frame)
         except BadStreamEvent as exc:
@@ -247,7 +256,7 @@ class UserDataStream:
             return
         self.health.events += 1
         self.health.last_event_at = self._now()
-        await self._owner.on_event(fresh)
+        await self._owner.on_event(fresh, received_at)
 
     def _fresh(self, event: StreamEvent) -> StreamEvent | None:
         """The part of ``event`` that is new (None: nothing is)."""

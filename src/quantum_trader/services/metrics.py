@@ -7,12 +7,16 @@ operators grep for ``p33``).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from quantum_trader.exchange.userstream import StreamHealth
 
 # Permit waits range from ~1 ms (both issuers up) to the 1.2 s window; decisions from 0.1 ms to seconds.
 WAIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.5, 5.0)
@@ -222,6 +226,48 @@ class BrainMetrics:
         self.consumer_pending = Gauge(
             "p33_consumer_pending", "Entries delivered but not acknowledged", ["group"], registry=registry
         )
+        self.pushed_positions = Counter(
+            "p33_pushed_positions", "Position snapshots written from the user-data stream", registry=registry
+        )
+        self.drift_events = Counter(
+            "p33_drift_events",
+            "Exchange position changes no plan of the chain explains, by the exchange's reason",
+            ["reason"],
+            registry=registry,
+        )
+
+
+class StreamCollector:
+    """The user-data stream's health (exchange/userstream.py StreamHealth) as ``<prefix>_stream_*`` series, read
+    at each scrape: connected and healthy (0/1), the last frame's and event's age, and the counts since start
+    (sessions, reconnects, key renewals, resyncs, key expiries, events, stale events passed over, bad frames)."""
+
+    COUNTS = ("sessions", "reconnects", "renewals", "resyncs", "key_expiries", "events", "stale_events", "bad_frames")
+
+    def __init__(self, prefix: str, health: Callable[[], StreamHealth | None]) -> None:
+        self._prefix = prefix
+        self._health = health
+
+    def collect(self) -> Iterable[Any]:
+        health = self._health()
+        if health is None:
+            return
+        name = f"{self._prefix}_stream"
+        yield GaugeMetricFamily(f"{name}_connected", "1 while the user-data stream is connected", health.connected)
+        yield GaugeMetricFamily(
+            f"{name}_healthy", "1 while it is connected and resynced: its events are trusted", health.healthy
+        )
+        now = time.time()
+        for what, at in (("frame", health.last_frame_at), ("event", health.last_event_at)):
+            age = now - at if at else float("inf")
+            yield GaugeMetricFamily(f"{name}_last_{what}_age_seconds", f"Seconds since the last {what}", age)
+        for count in self.COUNTS:
+            help_text = f"User-data stream {count.replace('_', ' ')} since start"
+            yield CounterMetricFamily(f"{name}_{count}", help_text, getattr(health, count))
+
+
+def stream_metrics(registry: CollectorRegistry, prefix: str, health: Callable[[], StreamHealth | None]) -> None:
+    registry.register(StreamCollector(prefix, health))
 
 
 def build_info(registry: CollectorRegistry, service: str) -> None:

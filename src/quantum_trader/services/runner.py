@@ -25,6 +25,7 @@ from quantum_trader.bus.streams import GROUPS, group_backlog
 from quantum_trader.exchange import open_exchange, sim_url_for
 from quantum_trader.exchange.base import ExchangeError
 from quantum_trader.exchange.check import HEDGE_HELP, MAX_SKEW_MS
+from quantum_trader.exchange.userstream import UserDataStream
 from quantum_trader.services.consumer import STORE_ERRORS, Backoff, consumer_name
 from quantum_trader.services.metrics import build_info, serve_metrics
 from quantum_trader.settings import Settings
@@ -70,16 +71,23 @@ def readiness(kind: str, ready: asyncio.Event, registry: Any) -> tuple[bool, str
     return True, "deciding"
 
 
-async def heartbeat(redis: aioredis.Redis, service: str, consumer: str, ready: asyncio.Event, metrics: Any) -> None:
-    """Keep ``quantum:health:<service>:<consumer>`` alive while the process runs: ready once serving, and the
-    lag and pending count of its consumer groups (also exported as metrics)."""
+async def heartbeat(
+    redis: aioredis.Redis,
+    service: str,
+    consumer: str,
+    ready: asyncio.Event,
+    metrics: Any,
+    stream: UserDataStream | None = None,
+) -> None:
+    """Keep ``quantum:health:<service>:<consumer>`` alive while the process runs: ready once serving, the lag
+    and pending count of its consumer groups (also exported as metrics), and its user-data stream's health."""
     key = keys.health(service, consumer)
     started = time.time()
     while True:
         try:
             lag = pending = 0
-            for stream, group in GROUPS[service]:
-                group_lag, group_pending = await group_backlog(redis, stream, group)
+            for group_stream, group in GROUPS[service]:
+                group_lag, group_pending = await group_backlog(redis, group_stream, group)
                 metrics.consumer_lag.labels(group).set(group_lag)
                 metrics.consumer_pending.labels(group).set(group_pending)
                 lag, pending = lag + group_lag, pending + group_pending
@@ -93,6 +101,7 @@ async def heartbeat(redis: aioredis.Redis, service: str, consumer: str, ready: a
                     "version": __version__,
                     "lag": lag,
                     "pending": pending,
+                    **stream_fields(stream),
                 },
             )
             await redis.expire(key, keys.HEARTBEAT_TTL_S)
@@ -101,6 +110,24 @@ async def heartbeat(redis: aioredis.Redis, service: str, consumer: str, ready: a
         except RedisError as exc:  # never let the heartbeat die silently: a dead one looks like a dead service
             logs.get(service).warning("heartbeat failed", error=str(exc))
         await asyncio.sleep(keys.HEARTBEAT_INTERVAL_S)
+
+
+def stream_fields(stream: UserDataStream | None) -> dict[str, str]:
+    """The stream's health for the heartbeat (``qt status``, the dashboard): ``stream`` is ``off`` (push off, or
+    a service without one), ``healthy`` (connected and resynced) or ``down``."""
+    if stream is None:
+        return {"stream": "off"}
+    health = stream.health
+    last = health.last_event_at or health.last_frame_at
+    return {
+        "stream": "healthy" if health.healthy else "down",
+        "stream_sessions": str(health.sessions),
+        "stream_reconnects": str(health.reconnects),
+        "stream_renewals": str(health.renewals),
+        "stream_resyncs": str(health.resyncs),
+        "stream_last_event_age_s": repr(round(time.time() - last, 1)) if last else "",
+        "stream_error": health.last_error[:200],
+    }
 
 
 async def service_event(redis: aioredis.Redis, kind: str, consumer: str, event: str) -> None:
@@ -151,7 +178,8 @@ async def serve(kind: ServiceKind, settings: Settings) -> None:
         build_info(registry, kind)
         serve_metrics(registry, port, alive=LOOP.alive, ready=functools.partial(readiness, kind, ready, registry))
         log.info(f"{kind} connected", store=redact(url), metrics_port=port or "off", mode=settings.exchange.mode)
-        beat = asyncio.create_task(heartbeat(redis, kind, consumer, ready, service.metrics))
+        stream = getattr(service, "stream", None)
+        beat = asyncio.create_task(heartbeat(redis, kind, consumer, ready, service.metrics, stream))
         ticker = asyncio.create_task(tick_forever(LOOP))
         syncer = asyncio.create_task(service.journal.sync_forever())
         await service_event(redis, kind, consumer, "started")

@@ -76,6 +76,13 @@ async def collect(
                 "heartbeat_age_s": round(now - _num(beat.get("updated_at")), 1),
                 "lag": int(_num(beat.get("lag"))),
                 "pending": int(_num(beat.get("pending"))),
+                # the user-data stream: off / healthy / down, with its counts (services/runner.py stream_fields)
+                "stream": printable(beat.get("stream", "off")),
+                "stream_reconnects": int(_num(beat.get("stream_reconnects"))),
+                "stream_renewals": int(_num(beat.get("stream_renewals"))),
+                "stream_resyncs": int(_num(beat.get("stream_resyncs"))),
+                "stream_last_event_age_s": _num(beat.get("stream_last_event_age_s"), -1.0),
+                "stream_error": printable(beat.get("stream_error", "")),
             }
         )
     status.services.sort(key=lambda s: (s["service"], s["consumer"]))

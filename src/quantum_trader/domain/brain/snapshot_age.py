@@ -7,8 +7,16 @@ from quantum_trader.domain.models import Ledger, Plan, Snapshot
 
 def behind_ledger(snapshot: Snapshot | None, ledger: Ledger | None) -> bool:
     """The snapshot was taken before the ledger's last change (a fill just applied): it no longer shows the
-    position the ledger describes, so comparing the two would report a mismatch that is not there."""
-    return snapshot is not None and ledger is not None and snapshot.ts < ledger.updated_at
+    position the ledger describes, so comparing the two would report a mismatch that is not there.
+
+    When the ledger last moved by results and the snapshot shows every fill up to the latest of them (by the
+    exchange's clock: a pushed position often arrives before the fill's result is recorded), it is not
+    behind, whatever the local times say."""
+    if snapshot is None or ledger is None:
+        return False
+    if ledger.source == "result" and ledger.last_fill_ms and snapshot.synced_ms >= ledger.last_fill_ms:
+        return False
+    return snapshot.ts < ledger.updated_at
 
 
 def check(plan: Plan, inputs: BrainInputs, policy: BrainPolicy, now: float) -> str | None:

@@ -23,6 +23,8 @@ class SimConfig:
     listen_key_lifetime_s: how long a user-data listen key lives after its last POST or PUT (Binance: 60 min;
         short in tests of expiry).
     stream_max_connection_s: a user-data connection is cut this long after it opened (Binance: 24 hours).
+    account_update_first: a fill's ``ACCOUNT_UPDATE`` is pushed before its ``ORDER_TRADE_UPDATE`` (Binance does
+        not document their order, and clients have seen both: the chain must not depend on either).
     """
 
     host: str = "127.0.0.1"
@@ -44,3 +46,4 @@ class SimConfig:
     fee_rate: Decimal = Decimal(0)
     listen_key_lifetime_s: float = 3600.0
     stream_max_connection_s: float = 86400.0
+    account_update_first: bool = False

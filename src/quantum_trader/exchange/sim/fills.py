@@ -18,6 +18,8 @@ _PNL_QUANT: Final = Decimal("0.00000001")
 class Fills(EngineState):
     """The engine's executions (the part the price walk calls when the mark moves)."""
 
+    account_update_first = False  # SimConfig.account_update_first: a fill's two events in the other order
+
     def _position(self, symbol: str, position_side: str) -> Position:
         key = (symbol, position_side)
         position = self._positions.get(key)
@@ -56,7 +58,8 @@ class Fills(EngineState):
         self._next_trade_id += 1
         # the trade's events: X is the status the fill leaves (the caller may then expire an immediate rest)
         order.status = "FILLED" if order.executed_qty == order.orig_qty else "PARTIALLY_FILLED"
-        self._order_event(spec, order, "TRADE", self._trades[-1])
+        if not self.account_update_first:
+            self._order_event(spec, order, "TRADE", self._trades[-1])
         unrealized = position.amt * (price - position.entry_price) if position.amt else ZERO
         self._emit(
             userdata.account_update(
@@ -64,6 +67,8 @@ class Fills(EngineState):
                 [(position, unrealized, spec.price_precision, spec.quantity_precision)],
             )
         )  # fmt: skip
+        if self.account_update_first:
+            self._order_event(spec, order, "TRADE", self._trades[-1])
 
     def _order_event(self, spec: SymbolSpec, order: Order, execution: str, trade: Trade | None = None) -> None:
         self._emit(

@@ -27,6 +27,7 @@ class RateLimiter:
         self.weight = self.orders_1m = self.orders_10s = 0
         self.limited = 0  # requests answered 429 in this minute
         self.banned_until = 0
+        self.weight_total = 0  # every request's weight since the start (or reset): what clients spend over time
 
     def _roll(self, now: int) -> None:
         if now // 60_000 != self.minute:
@@ -43,6 +44,7 @@ class RateLimiter:
         if now < self.banned_until:
             return self._banned(now)
         self.weight += weight
+        self.weight_total += weight
         if self.weight > cfg.weight_limit_1m:
             self.limited += 1
             if self.limited > cfg.ban_after_429s:
@@ -78,6 +80,7 @@ class RateLimiter:
     def state(self) -> Json:
         return {
             "usedWeight1m": self.weight,
+            "weightTotal": self.weight_total,
             "orderCount10s": self.orders_10s,
             "orderCount1m": self.orders_1m,
             "bannedUntil": self.banned_until or None,

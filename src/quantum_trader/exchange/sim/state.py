@@ -18,6 +18,7 @@ class SimState:
         self.config = config
         self.engine = engine
         engine.listen_keys.lifetime_ms = round(config.listen_key_lifetime_s * 1000)
+        engine.account_update_first = config.account_update_first
         self.limiter = RateLimiter(config)
         self.faults = FaultBook()
         self.late: list[LateExecution] = []  # every late_execution since the last reset, oldest first

@@ -204,9 +204,12 @@ class UserStreams:
                 if connection.keys:
                     waiting.add(asyncio.ensure_future(connection.queue.get()))
                 timeout = min([KEY_CHECK_S, *(due - now for due in connection.due.values())])
-                done, pending = await asyncio.wait(waiting, timeout=max(0.0, timeout), return_when="FIRST_COMPLETED")
-                for future in pending:
-                    future.cancel()
+                try:
+                    done, _ = await asyncio.wait(waiting, timeout=max(0.0, timeout), return_when="FIRST_COMPLETED")
+                finally:
+                    for future in waiting:  # the gets not done (also when the server stops): none left pending
+                        if not future.done():
+                            future.cancel()
                 for future in done:
                     item = future.result()
                     if item is None:  # the client went away

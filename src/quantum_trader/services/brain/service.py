@@ -19,15 +19,19 @@ from quantum_trader.domain import reasons
 from quantum_trader.domain.brain import BrainInputs, BrainPolicy, BrainVerdict, decide_in_order
 from quantum_trader.domain.brain.snapshot_age import behind_ledger
 from quantum_trader.domain.models import Plan
+from quantum_trader.exchange import sim_url_for
 from quantum_trader.exchange.base import Exchange, ExchangeError
+from quantum_trader.exchange.binance import stream_base
+from quantum_trader.exchange.userstream import ListenKeys, UserDataStream
 from quantum_trader.secrets import permit_key
 from quantum_trader.services.brain.follower import LedgerFollower
 from quantum_trader.services.brain.inputs import InputsRead, read_inputs
 from quantum_trader.services.brain.ledger import LedgerChange, ledger_audit_fields
+from quantum_trader.services.brain.push import PushedPositions
 from quantum_trader.services.brain.snapshots import SnapshotPoller
 from quantum_trader.services.consumer import STORE_ERRORS, Backoff, Entries, consume_group
 from quantum_trader.services.issuer import PermitIssuer
-from quantum_trader.services.metrics import BrainMetrics
+from quantum_trader.services.metrics import BrainMetrics, stream_metrics
 from quantum_trader.settings import Settings
 from quantum_trader.tasks import cancel_and_wait
 
@@ -80,8 +84,33 @@ class BrainService(PermitIssuer):
         )
         for symbol in self.symbols:
             self.metrics.snapshot_age.labels(symbol).set_function(functools.partial(self.snapshot_age, symbol))
+        self.pushed: PushedPositions | None = None
+        self.stream = self._user_stream(exchange)
+        stream_metrics(self.metrics.registry, "p33", lambda: self.stream.health if self.stream else None)
         if watch is not None:
             watch.subscribe(self._store_changed)  # last: a change already seen is delivered at once
+
+    def _user_stream(self, exchange: Exchange) -> UserDataStream | None:
+        """The user-data stream, unless push is off (``QT_STREAM__PUSH=false``: poll only) or the exchange has
+        no listen key (a stand-in exchange in tests)."""
+        settings = self.settings
+        if not settings.stream.push or not isinstance(exchange, ListenKeys):
+            return None
+        owner = self.pushed = PushedPositions(
+            self.snapshots,
+            self.redis,
+            self.metrics,
+            self.log,
+            self._clock,
+            settings.audit_maxlen,
+            self.journal.append,
+            self.consumer,
+        )
+        base = stream_base(settings.exchange, sim_url_for(settings), settings.stream.url)
+        stream = UserDataStream(exchange, base, owner, settings.stream, self.symbols)
+        self.snapshots.stream_healthy = lambda: stream.health.healthy
+        self.snapshots.sequence = stream.sequence
+        return stream
 
     async def run(self) -> None:
         self.log.info("P3.3 Position State Brain starting (event-driven mode)", consumer=self.consumer)
@@ -97,10 +126,15 @@ class BrainService(PermitIssuer):
             ),
             asyncio.create_task(self._consume(keys.PLAN_STREAM, keys.P33_GROUP, keys.PLAN_DLQ), name="p33-plans"),
         ]
+        if self.stream is not None:
+            loops.append(asyncio.create_task(self.stream.run(), name="p33-user-stream"))
         try:
             await asyncio.gather(*loops)
         finally:
             await cancel_and_wait(loops)
+            if self.pushed is not None:
+                await self.pushed.close()
+            await self.snapshots.close()
 
     async def _consume(self, stream: str, group: str, dlq: str) -> None:
         plans = stream == keys.PLAN_STREAM
@@ -218,14 +252,20 @@ class BrainService(PermitIssuer):
     async def _verdicts(self, plans: Decided, inputs: dict[str, BrainInputs]) -> list[BrainVerdict]:
         symbols = list(dict.fromkeys(plan.symbol for _, plan in plans))
         ledgers = {s: inputs[s].ledger for s in symbols}
-        behind = {  # symbol -> when its ledger last moved, for those whose snapshot predates that
-            s: ledger.updated_at
+        behind = {  # symbol -> its ledger, for those whose snapshot predates the ledger's last change
+            s: ledger
             for s, ledger in ledgers.items()
             if ledger is not None and behind_ledger(inputs[s].snapshot, ledger)
         }
         if behind:
-            # A fill was applied after the last poll: look at the exchange now rather than deny on old data.
-            if not await self.snapshots.snapshots_since(list(behind), max(behind.values())):
+            # A fill was applied after the last snapshot: look at the exchange now rather than deny on old data.
+            since = max(ledger.updated_at for ledger in behind.values())
+            fills = {
+                s: ledger.last_fill_ms
+                for s, ledger in behind.items()
+                if ledger.source == "result" and ledger.last_fill_ms
+            }
+            if not await self.snapshots.snapshots_since(list(behind), since, fills):
                 self.log.warning("no fresh snapshot within the exchange timeout; deciding on what is known")
             inputs.update((await self._inputs(list(behind))).inputs)
         return decide_in_order(
