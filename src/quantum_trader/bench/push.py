@@ -9,6 +9,7 @@ two push parts. P3.3 restarts between parts with the new setting.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -25,6 +26,9 @@ SETTING = "QT_STREAM__PUSH"
 PARTS = (True, False, True)
 SYMBOL = "BNBUSDT"  # a symbol no other step closes on
 LOOK_EVERY_S = 0.001
+POLL_PERIOD_S = 5.0  # P3.3's poll interval (its default): the poll part's pauses spread over it
+SETTLE_S = 15.0  # before the first idle window: the services' start-up reads (Apply's order search) are over
+_random = random.Random(1)  # the same pauses in every run
 CHANGE_BOUND_S = 15.0  # one change not in the snapshot by then: the part fails (the poll takes 5 s at most)
 
 
@@ -87,7 +91,9 @@ async def _part(
             if time.perf_counter() - made > CHANGE_BOUND_S:
                 raise RuntimeError(f"an outside change was not in the snapshot after {CHANGE_BOUND_S:g} s")
             await asyncio.sleep(LOOK_EVERY_S)
-        await asyncio.sleep(0.05 if push else 0.3)  # the next change does not land on the same poll phase
+        # a random pause: the next change lands anywhere in the poll's period (a fixed one would lock onto one
+        # phase of it and measure that phase only)
+        await asyncio.sleep(_random.uniform(0.05, 0.5 if push else POLL_PERIOD_S))
     part.shown = Latency.of(shown)
     return part
 
@@ -107,6 +113,8 @@ async def run_push(
     waiting = waiting or Waiting()
     parts: list[PushPart] = []
     async with httpx.AsyncClient(base_url=admin_url, headers={"X-Sim-Admin-Token": admin_token}, timeout=5.0) as admin:
+        waiting.on(f"the services' start-up reads to be over ({SETTLE_S:g} s)")
+        await asyncio.sleep(min(SETTLE_S, idle_s))
         try:
             for n, push in enumerate(PARTS):
                 part_waiting = waiting.sub(f"part {n + 1} of {len(PARTS)}, push {'on' if push else 'off'}")

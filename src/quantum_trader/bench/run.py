@@ -282,6 +282,7 @@ class _Run:
         pushed, polled = scenario.push_changes
         per_change = push.CHANGE_BOUND_S / 10
         bound = len(push.PARTS) * (scenario.push_idle_s + 2 * SERVICE_START_S) + (2 * pushed + 10 * polled) * per_change
+        bound += push.SETTLE_S + polled * push.POLL_PERIOD_S
         parts, _ = await self.step("push", bound + SLACK_S, run)
         self.report.push = parts or []
         self.pids["brain"] = self.system.processes["brain"].pid  # restarted: the cost table follows the new one
