@@ -72,7 +72,7 @@ async def test_an_outside_change_reaches_the_snapshot_from_the_stream(sim, rds, 
         admin(sim, "POST", "/_sim/force-close", {"symbol": SYMBOL, "qty": "1.000"})
         await until(lambda: _amt_is(rds, "2.000"), "the liquidation in the snapshot", 2.0)
         admin(sim, "POST", "/_sim/price", {"symbol": SYMBOL, "price": "3100"})
-        await until(lambda: _mark_is(rds, "3100.00"), "the new mark price in the snapshot", 3.0)
+        await until(lambda: _mark_is(rds, "3100.00"), "the new mark in the snapshot", 6.0)  # ticks 1 s, writes 2 s
         assert brain.metrics.pushed_positions._value.get() >= 2
         assert brain.stream.health.sessions == sessions and brain.stream.health.healthy
         print(f"outside change -> snapshot: {pushed_in * 1000:.1f} ms (push; the poll would take up to 300 s)")

@@ -287,14 +287,22 @@ async def test_many_sequential_plans_each_get_exactly_one_order_and_result(
         print(f"\npermit wait over 40 sequential plans: p50 {waits[19]:.2f} ms, max {waits[-1]:.2f} ms")
 
 
-async def test_fills_on_one_symbol_do_not_starve_the_full_snapshot_poll(sim, rds, chain: Chain) -> None:
+async def test_fills_on_one_symbol_do_not_starve_the_full_snapshot_poll(sim, rds, tmp_path, store_url) -> None:
     """Results keep asking for their own symbol's snapshot; every other symbol's snapshot is still renewed each
-    interval (0.5 s here), or its plans would be denied stale_snapshot under load."""
+    interval (0.5 s here), or its plans would be denied stale_snapshot under load. The poll's own property:
+    with push off (QT_STREAM__PUSH=false), so that only the poll can renew a snapshot."""
+    from conftest import make_settings
+
+    chain = Chain(make_settings(tmp_path, store_url, sim.url, stream={"push": False}))
     await chain.start()
-    brain = chain.services["brain"]
-    before = float((await rds.hgetall(keys.snapshot("ETHUSDT")))["ts"])
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        brain.ask_refresh(["SOLUSDT"])
-        await asyncio.sleep(0.02)
-    assert float((await rds.hgetall(keys.snapshot("ETHUSDT")))["ts"]) > before + 1.0
+    try:
+        brain = chain.services["brain"]
+        assert brain.stream is None
+        before = float((await rds.hgetall(keys.snapshot("ETHUSDT")))["ts"])
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            brain.ask_refresh(["SOLUSDT"])
+            await asyncio.sleep(0.02)
+        assert float((await rds.hgetall(keys.snapshot("ETHUSDT")))["ts"]) > before + 1.0
+    finally:
+        await chain.stop()

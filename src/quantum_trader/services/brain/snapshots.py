@@ -37,6 +37,9 @@ from quantum_trader.settings import Settings
 from quantum_trader.tasks import cancel_and_wait
 
 SNAPSHOT_ATTEMPTS = 2  # polls a plan asks for before it is decided on the snapshot it has
+# pushed marks are written at most this often per symbol (they come every second: with many symbols, writing
+# each would cost the store and P3.3 more than the snapshots' ts and the Governor's notional check need)
+MARK_WRITE_EVERY_S = 2.0
 PUSH_WAIT_S = 0.25  # a plan behind its ledger's fills waits this long for the stream to show them, then polls
 
 
@@ -74,6 +77,7 @@ class SnapshotPoller:
         self._synced_ms: dict[str, int] = {}  # per symbol: the exchange time up to which its snapshot shows fills
         self._wrote = asyncio.Event()
         self._rechecks: set[asyncio.Future[None]] = set()  # _follow_known tasks, held until done
+        self._mark_written: dict[str, float] = {}  # per symbol: when a pushed mark was last written
 
     def snapshot_age(self, symbol: str) -> float:
         """Seconds since the symbol's snapshot was written by this instance (inf before the first)."""
@@ -379,9 +383,12 @@ class SnapshotPoller:
         """A mark price from the stream: the snapshot's ``mark_price``, and its ``ts`` moved to ``at`` (the frame's
         receipt: the stream is healthy and delivers in order on its one connection). Only those two fields are
         written: the position stays whatever the newest write (this instance's or another's) put there."""
+        if at - self._mark_written.get(symbol, 0.0) < MARK_WRITE_EVERY_S:
+            return  # a mark a second or two old serves the notional check and the staleness rule alike
         async with self._writing:
             if symbol not in self._known:
                 return  # no position read yet: nothing to vouch for
+            self._mark_written[symbol] = at
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(keys.snapshot(symbol), mapping={"mark_price": str(mark), "ts": repr(at)})
                 await pipe.execute()
