@@ -143,7 +143,7 @@ class ScriptedExchange:
     def kinds(self) -> list[str]:
         return [call.kind for call in self.calls]
 
-    async def positions(self, symbols: list[str]) -> dict[str, PositionInfo]:
+    async def positions(self, symbols: list[str], purpose: str = "poll") -> dict[str, PositionInfo]:
         """The scripted positions (``held``) of the symbols asked for; None: a read nobody expected."""
         self.position_reads.append(list(symbols))
         if self.during_position_read is not None:

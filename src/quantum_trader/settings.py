@@ -72,6 +72,9 @@ class ApplySettings(_Section):
         within ``consume_replicas_wait_ms``: the order is not sent, the result is ``store_unreplicated``.
     consume_replicas_wait_ms: how long that wait may take (a replica acknowledges within a millisecond on a
         healthy network; below the client's 5 s socket timeout).
+    snapshot_max_age_s: a plan's position is P3.3's snapshot (``quantum:position:snapshot:<SYMBOL>``) when it
+        was known true at most this long ago, else a read of the exchange (services/apply/position_reads.py).
+        0: always the exchange (a request of weight 5 per plan, as before the user-data stream).
     metrics_port: Prometheus endpoint (DESIGN.md: 8043). 0 disables it.
     """
 
@@ -86,6 +89,8 @@ class ApplySettings(_Section):
     failover_fence_s: float = Field(11.0, ge=0, le=600)
     consume_replicas: int = Field(0, ge=0, le=16)
     consume_replicas_wait_ms: int = Field(500, ge=10, le=4000)
+    # P3.3's staleness bound (brain.snapshot_max_age_s): a snapshot P3.3 itself would still decide on
+    snapshot_max_age_s: float = Field(10.0, ge=0, le=300)
     metrics_port: int = Field(8043, ge=0, le=65535)
 
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -32,7 +32,7 @@ import redis
 from quantum_trader import __version__
 from quantum_trader.bus import keys
 from quantum_trader.bus.connection import redact, sync_client
-from quantum_trader.bus.embedded import APPENDFSYNC, EmbeddedStore, free_port
+from quantum_trader.bus.embedded import APPENDFSYNC, PORT_TRIES, EmbeddedStore, free_port
 from quantum_trader.bus.embedded_ha import EmbeddedHA, HAStartupError
 from quantum_trader.runtime import Runtime, clear_runtime, deferred_signals, read_runtime, write_runtime
 from quantum_trader.secrets import ensure_local_secrets, key_dir, read_secret_file, write_secret_file
@@ -125,6 +125,9 @@ class LocalSystem:
     ha_set: EmbeddedHA | None = None
     inherit_config: bool = True  # pass this process's QT_* settings to the children (qt up); not for private ones
     sim_args: list[str] = field(default_factory=list)  # extra `qt sim-exchange` options (e.g. raised limits)
+    # the ports were picked here (free_port), not configured: a part that finds its port taken by someone else
+    # between the pick and its bind starts again on another one (a configured port is an error to report)
+    own_ports: bool = False
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     store: EmbeddedStore | None = None
     redis_url: str = ""  # as recorded in runtime.json: no credentials
@@ -132,6 +135,7 @@ class LocalSystem:
     sim_url: str = ""
     web_url: str = ""
     _logs: list[IO[bytes]] = field(default_factory=list)
+    _log_starts: dict[str, int] = field(default_factory=dict)  # each part's log offset at its latest start
     # spawns (chaos restarts them from worker threads) and the start of stop() take turns: after stop() has
     # begun nothing new starts, so nothing can be spawned behind its back
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -155,6 +159,7 @@ class LocalSystem:
         return cls(
             settings,
             ports=Ports.free(),
+            own_ports=True,
             log_dir=state_dir / "logs",
             env=dict(env),
             persist_store=persist_store,
@@ -184,9 +189,13 @@ class LocalSystem:
             _check_store_answers(self.redis_url)
         else:
             self.start_store()
-        self.sim_url = f"http://127.0.0.1:{self.ports.sim}"
-        self._spawn("sim", ["sim-exchange", "--port", str(self.ports.sim), "--admin", *self.sim_args])
-        self._wait_http(f"{self.sim_url}/fapi/v1/ping", "sim")
+
+        def start_sim() -> None:
+            self.sim_url = f"http://127.0.0.1:{self.ports.sim}"
+            self._spawn("sim", ["sim-exchange", "--port", str(self.ports.sim), "--admin", *self.sim_args])
+            self._wait_http(f"{self.sim_url}/fapi/v1/ping", "sim")
+
+        self._on_a_free_port("sim", start_sim)
         write_runtime(
             self.settings,
             Runtime(
@@ -263,22 +272,62 @@ class LocalSystem:
         for service in services:
             self._spawn(service, [service])
         for service in services:
-            self._wait_ready(service)
+            try:
+                self._wait_ready(service)
+            except StartupError:
+                if not self._port_was_taken(service):
+                    raise
+                self.start_service(service)  # on another port
 
     def start_web(self) -> None:
         """The dashboard (when ``ports.web`` is set), recorded in runtime.json for other terminals."""
         if not self.ports.web:
             return
-        self.web_url = f"http://127.0.0.1:{self.ports.web}"
-        self._spawn("web", ["web", "--port", str(self.ports.web)])
-        self._wait_http(f"{self.web_url}/healthz", "web")
+
+        def start() -> None:
+            self.web_url = f"http://127.0.0.1:{self.ports.web}"
+            self._spawn("web", ["web", "--port", str(self.ports.web)])
+            self._wait_http(f"{self.web_url}/healthz", "web")
+
+        self._on_a_free_port("web", start)
         runtime = read_runtime(self.settings)
         if runtime is not None:
             write_runtime(self.settings, replace(runtime, web_url=self.web_url))
 
     def start_service(self, service: str) -> None:
-        self._spawn(service, [service])
-        self._wait_ready(service)
+        def start() -> None:
+            self._spawn(service, [service])
+            self._wait_ready(service)
+
+        self._on_a_free_port(service, start)
+
+    def _on_a_free_port(self, name: str, start: Callable[[], None]) -> None:
+        """``start`` the part ``name`` (whose port is the field of that name in ``ports``); when the port was
+        ours to pick and someone took it before the part could bind it, pick another and start again."""
+        for attempt in range(PORT_TRIES):
+            try:
+                start()
+                return
+            except StartupError:
+                if attempt == PORT_TRIES - 1 or not self._port_was_taken(name):
+                    raise
+                self.processes.pop(name, None)
+                self.ports = replace(self.ports, **{name: free_port()})
+
+    def _port_was_taken(self, name: str) -> bool:
+        """This start of ``name`` failed because its port (one we picked) was in use: its log says so."""
+        if not self.own_ports or self.log_dir is None:
+            return False
+        process = self.processes.get(name)
+        if process is None or process.poll() is None:
+            return False
+        try:
+            with open(self.log_dir / f"{name}.log", "rb") as handle:
+                handle.seek(self._log_starts.get(name, 0))
+                said = handle.read().decode("utf-8", "replace").lower()
+        except OSError:
+            return False
+        return "address already in use" in said
 
     def stop_service(self, service: str, *, kill: bool = False) -> None:
         """SIGTERM (``kill``: SIGKILL) to the child's process group, SIGKILL after 10 s; returns once it is gone."""
@@ -349,6 +398,7 @@ class LocalSystem:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             handle = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+            self._log_starts[name] = handle.seek(0, os.SEEK_END)  # what this start writes comes after
             self._logs.append(handle)
             out = handle
         env = self.child_env(name)

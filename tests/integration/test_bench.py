@@ -20,12 +20,37 @@ def _ordered(latency: dict[str, float]) -> bool:
     return 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
 
 
-@pytest.mark.timeout(300)
-def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_path: Path) -> None:
+# make test runs these steps; the fencing (an HA set) and push (P3.3 restarted twice) steps run in make test-long
+SMOKE_STEPS = ["idle", "sequential", "durability", "limits", "open-loop", "decisions"]
+
+
+def _bench(tmp_path: Path, *options: str) -> tuple[dict, str, Path]:
     out = tmp_path / "bench"
-    done = qt("bench", "--quick", "--plans", "20", "--out", str(out), env=program_env(tmp_path), timeout=300)
+    done = qt("bench", "--quick", "--plans", "20", "--out", str(out), *options, env=program_env(tmp_path), timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads((out / "bench.json").read_text())
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), out
+
+
+def _check_limits(report: dict, markdown: str) -> None:
+    """The chain at Binance's real limits: under the order limit the proposals execute with about one unit of
+    weight each; over it (a whole 10 s window at 30/s: 300 proposals, 240 orders allowed) the rest are refused
+    rate_limited, naming the limit; never for the chain's own load. (A proposal whose symbol's previous close
+    is still under way is refused duplicate_in_flight, as always: a loaded CI machine may have a few.)"""
+    under, over = report["limits"]
+    assert (under["rate_per_s"], under["sent"], over["rate_per_s"], over["sent"]) == (15, 150, 30, 300)
+    for part in (under, over):
+        assert part["answered"] == part["sent"] and part["own_load"] == 0, part["outcomes"]
+        others = {k: n for k, n in part["outcomes"].items() if k not in ("executed", "rate_limited")}
+        assert set(others) <= {"skipped: duplicate_in_flight"}, part["outcomes"]
+        assert part["requests"].get("GET /fapi/v2/positionRisk", 0) <= 2, part["requests"]  # safety polls only
+    assert under["rate_limited"] == 0 and under["executed"] >= 0.9 * under["sent"], under["outcomes"]
+    assert 1.0 <= under["weight_per_executed"] <= 1.5, under  # the order itself; nothing read per plan
+    assert over["rate_limited"] >= 40 and over["limit_named"].startswith("orders per 10 s: "), over
+    assert over["executed"] <= 250, over  # 80 % of 300 in the window (the last few may land in the next)
+    assert "At Binance's real limits" in markdown and "a rate_limited reason: orders per 10 s" in markdown
+
+
+def _check_core(report: dict, markdown: str, out: Path) -> None:
     assert report["plans"] == 20 and report["warmup"] == 2
     for name in ("chain_decided", "chain_result", "chain_client", "chain_governor", "chain_p33"):
         assert report[name]["samples"] == 20, name
@@ -50,13 +75,6 @@ def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_p
     assert sum(n for what, n in decisions["outcomes"].items() if what.startswith("p33 ")) == 1000
     assert _ordered(decisions["decided"])
 
-    assert report["steps"] == ["idle", "sequential", "durability", "fencing", "push", "open-loop", "decisions"]
-    push = report["push"]  # P3.3 with the user-data stream, poll only, with the stream again
-    assert [(p["push"], p["stream_healthy"], p["changes"]) for p in push] == [(True, True, 20), (False, False, 3),
-                                                                            (True, True, 20)]  # fmt: skip
-    for p in push:
-        assert p["shown"]["samples"] == p["changes"] and _ordered(p["shown"]), p
-        assert p["weight_per_min"] >= 0 and p["idle_s"] == 5.0, p
     parts = report["durability"]  # the store with the append-only file on, appendfsync set per part
     assert [p["appendfsync"] for p in parts] == ["everysec", "always", "everysec"]
     for p in parts:
@@ -64,7 +82,35 @@ def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_p
         assert _ordered(p["decided"]) and _ordered(p["result"])
         assert {"store", "brain", "governor", "apply"} <= set(p["cpu_ms_per_plan"]), p
         assert p["aof_last_write_status"] == "ok" and (p["aof_written_bytes"] is None or p["aof_written_bytes"] > 0)
+    assert set(report["cpu_idle_pct"]) == set(report["rss_mb"]) == {"brain", "governor", "apply", "sim", "store"}
+    assert "| chain: plan -> both permits consumed (Apply) | 20 |" in markdown
+    assert "Open loop through the whole chain" in markdown and "Decisions (plans straight" in markdown
+    assert "| always | 20 |" in markdown and "appendfsync always against everysec" in markdown
+    assert (out / "latency-vs-rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+@pytest.mark.timeout(420)
+def test_bench_quick_measures_the_chain_the_load_steps_the_real_limits_and_the_seed_design(tmp_path: Path) -> None:
+    report, markdown, out = _bench(tmp_path, "--only", ",".join(SMOKE_STEPS))
+    assert report["steps"] == SMOKE_STEPS
+    _check_core(report, markdown, out)
+    _check_limits(report, markdown)
+
+
+@pytest.mark.long  # make test-long: every step, the HA set's fencing and P3.3's push/poll parts too
+@pytest.mark.timeout(600)
+def test_bench_quick_runs_every_step(tmp_path: Path) -> None:
+    report, markdown, out = _bench(tmp_path)
+    assert report["steps"] == ["idle", "sequential", "durability", "fencing", "push", "limits", "open-loop",
+                               "decisions"]  # fmt: skip
+    _check_core(report, markdown, out)
+    _check_limits(report, markdown)
+    push = report["push"]  # P3.3 with the user-data stream, poll only, with the stream again
+    assert [(p["push"], p["stream_healthy"], p["changes"]) for p in push] == [(True, True, 20), (False, False, 3),
+                                                                            (True, True, 20)]  # fmt: skip
+    for p in push:
+        assert p["shown"]["samples"] == p["changes"] and _ordered(p["shown"]), p
+        assert p["weight_per_min"] >= 0 and p["idle_s"] == 5.0, p
     fencing = report["fencing"]  # the single store, then the HA set with consume_replicas 0, 1, 0, 1
     assert [(p["store"], p["consume_replicas"]) for p in fencing] == [
         ("single", 0), ("ha", 0), ("ha", 1), ("ha", 0), ("ha", 1)
@@ -74,14 +120,8 @@ def test_bench_quick_measures_the_chain_the_load_steps_and_the_seed_design(tmp_p
         assert p["waits"] == (22 if p["consume_replicas"] else 0), p  # the store ran a WAIT per fenced plan
         assert {"store", "brain", "governor", "apply"} <= set(p["cpu_ms_per_plan"]), p
 
-    assert set(report["cpu_idle_pct"]) == set(report["rss_mb"]) == {"brain", "governor", "apply", "sim", "store"}
-    markdown = (out / "bench.md").read_text()
-    assert "| chain: plan -> both permits consumed (Apply) | 20 |" in markdown
-    assert "Open loop through the whole chain" in markdown and "Decisions (plans straight" in markdown
-    assert "| always | 20 |" in markdown and "appendfsync always against everysec" in markdown
     assert "| ha | 1 | 20 | 22 |" in markdown and "The fence (WAIT for a replica) against HA unfenced" in markdown
     assert "| poll only | - | 3 |" in markdown and "Positions pushed by the exchange" in markdown
-    assert (out / "latency-vs-rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 async def _our_clients(rds: aioredis.Redis, db: int) -> set[str]:

@@ -94,3 +94,25 @@ def test_a_sentinel_whose_picked_port_was_taken_starts_on_another(
     finally:
         ha_set.stop()
         occupied.close()
+
+
+def test_a_local_systems_simulator_and_service_start_on_other_ports_when_theirs_were_taken() -> None:
+    """The CI run after the stores' fix failed once more, the same way, on the simulator: ``LocalSystem.private``
+    picks the simulator's and the services' metrics ports up front, and a store node picked afterwards (or any
+    other listener) can take one before its process binds it."""
+    from quantum_trader.system import LocalSystem
+
+    system = LocalSystem.private("qt-ports-", env={})
+    sim_port, brain_port = system.ports.sim, system.ports.brain
+    try:
+        with taken(sim_port), taken(brain_port):
+            system.start_infra()
+            system.start_service("brain")
+            assert system.ports.sim != sim_port
+            assert system.sim_url.endswith(f":{system.ports.sim}")
+            assert system.ports.brain != brain_port
+            assert system.log_dir is not None
+            assert "address already in use" in (system.log_dir / "sim.log").read_text().lower()
+            assert "address already in use" in (system.log_dir / "brain.log").read_text().lower()
+    finally:
+        system.stop()

@@ -171,15 +171,16 @@ async def test_fault_matrix(case, rules, orders, error, filled, sim, rds, chain:
 async def test_an_unknown_outcome_holds_the_symbol_until_the_exchange_tells(
     sim, rds, tmp_path: Path, store_url: str
 ) -> None:
-    """The reply is lost and every lookup fails for longer than Apply may wait: no result is invented, the
-    symbol stays held (no second close can stack), and once the exchange answers again the background
-    resolver publishes the truth."""
+    """The reply is lost and every lookup fails for longer than Apply may wait, and the user-data stream is off
+    (or down): no result is invented, the symbol stays held (no second close can stack), and once the exchange
+    answers again the background resolver publishes the truth."""
     settings = make_settings(
         tmp_path,
         store_url,
         sim.url,
         apply={"permit_wait_ms": 1000, "metrics_port": 0, "order_resolve_timeout_s": 1},
         exchange={"timeout_ms": 500, "order_recv_window_ms": 500},
+        stream={"push": False},
     )
     chain = Chain(settings)
     set_position(sim, "BTCUSDT", str(2 * POSITION))
@@ -202,6 +203,46 @@ async def test_an_unknown_outcome_holds_the_symbol_until_the_exchange_tells(
         httpx.delete(f"{sim.url}/_sim/faults", headers={"X-Sim-Admin-Token": SIM_ADMIN}).raise_for_status()
         result = await ops.wait_result(rds, sub.plan_id, 20, sub.result_cursor)
         assert result is not None and result.executed and result.filled_qty == POSITION
+        assert len([o for o in sim_orders(sim) if plan_of_order(o["clientOrderId"]) == sub.plan_id]) == 1
+        assert await rds.zcard(keys.APPLY_INTENTS) == 0
+        assert await rds.get(keys.symbol_in_flight("BTCUSDT")) is None
+    finally:
+        await chain.stop()
+
+
+async def test_with_the_stream_an_unknown_outcome_is_resolved_by_the_fills_event_while_lookups_fail(
+    sim, rds, tmp_path: Path, store_url: str
+) -> None:
+    """The same faults with the user-data stream on: the order's ``ORDER_TRADE_UPDATE`` proves the fill, so the
+    plan gets its result while every lookup still fails, and the symbol is free again."""
+    settings = make_settings(
+        tmp_path,
+        store_url,
+        sim.url,
+        apply={"permit_wait_ms": 1000, "metrics_port": 0, "order_resolve_timeout_s": 1},
+        exchange={"timeout_ms": 500, "order_recv_window_ms": 500},
+    )
+    chain = Chain(settings)
+    set_position(sim, "BTCUSDT", str(2 * POSITION))
+    await chain.start()
+    try:
+        apply = chain.services["apply"]
+        deadline = asyncio.get_running_loop().time() + 10
+        while not apply.stream.health.healthy:
+            assert asyncio.get_running_loop().time() < deadline, "Apply's stream never became healthy"
+            await asyncio.sleep(0.02)
+        add_faults(
+            sim,
+            [
+                {"kind": "timeout_after_fill", "ms": 3000, **ORDER},
+                {"kind": "http_5xx", "status": 503, "count": None, **LOOKUP},
+            ],
+        )
+        sub = await ops.propose(rds, "BTCUSDT", "PARTIAL_CLOSE", qty=POSITION)
+        result = await ops.wait_result(rds, sub.plan_id, 10, sub.result_cursor)
+        assert result is not None and result.executed and result.filled_qty == POSITION
+        faults = httpx.get(f"{sim.url}/_sim/faults", headers={"X-Sim-Admin-Token": SIM_ADMIN}).json()
+        assert [rule for rule in faults if rule.get("method") == "GET"], faults  # lookups would still fail
         assert len([o for o in sim_orders(sim) if plan_of_order(o["clientOrderId"]) == sub.plan_id]) == 1
         assert await rds.zcard(keys.APPLY_INTENTS) == 0
         assert await rds.get(keys.symbol_in_flight("BTCUSDT")) is None

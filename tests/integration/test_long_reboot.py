@@ -39,6 +39,9 @@ def orders_of(sim, plan_id: str) -> list[dict]:
     return [o for o in sim_orders(sim) if plan_of_order(o["clientOrderId"]) == plan_id]
 
 
+# A real 65 s gap: make test-long. Its rule (the search starts a minute before the newest proposal the instance
+# kept, whatever came after) is checked in make test by tests/integration/test_apply_sweep.py (``with_floor``).
+@pytest.mark.long
 @pytest.mark.timeout(240)
 async def test_an_order_forgotten_across_a_long_power_loss_is_found_and_its_retry_closes_nothing(
     sim, tmp_path: Path

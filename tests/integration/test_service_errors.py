@@ -75,8 +75,9 @@ async def test_an_unreadable_plan_record_leaves_its_proposal_pending_and_apply_g
 
 
 async def test_a_failing_position_read_plans_a_skip_with_its_reason(sim, rds, chain, capsys) -> None:
+    """Without P3.3 there is no fresh snapshot to plan from: Apply reads the exchange, which fails."""
     set_position(sim, "SOLUSDT", "40")
-    await chain.start()
+    await chain.start("governor", "apply")
     fault(sim, kind="http_5xx", status=503, path="/fapi/v2/positionRisk", method="GET", count=50)
     sub = await ops.propose(rds, "SOLUSDT", "FULL_CLOSE")
     result = await ops.wait_result(rds, sub.plan_id, 30, sub.result_cursor)
@@ -86,6 +87,7 @@ async def test_a_failing_position_read_plans_a_skip_with_its_reason(sim, rds, ch
     assert "SOLUSDT: position unavailable" in Output(capsys)()
     assert sim_orders(sim) == []
     clear_faults(sim)
+    await chain.start("brain")
     await served(rds)
 
 

@@ -31,7 +31,7 @@ class ScriptedPositions:
         self.steps = list(steps)
         self.requests: list[list[str]] = []
 
-    async def positions(self, symbols: list[str]) -> dict[str, PositionInfo]:
+    async def positions(self, symbols: list[str], purpose: str = "poll") -> dict[str, PositionInfo]:
         self.requests.append(list(symbols))
         step = self.steps.pop(0) if self.steps else "ok"
         if step == "fail":

@@ -112,6 +112,7 @@ def test_the_chain_runs_over_tls_with_a_client_certificate(tls_port: int, pki: P
     system = LocalSystem(
         settings,
         ports=Ports.free(),
+        own_ports=True,
         log_dir=tmp_path / "logs",
         env={"QT_GOVERNOR__COOLDOWN_S": "0", "QT_BRAIN__COOLDOWN_S": "0"},
         inherit_config=False,
@@ -283,6 +284,7 @@ def test_the_chain_follows_a_failover_of_a_tls_sentinel_set(tls_set: TlsSet, pki
     system = LocalSystem(
         settings,
         ports=Ports.free(),
+        own_ports=True,
         log_dir=tmp_path / "logs",
         env={"QT_GOVERNOR__COOLDOWN_S": "0", "QT_BRAIN__COOLDOWN_S": "0", "QT_APPLY__FAILOVER_FENCE_S": "1"},
         inherit_config=False,

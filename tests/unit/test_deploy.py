@@ -27,8 +27,8 @@ def exported_names() -> set[str]:
         registry = CollectorRegistry()
         cls(registry)
         build_info(registry, kind)
-        if kind == "brain":  # the user-data stream's health, registered by the brain (services/brain/service.py)
-            stream_metrics(registry, "p33", StreamHealth)
+        if kind != "governor":  # the user-data stream's health, registered by the brain and Apply
+            stream_metrics(registry, "p33" if kind == "brain" else "qt_apply", StreamHealth)
         for family in registry.collect():
             names.add(family.name)
             names.update(family.name + suffix for suffix in SUFFIXES.get(family.type, ()))
@@ -69,6 +69,8 @@ def test_the_alerts_cover_what_the_operator_must_hear_about() -> None:
         "qt_build_info",  # a silent service
         "qt_apply_unresolved_orders",
         "qt_apply_store_up",
+        "qt_apply_exchange_limit_used_ratio",  # headroom under the exchange's limits
+        "qt_apply_stream_healthy",
     ):
         assert must in queried, must
 

@@ -494,7 +494,7 @@ def test_unusable_rate_limits_are_skipped(entries: Any) -> None:
 
 def test_the_guard_waits_by_the_adopted_limits() -> None:
     guard = RateGuard()
-    guard.observe(0, 200, {"X-MBX-USED-WEIGHT-1M": "5000"})
+    guard.observe(1000, 200, {"X-MBX-USED-WEIGHT-1M": "5000"})
     assert guard.wait_ms(1000, 1) > 0  # over 0.8 x 2400: wait for the next minute
     guard.adopt_limits({"weight_limit": 10_000})
     assert guard.wait_ms(1000, 1) == 0  # 5000 + 1 fits under 0.8 x 10,000

@@ -502,3 +502,69 @@ async def test_sends_another_host_may_have_made_wait_out_the_gap_between_the_hos
     record = SendRecord.unseen(T0, RECV_MS, LATE_EXECUTION_HORIZON_MS)
     outcome = await ex.follow("BTCUSDT", COID, record)
     assert outcome.kind is OutcomeKind.NOT_PLACED and exchange.kinds() == ["query", "query"]
+
+
+# --- the user-data stream's word (services/apply/pushed_orders.py) -------------------------------------------
+
+
+def order_event(status: str, filled: str, coid: str = COID) -> Any:
+    from quantum_trader.exchange.stream_events import OrderTradeUpdate, OrderUpdate
+
+    update = OrderUpdate(
+        s="BTCUSDT", c=coid, S="SELL", i=42, x="TRADE" if D(filled) else "NEW", X=status, z=D(filled),
+        ap=D("100") if D(filled) else D(0), T=int(T0) + 5,
+    )  # fmt: skip
+    return OrderTradeUpdate(E=int(T0) + 6, T=int(T0) + 5, o=update)
+
+
+async def test_an_unclear_send_the_stream_showed_filled_is_resolved_without_a_lookup() -> None:
+    from quantum_trader.services.apply.pushed_orders import PushedOrders
+
+    pushed = PushedOrders(RecordingLog())
+    exchange = ScriptedExchange(FakeClock(), [At(timeout())], [])  # a lookup would be one too many
+
+    async def place(*args: Any, **kwargs: Any) -> OrderReport:
+        await pushed.on_event(order_event("FILLED", "1"), 0.0)  # the fill's event came before the reply failed
+        return await ScriptedExchange.place_reduce_only_market(exchange, *args, **kwargs)
+
+    exchange.place_reduce_only_market = place  # type: ignore[method-assign]
+    run = OrderExecutor(exchange, RecordingLog(), RESOLVE_S, LATE_EXECUTION_HORIZON_MS, exchange.clock, pushed=pushed)
+    outcome = await run.execute("BTCUSDT", "SELL", D("1"), COID, WINDOW_END)
+    assert outcome.kind is OutcomeKind.FILLED and outcome.report is not None
+    assert (outcome.report.client_order_id, outcome.report.executed_qty, outcome.report.order_id) == (COID, 1, "42")
+    assert exchange.kinds() == ["place"]
+
+
+async def test_a_fill_the_stream_shows_while_lookups_wait_ends_the_wait_with_no_further_lookup() -> None:
+    """Absent inside the recv window: the executor would look again at SETTLED (a minute of real waiting is
+    scripted below); the stream's event ends that wait, and no second lookup or resend is made."""
+    from quantum_trader.services.apply.pushed_orders import PushedOrders
+
+    pushed = PushedOrders(RecordingLog())
+    exchange = ScriptedExchange(FakeClock(), [At(timeout())], [At(None, T0 + 10)])
+    exchange.ms = T0
+    far = SendRecord(1, 0.0, 60_000, WINDOW_END)  # a recv window of a minute: the next lookup would be far off
+    run = OrderExecutor(exchange, RecordingLog(), RESOLVE_S, LATE_EXECUTION_HORIZON_MS, exchange.clock, pushed=pushed)
+
+    async def fill_soon() -> None:
+        await asyncio.sleep(0.05)
+        await pushed.on_event(order_event("NEW", "0", coid="qt-someone-else"), 0.0)  # not this order: no effect
+        await pushed.on_event(order_event("FILLED", "1"), 0.0)
+
+    filler = asyncio.ensure_future(fill_soon())
+    outcome = await asyncio.wait_for(run.resolve("BTCUSDT", COID, far.unclear(0, T0)), 5)
+    await filler
+    assert outcome != "resend" and isinstance(outcome, OrderOutcome)
+    assert outcome.kind is OutcomeKind.FILLED and exchange.kinds() == ["query"]
+
+
+async def test_the_streams_non_final_state_does_not_end_the_lookups() -> None:
+    from quantum_trader.services.apply.pushed_orders import PushedOrders
+
+    pushed = PushedOrders(RecordingLog())
+    await pushed.on_event(order_event("NEW", "0"), 0.0)
+    assert pushed.final(COID) is None
+    exchange = ScriptedExchange(FakeClock(), [At(timeout())], [At(FILLED)])
+    run = OrderExecutor(exchange, RecordingLog(), RESOLVE_S, LATE_EXECUTION_HORIZON_MS, exchange.clock, pushed=pushed)
+    outcome = await run.execute("BTCUSDT", "SELL", D("1"), COID, WINDOW_END)
+    assert outcome.kind is OutcomeKind.FILLED and exchange.kinds() == ["place", "query"]

@@ -113,7 +113,7 @@ def test_requests_wait_for_the_next_minute_when_the_weight_would_pass_the_safe_l
 
 def test_the_exchanges_own_counters_win_over_our_estimate() -> None:
     guard = RateGuard(weight_limit=2400)
-    now = 5 * MINUTE
+    now = 5 * MINUTE + 2000
     guard.observe(now, 200, {"X-MBX-USED-WEIGHT-1M": "1919"})
     assert guard.wait_ms(now, 1) == 0
     assert guard.wait_ms(now, 2) > 0
@@ -125,6 +125,50 @@ def test_order_counts_per_10_seconds_are_respected() -> None:
     guard.observe(now, 200, {"X-MBX-ORDER-COUNT-10S": "10"})
     assert guard.wait_ms(now, 1, orders=1) == 7500
     assert guard.wait_ms(now, 1, orders=0) == 0  # reads are not orders
+
+
+def test_one_budget_reserves_room_for_orders_and_lookups_over_polls_and_plan_reads() -> None:
+    """At 1,200 of 2,400 weight (50 %) a plan's position read waits for the next minute while polls, lookups
+    and orders go; at 1,680 (70 %) polls wait too; orders and lookups go up to 1,920 (80 %)."""
+    guard = RateGuard(weight_limit=2400, safety=0.8)
+    now = 7 * MINUTE + 15_000
+    guard.observe(now, 200, {"X-MBX-USED-WEIGHT-1M": "1195"})
+    assert guard.wait_ms(now, 5, purpose="plan") == 0
+    guard.observe(now, 200, {"X-MBX-USED-WEIGHT-1M": "1196"})
+    assert guard.wait_ms(now, 5, purpose="plan") == MINUTE - 15_000
+    assert [guard.wait_ms(now, 5, purpose=p) for p in ("poll", "lookup", "order")] == [0, 0, 0]
+    guard.observe(now, 200, {"X-MBX-USED-WEIGHT-1M": "1680"})
+    assert guard.wait_ms(now, 5, purpose="poll") > 0 and guard.wait_ms(now, 5, purpose="lookup") == 0
+    guard.observe(now, 200, {"X-MBX-USED-WEIGHT-1M": "1919"})
+    assert guard.wait_ms(now, 1, purpose="order") == 0 and guard.wait_ms(now, 2, purpose="order") > 0
+
+
+def test_the_room_names_the_limit_that_binds_and_when_it_frees() -> None:
+    guard = RateGuard()  # Binance's defaults: 2,400 weight, 300 orders per 10 s, 1,200 per minute
+    now = 20 * MINUTE + 52_500  # 7.5 s before the minute's end, 7.5 s before the 10 s window's
+    guard.observe(now, 200, {"X-MBX-ORDER-COUNT-10S": "100", "X-MBX-ORDER-COUNT-1M": "960"})
+    room = guard.room(now, 1, orders=1)
+    assert (room.limit, room.used, room.allowed, room.cap, room.wait_ms) == ("orders per minute", 960, 960, 1200, 7500)
+    text = room.describe(now)
+    assert text.startswith("orders per minute: 960 used, 960 of 1200 allowed (80%); room again at ")
+    assert text.endswith(" UTC (in 7.5 s)")
+    assert guard.room(now, 1).wait_ms == 0 and guard.room(now, 1).describe(now) == "room now"  # reads: no orders
+    used = guard.used(now)
+    assert used == {"weight_1m": 0.0, "orders_10s": 100 / 300, "orders_1m": 0.8}
+    assert guard.used(now + MINUTE)["orders_1m"] == 0  # a new window
+
+
+def test_a_reply_from_the_last_window_does_not_fill_the_new_one() -> None:
+    """A request sent 30 ms before a 10 s edge, answered 20 ms after it, carries the old window's count (245):
+    taken in the new window it would stop every order for 10 s. Counts of requests sent near the edge (within
+    the clocks' disagreement) are not taken either; those sent well inside the window are."""
+    guard = RateGuard(safety=0.8)  # 240 orders per 10 s allowed
+    edge = 30 * MINUTE + 40_000
+    guard.observe(edge + 20, 200, {"X-MBX-ORDER-COUNT-10S": "245"}, sent_ms=edge - 30)
+    guard.observe(edge + 300, 200, {"X-MBX-ORDER-COUNT-10S": "244"}, sent_ms=edge + 100)  # received at 9.9xx s?
+    assert guard.orders_10s == 0 and guard.wait_ms(edge + 300, 1, orders=1) == 0
+    guard.observe(edge + 2000, 200, {"X-MBX-ORDER-COUNT-10S": "240"}, sent_ms=edge + 1990)
+    assert guard.orders_10s == 240 and guard.wait_ms(edge + 2000, 1, orders=1) == 8000
 
 
 def test_a_429_blocks_everything_for_retry_after() -> None:

@@ -18,11 +18,13 @@ class RecordingExchange:
 
     def __init__(self, fail: bool = False) -> None:
         self.requests: list[tuple[float, list[str]]] = []
+        self.purposes: list[str] = []
         self.amounts = {"BTCUSDT": Decimal("1"), "ETHUSDT": Decimal("-2"), "SOLUSDT": Decimal("3")}
         self.fail = fail
 
-    async def positions(self, symbols: list[str]) -> dict[str, PositionInfo]:
+    async def positions(self, symbols: list[str], purpose: str = "poll") -> dict[str, PositionInfo]:
         self.requests.append((asyncio.get_running_loop().time(), list(symbols)))
+        self.purposes.append(purpose)
         await asyncio.sleep(0.02)
         if self.fail:
             raise ExchangeUnavailable("positionRisk timed out")
@@ -35,6 +37,7 @@ async def test_one_at_a_time_each_proposal_gets_its_own_read() -> None:
     assert await reads.amount("BTCUSDT") == 1
     assert await reads.amount("ETHUSDT") == -2
     assert [symbols for _, symbols in exchange.requests] == [["BTCUSDT"], ["ETHUSDT"]]
+    assert exchange.purposes == ["plan", "plan"]  # the budget's smallest share (exchange/throttle.py)
 
 
 async def test_proposals_asking_meanwhile_share_the_next_read_sent_after_they_asked() -> None:

@@ -12,6 +12,7 @@ from quantum_trader.bench.report import (
     DECISION_HEADER,
     DURABILITY_HEADER,
     FENCING_HEADER,
+    LIMITS_HEADER,
     LOAD_HEADER,
     PUSH_HEADER,
     BenchReport,
@@ -21,6 +22,8 @@ from quantum_trader.bench.report import (
     fencing_rows,
     fencing_summary,
     latency_rows,
+    limits_notes,
+    limits_rows,
     load_rows,
     push_rows,
 )
@@ -62,6 +65,11 @@ def show_step(event: str, r: BenchReport) -> None:
     elif event == "push" and r.push:
         title = "push: outside change -> P3.3's snapshot, with the stream, poll only, with the stream again"
         table(title, PUSH_HEADER, push_rows(r))
+    elif event == "limits" and r.limits:
+        table("at Binance's real limits: open loop, five symbols (the whole chain's REST weight)", LIMITS_HEADER,
+              limits_rows(r))  # fmt: skip
+        for note in limits_notes(r):
+            console.print(note)
     elif event == "open-loop" and r.open_loop:
         step = r.open_loop[-1]
         title = f"open loop through the chain at {step.target_per_s:g}/s, and the seed design (ms)"

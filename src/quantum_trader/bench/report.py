@@ -12,11 +12,12 @@ from quantum_trader.bench.bounds import StepStatus
 from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.durability import DurabilityPart
 from quantum_trader.bench.fencing import FencingPart
+from quantum_trader.bench.limits import LimitsPart
 from quantum_trader.bench.measure import Latency
 from quantum_trader.bench.push import PushPart
 
 # in the order they run: "sequential" and "open-loop" include the seed design's run of the same kind
-STEPS = ("idle", "sequential", "durability", "fencing", "push", "open-loop", "decisions")
+STEPS = ("idle", "sequential", "durability", "fencing", "push", "limits", "open-loop", "decisions")
 P99_LIMIT_MS = 50.0  # "sustained" = p99 under this, and the answers keep up with the offered rate
 KEEP_UP = 0.95  # answers per second at least this share of the offered rate
 
@@ -53,6 +54,7 @@ class BenchReport:
     durability: list[DurabilityPart] = field(default_factory=list)  # everysec, always, everysec
     fencing: list[FencingPart] = field(default_factory=list)  # single store; HA with consume_replicas 0, 1, 0, 1
     push: list[PushPart] = field(default_factory=list)  # P3.3 with push, without (poll only), with again
+    limits: list[LimitsPart] = field(default_factory=list)  # open loop at Binance's real limits, per rate
     # the exchange-has-the-last-word rule: lookups Apply made per sequential plan (0 when the store vouches for
     # every plan), and what one lookup of an order by client id costs
     truth_lookups_per_plan: float | None = None
@@ -293,6 +295,33 @@ def push_rows(r: BenchReport) -> list[list[str]]:
     ]
 
 
+LIMITS_HEADER = ["proposals/s", "s", "sent", "executed", "closes/s", "rate_limited", "own-load refusals", "other",
+                 "REST weight", "weight/executed", "e2e p50 (ms)", "p99"]  # fmt: skip
+
+
+def limits_rows(r: BenchReport) -> list[list[str]]:
+    rows = []
+    for p in r.limits:
+        other = p.answered - p.executed - p.rate_limited - p.own_load + (p.sent - p.answered)
+        rows.append([_num(p.rate_per_s), _num(p.seconds), str(p.sent), str(p.executed), _num(p.closes_per_s),
+                     str(p.rate_limited), str(p.own_load), str(other), str(p.weight), _num(p.weight_per_executed),
+                     _ms(p.end_to_end.p50_ms), _ms(p.end_to_end.p99_ms)])  # fmt: skip
+    return rows
+
+
+def limits_notes(r: BenchReport) -> list[str]:
+    """What a reader needs beside the table: the refusals other than rate_limited, a rate_limited reason as
+    clients read it, and the REST requests by endpoint."""
+    notes = []
+    for p in r.limits:
+        other = {k: v for k, v in p.outcomes.items() if k not in ("executed", "rate_limited")}
+        requests = ", ".join(f"{name} {count}" for name, count in p.requests.items())
+        notes.append(f"{p.rate_per_s:g}/s: other outcomes {other or 'none'}; REST requests: {requests or 'none'}")
+        if p.limit_named:
+            notes.append(f"{p.rate_per_s:g}/s: a rate_limited reason: {p.limit_named}")
+    return notes
+
+
 def cost_rows(r: BenchReport) -> list[list[str]]:
     rows = []
     for name in r.rss_mb:
@@ -347,6 +376,12 @@ def markdown(r: BenchReport) -> str:
                   f"snapshot showing it, with the user-data stream, with push off (the poll), and with it again; "
                   f"the whole chain's REST weight per minute over {r.push[0].idle_s:g} s idle:", ""]  # fmt: skip
         lines += [*_table(PUSH_HEADER, push_rows(r)), ""]
+    if r.limits:
+        lines += ["At Binance's real limits (2,400 weight, 300 orders per 10 s, 1,200 per minute; the simulator's "
+                  "defaults), policy limits opened, five symbols, open loop; REST weight of the whole chain as the "
+                  "simulator counted it:", ""]  # fmt: skip
+        lines += [*_table(LIMITS_HEADER, limits_rows(r)), ""]
+        lines += [*(f"- {note}" for note in limits_notes(r)), ""]
     if r.open_loop:
         lines += ["Open loop through the whole chain (latencies in ms; warm-up excluded):", ""]
         lines += [*_table(LOAD_HEADER, load_rows(r)), ""]

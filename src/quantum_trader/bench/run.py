@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from quantum_trader.bench import chain, durability, fencing, push, seed, truth
+from quantum_trader.bench import chain, durability, fencing, limits, push, seed, truth
 from quantum_trader.bench.bounds import StepStatus, Waiting, bounded, run_loop, within
 from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.measure import CpuWindow, Latency, rss_mb
@@ -57,12 +57,14 @@ class Scenario:
     lookups: int = 200  # order lookups timed (what a plan the store cannot vouch for pays once)
     push_changes: tuple[int, int] = (200, 20)  # outside changes timed with push, and with the poll (up to 5 s each)
     push_idle_s: float = 60.0  # the window the idle REST weight is counted over, per part
+    # (proposals/s, seconds) at Binance's real limits: under the order limit, and over it
+    limits: tuple[tuple[float, float], ...] = ((15.0, 120.0), (30.0, 60.0))
     steps: tuple[str, ...] = STEPS  # which steps run (in STEPS order whatever the order here)
 
 
 QUICK = Scenario(plans=60, seed_plans=10, idle_s=5.0, rates=(200.0,), rate_s=2.0, decision_rates=(1000.0,),
                  decision_s=1.0, load_symbols=20, durability_plans=20, lookups=20, push_changes=(20, 3),
-                 push_idle_s=5.0)  # fmt: skip
+                 push_idle_s=5.0, limits=((15.0, 10.0), (30.0, 10.0)))  # fmt: skip
 
 
 # The bounds: what each step should take, plus slack for reading the streams back on a loaded machine. Only a
@@ -177,6 +179,8 @@ class _Run:
                 await self.fencing()
             if "push" in steps:
                 await self.push()
+            if "limits" in steps:
+                await self.limits()
             for rate in self.scenario.rates if "open-loop" in steps else ():
                 await self.open_loop(rate)
                 await asyncio.sleep(1.0)  # P3.3's in-flight marks and Apply's holds from the step are gone
@@ -288,6 +292,17 @@ class _Run:
         self.pids["brain"] = self.system.processes["brain"].pid  # restarted: the cost table follows the new one
         self.window = CpuWindow(self.pids)
         self.show("push", self.report)
+
+    async def limits(self) -> None:
+        parts = self.scenario.limits
+
+        def run(waiting: Waiting) -> Awaitable[list[limits.LimitsPart]]:
+            return limits.run_limits(self.env, parts, waiting)
+
+        bound = HA_START_S + sum(open_loop_bound(seconds) for _, seconds in parts)
+        measured, _ = await self.step("limits", bound + SLACK_S, run)
+        self.report.limits = measured or []
+        self.show("limits", self.report)
 
     async def open_loop(self, rate: float) -> None:
         seconds = self.scenario.rate_s

@@ -107,7 +107,8 @@ USERS: dict[str, AclUser] = {
             "quantum:plan:*",
             "quantum:health:apply:*",
             keys.SERVICE_EVENTS_STREAM,
-        ),
+        )
+        + _r("quantum:position:snapshot:*"),  # a plan's position: P3.3's snapshot (services/apply/position_reads.py)
         commands=(*BASE_COMMANDS, "+info"),  # which store instance it talks to (bus/identity.py)
         consumes=(keys.PROPOSAL_STREAM,),
     ),

@@ -24,6 +24,7 @@ recover from the store restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import tempfile
 import time
@@ -401,9 +402,14 @@ class Chaos:
     async def _wait_unplanned(self, rds: aioredis.Redis) -> set[str]:
         """Slow the next position reads, propose a few closes (the flow may be over by now: a kill was being
         aimed), and wait (at most ``AIM_S``) until Apply has read a proposal it has not planned yet: those
-        proposals' plan ids (empty if it never had one)."""
+        proposals' plan ids (empty if it never had one). Apply plans from P3.3's snapshot when it is fresh
+        (services/apply/position_reads.py): the snapshots of those symbols are removed first, so that their
+        plans read the exchange (as when P3.3 is down), and wait on the slowed read."""
         await asyncio.to_thread(self._add_fault, HELD_POSITION_READS)
-        for symbol in sorted(SYMBOLS)[:3]:
+        aimed = sorted(SYMBOLS)[:3]
+        with contextlib.suppress(RedisError, OSError):
+            await rds.delete(*(keys.snapshot(symbol) for symbol in aimed))
+        for symbol in aimed:
             await self._propose(rds, symbol, "chaos-restart")
         deadline = time.monotonic() + AIM_S
         while time.monotonic() < deadline:

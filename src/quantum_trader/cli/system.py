@@ -196,9 +196,13 @@ def bench_cmd(
     only: Annotated[
         str | None,
         typer.Option(
-            help="run only these steps, comma-separated: idle, sequential, durability, fencing, push, open-loop, "
-            "decisions"
+            help="run only these steps, comma-separated: idle, sequential, durability, fencing, push, limits, "
+            "open-loop, decisions"
         ),
+    ] = None,
+    limits_seconds: Annotated[
+        float | None,
+        typer.Option(min=5, help="seconds of each rate of the limits step (15 and 30 proposals/s at the real limits)"),
     ] = None,
 ) -> None:
     """Latency, throughput and cost of the chain (separate processes, embedded store, simulator) against the
@@ -224,8 +228,9 @@ def bench_cmd(
     steps = tuple(s for s in steps if durability or s != "durability")
     if not steps:
         fail("nothing to run: --only names no step that --no-durability leaves", EXIT_USAGE)
+    at_limits = tuple((rate, limits_seconds or seconds) for rate, seconds in scenario.limits)
     scenario = dataclasses.replace(
-        scenario, plans=plans or scenario.plans, rates=chosen, event_loop=event_loop, steps=steps
+        scenario, plans=plans or scenario.plans, rates=chosen, event_loop=event_loop, steps=steps, limits=at_limits
     )
     print_bench(until_stopped(lambda: run_bench(scenario)), out)
 

@@ -361,10 +361,16 @@ RATE_LIMITED = _r(
     "rate_limited",
     "error",
     "apply",
-    "The exchange's rate limits (request weight, orders per 10 s / minute, a 429's Retry-After) left no room "
-    "to send the order inside the permit window; it was NOT sent.",
-    "A burst of orders or requests on this account or IP.",
-    "Nothing for one; for many, lower the Governor's rate limits below the exchange's.",
+    "The exchange's rate limits (request weight per minute, orders per 10 s or per minute, a 429's Retry-After) "
+    "leave no room for the plan's order inside its permit window: refused when the plan is made (a SKIP plan, no "
+    "permit asked for), or at the send if the room went meanwhile. The result's reason names the limit, its "
+    "count, what this chain allows itself of it (80 % for orders and the lookups of their outcomes; P3.3's polls "
+    "stop at 70 %, a plan's position read at 50 %), and when its window ends. No order was sent.",
+    "More closes than the exchange accepts on this account or IP (Binance: 300 orders per 10 s, 1,200 per "
+    "minute, 2,400 weight per minute), or another client using the same key or IP.",
+    "Nothing for one; for many, lower the Governor's rate limits (QT_GOVERNOR__MAX_TOTAL) below the exchange's, "
+    "or find the other client (qt exchange check shows the used weight). The alerts QtExchangeOrderHeadroomLow "
+    "and QtExchangeWeightHeadroomLow fire before refusals start.",
 )
 ORDER_NOT_FILLED = _r(
     "order_not_filled",

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from quantum_trader.domain.clocks import ClockReading
 from quantum_trader.domain.filters import SymbolFilters
+from quantum_trader.exchange.throttle import Purpose
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +75,19 @@ class ExchangeBanned(ExchangeError):
     """Not sent: the exchange banned this IP (HTTP 418). Trading stops until the ban ends."""
 
 
+@runtime_checkable
+class OrderBudget(Protocol):
+    """An exchange client that can tell, before a plan is made, whether its order could leave in time."""
+
+    def order_room(self, deadline_ms: float) -> str:
+        """ "" when an order could leave before ``deadline_ms`` (exchange clock), else why not and until when."""
+        ...
+
+
 class Exchange(Protocol):
     """The exchange as the services use it. ``binance.BinanceFutures`` is the implementation for every mode."""
 
-    async def positions(self, symbols: list[str]) -> dict[str, PositionInfo]: ...
+    async def positions(self, symbols: list[str], purpose: Purpose = "poll") -> dict[str, PositionInfo]: ...
 
     async def filters(self) -> dict[str, SymbolFilters]: ...
 

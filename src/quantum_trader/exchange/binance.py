@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from contextvars import ContextVar
 from decimal import Decimal
 from typing import Any
 
@@ -38,7 +39,7 @@ from quantum_trader.exchange.base import (
 )
 from quantum_trader.exchange.errors import binance_code, classify_order_error, classify_read_error, truncate
 from quantum_trader.exchange.replies import parse_filters, parse_order, parse_position, parse_rate_limits
-from quantum_trader.exchange.throttle import Banned, RateGuard
+from quantum_trader.exchange.throttle import Banned, Purpose, RateGuard
 from quantum_trader.settings import ExchangeSettings
 
 LIVE_CONFIRMATION = "I-UNDERSTAND-THIS-TRADES-REAL-MONEY"
@@ -65,6 +66,8 @@ WEIGHTS = {
     "balance": 5,
     "listenKey": 1,
 }
+# when the request of the current task was sent (exchange clock): its reply's rate counts are judged by it
+SENT_AT: ContextVar[float] = ContextVar("qt_request_sent_at")
 LISTEN_KEY_UNKNOWN = -1125  # "This listenKey does not exist.": POST a new one
 STREAM_URLS = {"testnet": "wss://fstream.binancefuture.com", "demo": "wss://fstream.binancefuture.com",
                "live": "wss://fstream.binance.com"}  # fmt: skip
@@ -211,7 +214,8 @@ class BinanceFutures:
     # --- guarded requests -------------------------------------------------------------------------------
 
     def _observe(self, status: int, headers: dict[str, str]) -> None:
-        self.guard.observe(self.now_ms(), status, headers)
+        # called by ccxt inside the request's own task: the request's send time is in the context
+        self.guard.observe(self.now_ms(), status, headers, SENT_AT.get(None))
 
     async def _call(
         self,
@@ -221,6 +225,7 @@ class BinanceFutures:
         orders: int = 0,
         deadline_ms: float | None = None,
         stamp: bool = False,
+        purpose: Purpose = "poll",
     ) -> Any:
         """Wait for room under the exchange's limits (not past ``deadline_ms``), then send. ``deadline_ms`` is
         checked once more right before the request leaves (NotSent); with ``stamp`` the request's ``timestamp``
@@ -232,21 +237,23 @@ class BinanceFutures:
             with contextlib.suppress(ExchangeError):
                 await self.filters()
         while True:
+            now = self.now_ms()
             try:
-                wait = self.guard.wait_ms(self.now_ms(), weight, orders)
+                room = self.guard.room(now, weight, orders, purpose)
             except Banned as exc:
                 raise ExchangeBanned(str(exc), 418) from None
-            if wait <= 0:
+            if room.wait_ms <= 0:
                 break
-            if deadline_ms is not None and self.now_ms() + wait > deadline_ms:
-                raise Throttled(f"the exchange's rate limits leave no room before the deadline ({wait:.0f} ms)")
-            await asyncio.sleep(wait / 1000)
+            if deadline_ms is not None and now + room.wait_ms > deadline_ms:
+                raise Throttled(f"no room before the deadline: {room.describe(now)}")
+            await asyncio.sleep(room.wait_ms / 1000)
         now = self.now_ms()
         if deadline_ms is not None and now >= deadline_ms:
             raise NotSent(f"the deadline passed {now - deadline_ms:.0f} ms before the request could leave")
         if stamp:
             params["timestamp"] = round(now)
         self.guard.sent(now, weight, orders)
+        SENT_AT.set(now)  # this task's context: the reply's counts are judged by it (RateGuard.observe)
         try:
             return await getattr(self._client, method)(params)
         except Exception:
@@ -257,12 +264,23 @@ class BinanceFutures:
                 raise asyncio.CancelledError from None
             raise
 
-    async def _read(self, method: str, params: dict[str, Any], weight: int) -> Any:
+    def order_room(self, deadline_ms: float) -> str:
+        """Whether an order could leave before ``deadline_ms`` under the budget: "" if so, else which limit
+        leaves no room and when it frees (a plan refused ``rate_limited`` says so). A ban counts as no room."""
+        now = self.now_ms()
+        try:
+            room = self.guard.room(now, WEIGHTS["order"], 1, "order")
+        except Banned as exc:
+            return str(exc)
+        return "" if room.wait_ms <= 0 or now + room.wait_ms <= deadline_ms else room.describe(now)
+
+    async def _read(self, method: str, params: dict[str, Any], weight: int, purpose: Purpose = "poll") -> Any:
         """A read: on -1021 resync the clock and try once more; every failure is ExchangeUnavailable (or
         Throttled when the limits leave no room within ``READ_MAX_WAIT_MS``)."""
         for attempt in (1, 2):
             try:
-                return await self._call(method, params, weight, deadline_ms=self.now_ms() + READ_MAX_WAIT_MS)
+                deadline_ms = self.now_ms() + READ_MAX_WAIT_MS
+                return await self._call(method, params, weight, deadline_ms=deadline_ms, purpose=purpose)
             except (ExchangeBanned, Throttled):
                 raise
             except Exception as exc:
@@ -296,11 +314,12 @@ class BinanceFutures:
             raise ExchangeUnavailable(f"unexpected balance reply: {truncate(str(reply))}")
         return reply
 
-    async def positions(self, symbols: list[str]) -> dict[str, PositionInfo]:
-        """Positions of ``symbols`` (all with zero amount included). One request, weight 5."""
+    async def positions(self, symbols: list[str], purpose: Purpose = "poll") -> dict[str, PositionInfo]:
+        """Positions of ``symbols`` (all with zero amount included). One request, weight 5, from ``purpose``'s
+        share of the budget (exchange/throttle.py)."""
         await self._ensure_time()
         params = {"symbol": symbols[0]} if len(symbols) == 1 else {}
-        rows = await self._read("fapiPrivateV2GetPositionRisk", params, WEIGHTS["positionRisk"])
+        rows = await self._read("fapiPrivateV2GetPositionRisk", params, WEIGHTS["positionRisk"], purpose)
         if not isinstance(rows, list):  # an empty body or an object has no rows: never read that as "flat"
             raise ExchangeUnavailable(f"unexpected positionRisk reply: {truncate(str(rows))}")
         wanted = set(symbols)
@@ -365,7 +384,13 @@ class BinanceFutures:
         }
         try:
             reply = await self._call(
-                "fapiPrivatePostOrder", request, WEIGHTS["order"], orders=1, deadline_ms=deadline_ms, stamp=True
+                "fapiPrivatePostOrder",
+                request,
+                WEIGHTS["order"],
+                orders=1,
+                deadline_ms=deadline_ms,
+                stamp=True,
+                purpose="order",
             )
         except (ExchangeBanned, Throttled, NotSent):
             raise
@@ -394,7 +419,7 @@ class BinanceFutures:
         params: dict[str, Any] = {"symbol": symbol, "startTime": int(since_ms), "limit": ORDERS_PAGE}
         while True:
             try:
-                rows = await self._read("fapiPrivateGetAllOrders", params, WEIGHTS["allOrders"])
+                rows = await self._read("fapiPrivateGetAllOrders", params, WEIGHTS["allOrders"], "lookup")
             except ExchangeUnavailable as exc:
                 if exc.code == INVALID_SYMBOL:
                     return found  # a symbol the exchange does not know has no orders
@@ -419,6 +444,7 @@ class BinanceFutures:
                 "fapiPrivateGetOrder",
                 {"symbol": symbol, "origClientOrderId": client_order_id},
                 WEIGHTS["queryOrder"],
+                purpose="lookup",
             )
         except ExchangeBanned:
             raise

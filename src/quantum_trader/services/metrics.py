@@ -138,9 +138,22 @@ class ApplyMetrics:
             "1 while the exchange bans this IP (HTTP 418): no order is sent",
             registry=registry,
         )
+        self.position_reads = Counter(
+            "qt_apply_position_reads",
+            "Positions read to plan a close, by source: P3.3's fresh snapshot, or the exchange (weight 5)",
+            ["source"],
+            registry=registry,
+        )
         self.exchange_weight = Gauge(
             "qt_apply_exchange_used_weight",
             "Request weight used this minute, as the exchange reports it",
+            registry=registry,
+        )
+        self.exchange_limit_used = Gauge(
+            "qt_apply_exchange_limit_used_ratio",
+            "Share of each exchange rate limit used in its current window (weight_1m, orders_10s, orders_1m), as "
+            "counted and reported; orders are refused rate_limited from 0.8",
+            ["limit"],
             registry=registry,
         )
 

@@ -78,7 +78,7 @@ class SimApp:
         params.update(_parse(body))
         state = self.state
         now = state.engine.now_ms()  # the request's receipt: the gateway checks its timestamp against this
-        refused = state.limiter.admit(now, endpoint.weigh(params), endpoint.orders)
+        refused = state.limiter.admit(now, endpoint.weigh(params), endpoint.orders, f"{method} {path}")
         if refused is not None:
             return _respond(refused, state.limiter.headers(orders=endpoint.orders > 0))
 

@@ -28,6 +28,7 @@ class RateLimiter:
         self.limited = 0  # requests answered 429 in this minute
         self.banned_until = 0
         self.weight_total = 0  # every request's weight since the start (or reset): what clients spend over time
+        self.requests: dict[str, int] = {}  # requests received since the start (or reset), by "METHOD /path"
 
     def _roll(self, now: int) -> None:
         if now // 60_000 != self.minute:
@@ -37,10 +38,13 @@ class RateLimiter:
             self.ten_s = now // 10_000
             self.orders_10s = 0
 
-    def admit(self, now: int, weight: int, orders: int) -> Reply | None:
-        """Count the request; an answer when it must be refused."""
+    def admit(self, now: int, weight: int, orders: int, endpoint: str = "") -> Reply | None:
+        """Count the request (``endpoint``: "METHOD /path", counted in ``requests``); an answer when it must be
+        refused."""
         cfg = self.config
         self._roll(now)
+        if endpoint:
+            self.requests[endpoint] = self.requests.get(endpoint, 0) + 1
         if now < self.banned_until:
             return self._banned(now)
         self.weight += weight
@@ -81,6 +85,7 @@ class RateLimiter:
         return {
             "usedWeight1m": self.weight,
             "weightTotal": self.weight_total,
+            "requests": dict(sorted(self.requests.items())),
             "orderCount10s": self.orders_10s,
             "orderCount1m": self.orders_1m,
             "bannedUntil": self.banned_until or None,

@@ -39,7 +39,7 @@ from quantum_trader.domain.planning import (
     static_skip_reason,
 )
 from quantum_trader.domain.trust import Epoch
-from quantum_trader.exchange.base import ExchangeError
+from quantum_trader.exchange.base import ExchangeError, OrderBudget
 from quantum_trader.services.apply.orders import OrderExecutor, OrderOutcome, OutcomeKind
 from quantum_trader.services.apply.permit_waiter import PermitWaiter
 from quantum_trader.services.apply.permits import PermitGate, WaitEnd
@@ -205,15 +205,22 @@ class PlanHandler:
     ) -> None:
         min_score = self.settings.apply.min_kill_score
         position = None
+        refusal: str | None = None
+        crowded = ""  # which exchange limit leaves no room for the plan's order, and until when
         clocks = self.executor.clocks()
         if not clocks.ok:  # fail closed: an order sent now could not be proven absent or present safely
             log.error(f"{proposal.symbol}: clocks out of bounds; not planning a close", why=clocks.problem)
+            refusal = reasons.CLOCK_OUT_OF_BOUNDS
         elif static_skip_reason(proposal, self.allowlist, min_score) is None:
-            try:
-                position = await self.positions.amount(proposal.symbol)
-            except ExchangeError as exc:
-                log.warning(f"{proposal.symbol}: position unavailable", error=exc.message)
-        refusal = None if clocks.ok else reasons.CLOCK_OUT_OF_BOUNDS
+            crowded = self._no_order_room()
+            if crowded:  # refused now, before any permit is asked for: its order could not leave in its window
+                log.warning(f"{proposal.symbol}: the exchange's rate limits leave no room for an order", why=crowded)
+                refusal = reasons.RATE_LIMITED
+            else:
+                try:
+                    position = await self.positions.amount(proposal.symbol)
+                except ExchangeError as exc:
+                    log.warning(f"{proposal.symbol}: position unavailable", error=exc.message)
         ctx = PlanningContext(self.allowlist, position, min_kill_score=min_score, refusal=refusal)
         started = self._clock.mono()  # the permit window runs from the plan's creation, as the seed measures it
         plan = make_plan(proposal, ctx, plan_id, self._clock.wall())
@@ -242,11 +249,25 @@ class PlanHandler:
                 qty=str(plan.qty),
             )
             if plan.decision != "EXECUTE":
-                await self.finish(run, not_executed(plan, reasons.SKIPPED, reason=plan.reason))
+                if plan.reason == reasons.RATE_LIMITED and crowded:
+                    result = not_executed(plan, reasons.RATE_LIMITED, reason=crowded[:200])
+                else:
+                    result = not_executed(plan, reasons.SKIPPED, reason=plan.reason)
+                await self.finish(run, result)
                 return
             await self._await_and_execute(run, started + self.wait_s)
         finally:
             self.waiter.release(plan_id)
+
+    def _no_order_room(self) -> str:
+        """Why the exchange's limits leave no room for an order now ("": they do), as the exchange client's
+        budget sees them (exchange/throttle.py). Now, not within the permit window: a plan accepted to wait for
+        the next window would hold its symbol meanwhile, and the proposals after it would be refused
+        ``duplicate_in_flight`` for a limit that is the exchange's."""
+        exchange = self.truth.exchange
+        if not isinstance(exchange, OrderBudget):
+            return ""
+        return exchange.order_room(exchange.now_ms())
 
     async def _resume(self, run: PlanRun) -> None:
         """A plan published before a restart: wait out what is left of its window, never longer."""

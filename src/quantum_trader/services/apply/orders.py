@@ -30,6 +30,7 @@ from quantum_trader.exchange.base import (
     Throttled,
 )
 from quantum_trader.exchange.errors import RETRYABLE_REJECTION_CODES
+from quantum_trader.services.apply.pushed_orders import PushedOrders
 
 RESOLVE_TIMEOUT_S = 30.0  # how long lookups may fail before the outcome is called unknown (and left for later)
 LOOKUP_SPACING_S = 0.2  # between lookups of an order that is still open, and after a failed lookup (doubling)
@@ -77,6 +78,7 @@ class OrderExecutor:
         late_horizon_ms: int = LATE_EXECUTION_HORIZON_MS,
         clock: Clock = SYSTEM_CLOCK,
         clocks: Callable[[], ClockState] | None = None,
+        pushed: PushedOrders | None = None,
     ) -> None:
         self.exchange = exchange
         self.log = log
@@ -86,6 +88,8 @@ class OrderExecutor:
         # what the clocks allow (Apply: services/apply/clocks.py, with the other hosts'); by default this host's
         # own reading, unbounded
         self.clocks = clocks or self._own_clock
+        # the user-data stream's view of the chain's orders (services/apply/pushed_orders.py); None: lookups only
+        self.pushed = pushed
 
     def _own_clock(self) -> ClockState:
         reading = self.exchange.clock_reading()
@@ -140,6 +144,9 @@ class OrderExecutor:
         deadline = self.clock.mono() + self.resolve_timeout_s
         spacing = LOOKUP_SPACING_S
         while True:
+            shown = self.pushed.final(client_order_id) if self.pushed is not None else None
+            if shown is not None:  # the stream showed it final: no lookup needed
+                return OrderOutcome.of(shown, record.attempts)
             try:
                 report = await self.exchange.query_order(symbol, client_order_id)
             except ExchangeBanned as exc:
@@ -149,7 +156,7 @@ class OrderExecutor:
                     return OrderOutcome(
                         OutcomeKind.UNKNOWN, code=exc.code, message=exc.message[:200], attempts=record.attempts
                     )
-                await asyncio.sleep(spacing)
+                await self._pause(client_order_id, spacing)
                 spacing = min(spacing * 2, LOOKUP_SPACING_MAX_S)
                 continue
             if report is not None:
@@ -158,7 +165,7 @@ class OrderExecutor:
                 if self.clock.mono() > deadline:  # found, but not final within the bound: left for later
                     message = f"order {client_order_id} still {report.status}"
                     return OrderOutcome(OutcomeKind.UNKNOWN, message=message, attempts=record.attempts)
-                await asyncio.sleep(LOOKUP_SPACING_S)
+                await self._pause(client_order_id, LOOKUP_SPACING_S)
                 continue
             step, when_ms = after_absent(record, self.exchange.now_ms())
             if step is not Step.QUERY_LATER:
@@ -169,17 +176,29 @@ class OrderExecutor:
                     if self.clock.mono() > deadline:
                         message = "the clocks are out of bounds: the order is not called absent"
                         return OrderOutcome(OutcomeKind.UNKNOWN, message=message, attempts=record.attempts)
-                    await asyncio.sleep(spacing)
+                    await self._pause(client_order_id, spacing)
                     spacing = min(spacing * 2, LOOKUP_SPACING_MAX_S)
                     continue
                 record = checked
                 step, when_ms = after_absent(record, self.exchange.now_ms())
             if step is Step.QUERY_LATER:
-                await asyncio.sleep(max(0.0, when_ms - self.exchange.now_ms()) / 1000)
+                await self._pause(client_order_id, max(0.0, when_ms - self.exchange.now_ms()) / 1000)
                 continue
             if step is Step.RESEND:
                 return Step.RESEND
             return OrderOutcome(OutcomeKind.NOT_PLACED, attempts=record.attempts)
+
+    async def _pause(self, client_order_id: str, seconds: float) -> None:
+        """Wait before the next lookup; the stream showing the order final ends the wait early (a state that
+        is not final, NEW, says nothing a lookup needs: its fill follows on the stream)."""
+        pushed = self.pushed
+        if pushed is None:
+            await asyncio.sleep(seconds)
+            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while (left := until - loop.time()) > 0 and pushed.final(client_order_id) is None:
+            await pushed.wait(client_order_id, left)
 
     async def _clocks_checked(self, record: SendRecord) -> SendRecord | None:
         """The record with the clock errors as measured now (the exchange clock re-measured first); None while

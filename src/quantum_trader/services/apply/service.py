@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
@@ -15,7 +16,10 @@ from quantum_trader.bus.identity import StoreWatch
 from quantum_trader.bus.streams import ensure_topology
 from quantum_trader.clock import SYSTEM_CLOCK, Clock
 from quantum_trader.domain.trust import StoreIdentity
+from quantum_trader.exchange import sim_url_for
 from quantum_trader.exchange.base import Exchange
+from quantum_trader.exchange.binance import stream_base
+from quantum_trader.exchange.userstream import ListenKeys, UserDataStream
 from quantum_trader.secrets import permit_key
 from quantum_trader.services.apply.clocks import ClockWatch
 from quantum_trader.services.apply.handler import PlanHandler
@@ -23,11 +27,12 @@ from quantum_trader.services.apply.orders import OrderExecutor
 from quantum_trader.services.apply.permit_waiter import PermitWaiter
 from quantum_trader.services.apply.permits import PermitGate
 from quantum_trader.services.apply.position_reads import PositionReads
+from quantum_trader.services.apply.pushed_orders import PushedOrders
 from quantum_trader.services.apply.results import ResultPublisher
 from quantum_trader.services.apply.sweep import IntentSweeper
 from quantum_trader.services.apply.truth import ExchangeTruth
 from quantum_trader.services.consumer import STORE_ERRORS, Backoff, consume_group
-from quantum_trader.services.metrics import ApplyMetrics
+from quantum_trader.services.metrics import ApplyMetrics, stream_metrics
 from quantum_trader.services.service import Service
 from quantum_trader.settings import Settings
 from quantum_trader.tasks import cancel_and_wait
@@ -55,6 +60,9 @@ class ApplyService(Service):
         self.metrics = ApplyMetrics(registry or CollectorRegistry())
         self.waiter = PermitWaiter(redis, self.log, on_read=watch.saw_audit)
         self.clocks = ClockWatch(redis, exchange, settings, self.consumer, self.metrics, clock, self.log)
+        self.pushed: PushedOrders | None = None
+        self.stream = self._user_stream(exchange)
+        stream_metrics(self.metrics.registry, "qt_apply", lambda: self.stream.health if self.stream else None)
         executor = OrderExecutor(
             exchange,
             self.log,
@@ -62,11 +70,16 @@ class ApplyService(Service):
             settings.exchange.late_execution_horizon_ms,
             clock,
             clocks=self.clocks.state,
+            pushed=self.pushed,
         )
         guard = getattr(exchange, "guard", None)
         if guard is not None:
             self.metrics.exchange_banned.set_function(lambda: float(guard.banned_until_ms > exchange.now_ms()))
             self.metrics.exchange_weight.set_function(lambda: float(guard.used_weight))
+            for limit in ("weight_1m", "orders_10s", "orders_1m"):
+                self.metrics.exchange_limit_used.labels(limit).set_function(
+                    functools.partial(lambda name: guard.used(exchange.now_ms())[name], limit)
+                )
         wait_s = settings.apply.permit_wait_ms / 1000
         permit_keys = {"governor": permit_key(settings, "governor"), "p33": permit_key(settings, "p33")}
         self.handler = PlanHandler(
@@ -78,7 +91,14 @@ class ApplyService(Service):
             truth=ExchangeTruth(
                 watch, exchange, executor, self.metrics, clock, wait_s, settings.apply.failover_fence_s
             ),
-            positions=PositionReads(exchange),
+            positions=PositionReads(
+                exchange,
+                redis,
+                max_age_s=settings.apply.snapshot_max_age_s,
+                clock=clock,
+                metrics=self.metrics,
+                log=self.log,
+            ),
             executor=executor,
             publisher=ResultPublisher(self._scripts, self.metrics, clock),
             metrics=self.metrics,
@@ -90,12 +110,26 @@ class ApplyService(Service):
         self._active: dict[str, asyncio.Task[None]] = {}
         watch.subscribe(self._store_changed)  # last: a change already seen is delivered at once
 
+    def _user_stream(self, exchange: Exchange) -> UserDataStream | None:
+        """The user-data stream that resolves the chain's orders (services/apply/pushed_orders.py), unless push
+        is off (``QT_STREAM__PUSH=false``: lookups only) or the exchange has no listen key. One symbol's mark
+        price is its heartbeat (silence detection); Apply needs no other."""
+        settings = self.settings
+        if not settings.stream.push or not isinstance(exchange, ListenKeys):
+            return None
+        self.pushed = PushedOrders(self.log)
+        base = stream_base(settings.exchange, sim_url_for(settings), settings.stream.url)
+        return UserDataStream(exchange, base, self.pushed, settings.stream, sorted(settings.symbols)[:1])
+
     async def run(self) -> None:
         await self.until_store(lambda: ensure_topology(self.redis))
         await self.clocks.round()  # the peers' clocks are known before anything is planned
         reader = asyncio.create_task(self.waiter.run(), name="apply-audit-reader")
         sweeper = asyncio.create_task(self.sweeper.run(), name="apply-intent-sweeper")
         clocks = asyncio.create_task(self.clocks.run(), name="apply-clocks")
+        loops = [reader, sweeper, clocks]
+        if self.stream is not None:
+            loops.append(asyncio.create_task(self.stream.run(), name="apply-user-stream"))
         try:
             await self.waiter.ready.wait()
             self.log.info("Apply started", consumer=self.consumer, permit_wait_ms=self.settings.apply.permit_wait_ms)
@@ -115,7 +149,9 @@ class ApplyService(Service):
                 count=64,
             )
         finally:
-            await cancel_and_wait([reader, sweeper, clocks, *self._active.values()])
+            await cancel_and_wait([*loops, *self._active.values()])
+            if self.stream is not None:
+                await self.stream.close()
             await self.handler.positions.aclose()
 
     def _store_changed(self, before: StoreIdentity | None, after: StoreIdentity, unsearched: bool) -> None:
