@@ -277,6 +277,8 @@ class LocalSystem:
             except StartupError:
                 if not self._port_was_taken(service):
                     raise
+                self.processes.pop(service, None)
+                self.ports = replace(self.ports, **{service: free_port()})
                 self.start_service(service)  # on another port
 
     def start_web(self) -> None:

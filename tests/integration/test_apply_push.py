@@ -128,3 +128,28 @@ async def test_without_a_fresh_snapshot_the_plan_reads_the_exchange(
         assert chain.services["apply"].metrics.position_reads.labels("exchange")._value.get() == 1
     finally:
         await chain.stop()
+
+
+async def test_while_banned_a_proposal_is_refused_exchange_banned_before_any_permit(
+    sim: SimServer, rds: aioredis.Redis, tmp_path: Path, store_url: str
+) -> None:
+    """A 418 on an order bans the IP: the next proposal is answered ``exchange_banned`` when it is planned (a
+    SKIP plan; neither issuer is asked), not ``rate_limited`` and not after a permit wait."""
+    set_position(sim, SYMBOL, "1.000")
+    chain = chain_with(tmp_path, store_url, sim)
+    await chain.start()
+    try:
+        await healthy(chain, "brain", "apply")
+        rule = {"kind": "http_418", "path": "/fapi/v1/order", "method": "POST", "count": 1, "retry_after": 120}
+        admin(sim, "POST", "/_sim/faults", rule)
+        first = await close_and_wait(rds, "0.100")
+        assert not first.executed and first.error == "exchange_banned", first
+        second = await close_and_wait(rds, "0.100")
+        assert not second.executed and second.error == "exchange_banned" and "banned" in second.reason, second
+        plan = await rds.hgetall(f"quantum:plan:{second.plan_id}")
+        assert (plan["decision"], plan["reason"]) == ("SKIP", "exchange_banned")
+        story = await ops.plan_audit(rds, second.plan_id)
+        assert not [e for e in story if e.decision in ("allow", "deny")]  # no issuer was asked
+        assert [o["clientOrderId"] for o in sim_orders(sim, SYMBOL)] == []
+    finally:
+        await chain.stop()

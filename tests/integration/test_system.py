@@ -131,13 +131,19 @@ def test_a_short_chaos_run_with_store_losses_keeps_every_promise(env: dict[str, 
 # its own bound: the program's 300 s (pytest's default 120 s would cut it short on a loaded machine)
 @pytest.mark.timeout(330)
 def test_a_short_chaos_run_keeps_every_promise(env: dict[str, str]) -> None:
-    """`qt chaos` with real processes: SIGKILLs of services and a store restart while plans flow."""
-    done = qt("chaos", "--plans", "60", "--rate", "15", "--seed", "3", "--json", env=env, timeout=300)
+    """`qt chaos --stream-faults` with real processes: SIGKILLs of services, a store restart and faults of the
+    exchange's user-data stream (the first armed at once) while plans flow; P3.3's snapshots are checked
+    against the exchange throughout."""
+    done = qt(
+        "chaos", "--plans", "60", "--rate", "15", "--seed", "3", "--stream-faults", "--json", env=env, timeout=300
+    )
     report = json.loads(done.stdout)
     assert done.returncode == 0, report
     assert report["ok"] and report["plans"] == report["results"] >= 60
     assert report["lost_plans"] == report["duplicate_orders"] == report["executions_without_two_permits"] == 0
     assert report["store_restarts"] == 1 and report["max_recovery_s"] <= RECOVERY_LIMIT_S
+    assert report["stream_faults_run"] and sum(report["stream_faults"].values()) >= 1
+    assert report["snapshot_disagreements_at_end"] == 0 and report["snapshot_lag_max_s"] <= 15.0
 
 
 # its own bound: the program's 300 s (pytest's default 120 s would cut it short on a loaded machine)

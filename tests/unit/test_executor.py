@@ -568,3 +568,24 @@ async def test_the_streams_non_final_state_does_not_end_the_lookups() -> None:
     run = OrderExecutor(exchange, RecordingLog(), RESOLVE_S, LATE_EXECUTION_HORIZON_MS, exchange.clock, pushed=pushed)
     outcome = await run.execute("BTCUSDT", "SELL", D("1"), COID, WINDOW_END)
     assert outcome.kind is OutcomeKind.FILLED and exchange.kinds() == ["place", "query"]
+
+
+async def test_an_order_the_stream_has_shown_is_never_called_absent_nor_sent_again() -> None:
+    """The stream showed the order (NEW) while the lookup, lagging, says absent past the recv window (which
+    alone would resend): no resend, no verdict; its fill on the stream is the outcome."""
+    from quantum_trader.services.apply.pushed_orders import PushedOrders
+
+    pushed = PushedOrders(RecordingLog())
+    await pushed.on_event(order_event("NEW", "0"), 0.0)
+    exchange = ScriptedExchange(FakeClock(), [At(timeout(), T0 + 30)], [At(None, SETTLED)])  # no second send
+    run = OrderExecutor(exchange, RecordingLog(), RESOLVE_S, LATE_EXECUTION_HORIZON_MS, exchange.clock, pushed=pushed)
+
+    async def fill_soon() -> None:
+        await asyncio.sleep(0.05)
+        await pushed.on_event(order_event("FILLED", "1"), 0.0)
+
+    filler = asyncio.ensure_future(fill_soon())
+    outcome = await asyncio.wait_for(run.execute("BTCUSDT", "SELL", D("1"), COID, WINDOW_END), 5)
+    await filler
+    assert outcome.kind is OutcomeKind.FILLED and outcome.attempts == 1
+    assert exchange.kinds() == ["place", "query"]

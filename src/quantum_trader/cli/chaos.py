@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -52,6 +53,23 @@ from quantum_trader.secrets import permit_key
 from quantum_trader.settings import Settings
 from quantum_trader.tasks import cancel_and_wait
 
+# --stream-faults: what is armed on the simulator's user-data stream every 1-3 s (exchange/sim/stream.py); the
+# silences: one shorter than the services' silence bound (events lost unnoticed: the next event or the safety
+# poll corrects), one longer (noticed, reconnected, resynced)
+STREAM_FAULTS: list[tuple[str, dict[str, int]]] = [
+    ("drop", {}),
+    ("silence", {"ms": 2000}),
+    ("silence", {"ms": 7000}),
+    ("delay", {"ms": 400, "count": 5}),
+    ("duplicate", {"count": 5}),
+    ("reorder", {"count": 4}),
+    ("garbage", {"count": 2}),
+]
+SNAPSHOT_SAMPLE_S = 0.2
+# the longest a snapshot may disagree with the exchange under those faults: a lost event waits for the next
+# one of its symbol or is noticed with the silence (5 s) + the reconnect and resync (about 1 s); the poll takes
+# over at 5 s meanwhile
+SNAPSHOT_LAG_LIMIT_S = 15.0
 CHAOS_HORIZON_MS = 3000  # the late-execution horizon of the run (shorter than the default's 10 s)
 # Recovery: from the restarted store's return to a new proposal's result. New proposals wait until the exchange
 # was searched for orders the store may have forgotten, after every order request sent before the restart could
@@ -158,6 +176,12 @@ class ChaosReport:
     # the independent oracle (domain/oracle.py): its named counts, and how many orders it verified itself
     oracle: dict[str, int] = field(default_factory=lambda: dict.fromkeys(oracle.KINDS, 0))
     orders_verified: int = 0
+    # --stream-faults: faults of the exchange's user-data stream armed during the run (by kind), and how long
+    # P3.3's snapshot of a symbol disagreed with the exchange's position (sampled every SNAPSHOT_SAMPLE_S)
+    stream_faults_run: bool = False
+    stream_faults: dict[str, int] = field(default_factory=dict)
+    snapshot_lag_max_s: float = 0.0
+    snapshot_disagreements_at_end: int = 0
     # why the plans that did not execute did not: "error: reason" -> count (permit timeouts during kills, ...)
     not_executed: dict[str, int] = field(default_factory=dict)
     # for each broken promise, up to ten of the plans that broke it (the logs tell their story)
@@ -222,6 +246,15 @@ def verdict(report: ChaosReport) -> list[str]:
         failures.append("no service was killed")
     elif report.kills_in_order_path == 0:
         failures.append("no kill landed inside the order path")
+    if report.stream_faults_run:
+        if sum(report.stream_faults.values()) == 0:
+            failures.append("no fault of the user-data stream was armed")
+        if report.snapshot_disagreements_at_end:
+            failures.append(f"{report.snapshot_disagreements_at_end} snapshots disagree with the exchange at the end")
+        if report.snapshot_lag_max_s > SNAPSHOT_LAG_LIMIT_S:
+            failures.append(
+                f"a snapshot disagreed with the exchange for {report.snapshot_lag_max_s} s > {SNAPSHOT_LAG_LIMIT_S} s"
+            )
     if report.forgeries_attempted == 0:
         failures.append("no forgery was attempted")
     elif report.forgeries_rejected == 0:
@@ -259,6 +292,7 @@ class Chaos:
         store_loss: bool = False,
         lossless: bool = False,
         failover: bool = False,
+        stream_faults: bool = False,
     ) -> None:
         self.system = system
         self.plans = plans
@@ -272,6 +306,8 @@ class Chaos:
             store_loss_run=store_loss, lossless_restart=lossless and not store_loss, failover_run=failover
         )
         self.failover = failover
+        self.stream_faults = stream_faults
+        self.report.stream_faults_run = stream_faults
         # each fault of the primary: when (wall clock, s), and how many proposals had been sent by then
         self.fault_at: list[tuple[float, int]] = []
         self.sent_order: dict[str, int] = {}  # plan id -> its place in the order proposals were first sent
@@ -287,10 +323,17 @@ class Chaos:
         observer = asyncio.create_task(self._observe())
         try:
             chaos = asyncio.create_task(self._kill_things(rds))
-            await self._drive(rds)
-            self.finished.set()
-            await chaos
+            streams = [asyncio.create_task(self._stream_chaos()), asyncio.create_task(self._watch_snapshots())]
+            try:
+                await self._drive(rds)
+                self.finished.set()
+                await chaos
+            finally:
+                await cancel_and_wait(streams[:1])  # no new stream fault; the watch goes on until settled
             await self._settle(rds)
+            if self.stream_faults:
+                await self._snapshots_agree_at_end(rds)
+            await cancel_and_wait(streams[1:])
             await self._resend_forgotten(rds)
             try:
                 await self._forge(rds)
@@ -355,6 +398,84 @@ class Chaos:
                             self.seen.consumed.append((entry_id, fields.get("plan_id", "")))
         finally:
             await rds.aclose()
+
+    async def _stream_chaos(self) -> None:
+        """With --stream-faults: a fault of the user-data stream every 1-3 s, of a random kind (STREAM_FAULTS)."""
+        if not self.stream_faults:
+            return
+        admin = httpx.AsyncClient(
+            base_url=self.system.sim_url, headers={"X-Sim-Admin-Token": self.system.sim_admin_token()}, timeout=5.0
+        )
+        try:
+            await asyncio.sleep(0.5)  # the first one early: a short run has one by construction
+            while not self.finished.is_set():
+                kind, rule = self.rng.choice(STREAM_FAULTS)
+                with contextlib.suppress(httpx.HTTPError):
+                    (await admin.post("/_sim/stream-faults", json={"kind": kind, **rule})).raise_for_status()
+                    self.report.stream_faults[kind] = self.report.stream_faults.get(kind, 0) + 1
+                await asyncio.sleep(self.rng.uniform(1.0, 3.0))
+        finally:
+            await admin.aclose()
+
+    async def _positions_now(
+        self, admin: httpx.AsyncClient, rds: aioredis.Redis
+    ) -> dict[str, tuple[Decimal, Decimal | None]]:
+        """Each symbol's position on the exchange and in P3.3's snapshot, read one right after the other."""
+        reply = await admin.get("/_sim/state")
+        reply.raise_for_status()
+        exchange = {row["symbol"]: Decimal(str(row["positionAmt"])) for row in reply.json()["positions"]}
+        names = sorted(SYMBOLS)
+        snapshots = await asyncio.wait_for(
+            asyncio.gather(*(rds.hget(keys.snapshot(symbol), "position_amt") for symbol in names)), 2.0
+        )
+        return {
+            symbol: (exchange.get(symbol, Decimal(0)), Decimal(snap) if snap else None)
+            for symbol, snap in zip(names, snapshots, strict=True)
+        }
+
+    async def _watch_snapshots(self) -> None:
+        """With --stream-faults: how long each symbol's snapshot disagrees with the exchange (the longest)."""
+        if not self.stream_faults:
+            return
+        admin = httpx.AsyncClient(
+            base_url=self.system.sim_url, headers={"X-Sim-Admin-Token": self.system.sim_admin_token()}, timeout=5.0
+        )
+        rds = _patient_client(self.system.urls["operator"])
+        since: dict[str, float] = {}
+        try:
+            while True:
+                await asyncio.sleep(SNAPSHOT_SAMPLE_S)
+                try:
+                    now, pairs = time.monotonic(), await self._positions_now(admin, rds)
+                except (httpx.HTTPError, RedisError, OSError, TimeoutError, KeyError, ArithmeticError):
+                    continue  # a store restart or loss: its own checks cover it
+                for symbol, (on_exchange, in_snapshot) in pairs.items():
+                    if on_exchange == in_snapshot:
+                        since.pop(symbol, None)
+                        continue
+                    started = since.setdefault(symbol, now)
+                    lag = round(now - started, 2)
+                    self.report.snapshot_lag_max_s = max(self.report.snapshot_lag_max_s, lag)
+        finally:
+            await admin.aclose()
+            await rds.aclose()
+
+    async def _snapshots_agree_at_end(self, rds: aioredis.Redis) -> None:
+        """Once the flow has settled, every snapshot shows the exchange's position within the lag bound."""
+        admin = httpx.AsyncClient(
+            base_url=self.system.sim_url, headers={"X-Sim-Admin-Token": self.system.sim_admin_token()}, timeout=5.0
+        )
+        try:
+            deadline = time.monotonic() + SNAPSHOT_LAG_LIMIT_S
+            while True:
+                pairs = await self._positions_now(admin, rds)
+                wrong = [symbol for symbol, (a, b) in pairs.items() if a != b]
+                if not wrong or time.monotonic() > deadline:
+                    self.report.snapshot_disagreements_at_end = len(wrong)
+                    return
+                await asyncio.sleep(SNAPSHOT_SAMPLE_S)
+        finally:
+            await admin.aclose()
 
     async def _in_order_path(self, rds: aioredis.Redis) -> int:
         """How many plans are inside the order path now: permits consumed (intent recorded), no result yet."""
@@ -816,7 +937,13 @@ def _agrees(result: dict[str, str], filled: Decimal) -> bool:
 
 
 def run_chaos(
-    settings: Settings, plans: int, rate: float, seed: int, store_loss: bool = False, failover: bool = False
+    settings: Settings,
+    plans: int,
+    rate: float,
+    seed: int,
+    store_loss: bool = False,
+    failover: bool = False,
+    stream_faults: bool = False,
 ) -> tuple[ChaosReport, Path]:
     from quantum_trader.system import LocalSystem
 
@@ -832,7 +959,16 @@ def run_chaos(
         system.start_infra()
         system.open_positions({symbol: amount for symbol, (amount, _) in SYMBOLS.items()})
         system.start_services()
-        chaos = Chaos(system, plans, rate, seed, store_loss, lossless=not (store_loss or failover), failover=failover)
+        chaos = Chaos(
+            system,
+            plans,
+            rate,
+            seed,
+            store_loss,
+            lossless=not (store_loss or failover),
+            failover=failover,
+            stream_faults=stream_faults,
+        )
         report = asyncio.run(chaos.run())
     return report, system.settings.state_dir
 
@@ -909,6 +1045,23 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
         ("proposals the store forgot (sent again)", report.forgotten_proposals, ""),
         ("  of which the first plan had filled", report.resent_after_a_fill, ""),
         ("  of which the retry closed again", report.resent_closed_twice, "0"),
+        *(
+            (
+                (
+                    "user-data stream faults armed",
+                    ", ".join(f"{k} {n}" for k, n in report.stream_faults.items()),
+                    "> 0",
+                ),
+                (
+                    "  longest a snapshot disagreed with the exchange (s)",
+                    report.snapshot_lag_max_s,
+                    f"<= {SNAPSHOT_LAG_LIMIT_S}",
+                ),
+                ("  snapshots disagreeing at the end", report.snapshot_disagreements_at_end, "0"),
+            )
+            if report.stream_faults_run
+            else ()
+        ),
         ("max recovery after store restart (s)", report.max_recovery_s, f"<= {RECOVERY_LIMIT_S}"),
         ("run time (s)", report.seconds, ""),
     ]

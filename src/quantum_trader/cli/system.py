@@ -160,6 +160,14 @@ def chaos_cmd(
             "Sentinel (instead of the service kills and the store restart)",
         ),
     ] = False,
+    stream_faults: Annotated[
+        bool,
+        typer.Option(
+            "--stream-faults",
+            help="also fault the exchange's user-data stream every 1-3 s (drop, silence, delay, duplicate, "
+            "reorder, garbage) and check P3.3's snapshots against the exchange",
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Run a private chain while killing its services (SIGKILL) and once its store; check the promises.
@@ -174,7 +182,9 @@ def chaos_cmd(
     settings = settings_or_exit()
     if failover and store_loss:
         fail("--failover and --store-loss are separate runs", EXIT_USAGE)
-    report, state_dir = until_stopped(lambda: run_chaos(settings, plans, rate, seed, store_loss, failover))
+    report, state_dir = until_stopped(
+        lambda: run_chaos(settings, plans, rate, seed, store_loss, failover, stream_faults)
+    )
     print_report(report, state_dir, json_out)
     raise typer.Exit(0 if report.ok else EXIT_FAILED)
 

@@ -368,9 +368,10 @@ RATE_LIMITED = _r(
     "stop at 70 %, a plan's position read at 50 %), and when its window ends. No order was sent.",
     "More closes than the exchange accepts on this account or IP (Binance: 300 orders per 10 s, 1,200 per "
     "minute, 2,400 weight per minute), or another client using the same key or IP.",
-    "Nothing for one; for many, lower the Governor's rate limits (QT_GOVERNOR__MAX_TOTAL) below the exchange's, "
-    "or find the other client (qt exchange check shows the used weight). The alerts QtExchangeOrderHeadroomLow "
-    "and QtExchangeWeightHeadroomLow fire before refusals start.",
+    "To close anyway, propose again with a new proposal_id after the time named (the same id keeps this answer). "
+    "For many, lower the Governor's rate limits (QT_GOVERNOR__MAX_TOTAL) below the exchange's, or find the other "
+    "client (qt exchange check shows the used weight). The alerts QtExchangeOrderHeadroomLow and "
+    "QtExchangeWeightHeadroomLow fire before refusals start.",
 )
 ORDER_NOT_FILLED = _r(
     "order_not_filled",

@@ -80,7 +80,8 @@ class OrderBudget(Protocol):
     """An exchange client that can tell, before a plan is made, whether its order could leave in time."""
 
     def order_room(self, deadline_ms: float) -> str:
-        """ "" when an order could leave before ``deadline_ms`` (exchange clock), else why not and until when."""
+        """ "" when an order could leave before ``deadline_ms`` (exchange clock), else why not and until when.
+        Raises ExchangeBanned while the exchange bans this IP."""
         ...
 
 

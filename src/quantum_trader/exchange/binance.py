@@ -186,7 +186,8 @@ class BinanceFutures:
         returns it in ms."""
         started = time.monotonic()
         before = time.time() * 1000
-        reply = await self._read("fapiPublicGetTime", {}, WEIGHTS["time"])
+        # the orders' share: an order, a lookup and an absence verdict each may need the clock first
+        reply = await self._read("fapiPublicGetTime", {}, WEIGHTS["time"], "order")
         after = time.time() * 1000
         # the round trip on the monotonic clock: a step of the wall clock during it would not shrink the error
         round_trip_ms = max(after - before, (time.monotonic() - started) * 1000)
@@ -266,12 +267,12 @@ class BinanceFutures:
 
     def order_room(self, deadline_ms: float) -> str:
         """Whether an order could leave before ``deadline_ms`` under the budget: "" if so, else which limit
-        leaves no room and when it frees (a plan refused ``rate_limited`` says so). A ban counts as no room."""
+        leaves no room and when it frees (a plan refused ``rate_limited`` says so). Raises ExchangeBanned."""
         now = self.now_ms()
         try:
             room = self.guard.room(now, WEIGHTS["order"], 1, "order")
         except Banned as exc:
-            return str(exc)
+            raise ExchangeBanned(str(exc), 418) from None
         return "" if room.wait_ms <= 0 or now + room.wait_ms <= deadline_ms else room.describe(now)
 
     async def _read(self, method: str, params: dict[str, Any], weight: int, purpose: Purpose = "poll") -> Any:
@@ -335,7 +336,7 @@ class BinanceFutures:
 
     async def filters(self, refresh: bool = False) -> dict[str, SymbolFilters]:
         if refresh or not self._filters or time.monotonic() - self._filters_at > FILTERS_MAX_AGE_S:
-            info = await self._read("fapiPublicGetExchangeInfo", {}, WEIGHTS["exchangeInfo"])
+            info = await self._read("fapiPublicGetExchangeInfo", {}, WEIGHTS["exchangeInfo"], "order")
             self._filters = parse_filters(info)
             self.guard.adopt_limits(parse_rate_limits(info))
             self._filters_at = time.monotonic()

@@ -136,12 +136,13 @@ class RateGuard:
 
     def used(self, now_ms: float) -> dict[str, float]:
         """Each limit's share used in its current window (0..1, as last counted or reported): the headroom the
-        alerts watch (refusals start at ``safety`` x SHARES)."""
-        self._roll(now_ms)
+        alerts watch (refusals start at ``safety`` x SHARES). Read only (the metrics server's thread calls it):
+        a count of a window that has passed is 0."""
+        minute, ten_s = int(now_ms // 60_000), int(now_ms // 10_000)
         return {
-            "weight_1m": self.used_weight / self.weight_limit,
-            "orders_10s": self.orders_10s / self.orders_10s_limit,
-            "orders_1m": self.orders_1m / self.orders_1m_limit,
+            "weight_1m": self.used_weight / self.weight_limit if minute == self.weight_minute else 0.0,
+            "orders_10s": self.orders_10s / self.orders_10s_limit if ten_s == self.ten_s else 0.0,
+            "orders_1m": self.orders_1m / self.orders_1m_limit if minute == self.order_minute else 0.0,
         }
 
     def sent(self, now_ms: float, weight: int, orders: int = 0) -> None:

@@ -39,7 +39,7 @@ from quantum_trader.domain.planning import (
     static_skip_reason,
 )
 from quantum_trader.domain.trust import Epoch
-from quantum_trader.exchange.base import ExchangeError, OrderBudget
+from quantum_trader.exchange.base import ExchangeBanned, ExchangeError, OrderBudget
 from quantum_trader.services.apply.orders import OrderExecutor, OrderOutcome, OutcomeKind
 from quantum_trader.services.apply.permit_waiter import PermitWaiter
 from quantum_trader.services.apply.permits import PermitGate, WaitEnd
@@ -206,16 +206,15 @@ class PlanHandler:
         min_score = self.settings.apply.min_kill_score
         position = None
         refusal: str | None = None
-        crowded = ""  # which exchange limit leaves no room for the plan's order, and until when
+        crowded = ""  # which exchange limit leaves no room for the plan's order and until when (or the ban)
         clocks = self.executor.clocks()
         if not clocks.ok:  # fail closed: an order sent now could not be proven absent or present safely
             log.error(f"{proposal.symbol}: clocks out of bounds; not planning a close", why=clocks.problem)
             refusal = reasons.CLOCK_OUT_OF_BOUNDS
         elif static_skip_reason(proposal, self.allowlist, min_score) is None:
-            crowded = self._no_order_room()
-            if crowded:  # refused now, before any permit is asked for: its order could not leave in its window
-                log.warning(f"{proposal.symbol}: the exchange's rate limits leave no room for an order", why=crowded)
-                refusal = reasons.RATE_LIMITED
+            refusal, crowded = self._no_order_room()
+            if refusal:  # refused now, before any permit is asked for: its order could not leave in its window
+                log.warning(f"{proposal.symbol}: no order can leave now ({refusal})", why=crowded)
             else:
                 try:
                     position = await self.positions.amount(proposal.symbol)
@@ -249,31 +248,32 @@ class PlanHandler:
                 qty=str(plan.qty),
             )
             if plan.decision != "EXECUTE":
-                if plan.reason == reasons.RATE_LIMITED and crowded:
-                    result = not_executed(plan, reasons.RATE_LIMITED, reason=crowded[:200])
-                else:
-                    result = not_executed(plan, reasons.SKIPPED, reason=plan.reason)
-                await self.finish(run, result)
+                await self.finish(run, _skip_result(plan, crowded))
                 return
             await self._await_and_execute(run, started + self.wait_s)
         finally:
             self.waiter.release(plan_id)
 
-    def _no_order_room(self) -> str:
-        """Why the exchange's limits leave no room for an order now ("": they do), as the exchange client's
-        budget sees them (exchange/throttle.py). Now, not within the permit window: a plan accepted to wait for
-        the next window would hold its symbol meanwhile, and the proposals after it would be refused
-        ``duplicate_in_flight`` for a limit that is the exchange's."""
+    def _no_order_room(self) -> tuple[str | None, str]:
+        """Why no order can leave now: ``rate_limited`` with the limit that leaves no room and when it frees, as
+        the exchange client's budget sees them (exchange/throttle.py), or ``exchange_banned``; (None, "") when
+        one can. Now, not within the permit window: a plan accepted to wait for the next window would hold its
+        symbol meanwhile, and the proposals after it would be refused ``duplicate_in_flight`` for a limit that
+        is the exchange's."""
         exchange = self.truth.exchange
         if not isinstance(exchange, OrderBudget):
-            return ""
-        return exchange.order_room(exchange.now_ms())
+            return None, ""
+        try:
+            crowded = exchange.order_room(exchange.now_ms())
+        except ExchangeBanned as exc:
+            return reasons.EXCHANGE_BANNED, exc.message
+        return (reasons.RATE_LIMITED, crowded) if crowded else (None, "")
 
     async def _resume(self, run: PlanRun) -> None:
         """A plan published before a restart: wait out what is left of its window, never longer."""
         plan = run.plan
         if plan.decision != "EXECUTE":
-            await self.finish(run, not_executed(plan, reasons.SKIPPED, reason=plan.reason))
+            await self.finish(run, _skip_result(plan, ""))
             return
         left_s = plan.created_at + self.wait_s - self._clock.wall()
         run.log.info(f"{plan.symbol}: resuming plan {plan.plan_id}", window_left_ms=round(left_s * 1000))
@@ -493,6 +493,14 @@ class PlanHandler:
         elif status == "store_changed":
             log.warning(f"{plan.symbol}: the store changed instance before the result; asking the exchange")
         return status
+
+
+def _skip_result(plan: Plan, detail: str) -> Result:
+    """The result of a SKIP plan: ``skipped`` with its reason; a refusal for the exchange's limits or its ban is
+    that error itself, with what named it (the limit and when it frees; after a restart, the code only)."""
+    if plan.reason in (reasons.RATE_LIMITED, reasons.EXCHANGE_BANNED):
+        return not_executed(plan, plan.reason, reason=(detail or plan.reason)[:200])
+    return not_executed(plan, reasons.SKIPPED, reason=plan.reason)
 
 
 def _key(run: PlanRun) -> str:

@@ -184,6 +184,12 @@ class OrderExecutor:
             if step is Step.QUERY_LATER:
                 await self._pause(client_order_id, max(0.0, when_ms - self.exchange.now_ms()) / 1000)
                 continue
+            shown = self.pushed.seen(client_order_id) if self.pushed is not None else None
+            if shown is not None:  # the stream showed the order (while the clocks were measured, or before):
+                if is_final(shown.status):  # it exists, whatever the lookup said; never absent, never resent
+                    return OrderOutcome.of(shown, record.attempts)
+                await self._pause(client_order_id, LOOKUP_SPACING_S)
+                continue
             if step is Step.RESEND:
                 return Step.RESEND
             return OrderOutcome(OutcomeKind.NOT_PLACED, attempts=record.attempts)

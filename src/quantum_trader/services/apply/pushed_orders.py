@@ -68,6 +68,10 @@ class PushedOrders:
     async def on_bad_frame(self, reason: str) -> None:
         self.log.error("unreadable user-data frame; passed over", error=reason)
 
+    def seen(self, client_order_id: str) -> OrderReport | None:
+        """The order's latest state the stream has shown (any state), or None: it exists if not None."""
+        return self._reports.get(client_order_id)
+
     def final(self, client_order_id: str) -> OrderReport | None:
         """The order's final state (filled, cancelled, expired) if the stream has shown it."""
         report = self._reports.get(client_order_id)
@@ -81,10 +85,10 @@ class PushedOrders:
         waiters = self._waiting.setdefault(client_order_id, set())
         waiters.add(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout_s)
-        except TimeoutError:
-            pass
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation that comes as it completes
+            await asyncio.wait({waiter}, timeout=timeout_s)
         finally:
+            waiter.cancel()
             waiters.discard(waiter)
             if not waiters and self._waiting.get(client_order_id) is waiters:
                 del self._waiting[client_order_id]
