@@ -211,8 +211,11 @@ def bench_cmd(
         ),
     ] = None,
     limits_seconds: Annotated[
-        float | None,
-        typer.Option(min=5, help="seconds of each rate of the limits step (15 and 30 proposals/s at the real limits)"),
+        str | None,
+        typer.Option(
+            help="seconds of the limits step's rates (15 and 30 proposals/s at the real limits): one for both, or "
+            "two comma-separated (e.g. 600,60)"
+        ),
     ] = None,
 ) -> None:
     """Latency, throughput and cost of the chain (separate processes, embedded store, simulator) against the
@@ -238,7 +241,16 @@ def bench_cmd(
     steps = tuple(s for s in steps if durability or s != "durability")
     if not steps:
         fail("nothing to run: --only names no step that --no-durability leaves", EXIT_USAGE)
-    at_limits = tuple((rate, limits_seconds or seconds) for rate, seconds in scenario.limits)
+    at_limits = scenario.limits
+    if limits_seconds:
+        try:
+            given = [float(part) for part in limits_seconds.split(",")]
+        except ValueError:
+            given = []
+        if not given or len(given) > len(at_limits) or min(given) < 5:
+            fail(f"--limits-seconds: one or two numbers of seconds (at least 5), not {limits_seconds!r}", EXIT_USAGE)
+        given += given[-1:] * (len(at_limits) - len(given))
+        at_limits = tuple((rate, seconds) for (rate, _), seconds in zip(at_limits, given, strict=True))
     scenario = dataclasses.replace(
         scenario, plans=plans or scenario.plans, rates=chosen, event_loop=event_loop, steps=steps, limits=at_limits
     )
