@@ -194,3 +194,32 @@ async def _count(read: Callable[[], Awaitable[list[Any]]], n: int) -> bool:
 async def _propose(rds: aioredis.Redis, symbol: str, qty: Decimal) -> tuple[Any, Any]:
     sub = await ops.propose(rds, symbol, "PARTIAL_CLOSE", qty=qty)
     return sub, await ops.wait_result(rds, sub.plan_id, 10, sub.result_cursor)
+
+
+async def test_a_fill_the_stream_lost_without_a_disconnect_is_polled_and_the_stream_resynced(
+    sim, rds, tmp_path, store_url
+) -> None:
+    """The stream goes quiet for 2 s (less than its silence bound: nobody notices) and the chain's close fills
+    meanwhile: its events are lost. P3.3 applies the fill's result, sees within a second that its snapshot does
+    not show the fill, polls the symbol and has the stream resync; with both polls 300 s apart, nothing else
+    could have corrected the snapshot (found by `qt chaos --stream-faults`: snapshots wrong until the safety poll)."""
+    set_position(sim, SYMBOL, "2.000")
+    chain = chain_with(tmp_path, store_url, sim, stream={"silence_s": 5.0})
+    await chain.start()
+    try:
+        brain = chain.services["brain"]
+        await until(lambda: _healthy(brain), "the stream resynced")
+        sessions = brain.stream.health.sessions
+        admin(sim, "POST", "/_sim/stream-faults", {"kind": "silence", "ms": 2000})
+        sub = await ops.propose(rds, SYMBOL, "PARTIAL_CLOSE", qty=Decimal("0.500"), source="test")
+        result = await ops.wait_result(rds, sub.plan_id, 10, sub.result_cursor)
+        assert result is not None and result.executed, result
+        await until(lambda: _amt_is(rds, "1.500"), "the lost fill in the snapshot", 4.0)
+        assert brain.metrics.stream_gaps._value.get() >= 1
+        await until(lambda: _sessions_above(brain, sessions), "the stream resynced by its owner", 5.0)
+    finally:
+        await chain.stop()
+
+
+async def _sessions_above(brain: Any, sessions: int) -> bool:
+    return bool(brain.stream.health.sessions > sessions and brain.stream.health.healthy)

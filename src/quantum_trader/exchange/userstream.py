@@ -127,6 +127,7 @@ class UserDataStream:
         self.health = StreamHealth()
         self.sequence = Sequence()
         self._ws: ClientConnection | None = None
+        self._closing: set[asyncio.Future[None]] = set()  # closes asked for by restart(), held until done
 
     def url(self, key: str) -> str:
         streams = [key, *(f"{symbol.lower()}@markPrice@1s" for symbol in self._symbols)]
@@ -272,6 +273,17 @@ class UserDataStream:
         if isinstance(event, MarkPriceUpdate):
             return event if sequence.mark(event.s, event.E) else None
         return event
+
+    def restart(self, why: str) -> None:
+        """End this session (the owner found it lost an event): the next one resyncs before it is trusted."""
+        ws = self._ws
+        if ws is None:
+            return
+        self.health.resynced = False  # nothing from this session is trusted any more
+        log.warning("user-data stream restarted by its owner", reason=why)
+        task = asyncio.ensure_future(ws.close(code=1000, reason="resync"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         """Close the connection (never the key: other processes of the account use it)."""

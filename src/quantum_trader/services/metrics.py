@@ -242,6 +242,11 @@ class BrainMetrics:
         self.pushed_positions = Counter(
             "p33_pushed_positions", "Position snapshots written from the user-data stream", registry=registry
         )
+        self.stream_gaps = Counter(
+            "p33_stream_gaps",
+            "Fills the user-data stream did not show within a second while healthy (polled, and the stream resynced)",
+            registry=registry,
+        )
         self.drift_events = Counter(
             "p33_drift_events",
             "Exchange position changes no plan of the chain explains, by the exchange's reason",

@@ -27,7 +27,7 @@ class LedgerFollower:
         clock: Clock,
         audit_maxlen: int,
         moved: Callable[[LedgerChange], None],
-        ask_refresh: Callable[[list[str]], None],
+        ask_refresh: Callable[[list[str], dict[str, int]], None],
     ) -> None:
         self.redis = redis
         self.metrics = metrics
@@ -66,4 +66,6 @@ class LedgerFollower:
             self._moved(change)
         moved = [result.symbol for _, result in results if result.executed]
         if moved:
-            self._ask_refresh(moved)
+            # each fill's exchange time: the stream must show it (a snapshot synced up to it) soon, or it missed it
+            fills = {r.symbol: r.order_time_ms for _, r in results if r.executed and r.order_time_ms > 0}
+            self._ask_refresh(moved, fills)

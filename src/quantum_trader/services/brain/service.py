@@ -109,6 +109,7 @@ class BrainService(PermitIssuer):
         base = stream_base(settings.exchange, sim_url_for(settings), settings.stream.url)
         stream = UserDataStream(exchange, base, owner, settings.stream, self.symbols)
         self.snapshots.stream_healthy = lambda: stream.health.healthy
+        self.snapshots.stream_missed = stream.restart  # a fill the stream never showed: resync it
         self.snapshots.sequence = stream.sequence
         return stream
 
@@ -155,8 +156,8 @@ class BrainService(PermitIssuer):
     def snapshot_age(self, symbol: str) -> float:
         return self.snapshots.snapshot_age(symbol)
 
-    def ask_refresh(self, symbols: list[str]) -> None:
-        self.snapshots.ask_refresh(symbols)
+    def ask_refresh(self, symbols: list[str], fills: dict[str, int] | None = None) -> None:
+        self.snapshots.ask_refresh(symbols, fills=fills)
 
     async def refresh_snapshots(self, symbols: list[str] | None = None) -> None:
         await self.snapshots.refresh_snapshots(symbols)

@@ -40,6 +40,9 @@ SNAPSHOT_ATTEMPTS = 2  # polls a plan asks for before it is decided on the snaps
 # pushed marks are written at most this often per symbol (they come every second: with many symbols, writing
 # each would cost the store and P3.3 more than the snapshots' ts and the Governor's notional check need)
 MARK_WRITE_EVERY_S = 2.0
+# a fill's result applied while the stream is healthy: its snapshot must show the fill within this long, or the
+# stream lost it (an event dropped without a disconnect): the symbol is polled and the stream resynced
+FILL_SHOWN_S = 1.0
 PUSH_WAIT_S = 0.25  # a plan behind its ledger's fills waits this long for the stream to show them, then polls
 
 
@@ -71,6 +74,7 @@ class SnapshotPoller:
         self._early: dict[str, None] = {}
         # the stream, when there is one: whether it is healthy now, and its order of position states
         self.stream_healthy: Callable[[], bool] = lambda: False
+        self.stream_missed: Callable[[str], None] = lambda why: None  # the stream lost an event: resync it
         self.sequence: Sequence | None = None
         self._known: dict[str, PositionInfo] = {}  # the position each snapshot shows now (polled or pushed)
         self._writing = asyncio.Lock()
@@ -124,16 +128,18 @@ class SnapshotPoller:
         brain = self.settings.brain
         return brain.safety_poll_s if self.stream_healthy() else brain.snapshot_interval_s
 
-    def ask_refresh(self, symbols: list[str], *, force: bool = False) -> None:
+    def ask_refresh(self, symbols: list[str], *, force: bool = False, fills: dict[str, int] | None = None) -> None:
         """A snapshot of ``symbols`` soon (a fill moved them); nobody waits for it. Before the poll loop runs,
         the asks wait for it (nothing is polled before the start-up reconcile is done). While the stream is
-        healthy it brings the change itself: no poll unless ``force``."""
+        healthy it brings the change itself: no poll unless ``force``, or unless a fill of ``fills`` (symbol ->
+        the fill's exchange time) is not shown within ``FILL_SHOWN_S``."""
         if self.stream_healthy() and not force:
             # no poll: but growth pushed while a plan of the chain was in flight was not adopted then; the
             # fill's result ends that, so the position as pushed is looked at again now
-            task = asyncio.ensure_future(self._follow_known(self._managed(symbols)))
-            self._rechecks.add(task)
-            task.add_done_callback(self._rechecks.discard)
+            for work in (self._follow_known(self._managed(symbols)), self._check_shown(fills or {})):
+                task = asyncio.ensure_future(work)
+                self._rechecks.add(task)
+                task.add_done_callback(self._rechecks.discard)
             return
         if self._running:
             self._reads.ask(self._managed(symbols))
@@ -143,6 +149,22 @@ class SnapshotPoller:
     async def close(self) -> None:
         """Stop the looks at pushed positions still running (the poll loop stops with its own task)."""
         await cancel_and_wait(list(self._rechecks))
+
+    async def _check_shown(self, fills: dict[str, int]) -> None:
+        """After ``FILL_SHOWN_S``: the fills whose snapshot does not show them were lost by the stream (an event
+        dropped while the connection stayed up): poll those symbols now and have the stream resync, rather than
+        wait for the safety poll with a snapshot that looks fresh and is not."""
+        if not fills:
+            return
+        await asyncio.sleep(FILL_SHOWN_S)
+        managed = set(self.symbols)
+        missed = sorted(s for s, at_ms in fills.items() if s in managed and self._synced_ms.get(s, 0) < at_ms)
+        if not missed or not self.stream_healthy():
+            return  # shown; or the stream is down, and the poll is back to every few seconds anyway
+        self.metrics.stream_gaps.inc(len(missed))
+        self.log.warning("the user-data stream did not show a fill: polling and resyncing it", symbols=missed)
+        self.stream_missed(f"it did not show a fill of {', '.join(missed)} within {FILL_SHOWN_S:g} s")
+        self._reads.ask(missed)
 
     async def _follow_known(self, symbols: list[str]) -> None:
         """``follow_outside`` for the positions as last written (pushed), after a ledger change."""
