@@ -48,10 +48,13 @@ def test_plans_permits_and_the_kill_switch_live_in_the_browser(up: Up, env: dict
             expect(page.locator("#conn")).to_have_text("live", timeout=15_000)
             expect(page.get_by_test_id("kill-state")).to_have_text("OFF")
             expect(page.get_by_test_id("store-nodes")).to_have_text("store · one server")  # no Sentinels
-            # P3.3's user-data stream, from its heartbeat (the others poll: no stream pill)
-            stream = page.locator("#services [data-role='stream']")
-            expect(stream).to_have_text("brain stream · healthy", timeout=15_000)
-            expect(stream).to_have_class("pill ok")
+            # P3.3's and Apply's user-data streams, from their heartbeats (the Governor has none: no pill)
+            streams = page.locator("#services [data-role='stream']")
+            expect(streams).to_have_count(2, timeout=15_000)
+            for service in ("brain", "apply"):
+                stream = streams.filter(has_text=f"{service} stream")
+                expect(stream).to_have_text(f"{service} stream · healthy", timeout=15_000)
+                expect(stream).to_have_class("pill ok")
 
             # a close proposed from the CLI shows up with both permits and its result
             done = qt("propose", "BTCUSDT", "--action", "FULL_CLOSE", "--wait", env=env)
