@@ -524,8 +524,12 @@ class Chaos:
         """Slow the next position reads, propose a few closes (the flow may be over by now: a kill was being
         aimed), and wait (at most ``AIM_S``) until Apply has read a proposal it has not planned yet: those
         proposals' plan ids (empty if it never had one). Apply plans from P3.3's snapshot when it is fresh
-        (services/apply/position_reads.py): the snapshots of those symbols are removed first, so that their
-        plans read the exchange (as when P3.3 is down), and wait on the slowed read."""
+        (services/apply/position_reads.py): P3.3 is killed (SIGKILL) and the snapshots of those symbols
+        removed first, so that nothing writes them again and their plans read the exchange, as when P3.3 is
+        down, and wait on the slowed read. P3.3 starts again with the store (``_restart_store``)."""
+        if "brain" in self.system.processes:
+            await asyncio.to_thread(self.system.stop_service, "brain", kill=True)
+            self.report.service_kills += 1
         await asyncio.to_thread(self._add_fault, HELD_POSITION_READS)
         aimed = sorted(SYMBOLS)[:3]
         with contextlib.suppress(RedisError, OSError):
@@ -653,6 +657,7 @@ class Chaos:
         await asyncio.sleep(self.rng.uniform(0.3, 1.0))
         await asyncio.to_thread(self.system.start_store, port)  # same data, same port, same users
         await asyncio.to_thread(self._clear_faults)  # the slowed reads left over
+        await asyncio.to_thread(self.system.start_service, "brain")  # killed by _wait_unplanned
         back = time.monotonic()
         self.report.store_restarts += 1
         # recovery: from the store's return until a brand-new proposal gets its result
