@@ -168,31 +168,42 @@ async def test_fault_matrix(case, rules, orders, error, filled, sim, rds, chain:
         )
 
 
-async def test_an_unknown_outcome_holds_the_symbol_until_the_exchange_tells(
-    sim, rds, tmp_path: Path, store_url: str
-) -> None:
-    """The reply is lost and every lookup fails for longer than Apply may wait, and the user-data stream is off
-    (or down): no result is invented, the symbol stays held (no second close can stack), and once the exchange
-    answers again the background resolver publishes the truth."""
+async def _lost_reply_chain(sim, tmp_path: Path, store_url: str, *, push: bool) -> Chain:
+    """The chain with a short resolve bound and timeouts, the user-data stream on or off, a position to close."""
     settings = make_settings(
         tmp_path,
         store_url,
         sim.url,
         apply={"permit_wait_ms": 1000, "metrics_port": 0, "order_resolve_timeout_s": 1},
         exchange={"timeout_ms": 500, "order_recv_window_ms": 500},
-        stream={"push": False},
+        stream={"push": push},
     )
     chain = Chain(settings)
     set_position(sim, "BTCUSDT", str(2 * POSITION))
     await chain.start()
+    return chain
+
+
+def _lose_the_reply_and_fail_lookups(sim) -> None:
+    """The next order executes but its reply is lost; every lookup fails until the faults are cleared."""
+    add_faults(
+        sim,
+        [
+            {"kind": "timeout_after_fill", "ms": 3000, **ORDER},
+            {"kind": "http_5xx", "status": 503, "count": None, **LOOKUP},
+        ],
+    )
+
+
+async def test_an_unknown_outcome_holds_the_symbol_until_the_exchange_tells(
+    sim, rds, tmp_path: Path, store_url: str
+) -> None:
+    """The reply is lost and every lookup fails for longer than Apply may wait, and the user-data stream is off
+    (or down): no result is invented, the symbol stays held (no second close can stack), and once the exchange
+    answers again the background resolver publishes the truth."""
+    chain = await _lost_reply_chain(sim, tmp_path, store_url, push=False)
     try:
-        add_faults(
-            sim,
-            [
-                {"kind": "timeout_after_fill", "ms": 3000, **ORDER},
-                {"kind": "http_5xx", "status": 503, "count": None, **LOOKUP},
-            ],
-        )
+        _lose_the_reply_and_fail_lookups(sim)
         sub = await ops.propose(rds, "BTCUSDT", "PARTIAL_CLOSE", qty=POSITION)
         assert await ops.wait_result(rds, sub.plan_id, 3, sub.result_cursor) is None
         assert await rds.zscore(keys.APPLY_INTENTS, sub.plan_id) is not None
@@ -215,29 +226,14 @@ async def test_with_the_stream_an_unknown_outcome_is_resolved_by_the_fills_event
 ) -> None:
     """The same faults with the user-data stream on: the order's ``ORDER_TRADE_UPDATE`` proves the fill, so the
     plan gets its result while every lookup still fails, and the symbol is free again."""
-    settings = make_settings(
-        tmp_path,
-        store_url,
-        sim.url,
-        apply={"permit_wait_ms": 1000, "metrics_port": 0, "order_resolve_timeout_s": 1},
-        exchange={"timeout_ms": 500, "order_recv_window_ms": 500},
-    )
-    chain = Chain(settings)
-    set_position(sim, "BTCUSDT", str(2 * POSITION))
-    await chain.start()
+    chain = await _lost_reply_chain(sim, tmp_path, store_url, push=True)
     try:
         apply = chain.services["apply"]
         deadline = asyncio.get_running_loop().time() + 10
         while not apply.stream.health.healthy:
             assert asyncio.get_running_loop().time() < deadline, "Apply's stream never became healthy"
             await asyncio.sleep(0.02)
-        add_faults(
-            sim,
-            [
-                {"kind": "timeout_after_fill", "ms": 3000, **ORDER},
-                {"kind": "http_5xx", "status": 503, "count": None, **LOOKUP},
-            ],
-        )
+        _lose_the_reply_and_fail_lookups(sim)
         sub = await ops.propose(rds, "BTCUSDT", "PARTIAL_CLOSE", qty=POSITION)
         result = await ops.wait_result(rds, sub.plan_id, 10, sub.result_cursor)
         assert result is not None and result.executed and result.filled_qty == POSITION

@@ -399,13 +399,16 @@ class Chaos:
         finally:
             await rds.aclose()
 
+    def _sim_admin(self) -> httpx.AsyncClient:
+        """The simulator's admin API, for the loop's own async tasks (SimAdmin is the blocking one)."""
+        token = self.system.sim_admin_token()
+        return httpx.AsyncClient(base_url=self.system.sim_url, headers={"X-Sim-Admin-Token": token}, timeout=5.0)
+
     async def _stream_chaos(self) -> None:
         """With --stream-faults: a fault of the user-data stream every 1-3 s, of a random kind (STREAM_FAULTS)."""
         if not self.stream_faults:
             return
-        admin = httpx.AsyncClient(
-            base_url=self.system.sim_url, headers={"X-Sim-Admin-Token": self.system.sim_admin_token()}, timeout=5.0
-        )
+        admin = self._sim_admin()
         try:
             await asyncio.sleep(0.5)  # the first one early: a short run has one by construction
             while not self.finished.is_set():
@@ -437,9 +440,7 @@ class Chaos:
         """With --stream-faults: how long each symbol's snapshot disagrees with the exchange (the longest)."""
         if not self.stream_faults:
             return
-        admin = httpx.AsyncClient(
-            base_url=self.system.sim_url, headers={"X-Sim-Admin-Token": self.system.sim_admin_token()}, timeout=5.0
-        )
+        admin = self._sim_admin()
         rds = _patient_client(self.system.urls["operator"])
         since: dict[str, float] = {}
         try:
@@ -462,9 +463,7 @@ class Chaos:
 
     async def _snapshots_agree_at_end(self, rds: aioredis.Redis) -> None:
         """Once the flow has settled, every snapshot shows the exchange's position within the lag bound."""
-        admin = httpx.AsyncClient(
-            base_url=self.system.sim_url, headers={"X-Sim-Admin-Token": self.system.sim_admin_token()}, timeout=5.0
-        )
+        admin = self._sim_admin()
         try:
             deadline = time.monotonic() + SNAPSHOT_LAG_LIMIT_S
             while True:
