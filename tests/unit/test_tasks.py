@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import sys
 
-from quantum_trader.tasks import cancel_and_wait
+import pytest
+
+from quantum_trader.tasks import _in_wait_for, cancel_and_wait
 
 
 async def test_a_task_that_loses_its_first_cancels_is_cancelled_until_it_ends() -> None:
@@ -26,7 +29,7 @@ async def test_a_task_that_loses_its_first_cancels_is_cancelled_until_it_ends() 
     assert await cancel_and_wait([task], timeout_s=5.0) == []
     assert task.cancelled() and len(cancels) == 4
     gaps = [later - earlier for earlier, later in itertools.pairwise(cancels)]
-    assert all(0.19 <= gap < 5.0 for gap in gaps), gaps  # re-cancelled every 0.2 s, not in a spin
+    assert all(0.09 <= gap < 5.0 for gap in gaps), gaps  # re-cancelled every 0.1-0.2 s, not in a spin
 
 
 async def test_a_task_deaf_to_every_cancel_is_returned_at_the_bound() -> None:
@@ -48,7 +51,7 @@ async def test_a_task_deaf_to_every_cancel_is_returned_at_the_bound() -> None:
     assert await cancel_and_wait([stuck, ended], timeout_s=0.5) == [stuck]
     took = asyncio.get_running_loop().time() - started
     assert ended.cancelled() and not stuck.done()
-    assert 0.49 <= took < 5.0 and 2 <= cancels <= 3  # at 0, 0.2 and 0.4 s (fewer if a wait ran late); none at the bound
+    assert 0.49 <= took < 5.0 and 2 <= cancels <= 5  # at 0, then every 0.1-0.2 s (fewer if a wait ran late)
     release.set()
     await asyncio.wait({stuck})
 
@@ -75,3 +78,22 @@ async def test_the_exceptions_of_ended_tasks_are_retrieved() -> None:
         assert reported == []
     finally:
         loop.set_exception_handler(None)
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="wait_for loses no cancel from Python 3.12 on")
+async def test_a_task_waiting_in_wait_for_is_known_however_deep_the_wait() -> None:
+    """The one place a cancel is lost (Python 3.11): a task waiting in wait_for, found through the whole chain of
+    coroutines it awaits; cancel_and_wait repeats its cancel one loop iteration later there."""
+
+    async def sends() -> None:
+        await asyncio.wait_for(asyncio.sleep(10), 20)
+
+    async def command() -> None:
+        await sends()
+
+    in_send = asyncio.ensure_future(command())
+    elsewhere = asyncio.ensure_future(asyncio.sleep(10))
+    await asyncio.sleep(0)
+    assert _in_wait_for(in_send) and not _in_wait_for(elsewhere)
+    assert await cancel_and_wait([in_send, elsewhere]) == []
+    assert not _in_wait_for(in_send)  # ended
