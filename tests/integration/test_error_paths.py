@@ -416,6 +416,21 @@ def test_bench_rates_that_are_not_numbers_are_a_usage_error(env: dict[str, str])
     assert one_line_error(done) == "qt: --rates: not a comma-separated list of numbers: '100,fast'"
 
 
+@pytest.mark.parametrize(
+    ("option", "given", "bad"),
+    [("--limits", "15:60,30", "30"), ("--limits-poll", "20:2", "20:2"), ("--limits", "fast:60", "fast:60")],
+)
+def test_bench_limits_parts_that_are_not_rate_and_seconds_are_a_usage_error(
+    env: dict[str, str], option: str, given: str, bad: str
+) -> None:
+    done = qt("bench", option, given, env=env)
+    assert done.returncode == 2, done.stderr
+    assert one_line_error(done) == (
+        f"qt: {option}: RATE:SECONDS parts, comma-separated (0 < rate <= 1000 proposals/s, at least 5 s), "
+        f"not {bad!r} in {given!r}"
+    )
+
+
 def test_qt_store_stamp_records_the_epoch_and_how_durable_the_store_is(own_store: str, env: dict[str, str]) -> None:
     """`qt store-stamp` (the deployed store's ExecStartPost): with an admin account it records the epoch and
     stamps the instance's durability (this store: no append-only file); with a service's account it is refused

@@ -6,10 +6,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 from quantum_trader.bench.bounds import StepStatus
 from quantum_trader.bench.chain import RateStep
 from quantum_trader.bench.durability import DurabilityPart, part
 from quantum_trader.bench.fencing import FencingPart
+from quantum_trader.bench.limits import POLL, PUSH, LimitsPart, mode_env
 from quantum_trader.bench.measure import Latency
 from quantum_trader.bench.report import (
     BenchReport,
@@ -20,6 +23,7 @@ from quantum_trader.bench.report import (
     fencing_rows,
     fencing_summary,
     highest_sustained,
+    limits_rows,
     load_rows,
     markdown,
     plot_json,
@@ -210,3 +214,24 @@ def test_fencing_rows_and_summary() -> None:
     text = markdown(report)
     assert "| ha | 1 | 10 | 11 | 6.50 |" in text and fencing_summary(report) in text
     assert fencing_summary(BenchReport(fencing=report.fencing[:2])) is None  # no fenced part: nothing to compare
+
+
+def test_the_limits_step_runs_the_design_before_the_stream_as_poll_only_with_a_rest_read_per_plan() -> None:
+    """The "before" of the limits step is the chain with push off and every plan reading its position over REST;
+    its rows say which chain they measured."""
+    env = {"QT_LOG_LEVEL": "warning"}
+    assert mode_env(env, PUSH) == env
+    assert mode_env(env, POLL) == {**env, "QT_STREAM__PUSH": "false", "QT_APPLY__SNAPSHOT_MAX_AGE_S": "0"}
+    with pytest.raises(ValueError, match="limits mode: push or poll, not 'both'"):
+        mode_env(env, "both")
+    report = BenchReport(plans=10, warmup=1, steps=["limits"])
+    report.limits = [
+        LimitsPart(rate_per_s=20, seconds=60, mode=PUSH, sent=1200, answered=1200, executed=960, rate_limited=240,
+                   weight=970, weight_per_min=970, weight_per_executed=1.01),
+        LimitsPart(rate_per_s=20, seconds=60, mode=POLL, sent=1200, answered=1200, executed=150, own_load=1050,
+                   weight=2400, weight_per_min=2400, weight_per_executed=16),
+    ]  # fmt: skip
+    rows = limits_rows(report)
+    assert [row[:2] for row in rows] == [["push (as shipped)", "20"], ["poll only (before the stream)", "20"]]
+    assert [row[7] for row in rows] == ["0", "1050"]  # own-load refusals
+    assert [row[10] for row in rows] == ["970", "2400"]  # weight per minute

@@ -32,6 +32,16 @@ EDGE_S = 0.1
 WARMUP_TIMEOUT_S = 30.0
 # the chain's own load showing through: what a plan must never be refused with while the exchange has room
 OWN_LOAD_REASONS = ("position_unavailable", "stale_snapshot", "snapshot_stale", "price_unavailable")
+PUSH, POLL = "push", "poll"
+# the chain before the stream: no push (P3.3 polls), and every plan reads its position from the exchange
+POLL_ONLY_ENV = {"QT_STREAM__PUSH": "false", "QT_APPLY__SNAPSHOT_MAX_AGE_S": "0"}
+
+
+def mode_env(env: Mapping[str, str], mode: str) -> dict[str, str]:
+    """The services' environment for ``mode``: as shipped (push), or the design before the stream (poll)."""
+    if mode not in (PUSH, POLL):
+        raise ValueError(f"limits mode: {PUSH} or {POLL}, not {mode!r}")
+    return {**env, **(POLL_ONLY_ENV if mode == POLL else {})}
 
 
 @dataclass
@@ -40,6 +50,7 @@ class LimitsPart:
 
     rate_per_s: float
     seconds: float
+    mode: str = PUSH  # PUSH: the chain as shipped; POLL: the design before the user-data stream
     sent: int = 0
     answered: int = 0
     executed: int = 0
@@ -49,6 +60,7 @@ class LimitsPart:
     closes_per_s: float | None = None  # executed / the part's window
     weight: int = 0  # REST request weight of the whole chain over the part (the simulator's count)
     weight_per_executed: float | None = None
+    weight_per_min: float | None = None  # the whole chain's REST weight per minute over the part
     requests: dict[str, int] = field(default_factory=dict)  # by "METHOD /path", over the part
     end_to_end: Latency = field(default_factory=Latency)  # proposal to result
     limit_named: str = ""  # one rate_limited reason, as a client reads it
@@ -68,22 +80,23 @@ def _short(outcome: str) -> str:
 
 
 async def run_limits(
-    env: Mapping[str, str], parts: tuple[tuple[float, float], ...], waiting: Waiting | None = None
+    env: Mapping[str, str], parts: tuple[tuple[float, float], ...], waiting: Waiting | None = None, mode: str = PUSH
 ) -> list[LimitsPart]:
-    """Each ``(rate, seconds)`` in turn on a private system at the simulator's default limits."""
+    """Each ``(rate, seconds)`` in turn on a private system at the simulator's default limits, the services in
+    ``mode`` (``mode_env``)."""
     from quantum_trader.system import SERVICES, LocalSystem
 
     waiting = waiting or Waiting()
     symbols = [spec.symbol for spec in bench_symbols(SYMBOLS)]
     system = LocalSystem.private(
-        "qt-bench-limits-",
-        env={**env, "QT_SYMBOLS": ",".join(symbols)},
+        f"qt-bench-limits-{mode}-",
+        env={**mode_env(env, mode), "QT_SYMBOLS": ",".join(symbols)},
         sim_args=["--bench-symbols", str(SYMBOLS)],
         persist_store=True,
     )
     results: list[LimitsPart] = []
     try:
-        waiting.on("the system at Binance's real limits to start")
+        waiting.on(f"the system at Binance's real limits ({mode}) to start")
         await asyncio.to_thread(system.start_infra)
         await asyncio.to_thread(system.open_positions, dict.fromkeys(symbols, LOAD_POSITION))
         await asyncio.to_thread(system.start_services, together=True)
@@ -97,12 +110,14 @@ async def run_limits(
             await wait_result(redis, sub.plan_id, WARMUP_TIMEOUT_S, sub.result_cursor)
             pids = {name: system.processes[name].pid for name in SERVICES}
             for rate, seconds in parts:
-                part_waiting = waiting.sub(f"{rate:g} proposals/s for {seconds:g} s at the real limits")
+                part_waiting = waiting.sub(f"{rate:g} proposals/s for {seconds:g} s at the real limits ({mode})")
                 # each part starts at an order window's edge (10 s, clock-aligned as the exchange counts them):
                 # its windows hold its own orders only, so a part over the limit fills a whole window
                 part_waiting.on("the next 10 s window of the exchange's order count")
                 await asyncio.sleep(ORDER_WINDOW_S - time.time() % ORDER_WINDOW_S + EDGE_S)
-                results.append(await _part(redis, admin, symbols, rate, seconds, CpuWindow(pids), part_waiting))
+                part = await _part(redis, admin, symbols, rate, seconds, CpuWindow(pids), part_waiting)
+                part.mode = mode
+                results.append(part)
         finally:
             await within(admin.aclose(), 10.0, "closing the simulator's admin client")
             await within(redis.aclose(), 10.0, "closing the store client")
@@ -139,6 +154,7 @@ async def _part(
     part.closes_per_s = r3(part.executed / seconds) if seconds else None
     part.weight = weight_after - weight_before
     part.weight_per_executed = r3(part.weight / part.executed) if part.executed else None
+    part.weight_per_min = r3(part.weight * 60 / seconds) if seconds else None
     part.requests = {
         name: requests_after.get(name, 0) - requests_before.get(name, 0)
         for name in sorted(requests_after)

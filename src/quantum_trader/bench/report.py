@@ -295,18 +295,23 @@ def push_rows(r: BenchReport) -> list[list[str]]:
     ]
 
 
-LIMITS_HEADER = ["proposals/s", "s", "sent", "executed", "closes/s", "rate_limited", "own-load refusals", "other",
-                 "REST weight", "weight/executed", "e2e p50 (ms)", "p99"]  # fmt: skip
+LIMITS_HEADER = ["chain", "proposals/s", "s", "sent", "executed", "closes/s", "rate_limited", "own-load refusals",
+                 "other", "REST weight", "weight/min", "weight/executed", "e2e p50 (ms)", "p99"]  # fmt: skip
 
 
 def limits_rows(r: BenchReport) -> list[list[str]]:
     rows = []
     for p in r.limits:
         other = p.answered - p.executed - p.rate_limited - p.own_load + (p.sent - p.answered)
-        rows.append([_num(p.rate_per_s), _num(p.seconds), str(p.sent), str(p.executed), _num(p.closes_per_s),
-                     str(p.rate_limited), str(p.own_load), str(other), str(p.weight), _num(p.weight_per_executed),
-                     _ms(p.end_to_end.p50_ms), _ms(p.end_to_end.p99_ms)])  # fmt: skip
+        rows.append([_chain(p.mode), _num(p.rate_per_s), _num(p.seconds), str(p.sent), str(p.executed),
+                     _num(p.closes_per_s), str(p.rate_limited), str(p.own_load), str(other), str(p.weight),
+                     _num(p.weight_per_min), _num(p.weight_per_executed), _ms(p.end_to_end.p50_ms),
+                     _ms(p.end_to_end.p99_ms)])  # fmt: skip
     return rows
+
+
+def _chain(mode: str) -> str:
+    return "push (as shipped)" if mode == "push" else "poll only (before the stream)"
 
 
 def limits_notes(r: BenchReport) -> list[str]:
@@ -316,9 +321,10 @@ def limits_notes(r: BenchReport) -> list[str]:
     for p in r.limits:
         other = {k: v for k, v in p.outcomes.items() if k not in ("executed", "rate_limited")}
         requests = ", ".join(f"{name} {count}" for name, count in p.requests.items())
-        notes.append(f"{p.rate_per_s:g}/s: other outcomes {other or 'none'}; REST requests: {requests or 'none'}")
+        part = f"{p.rate_per_s:g}/s ({p.mode})"
+        notes.append(f"{part}: other outcomes {other or 'none'}; REST requests: {requests or 'none'}")
         if p.limit_named:
-            notes.append(f"{p.rate_per_s:g}/s: a rate_limited reason: {p.limit_named}")
+            notes.append(f"{part}: a rate_limited reason: {p.limit_named}")
     return notes
 
 

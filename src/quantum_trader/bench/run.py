@@ -57,14 +57,16 @@ class Scenario:
     lookups: int = 200  # order lookups timed (what a plan the store cannot vouch for pays once)
     push_changes: tuple[int, int] = (200, 20)  # outside changes timed with push, and with the poll (up to 5 s each)
     push_idle_s: float = 60.0  # the window the idle REST weight is counted over, per part
-    # (proposals/s, seconds) at Binance's real limits: under the order limit, and over it
-    limits: tuple[tuple[float, float], ...] = ((15.0, 120.0), (30.0, 60.0))
+    # (proposals/s, seconds) at Binance's real limits: under the order limit, at the 20/s, and over it
+    limits: tuple[tuple[float, float], ...] = ((15.0, 120.0), (20.0, 60.0), (30.0, 60.0))
+    # the same on the design before the user-data stream (limits.POLL_ONLY_ENV), on a system of its own
+    limits_poll: tuple[tuple[float, float], ...] = ((20.0, 60.0),)
     steps: tuple[str, ...] = STEPS  # which steps run (in STEPS order whatever the order here)
 
 
 QUICK = Scenario(plans=60, seed_plans=10, idle_s=5.0, rates=(200.0,), rate_s=2.0, decision_rates=(1000.0,),
                  decision_s=1.0, load_symbols=20, durability_plans=20, lookups=20, push_changes=(20, 3),
-                 push_idle_s=5.0, limits=((15.0, 10.0), (30.0, 10.0)))  # fmt: skip
+                 push_idle_s=5.0, limits=((15.0, 10.0), (30.0, 10.0)), limits_poll=())  # fmt: skip
 
 
 # The bounds: what each step should take, plus slack for reading the streams back on a loaded machine. Only a
@@ -294,12 +296,20 @@ class _Run:
         self.show("push", self.report)
 
     async def limits(self) -> None:
-        parts = self.scenario.limits
+        modes = ((limits.PUSH, self.scenario.limits), (limits.POLL, self.scenario.limits_poll))
 
-        def run(waiting: Waiting) -> Awaitable[list[limits.LimitsPart]]:
-            return limits.run_limits(self.env, parts, waiting)
+        async def run(waiting: Waiting) -> list[limits.LimitsPart]:
+            measured: list[limits.LimitsPart] = []
+            for mode, parts in modes:
+                if parts:
+                    measured += await limits.run_limits(self.env, parts, waiting, mode)
+            return measured
 
-        bound = HA_START_S + sum(open_loop_bound(seconds) for _, seconds in parts)
+        bound = sum(
+            HA_START_S + sum(open_loop_bound(seconds) + limits.ORDER_WINDOW_S for _, seconds in parts)
+            for _, parts in modes
+            if parts
+        )
         measured, _ = await self.step("limits", bound + SLACK_S, run)
         self.report.limits = measured or []
         self.show("limits", self.report)

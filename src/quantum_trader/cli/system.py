@@ -189,6 +189,27 @@ def chaos_cmd(
     raise typer.Exit(0 if report.ok else EXIT_FAILED)
 
 
+def _limits_parts(option: str, given: str) -> tuple[tuple[float, float], ...]:
+    """``15:600,30:60`` -> ((15.0, 600.0), (30.0, 60.0)); ``none`` -> (); anything else ends with a usage error."""
+    if given.strip().lower() in ("", "none"):
+        return ()
+    parts = []
+    for item in given.split(","):
+        rate, sep, seconds = item.strip().partition(":")
+        try:
+            part = (float(rate), float(seconds))
+        except ValueError:
+            part = (0.0, 0.0)
+        if not sep or not (0 < part[0] <= 1000 and part[1] >= 5):
+            fail(
+                f"{option}: RATE:SECONDS parts, comma-separated (0 < rate <= 1000 proposals/s, at least 5 s), "
+                f"not {item.strip()!r} in {given!r}",
+                EXIT_USAGE,
+            )
+        parts.append(part)
+    return tuple(parts)
+
+
 @app.command("bench")
 def bench_cmd(
     quick: Annotated[bool, typer.Option(help="a short run (under a minute): fewer plans, one rate of each")] = False,
@@ -210,11 +231,18 @@ def bench_cmd(
             "open-loop, decisions"
         ),
     ] = None,
-    limits_seconds: Annotated[
+    limits: Annotated[
         str | None,
         typer.Option(
-            help="seconds of the limits step's rates (15 and 30 proposals/s at the real limits): one for both, or "
-            "two comma-separated (e.g. 600,60)"
+            help="the limits step's parts on the chain as shipped: RATE:SECONDS, comma-separated (proposals/s at "
+            "Binance's real limits; default 15:120,20:60,30:60, --quick 15:10,30:10)"
+        ),
+    ] = None,
+    limits_poll: Annotated[
+        str | None,
+        typer.Option(
+            help="the same on the design before the user-data stream (P3.3 polls, every plan reads its position "
+            "over REST), on a system of its own: RATE:SECONDS, comma-separated, or none (default 20:60, --quick none)"
         ),
     ] = None,
 ) -> None:
@@ -241,18 +269,16 @@ def bench_cmd(
     steps = tuple(s for s in steps if durability or s != "durability")
     if not steps:
         fail("nothing to run: --only names no step that --no-durability leaves", EXIT_USAGE)
-    at_limits = scenario.limits
-    if limits_seconds:
-        try:
-            given = [float(part) for part in limits_seconds.split(",")]
-        except ValueError:
-            given = []
-        if not given or len(given) > len(at_limits) or min(given) < 5:
-            fail(f"--limits-seconds: one or two numbers of seconds (at least 5), not {limits_seconds!r}", EXIT_USAGE)
-        given += given[-1:] * (len(at_limits) - len(given))
-        at_limits = tuple((rate, seconds) for (rate, _), seconds in zip(at_limits, given, strict=True))
+    at_limits = _limits_parts("--limits", limits) if limits is not None else scenario.limits
+    at_limits_poll = _limits_parts("--limits-poll", limits_poll) if limits_poll is not None else scenario.limits_poll
     scenario = dataclasses.replace(
-        scenario, plans=plans or scenario.plans, rates=chosen, event_loop=event_loop, steps=steps, limits=at_limits
+        scenario,
+        plans=plans or scenario.plans,
+        rates=chosen,
+        event_loop=event_loop,
+        steps=steps,
+        limits=at_limits,
+        limits_poll=at_limits_poll,
     )
     print_bench(until_stopped(lambda: run_bench(scenario)), out)
 
