@@ -221,5 +221,28 @@ async def test_a_fill_the_stream_lost_without_a_disconnect_is_polled_and_the_str
         await chain.stop()
 
 
+async def test_a_change_the_stream_lost_found_by_the_safety_poll_resyncs_the_stream(
+    sim, rds, tmp_path, store_url
+) -> None:
+    """A position changed outside the chain while the stream is quiet for 3 s (less than its silence bound: no
+    reconnect): its ADJUSTMENT event is lost. The safety poll (every 2 s here) finds the change, writes it, and
+    has the stream resync, since a stream that lost one event may have lost others: without that, the session
+    would go on as if healthy (the sessions count shows which)."""
+    set_position(sim, SYMBOL, "2.000")
+    chain = chain_with(tmp_path, store_url, sim, brain={"safety_poll_s": 2.0}, stream={"silence_s": 5.0})
+    await chain.start()
+    try:
+        brain = chain.services["brain"]
+        await until(lambda: _healthy(brain), "the stream resynced")
+        sessions, gaps = brain.stream.health.sessions, brain.metrics.stream_gaps._value.get()
+        admin(sim, "POST", "/_sim/stream-faults", {"kind": "silence", "ms": 3000})
+        set_position(sim, SYMBOL, "1.700")
+        await until(lambda: _amt_is(rds, "1.700"), "the lost change in the snapshot, from the safety poll", 6.0)
+        await until(lambda: _sessions_above(brain, sessions), "the stream resynced by its owner", 6.0)
+        assert brain.metrics.stream_gaps._value.get() == gaps + 1
+    finally:
+        await chain.stop()
+
+
 async def _sessions_above(brain: Any, sessions: int) -> bool:
     return bool(brain.stream.health.sessions > sessions and brain.stream.health.healthy)

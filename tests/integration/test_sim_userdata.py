@@ -290,6 +290,33 @@ def test_a_dropped_connection_is_closed_by_the_exchange(client: BinanceClient) -
     assert dropped.value.rcvd is not None and dropped.value.rcvd.code == 1011
 
 
+def test_a_cut_connection_is_closed_as_at_its_24_hours(client: BinanceClient) -> None:
+    with _stream(client) as ws:
+        assert _fault(client, kind="cut").status_code == 200
+        with pytest.raises(ConnectionClosed) as cut:
+            ws.recv(timeout=3.0)
+    assert cut.value.rcvd is not None and (cut.value.rcvd.code, cut.value.rcvd.reason) == (
+        1001,
+        "connection lifetime reached",
+    )
+
+
+def test_an_expired_key_ends_every_connection_with_listen_key_expired_and_is_unknown_to_put(
+    client: BinanceClient,
+) -> None:
+    """The ``expire`` fault: the key's lifetime ends now, as when nobody kept it alive for 60 minutes."""
+    with _stream(client) as ws:
+        key = _key_call(client, "POST").json()["listenKey"]
+        assert _fault(client, kind="expire").status_code == 200
+        event = _next(ws, timeout_s=3.0)
+        assert (event["e"], event["listenKey"]) == ("listenKeyExpired", key)
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=3.0)
+    assert _key_call(client, "PUT").json()["code"] == -1125
+    fresh = _key_call(client, "POST").json()["listenKey"]
+    assert fresh != key and _key_call(client, "PUT").status_code == 200
+
+
 def test_duplicated_and_reordered_events(client: BinanceClient) -> None:
     """Each close is NEW, TRADE, ACCOUNT_UPDATE: the first event duplicated, then the first pair swapped."""
     with _stream(client) as ws:

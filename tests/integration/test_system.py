@@ -144,6 +144,9 @@ def test_a_short_chaos_run_keeps_every_promise(env: dict[str, str]) -> None:
     assert report["store_restarts"] == 1 and report["max_recovery_s"] <= RECOVERY_LIMIT_S
     assert report["stream_faults_run"] and sum(report["stream_faults"].values()) >= 1
     assert report["snapshot_disagreements_at_end"] == 0 and report["snapshot_lag_max_s"] <= 15.0
+    # every fill of the run timed into its snapshot (P3.3's downtime from the kills not counted)
+    assert report["fills_timed"] >= 1 and report["fills_never_shown"] == 0
+    assert report["fill_shown_ms"]["max"] <= 15_000
 
 
 # its own bound: the program's 300 s (pytest's default 120 s would cut it short on a loaded machine)

@@ -5,11 +5,12 @@ something: plans executed, the store restarted, services killed with some kill i
 from __future__ import annotations
 
 import dataclasses
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from quantum_trader.cli.chaos import RECOVERY_LIMIT_S, ChaosReport, verdict
+from quantum_trader.cli.chaos import RECOVERY_LIMIT_S, ChaosReport, _position_changes, fill_shown_ms, verdict
 from quantum_trader.domain import oracle
 
 
@@ -143,3 +144,57 @@ def test_a_failover_run_needs_its_own_faults_not_the_store_restart_or_service_ki
 def test_a_failover_run_fails_on_what_it_did_not_prove_or_broke(changes: dict[str, Any], failure: str) -> None:
     failures = verdict(a_run(**{**FAILOVER, **changes}))
     assert any(f.startswith(failure) for f in failures), failures
+
+
+STREAMED = {"stream_faults_run": True, "stream_faults": {"drop": 1, "expire": 1}, "fills_timed": 40,
+            "fill_shown_ms": {"p50": 4, "p99": 900, "max": 1200}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("changes", "failure"),
+    [
+        ({}, None),
+        ({"stream_faults": {}}, "no fault of the user-data stream was armed"),
+        ({"fills_timed": 0, "fill_shown_ms": {}}, "no fill was timed into the snapshots"),
+        ({"fills_never_shown": 2}, "2 fills never showed in the snapshots"),
+        ({"fill_shown_ms": {"p50": 4, "p99": 900, "max": 15001}}, "a fill showed in its snapshot after 15001 ms"),
+        ({"snapshot_disagreements_at_end": 1}, "1 snapshots disagree with the exchange at the end"),
+    ],
+)
+def test_a_stream_faults_run_needs_every_fill_shown_in_its_snapshot_in_time(
+    changes: dict[str, Any], failure: str | None
+) -> None:
+    failures = verdict(a_run(**{**STREAMED, **changes}))
+    assert failures == [] if failure is None else [f for f in failures if f.startswith(failure)] != [], failures
+
+
+D = Decimal
+
+
+def test_each_fill_is_timed_to_the_first_read_of_its_snapshot_showing_it_or_a_later_fill() -> None:
+    fills = [(1000, "BTCUSDT", D("0.9")), (1500, "BTCUSDT", D("0.8")), (1100, "ETHUSDT", D("2")),
+             (3000, "BTCUSDT", D("0.7"))]  # fmt: skip
+    shown = {
+        "BTCUSDT": [(900, D("1")), (1010, D("0.9")), (1700, D("0.7"))],  # 0.8 skipped: the later 0.7 covers it
+        "ETHUSDT": [(900, D("3")), (1050, D("2"))],  # already shown as it happened (the chain's result came first)
+    }
+    lags, unshown = fill_shown_ms(fills, shown)
+    assert sorted(lags) == [0, 0, 10, 200] and unshown == 0  # 1010-1000, 1700-1500, 1700 <= 3000: 0
+    # a fill its snapshot never showed (nor anything later), and a symbol never read
+    lags, unshown = fill_shown_ms([(1000, "BTCUSDT", D("0.5")), (1000, "XRPUSDT", D("1"))], shown)
+    assert (lags, unshown) == ([], 2)
+
+
+def test_only_account_updates_change_positions() -> None:
+    update = {"e": "ACCOUNT_UPDATE", "E": 7, "a": {"m": "ORDER", "P": [{"s": "BTCUSDT", "pa": "0.5", "ps": "BOTH"}]}}
+    assert _position_changes(update) == [(7, "BTCUSDT", D("0.5"))]
+    assert _position_changes({"e": "ORDER_TRADE_UPDATE", "E": 7, "o": {}}) == []
+    assert _position_changes({"e": "ACCOUNT_UPDATE", "E": 8, "a": {"m": "FUNDING_FEE", "P": []}}) == []
+
+
+def test_the_time_p33_was_down_does_not_count_against_a_fill() -> None:
+    """Killed 100 ms after the fill, back 5 s later, shown 30 ms after its return: 130 ms of P3.3 running."""
+    fills = [(1000, "BTCUSDT", D("0.9"))]
+    shown = {"BTCUSDT": [(900, D("1")), (6130, D("0.9"))]}
+    assert fill_shown_ms(fills, shown, [(1100, 6100)]) == ([130], 0)
+    assert fill_shown_ms(fills, shown, [(200, 800), (7000, 8000)]) == ([5130], 0)  # downtimes elsewhere

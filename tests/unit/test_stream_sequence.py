@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quantum_trader.domain.stream_sequence import ORDERS_KEPT, READ, Sequence
+from quantum_trader.domain.stream_sequence import ORDERS_KEPT, READ, Sequence, missed_by_stream
 from quantum_trader.exchange.stream_events import (
     AccountUpdate,
     BadStreamEvent,
@@ -152,3 +152,12 @@ def test_events_decode_from_binances_shapes() -> None:
 def test_a_bad_frame_says_what_and_where(frame: str | bytes, message: str) -> None:
     with pytest.raises(BadStreamEvent, match=message.replace("$", r"\$").replace("[", r"\[").replace("]", r"\]")):
         decode_event(frame)
+
+
+def test_a_poll_shows_a_change_the_stream_missed_only_once_it_had_time_to_bring_it() -> None:
+    held, read = Decimal("2"), Decimal("1.7")
+    assert missed_by_stream(held, read, read_update_ms=8_000, asked_ms=10_000, grace_ms=1_000)
+    assert missed_by_stream(held, read, read_update_ms=9_000, asked_ms=10_000, grace_ms=1_000)  # exactly the grace
+    assert not missed_by_stream(held, read, read_update_ms=9_001, asked_ms=10_000, grace_ms=1_000)  # may be on its way
+    assert not missed_by_stream(read, read, read_update_ms=1_000, asked_ms=10_000, grace_ms=1_000)  # it brought it
+    assert not missed_by_stream(None, read, read_update_ms=1_000, asked_ms=10_000, grace_ms=1_000)  # nothing held yet

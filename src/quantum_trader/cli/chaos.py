@@ -29,6 +29,7 @@ import random
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -49,6 +50,7 @@ from quantum_trader.bus.embedded import APPENDFSYNC
 from quantum_trader.domain import oracle
 from quantum_trader.domain.models import GovernorPermit, Plan, from_fields
 from quantum_trader.domain.permits import encode_permit, sign
+from quantum_trader.domain.story import percentile
 from quantum_trader.secrets import permit_key
 from quantum_trader.settings import Settings
 from quantum_trader.tasks import cancel_and_wait
@@ -58,6 +60,8 @@ from quantum_trader.tasks import cancel_and_wait
 # poll corrects), one longer (noticed, reconnected, resynced)
 STREAM_FAULTS: list[tuple[str, dict[str, int]]] = [
     ("drop", {}),
+    ("cut", {}),  # Binance's 24-hour cut (1001)
+    ("expire", {}),  # the listen key's lifetime ends: listenKeyExpired, then -1125 for a PUT
     ("silence", {"ms": 2000}),
     ("silence", {"ms": 7000}),
     ("delay", {"ms": 400, "count": 5}),
@@ -66,6 +70,8 @@ STREAM_FAULTS: list[tuple[str, dict[str, int]]] = [
     ("garbage", {"count": 2}),
 ]
 SNAPSHOT_SAMPLE_S = 0.2
+FILL_SAMPLE_S = 0.02  # how often the snapshots are read to time each fill's arrival in them
+EVENTS_READ_S = 1.0  # how often the exchange's recorded fills are read (it keeps the last 2,000 events)
 # the longest a snapshot may disagree with the exchange under those faults: a lost event waits for the next
 # one of its symbol or is noticed with the silence (5 s) + the reconnect and resync (about 1 s); the poll takes
 # over at 5 s meanwhile
@@ -182,6 +188,11 @@ class ChaosReport:
     stream_faults: dict[str, int] = field(default_factory=dict)
     snapshot_lag_max_s: float = 0.0
     snapshot_disagreements_at_end: int = 0
+    # per fill: ms from the exchange's event to P3.3's snapshot first showing that position (or a later fill's);
+    # read every FILL_SAMPLE_S, so each figure is up to that much late
+    fills_timed: int = 0
+    fill_shown_ms: dict[str, float | None] = field(default_factory=dict)  # p50, p99, max
+    fills_never_shown: int = 0
     # why the plans that did not execute did not: "error: reason" -> count (permit timeouts during kills, ...)
     not_executed: dict[str, int] = field(default_factory=dict)
     # for each broken promise, up to ten of the plans that broke it (the logs tell their story)
@@ -206,6 +217,46 @@ class ChaosReport:
     @property
     def ok(self) -> bool:
         return not verdict(self)
+
+
+def _position_changes(event: dict[str, Any]) -> list[tuple[int, str, Decimal]]:
+    """The positions an exchange event says changed: (event ms, symbol, position after), one-way mode."""
+    if event.get("e") != "ACCOUNT_UPDATE":
+        return []
+    return [
+        (int(event["E"]), str(row["s"]), Decimal(str(row["pa"])))
+        for row in event.get("a", {}).get("P", [])
+        if row.get("ps", "BOTH") == "BOTH"
+    ]
+
+
+def fill_shown_ms(
+    fills: list[tuple[int, str, Decimal]],
+    shown: dict[str, list[tuple[int, Decimal | None]]],
+    outages: Sequence[tuple[int, int]] = (),
+) -> tuple[list[int], int]:
+    """For each fill (event ms, symbol, position after): how long P3.3 was up until its symbol's snapshot
+    showed that position or a later fill's (0 when it already did as the fill happened; ``outages``, P3.3's
+    downtimes, do not count: nothing writes snapshots then); and how many never did. ``shown[symbol]`` is the
+    snapshot's position as read, oldest first, kept only when it changed."""
+    lags: list[int] = []
+    unshown = 0
+    by_symbol: dict[str, list[tuple[int, Decimal]]] = defaultdict(list)
+    for at_ms, symbol, amount in sorted(fills):
+        by_symbol[symbol].append((at_ms, amount))
+    for symbol, changes in by_symbol.items():
+        reads = shown.get(symbol, [])
+        for i, (at_ms, _) in enumerate(changes):
+            this_or_later = {amount for _, amount in changes[i:]}
+            # the read current when the fill happened, then every read after it
+            current = max((k for k, (read_ms, _) in enumerate(reads) if read_ms <= at_ms), default=0)
+            found = next((read_ms for read_ms, amount in reads[current:] if amount in this_or_later), None)
+            if found is None:
+                unshown += 1
+            else:
+                down = sum(max(0, min(end, found) - max(start, at_ms)) for start, end in outages)
+                lags.append(max(0, found - at_ms - down))
+    return lags, unshown
 
 
 def verdict(report: ChaosReport) -> list[str]:
@@ -255,6 +306,13 @@ def verdict(report: ChaosReport) -> list[str]:
             failures.append(
                 f"a snapshot disagreed with the exchange for {report.snapshot_lag_max_s} s > {SNAPSHOT_LAG_LIMIT_S} s"
             )
+        if report.fills_timed == 0:
+            failures.append("no fill was timed into the snapshots")
+        if report.fills_never_shown:
+            failures.append(f"{report.fills_never_shown} fills never showed in the snapshots")
+        slowest = report.fill_shown_ms.get("max")
+        if slowest is not None and slowest > SNAPSHOT_LAG_LIMIT_S * 1000:
+            failures.append(f"a fill showed in its snapshot after {slowest} ms > {SNAPSHOT_LAG_LIMIT_S * 1000:.0f} ms")
     if report.forgeries_attempted == 0:
         failures.append("no forgery was attempted")
     elif report.forgeries_rejected == 0:
@@ -316,14 +374,28 @@ class Chaos:
         self.seen = Observed()
         self.finished = asyncio.Event()
         self.last_loss = 0.0
+        # --stream-faults: the exchange's position changes (event ms, symbol, position after), and each
+        # snapshot's position as read (read ms, position; kept when it changed)
+        self.fills: list[tuple[int, str, Decimal]] = []
+        self.shown: dict[str, list[tuple[int, Decimal | None]]] = defaultdict(list)
+        # when P3.3 was down (killed, until started again), wall ms: nothing writes snapshots then, so a fill
+        # made meanwhile is timed from P3.3's return
+        self.brain_down: list[list[int | None]] = []
+        self.events_after: int | None = None  # the exchange's last recorded event read (None: not read yet)
 
     async def run(self) -> ChaosReport:
         started = time.monotonic()
         rds = _patient_client(self.system.urls["operator"])
         observer = asyncio.create_task(self._observe())
         try:
+            if self.stream_faults:
+                await self._read_fills_once()  # where the run's fills begin
             chaos = asyncio.create_task(self._kill_things(rds))
-            streams = [asyncio.create_task(self._stream_chaos()), asyncio.create_task(self._watch_snapshots())]
+            streams = [
+                asyncio.create_task(self._stream_chaos()),
+                asyncio.create_task(self._watch_snapshots()),
+                asyncio.create_task(self._time_fills()),
+            ]
             try:
                 await self._drive(rds)
                 self.finished.set()
@@ -334,6 +406,7 @@ class Chaos:
             if self.stream_faults:
                 await self._snapshots_agree_at_end(rds)
             await cancel_and_wait(streams[1:])
+            await self._judge_fill_times()
             await self._resend_forgotten(rds)
             try:
                 await self._forge(rds)
@@ -405,14 +478,18 @@ class Chaos:
         return httpx.AsyncClient(base_url=self.system.sim_url, headers={"X-Sim-Admin-Token": token}, timeout=5.0)
 
     async def _stream_chaos(self) -> None:
-        """With --stream-faults: a fault of the user-data stream every 1-3 s, of a random kind (STREAM_FAULTS)."""
+        """With --stream-faults: a fault of the user-data stream every 1-3 s, each of STREAM_FAULTS once per round
+        in a random order."""
         if not self.stream_faults:
             return
         admin = self._sim_admin()
         try:
             await asyncio.sleep(0.5)  # the first one early: a short run has one by construction
+            faults: list[tuple[str, dict[str, int]]] = []
             while not self.finished.is_set():
-                kind, rule = self.rng.choice(STREAM_FAULTS)
+                if not faults:  # every kind once per round, in a random order: a long run meets each of them
+                    faults = self.rng.sample(STREAM_FAULTS, len(STREAM_FAULTS))
+                kind, rule = faults.pop()
                 with contextlib.suppress(httpx.HTTPError):
                     (await admin.post("/_sim/stream-faults", json={"kind": kind, **rule})).raise_for_status()
                     self.report.stream_faults[kind] = self.report.stream_faults.get(kind, 0) + 1
@@ -437,7 +514,8 @@ class Chaos:
         }
 
     async def _watch_snapshots(self) -> None:
-        """With --stream-faults: how long each symbol's snapshot disagrees with the exchange (the longest)."""
+        """With --stream-faults: how long each symbol's snapshot disagrees with the exchange (the longest), while
+        P3.3 runs (a kill's downtime is the kill's, judged by the other verdicts)."""
         if not self.stream_faults:
             return
         admin = self._sim_admin()
@@ -450,6 +528,9 @@ class Chaos:
                     now, pairs = time.monotonic(), await self._positions_now(admin, rds)
                 except (httpx.HTTPError, RedisError, OSError, TimeoutError, KeyError, ArithmeticError):
                     continue  # a store restart or loss: its own checks cover it
+                if any(end is None for _, end in self.brain_down):
+                    since.clear()  # nothing writes snapshots while P3.3 is down: timed from its return
+                    continue
                 for symbol, (on_exchange, in_snapshot) in pairs.items():
                     if on_exchange == in_snapshot:
                         since.pop(symbol, None)
@@ -460,6 +541,68 @@ class Chaos:
         finally:
             await admin.aclose()
             await rds.aclose()
+
+    async def _time_fills(self) -> None:
+        """With --stream-faults: each snapshot's position read every FILL_SAMPLE_S (kept when it changes), and
+        the exchange's recorded position changes (ACCOUNT_UPDATE), for ``_judge_fill_times``."""
+        if not self.stream_faults:
+            return
+        admin = self._sim_admin()
+        rds = _patient_client(self.system.urls["operator"])
+        names = sorted(SYMBOLS)
+        next_read = 0.0
+        try:
+            while True:
+                await asyncio.sleep(FILL_SAMPLE_S)
+                with contextlib.suppress(RedisError, OSError, TimeoutError, ArithmeticError):
+                    pipe = rds.pipeline(transaction=False)
+                    for symbol in names:
+                        pipe.hget(keys.snapshot(symbol), "position_amt")
+                    values = await asyncio.wait_for(pipe.execute(), 2.0)
+                    now_ms = int(time.time() * 1000)
+                    for symbol, value in zip(names, values, strict=True):
+                        amount = Decimal(value) if value else None
+                        seen = self.shown[symbol]
+                        if not seen or seen[-1][1] != amount:
+                            seen.append((now_ms, amount))
+                if time.monotonic() >= next_read:
+                    next_read = time.monotonic() + EVENTS_READ_S
+                    await self._read_fills(admin)
+        finally:
+            await admin.aclose()
+            await rds.aclose()
+
+    async def _read_fills(self, admin: httpx.AsyncClient) -> None:
+        """The exchange's position changes recorded since the last read (the first read only marks where the
+        run's begin: the positions opened before it are not its fills)."""
+        with contextlib.suppress(httpx.HTTPError, KeyError, ValueError, ArithmeticError):
+            reply = await admin.get("/_sim/user-events", params={"after": self.events_after or 0})
+            reply.raise_for_status()
+            body = reply.json()
+            if self.events_after is not None:
+                for row in body["events"]:
+                    self.fills += _position_changes(row["event"])
+            self.events_after = int(body["last"])
+
+    async def _read_fills_once(self) -> None:
+        admin = self._sim_admin()
+        try:
+            await self._read_fills(admin)
+        finally:
+            await admin.aclose()
+
+    async def _judge_fill_times(self) -> None:
+        if not self.stream_faults:
+            return
+        await self._read_fills_once()  # the last ones, made after the watcher's last read
+        lags, unshown = fill_shown_ms(self.fills, self.shown, self._brain_outages())
+        self.report.fills_timed = len(lags) + unshown
+        self.report.fills_never_shown = unshown
+        self.report.fill_shown_ms = {
+            "p50": percentile(lags, 50),
+            "p99": percentile(lags, 99),
+            "max": max(lags) if lags else None,
+        }
 
     async def _snapshots_agree_at_end(self, rds: aioredis.Redis) -> None:
         """Once the flow has settled, every snapshot shows the exchange's position within the lag bound."""
@@ -519,6 +662,27 @@ class Chaos:
             return set()
         return {sub.plan_id for sub, has_plan in zip(subs, planned, strict=True) if not has_plan}
 
+    async def _stop_service(self, service: str) -> None:
+        """SIGKILL ``service``; P3.3's downtime is kept (``brain_down``)."""
+        if service == "brain":
+            self.brain_down.append([int(time.time() * 1000), None])
+        await asyncio.to_thread(self.system.stop_service, service, kill=True)
+
+    async def _start_service(self, service: str) -> None:
+        await asyncio.to_thread(self.system.start_service, service)
+        if service == "brain":
+            self._brain_back()
+
+    def _brain_back(self) -> None:
+        for outage in self.brain_down:
+            if outage[1] is None:
+                outage[1] = int(time.time() * 1000)
+
+    def _brain_outages(self) -> list[tuple[int, int]]:
+        """P3.3's downtimes (wall ms), the one going on ending now."""
+        now = int(time.time() * 1000)
+        return [(start or 0, end if end is not None else now) for start, end in self.brain_down]
+
     async def _wait_unplanned(self, rds: aioredis.Redis) -> set[str]:
         """Slow the next position reads, propose a few closes (the flow may be over by now: a kill was being
         aimed), and wait (at most ``AIM_S``) until Apply has read a proposal it has not planned yet: those
@@ -527,7 +691,7 @@ class Chaos:
         removed first, so that nothing writes them again and their plans read the exchange, as when P3.3 is
         down, and wait on the slowed read. P3.3 starts again with the store (``_restart_store``)."""
         if "brain" in self.system.processes:
-            await asyncio.to_thread(self.system.stop_service, "brain", kill=True)
+            await self._stop_service("brain")
             self.report.service_kills += 1
         await asyncio.to_thread(self._add_fault, HELD_POSITION_READS)
         aimed = sorted(SYMBOLS)[:3]
@@ -577,10 +741,10 @@ class Chaos:
                 landed = (
                     await self._aim(rds) if self.report.service_kills % 2 == 0 else bool(await self._in_order_path(rds))
                 )
-                await asyncio.to_thread(self.system.stop_service, service, kill=True)
+                await self._stop_service(service)
                 self.report.kills_in_order_path += landed
                 await asyncio.sleep(self.rng.uniform(0.1, 1.0))
-                await asyncio.to_thread(self.system.start_service, service)
+                await self._start_service(service)
                 self.report.service_kills += 1
                 next_kill = time.monotonic() + self.rng.uniform(1.0, 3.0)
 
@@ -656,7 +820,7 @@ class Chaos:
         await asyncio.sleep(self.rng.uniform(0.3, 1.0))
         await asyncio.to_thread(self.system.start_store, port)  # same data, same port, same users
         await asyncio.to_thread(self._clear_faults)  # the slowed reads left over
-        await asyncio.to_thread(self.system.start_service, "brain")  # killed by _wait_unplanned
+        await self._start_service("brain")  # killed by _wait_unplanned
         back = time.monotonic()
         self.report.store_restarts += 1
         # recovery: from the store's return until a brand-new proposal gets its result
@@ -689,7 +853,7 @@ class Chaos:
         store.kill()
         if host_crash:
             for service in ("apply", "governor", "brain"):
-                await asyncio.to_thread(self.system.stop_service, service, kill=True)
+                await self._stop_service(service)
         await asyncio.sleep(self.rng.uniform(0.2, 0.6))
         await asyncio.to_thread(store.start_from, snapshot, admin)
         # which consumptions the store came back without (read at once: nothing has consumed them again yet)
@@ -699,6 +863,7 @@ class Chaos:
         self.report.losses_in_order_path += forgot > 0
         if host_crash:
             await asyncio.to_thread(self.system.start_services)
+            self._brain_back()
         self.report.store_losses += 1
         self.last_loss = time.monotonic()
 
@@ -1062,6 +1227,13 @@ def print_report(report: ChaosReport, state_dir: Path, as_json: bool) -> None:
                     f"<= {SNAPSHOT_LAG_LIMIT_S}",
                 ),
                 ("  snapshots disagreeing at the end", report.snapshot_disagreements_at_end, "0"),
+                ("  fills timed into the snapshots", report.fills_timed, "> 0"),
+                (
+                    "  fill to snapshot p50 / p99 / max (ms)",
+                    " / ".join(str(report.fill_shown_ms.get(q)) for q in ("p50", "p99", "max")),
+                    f"max <= {SNAPSHOT_LAG_LIMIT_S * 1000:.0f}",
+                ),
+                ("  fills never shown", report.fills_never_shown, "0"),
             )
             if report.stream_faults_run
             else ()

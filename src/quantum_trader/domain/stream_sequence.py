@@ -81,3 +81,10 @@ class Sequence:
             return False
         self.marks[symbol] = event_ms
         return True
+
+
+def missed_by_stream(held: Decimal | None, read: Decimal, read_update_ms: int, asked_ms: int, grace_ms: int) -> bool:
+    """A REST read, while the stream is healthy, showing a position other than the one held, changed at least
+    ``grace_ms`` before the read was sent: the stream should have brought that change by then and did not (an
+    event it lost with the connection up). A change younger than that may still be on its way."""
+    return held is not None and held != read and read_update_ms <= asked_ms - grace_ms

@@ -36,7 +36,7 @@ _encode = msgspec.json.encode
 
 # the combined form (``{"stream", "data"}``): the classic path and the newer split ones Binance's SDK uses
 COMBINED_PATHS: Final = ("/stream", "/private/stream", "/public/stream", "/market/stream")
-FAULT_KINDS: Final = ("drop", "silence", "delay", "duplicate", "reorder", "garbage")
+FAULT_KINDS: Final = ("drop", "cut", "expire", "silence", "delay", "duplicate", "reorder", "garbage")
 # what ``garbage`` sends: bytes that are not UTF-8, a truncated JSON text, an event that breaks its schema
 GARBAGE: Final = (
     b"\xff\xfe\x80 not utf-8",
@@ -47,14 +47,16 @@ GARBAGE: Final = (
 
 @dataclass
 class StreamFault:
-    """A fault of the user-data stream, for every open connection: ``drop`` closes them all now (1011);
-    ``silence`` loses every event for ``ms`` while the connections stay open (the server still answers pings: a
-    client finds out by the exchange's REST state, not by the connection); ``delay`` delivers each of the next
-    ``count`` events ``ms`` late (later events overtake it); ``duplicate`` delivers each of the next ``count``
-    twice; ``reorder`` swaps each of the next ``count`` pairs; ``garbage`` sends ``count`` rounds of frames
-    that are no event (bytes that are not UTF-8, truncated JSON, a schema broken) to every connection now.
-    While a silence lasts, the mark price ticks of a connection with a listen key are lost too: the whole
-    connection is quiet, as a half-open one is."""
+    """A fault of the user-data stream, for every open connection: ``drop`` closes them all now (1011); ``cut``
+    closes them as Binance does at a connection's 24 hours (1001); ``expire`` ends the account's listen key
+    now, as if nobody had kept it alive (every connection gets ``listenKeyExpired`` and is closed, a PUT
+    answers -1125, a POST makes a new key); ``silence`` loses every event for ``ms`` while the connections stay
+    open (the server still answers pings: a client finds out by the exchange's REST state, not by the
+    connection); ``delay`` delivers each of the next ``count`` events ``ms`` late (later events overtake it);
+    ``duplicate`` delivers each of the next ``count`` twice; ``reorder`` swaps each of the next ``count`` pairs;
+    ``garbage`` sends ``count`` rounds of frames that are no event (bytes that are not UTF-8, truncated JSON, a
+    schema broken) to every connection now. While a silence lasts, the mark price ticks of a connection with a
+    listen key are lost too: the whole connection is quiet, as a half-open one is."""
 
     kind: str
     count: int = 1
@@ -126,17 +128,21 @@ class UserStreams:
             self.faults.pop(0)
 
     def arm(self, kind: str, count: int = 1, ms: int = 0) -> StreamFault:
-        """Arm a fault (``drop`` acts at once), from the server's loop. ValueError for a kind or value that makes
-        no sense."""
+        """Arm a fault (``drop``, ``cut``, ``expire`` and ``garbage`` act at once), from the server's loop.
+        ValueError for a kind or value that makes no sense."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"kind must be one of {', '.join(FAULT_KINDS)}")
         if count < 1 or ms < 0 or (kind in ("silence", "delay") and ms == 0):
             raise ValueError("count must be at least 1, and silence and delay need ms > 0")
         fault = StreamFault(kind, count, ms)
         loop = self._loop = asyncio.get_running_loop()  # the admin API's request, on the server's loop
-        if kind in ("drop", "garbage"):
+        if kind == "expire":
+            with self.engine.lock:
+                self.engine.listen_keys.expire()  # each connection finds out within KEY_CHECK_S
+            return fault
+        if kind in ("drop", "cut", "garbage"):
             for websocket in list(self._sockets):
-                work = _drop(websocket) if kind == "drop" else _garbage(websocket, count)
+                work = _garbage(websocket, count) if kind == "garbage" else _drop(websocket, cut=kind == "cut")
                 task = loop.create_task(work)
                 self._dropping.add(task)  # kept until done (a task nobody holds may be collected)
                 task.add_done_callback(self._dropping.discard)
@@ -327,9 +333,12 @@ class _Connection:
         await self.websocket.send_text(_encode({**body, "id": ident}).decode())
 
 
-async def _drop(websocket: WebSocket) -> None:
+async def _drop(websocket: WebSocket, *, cut: bool) -> None:
     with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-        await websocket.close(code=INTERNAL_ERROR, reason="dropped (a fault of the simulator)")
+        if cut:
+            await websocket.close(code=GOING_AWAY, reason="connection lifetime reached")
+        else:
+            await websocket.close(code=INTERNAL_ERROR, reason="dropped (a fault of the simulator)")
 
 
 async def _garbage(websocket: WebSocket, rounds: int) -> None:

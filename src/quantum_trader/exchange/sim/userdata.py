@@ -54,6 +54,10 @@ class ListenKeys:
             raise EngineError(*UNKNOWN_KEY)
         self.expires_ms = now_ms + self.lifetime_ms
 
+    def expire(self) -> None:
+        """The key's lifetime ends now (a fault: as if nobody had kept it alive); a POST makes a new one."""
+        self.expires_ms = 0
+
     def close(self, key: str, now_ms: int) -> None:
         """DELETE: close ``key``; -1125 when it is not the account's live key."""
         if not key or key != self.live(now_ms):

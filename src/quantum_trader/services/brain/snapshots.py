@@ -27,7 +27,7 @@ from quantum_trader.clock import Clock
 from quantum_trader.domain.filters import SymbolFilters
 from quantum_trader.domain.ledger import adopt_outside_growth, pushed_is_newer, synced_at
 from quantum_trader.domain.models import Ledger, Snapshot, to_fields
-from quantum_trader.domain.stream_sequence import Sequence
+from quantum_trader.domain.stream_sequence import Sequence, missed_by_stream
 from quantum_trader.exchange.base import Exchange, ExchangeError, PositionInfo
 from quantum_trader.services.brain.ledger import LedgerChange, adopt_growth, ledgers_and_marks, reconcile_symbol
 from quantum_trader.services.consumer import STORE_ERRORS
@@ -308,7 +308,7 @@ class SnapshotPoller:
             self._moved(change)
         return change
 
-    def _newer(self, positions: dict[str, PositionInfo]) -> dict[str, PositionInfo]:
+    def _newer(self, positions: dict[str, PositionInfo], asked_ms: float) -> dict[str, PositionInfo]:
         """The read positions to write: all of them without a healthy stream (nothing newer can arrive); with
         one, those not older than what it brought, and those that show the very position held (a pushed update
         that moved no amount, say a funding fee, advances the stream's version past the REST ``updateTime``,
@@ -319,11 +319,30 @@ class SnapshotPoller:
                     self.sequence.resynced(symbol, p.update_time_ms)
             return positions
         sequence = self.sequence
-        return {
+        newer = {
             s: p
             for s, p in positions.items()
             if sequence.resynced(s, p.update_time_ms) or _same_position(self._known.get(s), p)
         }
+        self._missed_by_stream(newer, asked_ms)
+        return newer
+
+    def _missed_by_stream(self, read: dict[str, PositionInfo], asked_ms: float) -> None:
+        """A poll while the stream is healthy that finds a change the stream never brought (a manual trade, a
+        liquidation, a fill whose events it lost with the connection up): resync the stream now, as for a fill
+        of the chain it did not show (``_check_shown``), rather than trust its next events."""
+        grace_ms = int(FILL_SHOWN_S * 1000)
+        missed = sorted(
+            s
+            for s, p in read.items()
+            if missed_by_stream(_held_amt(self._known.get(s)), p.amt, p.update_time_ms, int(asked_ms), grace_ms)
+        )
+        if not missed:
+            return
+        self.metrics.stream_gaps.inc(len(missed))
+        self.log.warning("the exchange shows position changes the user-data stream never brought: resyncing it",
+                         symbols=missed)  # fmt: skip
+        self.stream_missed(f"a poll found changes of {', '.join(missed)} it never brought")
 
     async def reconcile(self) -> int:
         changed, _ = await self._reconcile_counted()
@@ -359,7 +378,7 @@ class SnapshotPoller:
         every snapshot write takes, so a pushed state and a poll's reply never overtake each other). A read
         sent at ``asked_ms`` (exchange clock) shows every fill before then."""
         async with self._writing:
-            newer = self._newer(positions)
+            newer = self._newer(positions, asked_ms)
             await self._write(newer, now, {s: synced_at(p.update_time_ms, asked_ms) for s, p in newer.items()})
 
     async def _write(self, positions: dict[str, PositionInfo], now: float, synced: dict[str, int]) -> None:
@@ -417,6 +436,10 @@ class SnapshotPoller:
             self._known[symbol] = replace(self._known[symbol], mark_price=mark)
             self._snapshot_at[symbol] = max(at, self._snapshot_at.get(symbol, 0.0))
             self._wrote.set()
+
+
+def _held_amt(known: PositionInfo | None) -> Decimal | None:
+    return known.amt if known is not None else None
 
 
 def _same_position(known: PositionInfo | None, read: PositionInfo) -> bool:
