@@ -70,5 +70,5 @@ def _in_wait_for(future: asyncio.Future[Any]) -> bool:
     awaited: Any = future.get_coro()
     innermost = None
     while hasattr(awaited, "cr_await"):  # a coroutine: follow what it awaits
-        innermost, awaited = awaited.cr_code, awaited.cr_await
+        innermost, awaited = getattr(awaited, "cr_code", None), awaited.cr_await
     return innermost is asyncio.tasks.wait_for.__code__

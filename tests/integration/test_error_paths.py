@@ -418,7 +418,12 @@ def test_bench_rates_that_are_not_numbers_are_a_usage_error(env: dict[str, str])
 
 @pytest.mark.parametrize(
     ("option", "given", "bad"),
-    [("--limits", "15:60,30", "30"), ("--limits-poll", "20:2", "20:2"), ("--limits", "fast:60", "fast:60")],
+    [
+        ("--limits", "15:60,30", "30"),
+        ("--limits-poll", "20:2", "20:2"),
+        ("--limits", "fast:60", "fast:60"),
+        ("--limits", "15:inf", "15:inf"),
+    ],
 )
 def test_bench_limits_parts_that_are_not_rate_and_seconds_are_a_usage_error(
     env: dict[str, str], option: str, given: str, bad: str
@@ -426,7 +431,7 @@ def test_bench_limits_parts_that_are_not_rate_and_seconds_are_a_usage_error(
     done = qt("bench", option, given, env=env)
     assert done.returncode == 2, done.stderr
     assert one_line_error(done) == (
-        f"qt: {option}: RATE:SECONDS parts, comma-separated (0 < rate <= 1000 proposals/s, at least 5 s), "
+        f"qt: {option}: RATE:SECONDS parts, comma-separated (0 < rate <= 1000 proposals/s, 5 s to a day), "
         f"not {bad!r} in {given!r}"
     )
 

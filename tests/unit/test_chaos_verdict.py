@@ -198,3 +198,10 @@ def test_the_time_p33_was_down_does_not_count_against_a_fill() -> None:
     shown = {"BTCUSDT": [(900, D("1")), (6130, D("0.9"))]}
     assert fill_shown_ms(fills, shown, [(1100, 6100)]) == ([130], 0)
     assert fill_shown_ms(fills, shown, [(200, 800), (7000, 8000)]) == ([5130], 0)  # downtimes elsewhere
+
+
+def test_fills_of_one_millisecond_keep_their_event_order() -> None:
+    """Two fills in one millisecond, read only as the second's position: both shown (sorted by amount, the first
+    would look never shown)."""
+    fills = [(1000, "BTCUSDT", D("0.9")), (1000, "BTCUSDT", D("0.8"))]
+    assert fill_shown_ms(fills, {"BTCUSDT": [(900, D("1")), (1010, D("0.8"))]}) == ([10, 10], 0)

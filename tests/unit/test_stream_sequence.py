@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quantum_trader.domain.stream_sequence import ORDERS_KEPT, READ, Sequence, missed_by_stream
+from quantum_trader.domain.stream_sequence import ORDERS_KEPT, READ, Sequence, still_missed, stream_gap
 from quantum_trader.exchange.stream_events import (
     AccountUpdate,
     BadStreamEvent,
@@ -154,10 +154,22 @@ def test_a_bad_frame_says_what_and_where(frame: str | bytes, message: str) -> No
         decode_event(frame)
 
 
-def test_a_poll_shows_a_change_the_stream_missed_only_once_it_had_time_to_bring_it() -> None:
+def test_a_poll_shows_a_change_the_stream_missed_once_it_had_time_to_bring_it() -> None:
     held, read = Decimal("2"), Decimal("1.7")
-    assert missed_by_stream(held, read, read_update_ms=8_000, asked_ms=10_000, grace_ms=1_000)
-    assert missed_by_stream(held, read, read_update_ms=9_000, asked_ms=10_000, grace_ms=1_000)  # exactly the grace
-    assert not missed_by_stream(held, read, read_update_ms=9_001, asked_ms=10_000, grace_ms=1_000)  # may be on its way
-    assert not missed_by_stream(read, read, read_update_ms=1_000, asked_ms=10_000, grace_ms=1_000)  # it brought it
-    assert not missed_by_stream(None, read, read_update_ms=1_000, asked_ms=10_000, grace_ms=1_000)  # nothing held yet
+    assert stream_gap(held, read, 8_000, pushed_ms=5_000, asked_ms=10_000, grace_ms=1_000) == "missed"
+    assert stream_gap(held, read, 9_000, pushed_ms=5_000, asked_ms=10_000, grace_ms=1_000) == "missed"  # the grace
+    assert stream_gap(held, read, 9_001, pushed_ms=5_000, asked_ms=10_000, grace_ms=1_000) == "young"  # on its way?
+    # the stream carried that change (an event not yet written, or one passed over as stale): not missed
+    assert stream_gap(held, read, 8_000, pushed_ms=8_000, asked_ms=10_000, grace_ms=1_000) is None
+    assert stream_gap(read, read, 1_000, pushed_ms=-1, asked_ms=10_000, grace_ms=1_000) is None  # shown already
+    assert stream_gap(None, read, 1_000, pushed_ms=-1, asked_ms=10_000, grace_ms=1_000) is None  # nothing held yet
+    assert still_missed(pushed_ms=9_000, read_update_ms=9_500) and not still_missed(9_500, 9_500)
+
+
+def test_every_position_event_counts_as_brought_even_one_passed_over_as_stale() -> None:
+    sequence = Sequence()
+    assert sequence.resynced("BTCUSDT", 5_000)
+    assert not sequence.position("BTCUSDT", 5_000, 5_001)  # stale against the read of its own millisecond
+    assert sequence.pushed["BTCUSDT"] == 5_000
+    assert sequence.position("BTCUSDT", 6_000, 6_001) and sequence.pushed["BTCUSDT"] == 6_000
+    assert not sequence.position("BTCUSDT", 5_500, 5_501) and sequence.pushed["BTCUSDT"] == 6_000  # late: kept max

@@ -60,7 +60,7 @@ class LimitsPart:
     closes_per_s: float | None = None  # executed / the part's window
     weight: int = 0  # REST request weight of the whole chain over the part (the simulator's count)
     weight_per_executed: float | None = None
-    weight_per_min: float | None = None  # the whole chain's REST weight per minute over the part
+    weight_per_min: float | None = None  # the whole chain's REST weight per minute over the part and its drain
     requests: dict[str, int] = field(default_factory=dict)  # by "METHOD /path", over the part
     end_to_end: Latency = field(default_factory=Latency)  # proposal to result
     limit_named: str = ""  # one rate_limited reason, as a client reads it
@@ -136,9 +136,11 @@ async def _part(
     cpu: CpuWindow,
     waiting: Waiting,
 ) -> LimitsPart:
+    counted_from = time.monotonic()
     weight_before, requests_before = await _counts(admin)
     step = await run_open_loop(redis, rate, seconds, symbols, cpu, waiting)
     weight_after, requests_after = await _counts(admin)
+    counted_s = time.monotonic() - counted_from  # the part and its drain (the last results): what was counted
     part = LimitsPart(rate_per_s=rate, seconds=seconds, sent=step.sent, answered=step.completed)
     part.executed = step.executed
     short: dict[str, int] = {}
@@ -154,7 +156,7 @@ async def _part(
     part.closes_per_s = r3(part.executed / seconds) if seconds else None
     part.weight = weight_after - weight_before
     part.weight_per_executed = r3(part.weight / part.executed) if part.executed else None
-    part.weight_per_min = r3(part.weight * 60 / seconds) if seconds else None
+    part.weight_per_min = r3(part.weight * 60 / counted_s) if counted_s > 0 else None
     part.requests = {
         name: requests_after.get(name, 0) - requests_before.get(name, 0)
         for name in sorted(requests_after)

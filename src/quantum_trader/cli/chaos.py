@@ -242,7 +242,7 @@ def fill_shown_ms(
     lags: list[int] = []
     unshown = 0
     by_symbol: dict[str, list[tuple[int, Decimal]]] = defaultdict(list)
-    for at_ms, symbol, amount in sorted(fills):
+    for at_ms, symbol, amount in sorted(fills, key=lambda fill: fill[0]):  # stable: a millisecond's in event order
         by_symbol[symbol].append((at_ms, amount))
     for symbol, changes in by_symbol.items():
         reads = shown.get(symbol, [])
@@ -406,7 +406,7 @@ class Chaos:
             if self.stream_faults:
                 await self._snapshots_agree_at_end(rds)
             await cancel_and_wait(streams[1:])
-            await self._judge_fill_times()
+            await self._judge_fill_times(rds)
             await self._resend_forgotten(rds)
             try:
                 await self._forge(rds)
@@ -549,28 +549,32 @@ class Chaos:
             return
         admin = self._sim_admin()
         rds = _patient_client(self.system.urls["operator"])
-        names = sorted(SYMBOLS)
         next_read = 0.0
         try:
             while True:
                 await asyncio.sleep(FILL_SAMPLE_S)
-                with contextlib.suppress(RedisError, OSError, TimeoutError, ArithmeticError):
-                    pipe = rds.pipeline(transaction=False)
-                    for symbol in names:
-                        pipe.hget(keys.snapshot(symbol), "position_amt")
-                    values = await asyncio.wait_for(pipe.execute(), 2.0)
-                    now_ms = int(time.time() * 1000)
-                    for symbol, value in zip(names, values, strict=True):
-                        amount = Decimal(value) if value else None
-                        seen = self.shown[symbol]
-                        if not seen or seen[-1][1] != amount:
-                            seen.append((now_ms, amount))
+                await self._sample_snapshots(rds)
                 if time.monotonic() >= next_read:
                     next_read = time.monotonic() + EVENTS_READ_S
                     await self._read_fills(admin)
         finally:
             await admin.aclose()
             await rds.aclose()
+
+    async def _sample_snapshots(self, rds: aioredis.Redis) -> None:
+        """Each snapshot's position now, kept where it changed (a store that is down: no sample)."""
+        names = sorted(SYMBOLS)
+        with contextlib.suppress(RedisError, OSError, TimeoutError, ArithmeticError):
+            pipe = rds.pipeline(transaction=False)
+            for symbol in names:
+                pipe.hget(keys.snapshot(symbol), "position_amt")
+            values = await asyncio.wait_for(pipe.execute(), 2.0)
+            now_ms = int(time.time() * 1000)  # after the reply: a figure is up to a read's time late as well
+            for symbol, value in zip(names, values, strict=True):
+                amount = Decimal(value) if value else None
+                seen = self.shown[symbol]
+                if not seen or seen[-1][1] != amount:
+                    seen.append((now_ms, amount))
 
     async def _read_fills(self, admin: httpx.AsyncClient) -> None:
         """The exchange's position changes recorded since the last read (the first read only marks where the
@@ -591,10 +595,11 @@ class Chaos:
         finally:
             await admin.aclose()
 
-    async def _judge_fill_times(self) -> None:
+    async def _judge_fill_times(self, rds: aioredis.Redis) -> None:
         if not self.stream_faults:
             return
         await self._read_fills_once()  # the last ones, made after the watcher's last read
+        await self._sample_snapshots(rds)  # and the snapshots once more: the end agreement may be ms old
         lags, unshown = fill_shown_ms(self.fills, self.shown, self._brain_outages())
         self.report.fills_timed = len(lags) + unshown
         self.report.fills_never_shown = unshown

@@ -200,9 +200,9 @@ def _limits_parts(option: str, given: str) -> tuple[tuple[float, float], ...]:
             part = (float(rate), float(seconds))
         except ValueError:
             part = (0.0, 0.0)
-        if not sep or not (0 < part[0] <= 1000 and part[1] >= 5):
+        if not sep or not (0 < part[0] <= 1000 and 5 <= part[1] <= 86400):
             fail(
-                f"{option}: RATE:SECONDS parts, comma-separated (0 < rate <= 1000 proposals/s, at least 5 s), "
+                f"{option}: RATE:SECONDS parts, comma-separated (0 < rate <= 1000 proposals/s, 5 s to a day), "
                 f"not {item.strip()!r} in {given!r}",
                 EXIT_USAGE,
             )

@@ -44,9 +44,12 @@ class Sequence:
     positions: dict[str, PositionVersion] = field(default_factory=dict)
     orders: OrderedDict[tuple[str, int], OrderVersion] = field(default_factory=OrderedDict)
     marks: dict[str, int] = field(default_factory=dict)
+    # the newest transaction time any position event carried, applied or not (``stream_gap``)
+    pushed: dict[str, int] = field(default_factory=dict)
 
     def position(self, symbol: str, transaction_ms: int, event_ms: int) -> bool:
         """True (and held) when this position state is newer than the one held."""
+        self.pushed[symbol] = max(self.pushed.get(symbol, -1), transaction_ms)
         version = (transaction_ms, event_ms)
         if version <= self.positions.get(symbol, (-1, -1)):
             return False
@@ -83,8 +86,19 @@ class Sequence:
         return True
 
 
-def missed_by_stream(held: Decimal | None, read: Decimal, read_update_ms: int, asked_ms: int, grace_ms: int) -> bool:
-    """A REST read, while the stream is healthy, showing a position other than the one held, changed at least
-    ``grace_ms`` before the read was sent: the stream should have brought that change by then and did not (an
-    event it lost with the connection up). A change younger than that may still be on its way."""
-    return held is not None and held != read and read_update_ms <= asked_ms - grace_ms
+def stream_gap(
+    held: Decimal | None, read: Decimal, read_update_ms: int, pushed_ms: int, asked_ms: int, grace_ms: int
+) -> str | None:
+    """A REST read while the stream is healthy, against what the stream brought: ``"missed"`` when it shows a
+    position other than the one held, changed (``read_update_ms``) after the newest change any event of the
+    stream carried (``pushed_ms``, stale ones included: one not yet written still counts as brought) and at
+    least ``grace_ms`` before the read was sent; ``"young"`` when such a change is younger than that (it may be
+    on its way: look again once the grace is over, ``still_missed``); None otherwise."""
+    if held is None or held == read or pushed_ms >= read_update_ms:
+        return None
+    return "missed" if read_update_ms <= asked_ms - grace_ms else "young"
+
+
+def still_missed(pushed_ms: int, read_update_ms: int) -> bool:
+    """After the grace: the stream has still brought no event of the change the read showed."""
+    return pushed_ms < read_update_ms

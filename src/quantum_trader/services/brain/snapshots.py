@@ -27,7 +27,7 @@ from quantum_trader.clock import Clock
 from quantum_trader.domain.filters import SymbolFilters
 from quantum_trader.domain.ledger import adopt_outside_growth, pushed_is_newer, synced_at
 from quantum_trader.domain.models import Ledger, Snapshot, to_fields
-from quantum_trader.domain.stream_sequence import Sequence, missed_by_stream
+from quantum_trader.domain.stream_sequence import Sequence, still_missed, stream_gap
 from quantum_trader.exchange.base import Exchange, ExchangeError, PositionInfo
 from quantum_trader.services.brain.ledger import LedgerChange, adopt_growth, ledgers_and_marks, reconcile_symbol
 from quantum_trader.services.consumer import STORE_ERRORS
@@ -312,7 +312,8 @@ class SnapshotPoller:
         """The read positions to write: all of them without a healthy stream (nothing newer can arrive); with
         one, those not older than what it brought, and those that show the very position held (a pushed update
         that moved no amount, say a funding fee, advances the stream's version past the REST ``updateTime``,
-        which only trades move: the read still confirms the position)."""
+        which only trades move: the read still confirms the position). With a healthy stream, a read that shows
+        a change the stream never brought has it resynced (``_missed_by_stream``)."""
         if self.sequence is None or not self.stream_healthy():
             if self.sequence is not None:
                 for symbol, p in positions.items():
@@ -329,20 +330,39 @@ class SnapshotPoller:
 
     def _missed_by_stream(self, read: dict[str, PositionInfo], asked_ms: float) -> None:
         """A poll while the stream is healthy that finds a change the stream never brought (a manual trade, a
-        liquidation, a fill whose events it lost with the connection up): resync the stream now, as for a fill
-        of the chain it did not show (``_check_shown``), rather than trust its next events."""
+        liquidation, a fill whose events it lost with the connection up): resync the stream, as for a fill of
+        the chain it did not show (``_check_shown``), rather than trust its next events. A change younger than
+        ``FILL_SHOWN_S`` is looked at again once that is over (the poll writes it now: nothing later would
+        tell)."""
+        assert self.sequence is not None
         grace_ms = int(FILL_SHOWN_S * 1000)
-        missed = sorted(
-            s
-            for s, p in read.items()
-            if missed_by_stream(_held_amt(self._known.get(s)), p.amt, p.update_time_ms, int(asked_ms), grace_ms)
-        )
-        if not missed:
+        missed = []
+        for symbol, p in read.items():
+            pushed_ms = self.sequence.pushed.get(symbol, -1)
+            held = _held_amt(self._known.get(symbol))
+            gap = stream_gap(held, p.amt, p.update_time_ms, pushed_ms, int(asked_ms), grace_ms)
+            if gap == "missed":
+                missed.append(symbol)
+            elif gap == "young":
+                wait_s = (p.update_time_ms + grace_ms - asked_ms) / 1000
+                task = asyncio.ensure_future(self._look_again(symbol, p.update_time_ms, wait_s))
+                self._rechecks.add(task)
+                task.add_done_callback(self._rechecks.discard)
+        self._stream_missed(sorted(missed), "a poll found changes")
+
+    async def _look_again(self, symbol: str, update_ms: int, wait_s: float) -> None:
+        await asyncio.sleep(max(0.0, wait_s))
+        sequence = self.sequence
+        if sequence is not None and self.stream_healthy() and still_missed(sequence.pushed.get(symbol, -1), update_ms):
+            self._stream_missed([symbol], "a poll found a change")
+
+    def _stream_missed(self, symbols: list[str], found: str) -> None:
+        if not symbols:
             return
-        self.metrics.stream_gaps.inc(len(missed))
+        self.metrics.stream_gaps.inc(len(symbols))
         self.log.warning("the exchange shows position changes the user-data stream never brought: resyncing it",
-                         symbols=missed)  # fmt: skip
-        self.stream_missed(f"a poll found changes of {', '.join(missed)} it never brought")
+                         symbols=symbols)  # fmt: skip
+        self.stream_missed(f"{found} of {', '.join(symbols)} it never brought")
 
     async def reconcile(self) -> int:
         changed, _ = await self._reconcile_counted()
