@@ -161,9 +161,7 @@ class SnapshotPoller:
         missed = sorted(s for s, at_ms in fills.items() if s in managed and self._synced_ms.get(s, 0) < at_ms)
         if not missed or not self.stream_healthy():
             return  # shown; or the stream is down, and the poll is back to every few seconds anyway
-        self.metrics.stream_gaps.inc(len(missed))
-        self.log.warning("the user-data stream did not show a fill: polling and resyncing it", symbols=missed)
-        self.stream_missed(f"it did not show a fill of {', '.join(missed)} within {FILL_SHOWN_S:g} s")
+        self._stream_missed(missed, f"it did not show a fill of {', '.join(missed)} within {FILL_SHOWN_S:g} s")
         self._reads.ask(missed)
 
     async def _follow_known(self, symbols: list[str]) -> None:
@@ -348,21 +346,20 @@ class SnapshotPoller:
                 task = asyncio.ensure_future(self._look_again(symbol, p.update_time_ms, wait_s))
                 self._rechecks.add(task)
                 task.add_done_callback(self._rechecks.discard)
-        self._stream_missed(sorted(missed), "a poll found changes")
+        if missed:
+            self._stream_missed(sorted(missed), f"a poll found changes of {', '.join(sorted(missed))} it never brought")
 
     async def _look_again(self, symbol: str, update_ms: int, wait_s: float) -> None:
         await asyncio.sleep(max(0.0, wait_s))
         sequence = self.sequence
         if sequence is not None and self.stream_healthy() and still_missed(sequence.pushed.get(symbol, -1), update_ms):
-            self._stream_missed([symbol], "a poll found a change")
+            self._stream_missed([symbol], f"a poll found a change of {symbol} it never brought")
 
-    def _stream_missed(self, symbols: list[str], found: str) -> None:
-        if not symbols:
-            return
+    def _stream_missed(self, symbols: list[str], why: str) -> None:
+        """The stream lost what ``symbols`` show (``why``): a gap counted, and the stream resynced."""
         self.metrics.stream_gaps.inc(len(symbols))
-        self.log.warning("the exchange shows position changes the user-data stream never brought: resyncing it",
-                         symbols=symbols)  # fmt: skip
-        self.stream_missed(f"{found} of {', '.join(symbols)} it never brought")
+        self.log.warning("the user-data stream lost an event: resyncing it", symbols=symbols, why=why)
+        self.stream_missed(why)
 
     async def reconcile(self) -> int:
         changed, _ = await self._reconcile_counted()
